@@ -1,0 +1,191 @@
+"""The catalogue on disk: create, open (version check), commit runs, read-only queries.
+
+Layout of a catalogue directory:
+
+    catalog.duckdb            schema version and one view per table
+    runs/<run_id>/            committed runs: <table>.parquet shards + manifest.json
+    staging/<run_id>/         runs being written by workers (invisible)
+
+Views read `runs/*/<table>.parquet`, so committing a run is one atomic rename of
+its directory from staging/ to runs/: it becomes visible all at once, queries
+are never blocked, and the DuckDB file is written only by `init` and migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+
+from catalog.errors import UserError
+from catalog.query import check_read_only
+from catalog.shards import MANIFEST, RunWriter
+from schema.derive import view_sql
+from schema.tables import SCHEMA_VERSION, TABLES
+
+DB_FILE = "catalog.duckdb"
+SCHEMA_RUN = f"_schema-v{SCHEMA_VERSION}"
+
+
+def init(root: str | Path) -> Catalog:
+    """Create a catalogue (or open the one already there)."""
+    root = Path(root)
+    if (root / DB_FILE).exists():
+        return open_catalog(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_schema_shards(root)
+    tmp = root / (DB_FILE + ".tmp")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        con.execute("CREATE TABLE _catalog (key VARCHAR PRIMARY KEY, value VARCHAR)")
+        con.execute("INSERT INTO _catalog VALUES ('schema_version', ?), ('created_at', ?)",
+                    [str(SCHEMA_VERSION), datetime.now(UTC).isoformat()])
+        _create_views(con, root)
+    finally:
+        con.close()
+    os.replace(tmp, root / DB_FILE)
+    return Catalog(root)
+
+
+def open_catalog(root: str | Path) -> Catalog:
+    """Open an existing catalogue, refusing a missing one or one of another schema version."""
+    root = Path(root)
+    if not (root / DB_FILE).is_file():
+        raise UserError(f"no catalogue at {root} (create one with `cli.py init` or `cli.py demo`)")
+    cat = Catalog(root)
+    version = cat.schema_version()
+    if version > SCHEMA_VERSION:
+        raise UserError(f"catalogue {root} has schema version {version}, newer than this tool's "
+                        f"{SCHEMA_VERSION}; upgrade the tool")
+    if version < SCHEMA_VERSION:
+        raise UserError(f"catalogue {root} has schema version {version} and no migration to "
+                        f"{SCHEMA_VERSION} exists; it was left unchanged")
+    return cat
+
+
+def _write_schema_shards(root: Path) -> None:
+    """One empty, typed shard per table, so every view has a file to read from the start."""
+    w = RunWriter(root, SCHEMA_RUN) if not (root / "runs" / SCHEMA_RUN).exists() else None
+    if w is None:
+        return
+    for name in TABLES:
+        w.table(name)
+    w.finish()
+    (root / "runs").mkdir(exist_ok=True)
+    os.replace(w.dir, root / "runs" / SCHEMA_RUN)
+
+
+def _create_views(con, root: Path) -> None:
+    con.execute(f"SET file_search_path = '{_sql_str(root.resolve())}'")
+    for name in TABLES:
+        con.execute(view_sql(name, f"runs/*/{name}.parquet"))
+
+
+def _sql_str(p) -> str:
+    return str(p).replace("'", "''")
+
+
+class Catalog:
+    """A catalogue directory. Queries use short-lived read-only DuckDB connections."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # ---- reading -------------------------------------------------------------------------
+    def connect(self, retries: float = 10.0) -> duckdb.DuckDBPyConnection:
+        """A read-only connection whose relative shard paths resolve inside the catalogue."""
+        deadline = time.monotonic() + retries
+        while True:
+            try:
+                con = duckdb.connect(str(self.root / DB_FILE), read_only=True)
+                break
+            except duckdb.IOException as e:  # a migration holds the write lock for a moment
+                if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    raise UserError(f"cannot open catalogue {self.root}: {_first_line(e)}") from None
+                time.sleep(0.2)
+        con.execute(f"SET file_search_path = '{_sql_str(self.root.resolve())}'")
+        return con
+
+    def schema_version(self) -> int:
+        try:
+            with self.connect() as con:
+                return int(con.execute("SELECT value FROM _catalog WHERE key = 'schema_version'").fetchone()[0])
+        except duckdb.Error:
+            raise UserError(f"{self.root / DB_FILE} is not a circuit catalogue") from None
+
+    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+        """Run a read-only SQL query and return a DataFrame (write statements are refused)."""
+        check_read_only(query)
+        with self.connect() as con:
+            try:
+                return con.execute(query, params or []).df()
+            except duckdb.Error as e:
+                raise UserError(f"SQL error: {_first_line(e)}") from None
+
+    def circuits(self) -> pd.DataFrame:
+        return self.sql("SELECT * FROM circuits ORDER BY created_at, task_id")
+
+    def nodes(self, circuit_id: str, in_circuit_only: bool = False) -> pd.DataFrame:
+        cond = "AND in_circuit" if in_circuit_only else ""
+        return self.sql(f"SELECT * FROM nodes WHERE circuit_id = ? {cond} ORDER BY node_idx", [circuit_id])
+
+    def edges(self, circuit_id: str) -> pd.DataFrame:
+        return self.sql("SELECT * FROM edges WHERE circuit_id = ? ORDER BY src_idx, dst_idx", [circuit_id])
+
+    # ---- writing -------------------------------------------------------------------------
+    def new_run(self, run_id: str | None = None) -> RunWriter:
+        """Start writing a run's shards in staging/ (invisible until committed)."""
+        return RunWriter(self.root, run_id or new_id("run"))
+
+    def commit(self, run_id: str) -> bool:
+        """Make a finished run visible, all at once. Returns False if it already was."""
+        final = self.root / "runs" / run_id
+        staged = self.root / "staging" / run_id
+        if (final / MANIFEST).exists():
+            if staged.exists():
+                shutil.rmtree(staged)  # a repeated commit: the committed copy wins
+            return False
+        if not (staged / MANIFEST).exists():
+            raise UserError(f"run {run_id} is incomplete (no manifest): nothing was committed")
+        manifest = json.loads((staged / MANIFEST).read_text())
+        for table, info in manifest["tables"].items():
+            path = staged / info["file"]
+            if not path.exists() or pq.read_metadata(path).num_rows != info["rows"]:
+                raise UserError(f"run {run_id}: shard {info['file']} is missing or damaged; nothing was committed")
+        self._check_task_conflicts(staged)
+        os.replace(staged, final)
+        return True
+
+    def _check_task_conflicts(self, staged: Path) -> None:
+        """A task name already in the catalogue must keep its content."""
+        shard = staged / "tasks.parquet"
+        if not shard.exists():
+            return
+        with self.connect() as con:
+            clash = con.execute(
+                "SELECT n.task_id FROM read_parquet(?) n JOIN tasks t USING (task_id) "
+                "WHERE n.content_hash <> t.content_hash LIMIT 1", [str(shard)]).fetchone()
+        if clash:
+            raise UserError(f"task {clash[0]!r} is already in the catalogue with other examples; "
+                            "give the new task file another name")
+
+    def staged_runs(self) -> list[str]:
+        d = self.root / "staging"
+        return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,187 @@
+"""circuit-catalog: discover feature circuits and question them with SQL.
+
+    python cli.py demo                       # build the zoo, discover every task, commit
+    python cli.py query "SELECT ..." --format csv
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from catalog.errors import UserError
+
+CATALOG_HELP = "catalogue directory (env CIRCUIT_CATALOG, default ./catalog)"
+
+
+class Group(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing partial was committed", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group)
+@click.option("--catalog", "catalog_path", envvar="CIRCUIT_CATALOG", default="catalog",
+              show_default=True, type=click.Path(path_type=Path), help=CATALOG_HELP)
+@click.pass_context
+def main(ctx, catalog_path: Path):
+    """A DuckDB/Parquet catalogue of sparse feature circuits."""
+    ctx.obj = catalog_path
+
+
+@main.command()
+@click.pass_obj
+def init(path: Path):
+    """Create an empty catalogue."""
+    import catalog
+
+    catalog.init(path)
+    click.echo(f"catalogue ready at {path}")
+
+
+def _output(df, fmt: str) -> None:
+    from catalog.query import format_frame
+
+    click.echo(format_frame(df, fmt), nl=False)
+
+
+FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+                      show_default=True, help="output format")
+
+
+@main.command()
+@click.argument("sql", required=False)
+@click.option("--file", "sql_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="read the SQL from a file")
+@FORMAT
+@click.pass_obj
+def query(path: Path, sql: str | None, sql_file: Path | None, fmt: str):
+    """Run a read-only SQL query against the catalogue."""
+    import catalog
+
+    if (sql is None) == (sql_file is None):
+        raise UserError("give either SQL or --file, not both or neither")
+    text = sql_file.read_text() if sql_file else sql
+    _output(catalog.open(path).sql(text), fmt)
+
+
+@main.command()
+@FORMAT
+@click.pass_obj
+def circuits(path: Path, fmt: str):
+    """List the circuits in the catalogue."""
+    import catalog
+
+    df = catalog.open(path).sql(
+        "SELECT circuit_id, task_id, method, n_examples, n_nodes, n_edges, "
+        "round(metric_patch - metric_clean, 3) AS total_effect, round(accuracy, 3) AS accuracy, created_at "
+        "FROM circuits ORDER BY created_at, task_id")
+    _output(df, fmt)
+
+
+def _discovery_options(f):
+    for opt in reversed([
+        click.option("--method", type=click.Choice(["ig", "atp"]), default="ig", show_default=True),
+        click.option("--steps", "ig_steps", default=10, show_default=True, help="integrated-gradients steps"),
+        click.option("--node-threshold", default=0.1, show_default=True),
+        click.option("--edge-threshold", default=0.01, show_default=True),
+        click.option("--examples", "n_examples", default=64, show_default=True, help="train examples used"),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.option("--task", "task_names", multiple=True, help="zoo task name (repeatable)")
+@click.option("--task-file", "task_files", multiple=True, type=click.Path(path_type=Path),
+              help="JSONL task file in the Sparse Feature Circuits format (repeatable)")
+@_discovery_options
+@click.pass_obj
+def discover(path: Path, task_names, task_files, **params):
+    """Discover circuits on the zoo model for zoo tasks or task files."""
+    from compute.circuit import DiscoveryParams
+    from compute.tasks import load_task_file
+
+    if not task_names and not task_files:
+        raise UserError("give at least one --task or --task-file")
+    tasks = [load_task_file(f) for f in task_files]  # validate files before any heavy work
+    zoo, dicts = _zoo_and_dictionaries()
+    for name in task_names:
+        if name not in zoo.tasks:
+            raise UserError(f"unknown task {name!r}; zoo tasks: {', '.join(sorted(zoo.tasks))}")
+        tasks.append(zoo.tasks[name])
+    _run_tasks(path, zoo, dicts, tasks, DiscoveryParams(**params))
+
+
+@main.command()
+@_discovery_options
+@click.pass_obj
+def demo(path: Path, **params):
+    """Build the zoo and its dictionaries, discover a circuit for every zoo task, commit."""
+    from compute.circuit import DiscoveryParams
+
+    start = time.monotonic()
+    zoo, dicts = _zoo_and_dictionaries()
+    _print_dictionaries(dicts)
+    _run_tasks(path, zoo, dicts, list(zoo.tasks.values()), DiscoveryParams(**params))
+    click.echo(f"\ndone in {time.monotonic() - start:.0f}s. Try:\n"
+               f"  python cli.py --catalog {path} query \"SELECT task_id, count(*) AS nodes "
+               f"FROM circuits JOIN nodes USING (circuit_id) WHERE in_circuit GROUP BY ALL\"")
+
+
+def _zoo_and_dictionaries():
+    from compute.dictionaries import build_dictionaries
+    from compute.zoo import build_zoo
+
+    click.echo("zoo model (cached after the first build) ...", err=True)
+    zoo = build_zoo()
+    click.echo("dictionaries (cached after the first build) ...", err=True)
+    return zoo, build_dictionaries(zoo)
+
+
+def _print_dictionaries(dicts) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="dictionaries (held-out tokens)")
+    for col in ("submodule", "d_sae", "FVE", "L0", "dead"):
+        t.add_column(col, justify="right")
+    for name, d in dicts.items():
+        m = d.metrics
+        t.add_row(name, str(d.sae.d_sae), f"{m['fraction_variance_explained']:.3f}", f"{m['l0']:.1f}",
+                  f"{m['dead_fraction']:.1%}")
+    Console().print(t)
+
+
+def _run_tasks(path: Path, zoo, dicts, tasks, params) -> None:
+    import catalog
+    from compute.jobs import discovery_job, top_features
+    from rich.console import Console
+    from rich.table import Table
+
+    cat = catalog.init(path)
+    t = Table(title=f"circuits ({params.method}, node > {params.node_threshold}, edge > {params.edge_threshold})")
+    for col in ("task", "accuracy", "examples", "total effect", "nodes", "edges", "top features"):
+        t.add_column(col)
+    for task in tasks:
+        circuit_id, c, acc = discovery_job(cat, zoo, dicts, task, params)
+        kept = sum(n.in_circuit for n in c.nodes)
+        note = f" ({sum(c.dropped.values())} dropped)" if c.dropped else ""
+        t.add_row(task.name, f"{acc:.1%}", f"{c.n_examples}{note}", f"{c.total_effect:.2f}", str(kept),
+                  str(len(c.edges)), ", ".join(top_features(c, 3)))
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Attribution patching (AtP): node effects from one gradient at the clean input.
+
+effect(n) ~ (n_patch - n_clean) . d metric / d n, evaluated on the clean prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compute.dictionaries import SAE, Submodule
+from compute.spliced import State, output_grads
+from compute.tasks import Batch
+
+
+def atp_grads(model, subs: list[Submodule], dicts: dict[str, SAE], batch: Batch,
+              clean: dict[str, State], patch: dict[str, State]) -> dict[str, torch.Tensor]:
+    """Gradient of the metric at each submodule's output, taken at the clean prompt."""
+    _, grads = output_grads(model, subs, batch)
+    return grads

@@ -1,0 +1,58 @@
+"""Content-addressed cache for built artefacts (zoo model, task files, dictionaries)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """`$CIRCUIT_CACHE`, or `.cache` in the working directory."""
+    return Path(os.environ.get("CIRCUIT_CACHE", ".cache")).resolve()
+
+
+def config_hash(config: object) -> str:
+    """A short stable hash of a dataclass or JSON-able configuration."""
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
+    """Return `<cache>/<kind>/<key>`, building it first if absent.
+
+    `build` fills a temporary directory that is renamed into place only when it
+    returns, so an interrupted build never leaves a half-written entry.
+    """
+    final = cache_root() / kind / key
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():  # not a lost race with another builder
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,143 @@
+"""Circuit discovery: node effects, thresholds, then edges among the kept nodes.
+
+Effects are summed over positions and averaged over examples (`sum`
+aggregation). A node is in the circuit when |effect| > node_threshold; edges are
+computed for every node kept after aggregation and kept when |weight| >
+edge_threshold. The last resid's kept nodes get an edge to the metric node whose
+weight is their effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from compute.atp import atp_grads
+from compute.dictionaries import SAE, Submodule
+from compute.edges import ERROR, edge_pairs, edge_weights
+from compute.ig import ig_grads
+from compute.spliced import batch_metric, node_effects, states
+from compute.tasks import Encoded
+
+METHODS = ("ig", "atp")
+
+
+@dataclass(frozen=True)
+class DiscoveryParams:
+    method: str = "ig"
+    ig_steps: int = 10
+    node_threshold: float = 0.1
+    edge_threshold: float = 0.01
+    aggregation: str = "sum"
+    n_examples: int = 64
+    edge_chunk: int = 32
+
+
+@dataclass
+class Node:
+    sub: Submodule | None  # None for the metric node
+    feature: int | None  # None for error terms and the metric node
+    effect: float
+    in_circuit: bool
+
+
+@dataclass
+class Circuit:
+    """A discovered circuit: every node with a nonzero effect, and edges among kept nodes."""
+
+    params: DiscoveryParams
+    nodes: list[Node]
+    edges: list[tuple[int, int, float]]  # (src node_idx, dst node_idx, weight)
+    n_examples: int
+    metric_clean: float
+    metric_patch: float
+    dropped: dict[str, int] = field(default_factory=dict)
+    clean_features: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def total_effect(self) -> float:
+        return self.metric_patch - self.metric_clean
+
+
+def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
+             params: DiscoveryParams, progress: bool = True) -> Circuit:
+    if params.method not in METHODS:
+        raise ValueError(f"unknown method {params.method!r}; choose from {', '.join(METHODS)}")
+    if params.aggregation != "sum":
+        raise ValueError("only aggregation 'sum' is implemented")
+    n = data.n_examples
+    if n == 0:
+        raise ValueError("no usable examples")
+    feat_eff = {s.name: torch.zeros(dicts[s.name].d_sae) for s in subs}
+    err_eff = {s.name: torch.zeros(()) for s in subs}
+    per_batch = []
+    m_clean = m_patch = 0.0
+    clean_features = []
+    for batch in tqdm(data.batches, desc=f"{params.method} node effects", disable=not progress, leave=False):
+        clean = states(model, subs, dicts, batch.clean)
+        patch = states(model, subs, dicts, batch.patch)
+        with torch.no_grad():
+            m_clean += batch_metric(model(batch.clean), batch).sum().item()
+            m_patch += batch_metric(model(batch.patch), batch).sum().item()
+        if params.method == "ig":
+            grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps)
+        else:
+            grads = atp_grads(model, subs, dicts, batch, clean, patch)
+        for s in subs:
+            fe, ee = node_effects(dicts[s.name], clean[s.name], patch[s.name], grads[s.name])
+            feat_eff[s.name] += fe.sum((0, 1))
+            err_eff[s.name] += ee.sum()
+            clean_features.append((batch.example_idx, s.name, clean[s.name].f))
+        per_batch.append((batch, clean, patch, grads))
+
+    nodes: list[Node] = []
+    index: dict[tuple[str, int], int] = {}
+    kept: dict[str, list[int]] = {}
+    for s in subs:
+        eff = feat_eff[s.name] / n
+        kept[s.name] = []
+        for i in eff.nonzero().flatten().tolist():
+            _add(nodes, index, kept, s, i, eff[i].item(), params.node_threshold)
+        _add(nodes, index, kept, s, ERROR, (err_eff[s.name] / n).item(), params.node_threshold)
+    metric_idx = len(nodes)
+    nodes.append(Node(None, None, (m_patch - m_clean) / n, True))
+
+    edges = list(_edges(model, subs, dicts, per_batch, kept, index, n, params, progress))
+    last = subs[-1].name
+    for i in kept[last]:
+        edges.append((index[(last, i)], metric_idx, nodes[index[(last, i)]].effect))
+    return Circuit(params, nodes, edges, n, m_clean / n, m_patch / n, dict(data.dropped), clean_features)
+
+
+def _add(nodes, index, kept, s: Submodule, i: int, effect: float, threshold: float) -> None:
+    if effect == 0.0:
+        return
+    inside = abs(effect) > threshold
+    index[(s.name, i)] = len(nodes)
+    nodes.append(Node(s, None if i == ERROR else i, effect, inside))
+    if inside:
+        kept[s.name].append(i)
+
+
+def _edges(model, subs, dicts, per_batch, kept, index, n, params: DiscoveryParams,
+           progress: bool) -> Iterator[tuple[int, int, float]]:
+    pairs = [p for p in edge_pairs(subs) if kept[p.up.name] and kept[p.down.name]]
+    for pair in tqdm(pairs, desc="edges", disable=not progress, leave=False):
+        up_ids = sorted(kept[pair.up.name], key=lambda i: (i == ERROR, i))  # error term last
+        down_ids = torch.tensor(kept[pair.down.name])
+        total = torch.zeros(len(down_ids), len(up_ids))
+        for batch, clean, patch, grads in per_batch:
+            row = 0
+            for ids, w in edge_weights(model, pair, dicts, batch, clean[pair.up.name], patch[pair.up.name],
+                                       grads[pair.down.name], torch.tensor(up_ids), down_ids,
+                                       params.edge_chunk):
+                total[row : row + len(ids)] += w
+                row += len(ids)
+        total /= n
+        rows, cols = (total.abs() > params.edge_threshold).nonzero(as_tuple=True)
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            yield (index[(pair.up.name, up_ids[c])], index[(pair.down.name, int(down_ids[r]))],
+                   total[r, c].item())

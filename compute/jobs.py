@@ -1,0 +1,156 @@
+"""Jobs: one discovery job -> one run, written as shards and committed all or nothing.
+
+A failure inside the job is recorded as a run with status 'failed' and its
+error (and nothing else); an interrupt leaves nothing visible.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from catalog.errors import UserError
+from catalog.store import Catalog, new_id
+from compute.circuit import Circuit, DiscoveryParams, discover
+from compute.dictionaries import TrainedDictionary, submodules
+from compute.tasks import Task, encode
+from compute.zoo import Zoo, accuracy
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"0.1.0+{sha}" if sha else "0.1.0"
+
+
+def discovery_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], task: Task,
+                  params: DiscoveryParams, progress: bool = True) -> tuple[str, Circuit, float]:
+    """Discover one circuit and commit it as one run. Returns (circuit_id, circuit, accuracy)."""
+    run_id = new_id("run")
+    started = datetime.now(UTC).replace(tzinfo=None)
+    run_row = {"run_id": run_id, "kind": "discover", "params": {**asdict(params), "task": task.name},
+               "code_version": code_version(), "started_at": started}
+    writer = cat.new_run(run_id)
+    try:
+        model = zoo.model
+        subs = submodules(model)
+        data = encode(model, task, "train", params.n_examples)
+        if data.n_examples == 0:
+            reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
+            raise UserError(f"task {task.name}: no usable examples ({reasons})")
+        acc = accuracy(model, task, "test") if task.split("test") else accuracy(model, task, "train")
+        circuit = discover(model, subs, {k: d.sae for k, d in dicts.items()}, data, params, progress)
+        circuit_id = new_id("circuit")
+        _write_context(cat, writer, zoo, dicts, task)
+        _write_activations(cat, writer, task, dicts, circuit)
+        _write_circuit(writer, circuit_id, run_id, zoo.model_id, task, circuit, acc, dicts)
+        writer.write("runs", [{**run_row, "status": "ok", "finished_at": _now()}])
+        writer.finish()
+    except (Exception, KeyboardInterrupt) as e:
+        writer.abort()
+        shutil.rmtree(writer.dir, ignore_errors=True)
+        if isinstance(e, Exception):
+            _record_failure(cat, run_row, e)
+        raise
+    cat.commit(run_id)
+    return circuit_id, circuit, acc
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _record_failure(cat: Catalog, run_row: dict, error: Exception) -> None:
+    failed = cat.new_run(new_id("run"))
+    failed.write("runs", [{**run_row, "run_id": failed.run_id, "status": "failed",
+                           "finished_at": _now(), "error": f"{type(error).__name__}: {error}"}])
+    failed.finish()
+    cat.commit(failed.run_id)
+
+
+def _write_context(cat: Catalog, w, zoo: Zoo, dicts: dict[str, TrainedDictionary], task: Task) -> None:
+    cfg = zoo.model.cfg
+    w.write("models", [{"model_id": zoo.model_id, "name": "zoo", "source": str(zoo.path),
+                        "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
+                        "config": json.loads((zoo.path / "config.json").read_text()),
+                        "weights_hash": zoo.weights_hash}])
+    keep = ("mse", "fraction_variance_explained", "l0", "dead_fraction", "dense_fraction", "n_tokens")
+    w.write("dictionaries", [{
+        "dictionary_id": d.dictionary_id, "model_id": zoo.model_id, "hook_name": d.sub.hook_name,
+        "component": d.sub.component, "layer": d.sub.layer, "kind": "sae", "architecture": d.sae.architecture,
+        "d_in": d.sae.d_in, "d_sae": d.sae.d_sae, "path": str(d.path),
+        "metrics": {k: d.metrics[k] for k in keep}} for d in dicts.values()])
+    for d in dicts.values():
+        w.write("features", [{"dictionary_id": d.dictionary_id, "feature_idx": i, "density": dens,
+                              "max_activation": mx}
+                             for i, (dens, mx) in enumerate(zip(d.metrics["density"], d.metrics["max_activation"],
+                                                                strict=True))])
+    w.write("tasks", [{"task_id": task.name, "name": task.name, "source": task.source,
+                       "description": task.description, "content_hash": task.content_hash,
+                       "n_examples": len(task.examples)}])
+    w.write("examples", [{"task_id": task.name, "example_idx": i, "split": e.get("split", "train"),
+                          "case": e.get("case"), "clean_prefix": e["clean_prefix"],
+                          "patch_prefix": e["patch_prefix"], "clean_answer": e["clean_answer"],
+                          "patch_answer": e["patch_answer"],
+                          "clean_tokens": zoo.model.to_str_tokens(e["clean_prefix"])}
+                         for i, e in enumerate(task.examples)])
+
+
+def _write_activations(cat: Catalog, w, task: Task, dicts: dict[str, TrainedDictionary], circuit: Circuit) -> None:
+    """Nonzero clean feature values of the examples used, unless the catalogue already has them."""
+    have = set(cat.sql("SELECT DISTINCT dictionary_id FROM activations WHERE task_id = ?",
+                       [task.name])["dictionary_id"])
+    table = w.table("activations")
+    for example_idx, sub_name, f in circuit.clean_features:
+        d = dicts[sub_name]
+        if d.dictionary_id in have:
+            continue
+        b, t, i = (f > 0).nonzero(as_tuple=True)
+        table.write([{"task_id": task.name, "example_idx": int(example_idx[bb]), "dictionary_id": d.dictionary_id,
+                      "feature_idx": int(ii), "position": int(tt), "value": float(v)}
+                     for bb, tt, ii, v in zip(b.tolist(), t.tolist(), i.tolist(), f[b, t, i].tolist(), strict=True)])
+
+
+def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c: Circuit, acc: float,
+                   dicts: dict[str, TrainedDictionary]) -> None:
+    p = c.params
+    n_layers = max(n.sub.layer for n in c.nodes if n.sub is not None) + 1
+    rows = []
+    for idx, n in enumerate(c.nodes):
+        if n.sub is None:
+            rows.append({"component": "metric", "layer": n_layers, "is_error": False})
+        else:
+            rows.append({"component": n.sub.component, "layer": n.sub.layer, "hook_name": n.sub.hook_name,
+                         "dictionary_id": dicts[n.sub.name].dictionary_id, "feature_idx": n.feature,
+                         "is_error": n.feature is None})
+        rows[-1].update(circuit_id=circuit_id, node_idx=idx, position=None, effect=n.effect, in_circuit=n.in_circuit)
+    w.write("nodes", rows)
+    edges = w.table("edges")
+    for i in range(0, len(c.edges), 50_000):
+        edges.write([{"circuit_id": circuit_id, "src_idx": s, "dst_idx": d, "kind": "attribution", "weight": wt}
+                     for s, d, wt in c.edges[i : i + 50_000]])
+    w.write("circuits", [{
+        "circuit_id": circuit_id, "run_id": run_id, "model_id": model_id, "task_id": task.name,
+        "method": p.method, "ig_steps": p.ig_steps if p.method == "ig" else None, "aggregation": p.aggregation,
+        "metric": "logit_diff", "node_threshold": p.node_threshold, "edge_threshold": p.edge_threshold,
+        "n_examples": c.n_examples, "n_dropped": sum(c.dropped.values()), "metric_clean": c.metric_clean,
+        "metric_patch": c.metric_patch, "accuracy": acc, "n_nodes": sum(n.in_circuit for n in c.nodes),
+        "n_edges": len(c.edges), "faithfulness": None, "completeness": None, "created_at": _now()}])
+
+
+@torch.no_grad()
+def top_features(c: Circuit, k: int = 5) -> list[str]:
+    """Short labels of the k strongest feature nodes, e.g. 'resid_0/123 +2.41'."""
+    feats = [n for n in c.nodes if n.sub is not None and n.feature is not None]
+    feats.sort(key=lambda n: -abs(n.effect))
+    return [f"{n.sub.name}/{n.feature} {n.effect:+.2f}" for n in feats[:k]]

@@ -1,0 +1,41 @@
+"""Exact activation patching: the ground truth the attribution methods are checked against.
+
+A node is patched by replacing its clean value with its patch value (at every
+position, matching `sum` aggregation) and running the model forward once; its
+effect is the change in the metric, averaged over examples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compute.dictionaries import SAE, Submodule
+from compute.spliced import State, batch_metric
+from compute.tasks import Batch
+
+
+@torch.no_grad()
+def patch_effects(model, sub: Submodule, sae: SAE, batch: Batch, clean: State, patch: State,
+                  nodes: list[int | None], chunk: int = 32) -> torch.Tensor:
+    """Exact effect of each node of one submodule (feature index, or None for the error term).
+
+    Returns [len(nodes)], the metric change summed over the batch's examples.
+    Many nodes share one forward pass: the batch is repeated once per node.
+    """
+    base = batch_metric(model(batch.clean), batch)
+    out = []
+    for i in range(0, len(nodes), chunk):
+        part = nodes[i : i + chunk]
+        deltas = torch.stack([_delta(sae, clean, patch, n) for n in part])  # [K, B, T, d]
+        patched = (clean.x[None] + deltas).reshape(-1, *clean.x.shape[1:])
+        logits = model.run_with_hooks(batch.clean.repeat(len(part), 1),
+                                      fwd_hooks=[(sub.hook_name, lambda x, hook: patched)])
+        m = batch_metric(logits, batch, repeat=len(part)).view(len(part), -1)
+        out.append((m - base).sum(1))
+    return torch.cat(out)
+
+
+def _delta(sae: SAE, clean: State, patch: State, node: int | None) -> torch.Tensor:
+    if node is None:
+        return patch.err - clean.err
+    return (patch.f[..., node] - clean.f[..., node])[..., None] * sae.W_dec[node]

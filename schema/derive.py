@@ -1,0 +1,70 @@
+"""What derives from the table definitions: Arrow schemas of shards and DuckDB view SQL."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+from sqlalchemy import JSON, Boolean, DateTime, Double, Integer, String, Table
+from sqlalchemy.types import ARRAY
+
+from schema.tables import DIMENSIONS, TABLES
+
+
+def _arrow_type(col_type) -> pa.DataType:
+    if isinstance(col_type, ARRAY):
+        return pa.list_(_arrow_type(col_type.item_type))
+    for sa_type, arrow in ((Boolean, pa.bool_()), (Integer, pa.int64()), (Double, pa.float64()),
+                           (DateTime, pa.timestamp("us")), (JSON, pa.string()), (String, pa.string())):
+        if isinstance(col_type, sa_type):
+            return arrow
+    raise TypeError(f"no Arrow type for {col_type!r}")
+
+
+def _duckdb_type(col_type) -> str:
+    if isinstance(col_type, ARRAY):
+        return _duckdb_type(col_type.item_type) + "[]"
+    for sa_type, name in ((Boolean, "BOOLEAN"), (Integer, "BIGINT"), (Double, "DOUBLE"),
+                          (DateTime, "TIMESTAMP"), (JSON, "JSON"), (String, "VARCHAR")):
+        if isinstance(col_type, sa_type):
+            return name
+    raise TypeError(f"no DuckDB type for {col_type!r}")
+
+
+def arrow_schema(table: str | Table) -> pa.Schema:
+    t = TABLES[table] if isinstance(table, str) else table
+    return pa.schema([pa.field(c.name, _arrow_type(c.type), nullable=not c.primary_key) for c in t.columns])
+
+
+def to_arrow(table: str, rows: list[dict]) -> pa.Table:
+    """Rows (dicts) -> an Arrow table of the table's schema; JSON columns are serialised."""
+    t = TABLES[table]
+    cols = {}
+    for c in t.columns:
+        values = [r.get(c.name) for r in rows]
+        if isinstance(c.type, JSON):
+            values = [None if v is None else json.dumps(v) for v in values]
+        cols[c.name] = values
+    return pa.table(cols, schema=arrow_schema(t))
+
+
+def view_sql(table: str, files_glob: str) -> str:
+    """CREATE VIEW over the committed shards of a table, typed by the schema.
+
+    `union_by_name` reads older shards that lack newer columns as NULL.
+    Dimension tables keep one row per primary key, since many runs register the
+    same model, dictionary or task.
+    """
+    t = TABLES[table]
+    casts = ", ".join(f'CAST("{c.name}" AS {_duckdb_type(c.type)}) AS "{c.name}"' for c in t.columns)
+    body = f"SELECT {casts} FROM read_parquet('{files_glob}', union_by_name = true)"
+    if table in DIMENSIONS:
+        keys = ", ".join(f'"{c.name}"' for c in t.primary_key.columns)
+        body += f" QUALIFY row_number() OVER (PARTITION BY {keys}) = 1"
+    return f'CREATE OR REPLACE VIEW "{table}" AS {body}'
+
+
+def column_docs() -> dict[str, list[tuple[str, str, str]]]:
+    """(column, DuckDB type, comment) for every table, for the README and `cli.py schema`."""
+    return {name: [(c.name, _duckdb_type(c.type), c.comment or "") for c in t.columns]
+            for name, t in TABLES.items()}
