@@ -165,10 +165,11 @@ def _print_dictionaries(dicts) -> None:
 
 
 def _run_tasks(path: Path, zoo, dicts, tasks, params) -> None:
-    import catalog
-    from compute.jobs import discovery_job, top_features
     from rich.console import Console
     from rich.table import Table
+
+    import catalog
+    from compute.jobs import discovery_job, top_features
 
     cat = catalog.init(path)
     t = Table(title=f"circuits ({params.method}, node > {params.node_threshold}, edge > {params.edge_threshold})")

@@ -25,6 +25,7 @@ PREPOSITIONS = ["near", "behind", "beside", "above"]
 GENDERED = [  # (male, female)
     ("king", "queen"), ("man", "woman"), ("boy", "girl"), ("father", "mother"),
     ("brother", "sister"), ("prince", "princess"), ("uncle", "aunt"), ("actor", "actress"),
+    ("husband", "wife"), ("son", "daughter"), ("nephew", "niece"),
 ]
 NAMES = ["mary", "john", "anna", "tom", "lisa", "paul", "kate", "mark", "emma", "james"]
 PLACES = ["park", "store", "school", "beach", "lake"]

@@ -27,7 +27,7 @@ def ig_grads(model, subs: list[Submodule], dicts: dict[str, SAE], batch: Batch,
         a = alphas.view(-1, 1, 1, 1)
         x_line = ((1 - a) * xc + a * xp).reshape(-1, *xc.shape[1:]).requires_grad_(True)
         with torch.enable_grad():
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda x, hook: x_line)])
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(s.hook_name, lambda x, hook, v=x_line: v)])
             m = batch_metric(logits, batch, repeat=steps)
             (g,) = torch.autograd.grad(m.sum(), x_line)
         out[s.name] = g.view(steps, *xc.shape).mean(0)

@@ -29,7 +29,7 @@ def patch_effects(model, sub: Submodule, sae: SAE, batch: Batch, clean: State, p
         deltas = torch.stack([_delta(sae, clean, patch, n) for n in part])  # [K, B, T, d]
         patched = (clean.x[None] + deltas).reshape(-1, *clean.x.shape[1:])
         logits = model.run_with_hooks(batch.clean.repeat(len(part), 1),
-                                      fwd_hooks=[(sub.hook_name, lambda x, hook: patched)])
+                                      fwd_hooks=[(sub.hook_name, lambda x, hook, v=patched: v)])
         m = batch_metric(logits, batch, repeat=len(part)).view(len(part), -1)
         out.append((m - base).sum(1))
     return torch.cat(out)

@@ -38,7 +38,7 @@ class ZooConfig:
     seed: int = 0
     task_train: int = 100
     task_test: int = 60
-    version: int = 1  # bump when the grammar changes
+    version: int = 2  # bump when the grammar changes
 
 
 @dataclass

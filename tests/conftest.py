@@ -1,0 +1,59 @@
+"""Shared fixtures: the zoo, its dictionaries and a demo catalogue, built once per session.
+
+The zoo and dictionaries are cached under `$CIRCUIT_CACHE` (default `.cache`),
+the same cache `make demo` fills, so they are trained at most once per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("CIRCUIT_CACHE", str(ROOT / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    from compute.zoo import build_zoo
+
+    return build_zoo(progress=False)
+
+
+@pytest.fixture(scope="session")
+def dicts(zoo):
+    from compute.dictionaries import build_dictionaries
+
+    return build_dictionaries(zoo, progress=False)
+
+
+@pytest.fixture(scope="session")
+def saes(dicts):
+    return {k: d.sae for k, d in dicts.items()}
+
+
+@pytest.fixture(scope="session")
+def subs(zoo):
+    from compute.dictionaries import submodules
+
+    return submodules(zoo.model)
+
+
+def run_cli(*args: str, catalog: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run `python cli.py ...` as a user would."""
+    pre = ["--catalog", str(catalog)] if catalog else []
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *pre, *args], capture_output=True,
+                          text=True, cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 900), **kw)
+
+
+@pytest.fixture(scope="session")
+def demo_catalog(tmp_path_factory, dicts) -> Path:
+    """A catalogue filled by `cli.py demo` (every zoo task), shared by read-only tests."""
+    path = tmp_path_factory.mktemp("demo") / "catalog"
+    r = run_cli("demo", catalog=path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return path

@@ -1,0 +1,119 @@
+"""Attribution methods against independent references on the zoo model."""
+
+import numpy as np
+import pytest
+import torch
+
+from compute.atp import atp_grads
+from compute.circuit import DiscoveryParams, discover
+from compute.edges import ERROR, EdgePair, edge_weights
+from compute.patching import patch_effects
+from compute.spliced import node_effects, states
+from compute.tasks import encode
+
+
+def _exact_and_estimates(zoo, subs, saes, task, method):
+    data = encode(zoo.model, zoo.tasks[task], "train", 64)
+    circuit = discover(zoo.model, subs, saes, data, DiscoveryParams(method=method), progress=False)
+    est = {(n.sub.name, n.feature): n.effect for n in circuit.nodes if n.sub is not None}
+    exact = dict.fromkeys(est, 0.0)
+    for b in data.batches:
+        clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
+        for s in subs:
+            ids = [k[1] for k in est if k[0] == s.name]
+            for i, v in zip(ids, patch_effects(zoo.model, s, saes[s.name], b, clean[s.name], patch[s.name], ids), strict=False):
+                exact[(s.name, i)] += v.item() / data.n_examples
+    keys = list(est)
+    return keys, np.array([est[k] for k in keys]), np.array([exact[k] for k in keys])
+
+
+# IG must match exact patching (the issue asks r >= 0.9). AtP is a first-order estimate that
+# misjudges saturating attention features (Kramar et al. 2024); its floor is a sanity check.
+@pytest.mark.parametrize("method,floor", [("ig", 0.9), ("atp", 0.5)])
+def test_node_effects_match_exact_patching(zoo, subs, saes, method, floor):
+    keys, est, exact = _exact_and_estimates(zoo, subs, saes, "sva_simple", method)
+    assert len(keys) > 100
+    r = np.corrcoef(est, exact)[0, 1]
+    per_layer = {s.name: np.corrcoef(est[[k[0] == s.name for k in keys]], exact[[k[0] == s.name for k in keys]])[0, 1]
+                 for s in subs}
+    print(f"{method}: pooled r={r:.3f}", {k: round(v, 3) for k, v in per_layer.items()})
+    assert r >= floor
+
+
+def test_splicing_is_exact(zoo, subs, saes):
+    """clean x + (patch - clean) of every feature and of the error term is the patch activation."""
+    b = encode(zoo.model, zoo.tasks["sva_simple"], "train", 8).batches[0]
+    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
+    for s in subs:
+        c, p, sae = clean[s.name], patch[s.name], saes[s.name]
+        assert torch.allclose(sae.decode(c.f) + c.err, c.x)
+        x = c.x + (p.err - c.err) + (p.f - c.f) @ sae.W_dec
+        assert torch.allclose(x, p.x, atol=1e-4)
+
+
+def _pair_inputs(zoo, subs, saes, layer=1):
+    by = {s.name: s for s in subs}
+    pair = EdgePair(by[f"mlp_{layer}"], by[f"resid_{layer}"])
+    b = encode(zoo.model, zoo.tasks["sva_across_pp"], "train", 16).batches[0]
+    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
+    grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
+    return pair, b, clean, patch, grads
+
+
+def test_edges_out_of_a_node_sum_to_its_effect(zoo, subs, saes):
+    """mlp_L feeds the metric only through resid_L, so its edges into all of resid_L's
+    nodes (features and error) add up to its AtP effect."""
+    pair, b, clean, patch, grads = _pair_inputs(zoo, subs, saes)
+    up = clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten()[:20].tolist() + [ERROR]
+    down = torch.tensor(list(range(saes[pair.down.name].d_sae)) + [ERROR])
+    total = torch.zeros(len(up))
+    for _, w in edge_weights(zoo.model, pair, saes, b, clean[pair.up.name], patch[pair.up.name],
+                             grads[pair.down.name], torch.tensor(up), down, chunk=128):
+        total += w.sum(0)
+    fe, ee = node_effects(saes[pair.up.name], clean[pair.up.name], patch[pair.up.name], grads[pair.up.name])
+    expected = torch.cat([fe.sum((0, 1))[up[:-1]], ee.sum()[None]])
+    assert torch.allclose(total, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+
+
+def test_edge_weights_match_the_closed_form(zoo, subs, saes):
+    """mlp_L -> resid_L is linear up to the resid SAE's ReLU: w(j -> i) =
+    sum_bt left_i * 1[f_i > 0] * (W_dec_mlp[j] . W_enc_resid[:, i]) * delta_j."""
+    pair, b, clean, patch, grads = _pair_inputs(zoo, subs, saes)
+    up_sae, down_sae = saes[pair.up.name], saes[pair.down.name]
+    f_down = clean[pair.down.name].f
+    down = f_down.abs().sum((0, 1)).nonzero().flatten()[:10]
+    up = clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten()[:10]
+    got = torch.cat([w for _, w in edge_weights(zoo.model, pair, saes, b, clean[pair.up.name], patch[pair.up.name],
+                                                 grads[pair.down.name], up, down, chunk=4)])
+    left = (grads[pair.down.name] @ down_sae.W_dec.T)[..., down] * (f_down[..., down] > 0)  # [B,T,Kd]
+    delta = (patch[pair.up.name].f - clean[pair.up.name].f)[..., up]  # [B,T,Ku]
+    coupling = up_sae.W_dec[up] @ down_sae.W_enc[:, down]  # [Ku, Kd]
+    want = torch.einsum("btd,btu,ud->du", left, delta, coupling)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes):
+    by = {s.name: s for s in subs}
+    pair = EdgePair(by["resid_0"], by["mlp_1"], (by["attn_1"],))
+    b = encode(zoo.model, zoo.tasks["sva_within_rc"], "train", 16).batches[0]
+    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
+    grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
+    up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten()[:15].tolist() + [ERROR])
+    down = torch.tensor(clean["mlp_1"].f.abs().sum((0, 1)).nonzero().flatten()[:12].tolist() + [ERROR])
+    args = (zoo.model, pair, saes, b, clean["resid_0"], patch["resid_0"], grads["mlp_1"], up, down)
+    batched = torch.cat([w for _, w in edge_weights(*args, chunk=32)])
+    single = torch.cat([w for _, w in edge_weights(*args, chunk=1)])
+    assert batched.abs().max() > 0
+    assert torch.allclose(batched, single, rtol=1e-5, atol=1e-7)
+
+
+def test_circuit_keeps_edges_only_between_kept_nodes(zoo, subs, saes):
+    data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 32)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(), progress=False)
+    kept = {i for i, n in enumerate(c.nodes) if n.in_circuit}
+    assert c.edges and all(s in kept and d in kept for s, d, _ in c.edges)
+    assert all(abs(w) > c.params.edge_threshold for *_, w in c.edges)
+    metric = len(c.nodes) - 1
+    assert c.nodes[metric].sub is None and c.nodes[metric].effect == pytest.approx(c.total_effect)
+    into_metric = [s for s, d, _ in c.edges if d == metric]
+    assert into_metric and all(c.nodes[s].sub.name == subs[-1].name for s in into_metric)

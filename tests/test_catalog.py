@@ -1,0 +1,92 @@
+"""Storage rules: one schema, all-or-nothing runs, idempotent commits, read-only queries."""
+
+import duckdb
+import pytest
+
+import catalog
+from catalog.errors import UserError
+from schema.derive import arrow_schema, column_docs
+from schema.tables import TABLES
+
+
+def _task_run(cat, run_id, content_hash="h1"):
+    w = cat.new_run(run_id)
+    w.write("tasks", [{"task_id": "t", "name": "t", "content_hash": content_hash, "n_examples": 1}])
+    w.write("runs", [{"run_id": run_id, "kind": "test", "status": "ok"}])
+    return w
+
+
+def test_empty_catalogue_has_every_table_typed(tmp_path):
+    cat = catalog.init(tmp_path / "c")
+    for name, cols in column_docs().items():
+        df = cat.sql(f"SELECT * FROM {name}")
+        assert list(df.columns) == [c for c, _, _ in cols] and df.empty
+    desc = cat.sql("DESCRIBE nodes").set_index("column_name")["column_type"]
+    assert desc["feature_idx"] == "BIGINT" and desc["effect"] == "DOUBLE" and desc["in_circuit"] == "BOOLEAN"
+    assert set(TABLES) >= {"models", "dictionaries", "features", "tasks", "examples", "runs", "circuits",
+                           "nodes", "edges", "activations", "evaluations"}
+    assert arrow_schema("examples").field("clean_tokens").type.value_type.equals(
+        arrow_schema("tasks").field("name").type)
+
+
+def test_run_is_invisible_until_committed_and_commit_is_idempotent(tmp_path):
+    cat = catalog.init(tmp_path / "c")
+    w = _task_run(cat, "r1")
+    assert cat.sql("SELECT count(*) AS n FROM tasks").n[0] == 0  # still writing
+    w.finish()
+    assert cat.sql("SELECT count(*) AS n FROM tasks").n[0] == 0  # finished, not committed
+    assert cat.commit("r1") is True
+    assert cat.sql("SELECT count(*) AS n FROM tasks").n[0] == 1
+    assert cat.commit("r1") is False
+    assert cat.sql("SELECT count(*) AS n FROM runs").n[0] == 1
+
+
+def test_killed_worker_leaves_nothing_and_cannot_be_committed(tmp_path):
+    cat = catalog.init(tmp_path / "c")
+    _task_run(cat, "crashed")  # no finish(): shards are .tmp, there is no manifest
+    with pytest.raises(UserError, match="incomplete"):
+        cat.commit("crashed")
+    assert cat.sql("SELECT count(*) AS n FROM tasks").n[0] == 0
+
+
+def test_dimension_rows_are_deduplicated_and_task_content_is_guarded(tmp_path):
+    cat = catalog.init(tmp_path / "c")
+    for r in ("a", "b"):
+        _task_run(cat, r).finish()
+        cat.commit(r)
+    assert cat.sql("SELECT count(*) AS n FROM tasks").n[0] == 1
+    _task_run(cat, "c", content_hash="other").finish()
+    with pytest.raises(UserError, match="already in the catalogue"):
+        cat.commit("c")
+    assert cat.sql("SELECT content_hash FROM tasks").content_hash.tolist() == ["h1"]
+
+
+@pytest.mark.parametrize("sql", ["DROP VIEW nodes", "CREATE TABLE x AS SELECT 1", "INSERT INTO nodes VALUES (1)",
+                                 "COPY (SELECT 1) TO 'x.csv'", "ATTACH 'other.db'", "SET threads = 1",
+                                 "SELECT 1; DELETE FROM tasks"])
+def test_write_statements_are_refused(tmp_path, sql):
+    cat = catalog.init(tmp_path / "c")
+    with pytest.raises(UserError, match="read-only"):
+        cat.sql(sql)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_newer_catalogue_version_is_refused_unchanged(tmp_path):
+    root = tmp_path / "c"
+    catalog.init(root)
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute("UPDATE _catalog SET value = '99' WHERE key = 'schema_version'")
+    con.close()
+    before = (root / "catalog.duckdb").read_bytes()
+    with pytest.raises(UserError, match="schema version 99"):
+        catalog.open(root)
+    assert (root / "catalog.duckdb").read_bytes() == before
+
+
+def test_missing_and_foreign_catalogues_are_refused(tmp_path):
+    with pytest.raises(UserError, match="no catalogue"):
+        catalog.open(tmp_path / "nowhere")
+    (tmp_path / "f").mkdir()
+    duckdb.connect(str(tmp_path / "f" / "catalog.duckdb")).close()
+    with pytest.raises(UserError, match="not a circuit catalogue"):
+        catalog.open(tmp_path / "f")

@@ -1,0 +1,112 @@
+"""The CLI as a user meets it: the demo catalogue, queries, and one-line errors."""
+
+import io
+import json
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from compute import grammar
+
+
+def _snapshot(path):
+    return sorted((p.relative_to(path), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+
+
+def test_demo_catalogue_lists_every_task(demo_catalog):
+    r = run_cli("query", "select task_id, count(*) from circuits join nodes using (circuit_id) group by all",
+                "--format", "csv", catalog=demo_catalog)
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(io.StringIO(r.stdout))
+    assert set(df.task_id) == set(grammar.TASKS)
+    assert (df["count_star()"] > 10).all()
+
+
+def test_demo_fills_every_table(demo_catalog):
+    import catalog
+
+    cat = catalog.open(demo_catalog)
+    counts = {t: cat.sql(f"SELECT count(*) AS n FROM {t}").n[0] for t in
+              ("models", "dictionaries", "features", "tasks", "examples", "runs", "circuits", "nodes",
+               "edges", "activations")}
+    assert counts["models"] == 1 and counts["dictionaries"] == 7 and counts["circuits"] == len(grammar.TASKS)
+    assert all(n > 0 for n in counts.values()), counts
+    metrics = json.loads(cat.sql("SELECT metrics FROM dictionaries LIMIT 1").metrics[0])
+    assert {"mse", "fraction_variance_explained", "l0", "dead_fraction"} <= set(metrics)
+    c = cat.sql("SELECT * FROM circuits WHERE task_id = 'sva_simple'").iloc[0]
+    assert c.method == "ig" and c.ig_steps == 10 and c.accuracy >= 0.95 and c.n_examples == 64
+    assert c.node_threshold == 0.1 and c.edge_threshold == 0.01
+    # structured node keys: every feature node names its dictionary and index, errors have none
+    bad = cat.sql("SELECT count(*) AS n FROM nodes WHERE component <> 'metric' AND "
+                  "(dictionary_id IS NULL OR (is_error = (feature_idx IS NOT NULL)))").n[0]
+    assert bad == 0
+
+
+def test_query_formats(demo_catalog):
+    r = run_cli("query", "SELECT task_id FROM tasks ORDER BY 1", "--format", "json", catalog=demo_catalog)
+    assert [row["task_id"] for row in json.loads(r.stdout)] == sorted(grammar.TASKS)
+    r = run_cli("circuits", "--format", "csv", catalog=demo_catalog)
+    assert r.returncode == 0 and len(pd.read_csv(io.StringIO(r.stdout))) == len(grammar.TASKS)
+
+
+def _assert_one_line_error(r, *needles):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.lower().startswith(("zoo model", "dictionaries"))]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+@pytest.mark.parametrize("sql,needle", [
+    ("DELETE FROM nodes", "read-only"),
+    ("CREATE TABLE x (a INT)", "read-only"),
+    ("SELECT * FROM no_such_table", "SQL error"),
+    ("SELEC 1", "SQL error"),
+])
+def test_bad_queries_fail_clearly_and_change_nothing(demo_catalog, sql, needle):
+    before = _snapshot(demo_catalog)
+    _assert_one_line_error(run_cli("query", sql, catalog=demo_catalog), needle)
+    assert _snapshot(demo_catalog) == before
+
+
+def test_missing_catalogue(tmp_path):
+    _assert_one_line_error(run_cli("query", "SELECT 1", catalog=tmp_path / "none"), "no catalogue")
+    assert not (tmp_path / "none").exists()
+
+
+def test_malformed_task_file_names_the_line(demo_catalog, tmp_path):
+    f = tmp_path / "bad.jsonl"
+    good = json.dumps({"clean_prefix": "the cat", "patch_prefix": "the cats",
+                       "clean_answer": " runs", "patch_answer": " run"})
+    f.write_text(good + "\n" + good + "\n{\"clean_prefix\": \"the cat\", oops}\n")
+    before = _snapshot(demo_catalog)
+    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:3")
+    f.write_text(good + "\n" + json.dumps({"clean_prefix": "the cat"}) + "\n")
+    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:2",
+                           "missing field")
+    assert _snapshot(demo_catalog) == before
+
+
+def test_unknown_task(demo_catalog):
+    before = _snapshot(demo_catalog)
+    _assert_one_line_error(run_cli("discover", "--task", "no_such_task", catalog=demo_catalog),
+                           "unknown task", "sva_simple")
+    assert _snapshot(demo_catalog) == before
+
+
+def test_discover_from_a_task_file(tmp_path, dicts):
+    f = tmp_path / "agreement.jsonl"
+    rows = [{"clean_prefix": f"the {s}", "patch_prefix": f"the {p}", "clean_answer": " runs",
+             "patch_answer": " run", "case": "singular"} for s, p in grammar.NOUNS]
+    rows.append({"clean_prefix": "the cat", "patch_prefix": "the cats near", "clean_answer": " runs",
+                 "patch_answer": " run"})
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cat = tmp_path / "cat"
+    r = run_cli("discover", "--task-file", str(f), "--method", "atp", catalog=cat)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("query", "SELECT task_id, method, n_examples, n_dropped FROM circuits", "--format", "json",
+                catalog=cat)
+    assert json.loads(r.stdout) == [{"task_id": "agreement", "method": "atp", "n_examples": len(grammar.NOUNS),
+                                     "n_dropped": 1}]

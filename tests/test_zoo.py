@@ -1,0 +1,56 @@
+"""The zoo model, its grammar and its tasks."""
+
+import json
+
+import pytest
+
+from compute import grammar
+from compute.tasks import encode
+from compute.zoo import accuracy
+
+SVA = ("sva_simple", "sva_across_pp", "sva_across_rc", "sva_within_rc")
+
+
+def test_every_task_is_present_with_both_splits(zoo):
+    assert set(SVA) <= set(zoo.tasks)
+    assert {"pronoun_gender", "ioi"} <= set(zoo.tasks)
+    for task in zoo.tasks.values():
+        assert len(task.split("train")) == zoo.config.task_train
+        assert len(task.split("test")) == zoo.config.task_test
+        train = {json.dumps(e, sort_keys=True) for _, e in task.split("train")}
+        assert not train & {json.dumps(e, sort_keys=True) for _, e in task.split("test")}
+
+
+@pytest.mark.parametrize("name", list(grammar.TASKS))
+def test_model_solves_every_task(zoo, name):
+    assert accuracy(zoo.model, zoo.tasks[name], "test") >= 0.95
+
+
+def test_task_examples_follow_the_grammar(zoo):
+    ex = zoo.tasks["sva_across_rc"].examples[0]
+    clean, patch = ex["clean_prefix"].split(), ex["patch_prefix"].split()
+    assert clean[2:] == patch[2:] and clean[1] != patch[1] and clean[2] == "that"
+    sing = {s for s, _ in grammar.NOUNS}
+    assert (clean[1] in sing) == (ex["clean_answer"].strip() in {s for s, _ in grammar.INTRANSITIVE})
+
+
+def test_encode_groups_by_length_and_reports_drops(zoo):
+    from compute.tasks import Task
+
+    task = Task("mixed", [
+        {"clean_prefix": "the cat", "patch_prefix": "the cats", "clean_answer": " runs", "patch_answer": " run"},
+        {"clean_prefix": "the cat near the dog", "patch_prefix": "the cats near the dog",
+         "clean_answer": " runs", "patch_answer": " run"},
+        {"clean_prefix": "the cat", "patch_prefix": "the cat near", "clean_answer": " runs", "patch_answer": " run"},
+        {"clean_prefix": "the cat", "patch_prefix": "the cats", "clean_answer": " runs fast", "patch_answer": " run"},
+    ])
+    enc = encode(zoo.model, task)
+    assert [b.clean.shape for b in enc.batches] == [(1, 3), (1, 6)]
+    assert enc.dropped == {"clean and patch prompts differ in length": 1, "answer is not a single token": 1}
+
+
+def test_zoo_is_cached(zoo):
+    from compute.zoo import build_zoo
+
+    again = build_zoo(progress=False)
+    assert again.path == zoo.path and again.weights_hash == zoo.weights_hash
