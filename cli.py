@@ -150,8 +150,15 @@ def _zoo_and_dictionaries():
     return zoo, build_dictionaries(zoo)
 
 
-def _print_dictionaries(dicts) -> None:
+def _console():
+    """A rich console that stays wide when piped, so summary tables do not wrap."""
     from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
+def _print_dictionaries(dicts) -> None:
     from rich.table import Table
 
     t = Table(title="dictionaries (held-out tokens)")
@@ -161,11 +168,10 @@ def _print_dictionaries(dicts) -> None:
         m = d.metrics
         t.add_row(name, str(d.sae.d_sae), f"{m['fraction_variance_explained']:.3f}", f"{m['l0']:.1f}",
                   f"{m['dead_fraction']:.1%}")
-    Console().print(t)
+    _console().print(t)
 
 
 def _run_tasks(path: Path, zoo, dicts, tasks, params) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     import catalog
@@ -181,7 +187,7 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params) -> None:
         note = f" ({sum(c.dropped.values())} dropped)" if c.dropped else ""
         t.add_row(task.name, f"{acc:.1%}", f"{c.n_examples}{note}", f"{c.total_effect:.2f}", str(kept),
                   str(len(c.edges)), ", ".join(top_features(c, 3)))
-    Console().print(t)
+    _console().print(t)
 
 
 if __name__ == "__main__":
