@@ -157,7 +157,7 @@ class Catalog:
         if not (staged / MANIFEST).exists():
             raise UserError(f"run {run_id} is incomplete (no manifest): nothing was committed")
         manifest = json.loads((staged / MANIFEST).read_text())
-        for _table, info in manifest["tables"].items():
+        for info in manifest["tables"].values():
             path = staged / info["file"]
             if not path.exists() or pq.read_metadata(path).num_rows != info["rows"]:
                 raise UserError(f"run {run_id}: shard {info['file']} is missing or damaged; nothing was committed")
