@@ -1,4 +1,9 @@
-"""Content-addressed cache for built artefacts (zoo model, task files, dictionaries)."""
+"""Content-addressed cache for built artefacts (zoo model, task files, dictionaries).
+
+Builds run with PyTorch's deterministic algorithms, so the same configuration
+gives bit-identical weights in every process and at any thread count (without
+them, the CPU backward of the embedding lookup accumulates in a varying order).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 def cache_root() -> Path:
@@ -34,11 +42,23 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Run the body with deterministic PyTorch kernels, restoring the previous mode after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     """Return `<cache>/<kind>/<key>`, building it first if absent.
 
-    `build` fills a temporary directory that is renamed into place only when it
-    returns, so an interrupted build never leaves a half-written entry.
+    `build` runs under `deterministic()` and fills a temporary directory that is
+    renamed into place only when it returns, so an interrupted build never leaves
+    a half-written entry.
     """
     final = cache_root() / kind / key
     if final.exists():
@@ -46,7 +66,8 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
-        build(tmp)
+        with deterministic():
+            build(tmp)
         os.replace(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

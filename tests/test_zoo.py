@@ -54,3 +54,24 @@ def test_zoo_is_cached(zoo):
 
     again = build_zoo(progress=False)
     assert again.path == zoo.path and again.weights_hash == zoo.weights_hash
+
+
+def test_training_is_bit_reproducible_at_any_thread_count(tmp_path):
+    """Two trainings of one configuration, at 1 and 2 threads, give identical weights."""
+    import torch
+
+    from compute.cache import deterministic
+    from compute.zoo import ZooConfig, build_tokenizer, train
+
+    cfg = ZooConfig(steps=40, train_sentences=2000, batch_size=32)
+    tok = build_tokenizer(tmp_path / "tok")
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with deterministic():
+                weights.append([p.detach().clone() for p in train(cfg, tok, progress=False).parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
