@@ -84,19 +84,28 @@ def circuits(path: Path, fmt: str):
     import catalog
 
     df = catalog.open(path).sql(
-        "SELECT circuit_id, task_id, method, n_examples, n_nodes, n_edges, "
-        "round(metric_patch - metric_clean, 3) AS total_effect, round(accuracy, 3) AS accuracy, created_at "
-        "FROM circuits ORDER BY created_at, task_id")
+        "SELECT circuit_id, task_id, method, "
+        "(SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' ELSE 'features' END "
+        " FROM nodes n JOIN dictionaries d USING (dictionary_id) WHERE n.circuit_id = c.circuit_id) AS basis, "
+        "n_examples, n_nodes, n_edges, round(metric_patch - metric_clean, 3) AS total_effect, "
+        "round(faithfulness, 3) AS faithfulness, round(completeness, 3) AS completeness, "
+        "round(accuracy, 3) AS accuracy, created_at FROM circuits c ORDER BY created_at, task_id")
     _output(df, fmt)
 
 
 def _discovery_options(f):
     for opt in reversed([
-        click.option("--method", type=click.Choice(["ig", "atp"]), default="ig", show_default=True),
+        click.option("--method", type=click.Choice(["ig", "atp", "exact"]), default="ig", show_default=True,
+                     help="node effects: integrated gradients, attribution patching or exact patching"),
         click.option("--steps", "ig_steps", default=10, show_default=True, help="integrated-gradients steps"),
         click.option("--node-threshold", default=0.1, show_default=True),
         click.option("--edge-threshold", default=0.01, show_default=True),
         click.option("--examples", "n_examples", default=64, show_default=True, help="train examples used"),
+        click.option("--ablation", "ablations", multiple=True, type=click.Choice(["mean", "zero", "resample"]),
+                     help="ablations for the faithfulness sweep (repeatable; default all three)"),
+        click.option("--errors", type=click.Choice(["node", "kept", "ablated", "removed"]), default="node",
+                     show_default=True, help="error terms in the faithfulness sweep"),
+        click.option("--no-eval", is_flag=True, help="skip the faithfulness/completeness sweep"),
     ]):
         f = opt(f)
     return f
@@ -106,11 +115,11 @@ def _discovery_options(f):
 @click.option("--task", "task_names", multiple=True, help="zoo task name (repeatable)")
 @click.option("--task-file", "task_files", multiple=True, type=click.Path(path_type=Path),
               help="JSONL task file in the Sparse Feature Circuits format (repeatable)")
+@click.option("--neurons", is_flag=True, help="use identity dictionaries (neurons as features) instead of SAEs")
 @_discovery_options
 @click.pass_obj
-def discover(path: Path, task_names, task_files, **params):
+def discover(path: Path, task_names, task_files, neurons: bool, **params):
     """Discover circuits on the zoo model for zoo tasks or task files."""
-    from compute.circuit import DiscoveryParams
     from compute.tasks import load_task_file
 
     if not task_names and not task_files:
@@ -121,20 +130,42 @@ def discover(path: Path, task_names, task_files, **params):
         if name not in zoo.tasks:
             raise UserError(f"unknown task {name!r}; zoo tasks: {', '.join(sorted(zoo.tasks))}")
         tasks.append(zoo.tasks[name])
-    _run_tasks(path, zoo, dicts, tasks, DiscoveryParams(**params))
+    if neurons:
+        dicts = _neurons(zoo)
+    _run_tasks(path, zoo, dicts, tasks, _params(params))
+
+
+def _params(options: dict):
+    from compute.circuit import DiscoveryParams
+
+    no_eval = options.pop("no_eval")
+    ablations = () if no_eval else tuple(options.pop("ablations")) or ("mean", "zero", "resample")
+    return DiscoveryParams(**{**options, "ablations": ablations})
+
+
+def _neurons(zoo):
+    from compute.dictionaries import identity_dictionaries
+
+    click.echo("identity dictionaries (neurons as features) ...", err=True)
+    return identity_dictionaries(zoo)
 
 
 @main.command()
 @_discovery_options
+@click.option("--neurons/--no-neurons", default=True, show_default=True,
+              help="also discover each circuit over neurons (identity dictionaries), the baseline")
 @click.pass_obj
-def demo(path: Path, **params):
+def demo(path: Path, neurons: bool, **params):
     """Build the zoo and its dictionaries, discover a circuit for every zoo task, commit."""
-    from compute.circuit import DiscoveryParams
-
     start = time.monotonic()
     zoo, dicts = _zoo_and_dictionaries()
     _print_dictionaries(dicts)
-    _run_tasks(path, zoo, dicts, list(zoo.tasks.values()), DiscoveryParams(**params))
+    params = _params(params)
+    _run_tasks(path, zoo, dicts, list(zoo.tasks.values()), params)
+    if neurons:
+        _run_tasks(path, zoo, _neurons(zoo), list(zoo.tasks.values()), params, basis="neurons")
+        if params.ablations:
+            _print_features_vs_neurons(path)
     click.echo(f"\ndone in {time.monotonic() - start:.0f}s. Try:\n"
                f"  python cli.py --catalog {path} query \"SELECT task_id, count(*) AS nodes "
                f"FROM circuits JOIN nodes USING (circuit_id) WHERE in_circuit GROUP BY ALL\"")
@@ -171,23 +202,78 @@ def _print_dictionaries(dicts) -> None:
     _console().print(t)
 
 
-def _run_tasks(path: Path, zoo, dicts, tasks, params) -> None:
+def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -> None:
     from rich.table import Table
 
     import catalog
     from compute.jobs import discovery_job, top_features
 
     cat = catalog.init(path)
-    t = Table(title=f"circuits ({params.method}, node > {params.node_threshold}, edge > {params.edge_threshold})")
-    for col in ("task", "accuracy", "examples", "total effect", "nodes", "edges", "top features"):
+    t = Table(title=f"circuits over {basis} ({params.method}, node > {params.node_threshold}, "
+                    f"edge > {params.edge_threshold})")
+    for col in ("task", "accuracy", "examples", "total effect", "nodes", "edges", "faithful", "complete",
+                "top nodes"):
         t.add_column(col)
     for task in tasks:
         circuit_id, c, acc = discovery_job(cat, zoo, dicts, task, params)
         kept = sum(n.in_circuit for n in c.nodes)
         note = f" ({sum(c.dropped.values())} dropped)" if c.dropped else ""
+        fc = c.at_threshold(params.ablations[0]) if params.ablations else None
         t.add_row(task.name, f"{acc:.1%}", f"{c.n_examples}{note}", f"{c.total_effect:.2f}", str(kept),
-                  str(len(c.edges)), ", ".join(top_features(c, 3)))
+                  str(len(c.edges)), f"{fc[0]:.2f}" if fc else "-", f"{fc[1]:.2f}" if fc else "-",
+                  ", ".join(top_features(c, 3)))
     _console().print(t)
+
+
+FEATURES_VS_NEURONS = """
+SELECT task_id,
+       min(e.n_nodes) FILTER (WHERE basis = 'sae') AS features,
+       min(e.n_nodes) FILTER (WHERE basis = 'identity') AS neurons
+FROM evaluations e JOIN circuits USING (circuit_id)
+JOIN (SELECT DISTINCT circuit_id, d.kind AS basis
+      FROM nodes JOIN dictionaries d USING (dictionary_id)) USING (circuit_id)
+WHERE kind = 'faithfulness' AND ablation = 'mean' AND errors = 'node' AND value >= 0.8
+GROUP BY task_id ORDER BY task_id
+"""
+
+
+def _print_features_vs_neurons(path: Path) -> None:
+    from rich.table import Table
+
+    import catalog
+
+    df = catalog.open(path).sql(FEATURES_VS_NEURONS)
+    t = Table(title="nodes needed for faithfulness >= 0.8 (mean ablation)")
+    for col in ("task", "features", "neurons"):
+        t.add_column(col, justify="right")
+    for r in df.itertuples():
+        t.add_row(r.task_id, *(str(int(v)) if v == v else "never" for v in (r.features, r.neurons)))
+    _console().print(t)
+
+
+@main.command()
+@click.argument("circuit_ids", nargs=-1)
+@click.option("--task", "task_names", multiple=True, help="every circuit of this task (repeatable)")
+@click.option("--errors", type=click.Choice(["node", "kept", "ablated", "removed"]), default="node",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("faithfulness.png"),
+              show_default=True)
+@click.pass_obj
+def plot(path: Path, circuit_ids, task_names, errors: str, out: Path):
+    """Faithfulness and completeness curves (PNG) for circuits, by id or task (default: all)."""
+    import catalog
+    from catalog.plots import faithfulness_plot
+
+    cat = catalog.open(path)
+    ids = list(circuit_ids)
+    if task_names or not ids:
+        where = "WHERE task_id IN (SELECT unnest(?::VARCHAR[]))" if task_names else ""
+        ids += cat.sql(f"SELECT circuit_id FROM circuits {where}", [list(task_names)] if task_names else None
+                       )["circuit_id"].tolist()
+    unknown = set(circuit_ids) - set(cat.sql("SELECT circuit_id FROM circuits")["circuit_id"])
+    if unknown:
+        raise UserError(f"unknown circuit {sorted(unknown)[0]!r}; see `cli.py circuits`")
+    click.echo(faithfulness_plot(cat, ids, out, errors))
 
 
 if __name__ == "__main__":

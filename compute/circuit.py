@@ -1,10 +1,16 @@
 """Circuit discovery: node effects, thresholds, then edges among the kept nodes.
 
-Effects are summed over positions and averaged over examples (`sum`
+Node effects come from integrated gradients (`ig`), attribution patching
+(`atp`) or exact activation patching (`exact`, one forward per node: the ground
+truth, and the slowest). Effects are summed over positions and averaged over examples (`sum`
 aggregation). A node is in the circuit when |effect| > node_threshold; edges are
 computed for every node kept after aggregation and kept when |weight| >
 edge_threshold. The last resid's kept nodes get an edge to the metric node whose
 weight is their effect.
+
+Every circuit is then evaluated (`compute.faithfulness`): faithfulness and
+completeness over a sweep of node thresholds for each ablation, with random
+node sets of the same sizes as a baseline.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from tqdm.auto import tqdm
 from compute.atp import atp_grads
 from compute.dictionaries import SAE, Submodule
 from compute.edges import ERROR, edge_pairs, edge_weights
+from compute.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
 from compute.ig import ig_grads
+from compute.patching import patch_effects
 from compute.spliced import batch_metric, node_effects, states
 from compute.tasks import Encoded
 
-METHODS = ("ig", "atp")
+METHODS = ("ig", "atp", "exact")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,9 @@ class DiscoveryParams:
     aggregation: str = "sum"
     n_examples: int = 64
     edge_chunk: int = 32
+    ablations: tuple[str, ...] = ABLATIONS  # evaluation; () skips it
+    errors: str = "node"  # error terms in the evaluation: node, kept, ablated or removed
+    random_draws: int = 3
 
 
 @dataclass
@@ -56,16 +67,32 @@ class Circuit:
     metric_patch: float
     dropped: dict[str, int] = field(default_factory=dict)
     clean_features: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+    curves: list[Curve] = field(default_factory=list)
 
     @property
     def total_effect(self) -> float:
         return self.metric_patch - self.metric_clean
+
+    def effects(self) -> dict[tuple[str, int], float]:
+        """(submodule name, feature index or ERROR) -> effect, for every node but the metric."""
+        return {(n.sub.name, ERROR if n.feature is None else n.feature): n.effect
+                for n in self.nodes if n.sub is not None}
+
+    def at_threshold(self, ablation: str = "mean") -> tuple[float, float] | None:
+        """(faithfulness, completeness) at the circuit's own node threshold, if evaluated."""
+        for c in self.curves:
+            if c.ablation == ablation:
+                j = c.thresholds.index(self.params.node_threshold)
+                return c.faithfulness[j], c.completeness[j]
+        return None
 
 
 def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
              params: DiscoveryParams, progress: bool = True) -> Circuit:
     if params.method not in METHODS:
         raise ValueError(f"unknown method {params.method!r}; choose from {', '.join(METHODS)}")
+    if params.errors not in ERROR_MODES:
+        raise ValueError(f"unknown error mode {params.errors!r}; choose from {', '.join(ERROR_MODES)}")
     if params.aggregation != "sum":
         raise ValueError("only aggregation 'sum' is implemented")
     n = data.n_examples
@@ -84,12 +111,18 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
             m_patch += batch_metric(model(batch.patch), batch).sum().item()
         if params.method == "ig":
             grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps)
-        else:
+        else:  # exact patching measures nodes directly; its edges use the AtP gradients
             grads = atp_grads(model, subs, dicts, batch, clean, patch)
         for s in subs:
-            fe, ee = node_effects(dicts[s.name], clean[s.name], patch[s.name], grads[s.name])
-            feat_eff[s.name] += fe.sum((0, 1))
-            err_eff[s.name] += ee.sum()
+            if params.method == "exact":
+                moved = (patch[s.name].f != clean[s.name].f).any(1).any(0).nonzero().flatten().tolist()
+                eff = patch_effects(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], moved + [None])
+                feat_eff[s.name][moved] += eff[:-1]
+                err_eff[s.name] += eff[-1]
+            else:
+                fe, ee = node_effects(dicts[s.name], clean[s.name], patch[s.name], grads[s.name])
+                feat_eff[s.name] += fe.sum((0, 1))
+                err_eff[s.name] += ee.sum()
             clean_features.append((batch.example_idx, s.name, clean[s.name].f))
         per_batch.append((batch, clean, patch, grads))
 
@@ -109,7 +142,13 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
     last = subs[-1].name
     for i in kept[last]:
         edges.append((index[(last, i)], metric_idx, nodes[index[(last, i)]].effect))
-    return Circuit(params, nodes, edges, n, m_clean / n, m_patch / n, dict(data.dropped), clean_features)
+    circuit = Circuit(params, nodes, edges, n, m_clean / n, m_patch / n, dict(data.dropped), clean_features)
+    if params.ablations:
+        effects = circuit.effects()
+        circuit.curves = curves(model, subs, dicts, data, effects,
+                                sweep_thresholds(effects, params.node_threshold), params.ablations,
+                                params.errors, params.random_draws, progress)
+    return circuit
 
 
 def _add(nodes, index, kept, s: Submodule, i: int, effect: float, threshold: float) -> None:

@@ -74,6 +74,27 @@ class SAE(torch.nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
+class IdentityDictionary(SAE):
+    """Neurons as features: encode and decode are the identity (signed values, no ReLU).
+
+    The baseline that shows what a learned dictionary buys: a circuit over the
+    hook's own basis, with an error term that is always zero.
+    """
+
+    architecture = "identity"
+
+    def __init__(self, d_in: int, hook_name: str = "", model_name: str = ""):
+        super().__init__(d_in, d_in, hook_name, model_name)
+        with torch.no_grad():
+            self.W_enc.copy_(torch.eye(d_in))
+            self.W_dec.copy_(torch.eye(d_in))
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+
 # ---- SAELens on-disk format ---------------------------------------------------------------
 
 def save_dictionary(sae: SAE, path: Path, extra: dict | None = None) -> None:
@@ -90,16 +111,17 @@ def save_dictionary(sae: SAE, path: Path, extra: dict | None = None) -> None:
 
 
 def load_dictionary(path: Path) -> SAE:
-    """Load a standard SAE saved in the SAELens format."""
+    """Load a standard SAE saved in the SAELens format (or an identity dictionary, same layout)."""
     cfg_file = path / "cfg.json"
     if not cfg_file.is_file():
         raise UserError(f"no dictionary at {path} (cfg.json missing)")
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("architecture", "standard") != "standard":
-        raise UserError(f"{path}: architecture {cfg['architecture']!r} is not supported yet")
+    arch = cfg.get("architecture", "standard")
+    if arch not in ("standard", "identity"):
+        raise UserError(f"{path}: architecture {arch!r} is not supported yet")
     meta = cfg.get("metadata", {})
-    sae = SAE(cfg["d_in"], cfg["d_sae"], meta.get("hook_name", cfg.get("hook_name", "")),
-              meta.get("model_name", cfg.get("model_name", "")))
+    names = (meta.get("hook_name", cfg.get("hook_name", "")), meta.get("model_name", cfg.get("model_name", "")))
+    sae = IdentityDictionary(cfg["d_in"], *names) if arch == "identity" else SAE(cfg["d_in"], cfg["d_sae"], *names)
     sae.load_state_dict(load_file(str(path / "sae_weights.safetensors")))
     for p in sae.parameters():
         p.requires_grad_(False)
@@ -203,11 +225,12 @@ def evaluate(sae: SAE, acts: torch.Tensor) -> dict:
     x_hat = sae.decode(f)
     mse = (acts - x_hat).pow(2).sum(-1).mean().item()
     var = (acts - acts.mean(0)).pow(2).sum(-1).mean().item()
-    density = (f > 0).float().mean(0)
+    fires = (f != 0).float()  # f > 0 for ReLU dictionaries; signed for the identity
+    density = fires.mean(0)
     return {
         "mse": mse,
         "fraction_variance_explained": 1 - mse / var,
-        "l0": (f > 0).float().sum(-1).mean().item(),
+        "l0": fires.sum(-1).mean().item(),
         "dead_fraction": (density == 0).float().mean().item(),
         "dense_fraction": (density > 0.5).float().mean().item(),
         "n_tokens": len(acts),
@@ -238,7 +261,9 @@ class TrainedDictionary:
 
     @property
     def dictionary_id(self) -> str:
-        return f"sae-{file_hash(self.path / 'sae_weights.safetensors')[:12]}"
+        """sae-<hash> or identity-<hash> of the weights and the config (which names the hook)."""
+        digest = config_hash([file_hash(self.path / "sae_weights.safetensors"), file_hash(self.path / "cfg.json")])
+        return f"{'identity' if self.sae.architecture == 'identity' else 'sae'}-{digest}"
 
 
 def build_dictionaries(zoo, cfg: SAEConfig | None = None, progress: bool = True) -> dict[str, TrainedDictionary]:
@@ -262,7 +287,27 @@ def build_dictionaries(zoo, cfg: SAEConfig | None = None, progress: bool = True)
             save_dictionary(sae, out / sub.name, {"component": sub.component, "layer": sub.layer})
             (out / sub.name / "metrics.json").write_text(json.dumps(metrics))
 
-    path = cached_dir("dictionaries", key, build)
+    return _load_all(model, subs, cached_dir("dictionaries", key, build))
+
+
+def identity_dictionaries(zoo, progress: bool = True) -> dict[str, TrainedDictionary]:
+    """Identity dictionaries (neurons as features) for every submodule, with their metrics."""
+    from compute import grammar
+
+    model = zoo.model
+    subs = submodules(model)
+
+    def build(out: Path) -> None:
+        acts = collect_activations(model, [s.hook_name for s in subs], grammar.corpus(2000, seed=1))
+        for sub in tqdm(subs, desc="identity dictionaries", disable=not progress, unit="hook"):
+            d = IdentityDictionary(model.cfg.d_model, sub.hook_name, zoo.model_id)
+            save_dictionary(d, out / sub.name, {"component": sub.component, "layer": sub.layer})
+            (out / sub.name / "metrics.json").write_text(json.dumps(evaluate(d, acts[sub.hook_name])))
+
+    return _load_all(model, subs, cached_dir("identity", zoo.path.name, build))
+
+
+def _load_all(model, subs: list[Submodule], path: Path) -> dict[str, TrainedDictionary]:
     result = {}
     for sub in subs:
         sae = load_dictionary(path / sub.name)

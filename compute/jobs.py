@@ -87,7 +87,7 @@ def _write_context(cat: Catalog, w, zoo: Zoo, dicts: dict[str, TrainedDictionary
     keep = ("mse", "fraction_variance_explained", "l0", "dead_fraction", "dense_fraction", "n_tokens")
     w.write("dictionaries", [{
         "dictionary_id": d.dictionary_id, "model_id": zoo.model_id, "hook_name": d.sub.hook_name,
-        "component": d.sub.component, "layer": d.sub.layer, "kind": "sae", "architecture": d.sae.architecture,
+        "component": d.sub.component, "layer": d.sub.layer, "kind": "identity" if d.sae.architecture == "identity" else "sae", "architecture": d.sae.architecture,
         "d_in": d.sae.d_in, "d_sae": d.sae.d_sae, "path": str(d.path),
         "metrics": {k: d.metrics[k] for k in keep}} for d in dicts.values()])
     for d in dicts.values():
@@ -115,7 +115,7 @@ def _write_activations(cat: Catalog, w, task: Task, dicts: dict[str, TrainedDict
         d = dicts[sub_name]
         if d.dictionary_id in have:
             continue
-        b, t, i = (f > 0).nonzero(as_tuple=True)
+        b, t, i = (f != 0).nonzero(as_tuple=True)
         table.write([{"task_id": task.name, "example_idx": int(example_idx[bb]), "dictionary_id": d.dictionary_id,
                       "feature_idx": int(ii), "position": int(tt), "value": float(v)}
                      for bb, tt, ii, v in zip(b.tolist(), t.tolist(), i.tolist(), f[b, t, i].tolist(), strict=True)])
@@ -124,6 +124,7 @@ def _write_activations(cat: Catalog, w, task: Task, dicts: dict[str, TrainedDict
 def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c: Circuit, acc: float,
                    dicts: dict[str, TrainedDictionary]) -> None:
     p = c.params
+    chosen = c.at_threshold(p.ablations[0]) if c.curves else (None, None)
     n_layers = max(n.sub.layer for n in c.nodes if n.sub is not None) + 1
     rows = []
     for idx, n in enumerate(c.nodes):
@@ -145,7 +146,14 @@ def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c
         "metric": "logit_diff", "node_threshold": p.node_threshold, "edge_threshold": p.edge_threshold,
         "n_examples": c.n_examples, "n_dropped": sum(c.dropped.values()), "metric_clean": c.metric_clean,
         "metric_patch": c.metric_patch, "accuracy": acc, "n_nodes": sum(n.in_circuit for n in c.nodes),
-        "n_edges": len(c.edges), "faithfulness": None, "completeness": None, "created_at": _now()}])
+        "n_edges": len(c.edges), "faithfulness": chosen[0], "completeness": chosen[1], "created_at": _now()}])
+    w.write("evaluations", [
+        {"circuit_id": circuit_id, "kind": kind, "ablation": cv.ablation, "errors": cv.errors,
+         "threshold": t, "n_nodes": n, "value": v}
+        for cv in c.curves
+        for kind, values in (("faithfulness", cv.faithfulness), ("completeness", cv.completeness),
+                             ("faithfulness_random", cv.random))
+        for t, n, v in zip(cv.thresholds, cv.n_nodes, values, strict=True)])
 
 
 @torch.no_grad()

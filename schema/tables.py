@@ -36,7 +36,7 @@ models = Table(
 
 dictionaries = Table(
     "dictionaries", metadata,
-    Column("dictionary_id", String, primary_key=True, comment="sae-<weights hash>"),
+    Column("dictionary_id", String, primary_key=True, comment="sae-<hash> or identity-<hash> of the weights and config"),
     Column("model_id", String, comment='model whose activations it reads'),
     Column("hook_name", String, comment="TransformerLens hook the dictionary reads"),
     Column("component", String, comment="embed, attn, mlp or resid"),
@@ -154,10 +154,13 @@ activations = Table(
 evaluations = Table(
     "evaluations", metadata,
     Column("circuit_id", String, primary_key=True, comment='circuit evaluated'),
-    Column("kind", String, primary_key=True, comment="faithfulness, completeness, ..."),
+    Column("kind", String, primary_key=True,
+           comment="faithfulness, completeness, or faithfulness_random (random node sets of the same size)"),
     Column("ablation", String, primary_key=True, comment="mean, zero or resample"),
-    Column("n_nodes", Integer, primary_key=True, comment='nodes kept at this point'),
-    Column("threshold", Double, comment='node threshold of this point'),
+    Column("errors", String, primary_key=True,
+           comment="error terms: node (kept by threshold), kept, ablated or removed"),
+    Column("threshold", Double, primary_key=True, comment='node threshold of this point'),
+    Column("n_nodes", Integer, comment='nodes kept at this point (features and error terms)'),
     Column("value", Double, comment='the measured value'),
 )
 

@@ -14,7 +14,7 @@ from compute.tasks import encode
 
 def _exact_and_estimates(zoo, subs, saes, task, method):
     data = encode(zoo.model, zoo.tasks[task], "train", 64)
-    circuit = discover(zoo.model, subs, saes, data, DiscoveryParams(method=method), progress=False)
+    circuit = discover(zoo.model, subs, saes, data, DiscoveryParams(method=method, ablations=()), progress=False)
     est = {(n.sub.name, n.feature): n.effect for n in circuit.nodes if n.sub is not None}
     exact = dict.fromkeys(est, 0.0)
     for b in data.batches:
@@ -29,6 +29,7 @@ def _exact_and_estimates(zoo, subs, saes, task, method):
 
 # IG must track exact patching (r >= 0.9). AtP is a first-order estimate that misjudges
 # saturating attention features (Kramar et al. 2024); its floor is a sanity check.
+@pytest.mark.parametrize("method,floor", [("ig", 0.9), ("atp", 0.5)])
 def test_node_effects_match_exact_patching(zoo, subs, saes, method, floor):
     keys, est, exact = _exact_and_estimates(zoo, subs, saes, "sva_simple", method)
     assert len(keys) > 100
@@ -37,6 +38,19 @@ def test_node_effects_match_exact_patching(zoo, subs, saes, method, floor):
                  for s in subs}
     print(f"{method}: pooled r={r:.3f}", {k: round(v, 3) for k, v in per_layer.items()})
     assert r >= floor
+
+
+def test_exact_method_is_exact_patching(zoo, subs, saes):
+    """discover(method='exact') measures every node with a nonzero delta, error terms included."""
+    keys, _, exact = _exact_and_estimates(zoo, subs, saes, "sva_simple", "ig")
+    data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 64)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(method="exact", ablations=()), progress=False)
+    got = c.effects()
+    want = {(s, ERROR if i is None else i): v for (s, i), v in zip(keys, exact, strict=True)}
+    shared = [k for k in want if k in got]
+    assert len(shared) > 0.9 * len(want)
+    assert np.allclose([got[k] for k in shared], [want[k] for k in shared], rtol=1e-4, atol=1e-5)
+    assert all(abs(want[k]) < 1e-5 for k in set(want) - set(got))
 
 
 def test_splicing_is_exact(zoo, subs, saes):
@@ -108,7 +122,7 @@ def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes):
 
 def test_circuit_keeps_edges_only_between_kept_nodes(zoo, subs, saes):
     data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 32)
-    c = discover(zoo.model, subs, saes, data, DiscoveryParams(), progress=False)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(ablations=()), progress=False)
     kept = {i for i, n in enumerate(c.nodes) if n.in_circuit}
     assert c.edges and all(s in kept and d in kept for s, d, _ in c.edges)
     assert all(abs(w) > c.params.edge_threshold for *_, w in c.edges)

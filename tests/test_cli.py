@@ -30,11 +30,12 @@ def test_demo_fills_every_table(demo_catalog):
     counts = {t: cat.sql(f"SELECT count(*) AS n FROM {t}").n[0] for t in
               ("models", "dictionaries", "features", "tasks", "examples", "runs", "circuits", "nodes",
                "edges", "activations")}
-    assert counts["models"] == 1 and counts["dictionaries"] == 7 and counts["circuits"] == len(grammar.TASKS)
+    # features and neurons (identity dictionaries) for every task
+    assert counts["models"] == 1 and counts["dictionaries"] == 14 and counts["circuits"] == 2 * len(grammar.TASKS)
     assert all(n > 0 for n in counts.values()), counts
     metrics = json.loads(cat.sql("SELECT metrics FROM dictionaries LIMIT 1").metrics[0])
     assert {"mse", "fraction_variance_explained", "l0", "dead_fraction"} <= set(metrics)
-    c = cat.sql("SELECT * FROM circuits WHERE task_id = 'sva_simple'").iloc[0]
+    c = cat.sql("SELECT * FROM circuits WHERE task_id = 'sva_simple' ORDER BY created_at").iloc[0]
     assert c.method == "ig" and c.ig_steps == 10 and c.accuracy >= 0.95 and c.n_examples == 64
     assert c.node_threshold == 0.1 and c.edge_threshold == 0.01
     # structured node keys: every feature node names its dictionary and index, errors have none
@@ -47,7 +48,9 @@ def test_query_formats(demo_catalog):
     r = run_cli("query", "SELECT task_id FROM tasks ORDER BY 1", "--format", "json", catalog=demo_catalog)
     assert [row["task_id"] for row in json.loads(r.stdout)] == sorted(grammar.TASKS)
     r = run_cli("circuits", "--format", "csv", catalog=demo_catalog)
-    assert r.returncode == 0 and len(pd.read_csv(io.StringIO(r.stdout))) == len(grammar.TASKS)
+    listing = pd.read_csv(io.StringIO(r.stdout))
+    assert r.returncode == 0 and len(listing) == 2 * len(grammar.TASKS)
+    assert sorted(listing.basis.unique()) == ["features", "neurons"] and listing.faithfulness.notna().all()
 
 
 def _assert_one_line_error(r, *needles):
@@ -110,3 +113,27 @@ def test_discover_from_a_task_file(tmp_path, dicts):
                 catalog=cat)
     assert json.loads(r.stdout) == [{"task_id": "agreement", "method": "atp", "n_examples": len(grammar.NOUNS),
                                      "n_dropped": 1}]
+
+
+def test_demo_evaluates_every_circuit_and_features_beat_neurons(demo_catalog):
+    import catalog
+    from cli import FEATURES_VS_NEURONS
+
+    cat = catalog.open(demo_catalog)
+    c = cat.sql("SELECT faithfulness, completeness FROM circuits")
+    assert c.faithfulness.between(0.8, 1.2).all() and c.completeness.abs().lt(0.2).all()
+    points = cat.sql("SELECT circuit_id, ablation, count(*) AS n FROM evaluations "
+                     "WHERE kind = 'faithfulness' GROUP BY ALL")
+    assert len(points) == 3 * 2 * len(grammar.TASKS) and (points.n >= 5).all()
+    table = cat.sql(FEATURES_VS_NEURONS)
+    assert set(table.task_id) == set(grammar.TASKS)
+    assert (table.features < table.neurons).all(), table
+
+
+def test_plot_writes_the_curves(demo_catalog, tmp_path):
+    out = tmp_path / "curves.png"
+    r = run_cli("plot", "--task", "sva_simple", "--out", str(out), catalog=demo_catalog)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    r = run_cli("plot", "circuit-nope", "--out", str(out), catalog=demo_catalog)
+    assert r.returncode == 1 and "unknown circuit" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,130 @@
+"""Attribution cost on the zoo, side by side in one run.
+
+    python bench/attribution.py [--examples 32] [--repeat 5]
+
+Node effects by AtP and IG against the floor of one forward+backward pass of the
+spliced model on the same batch; batched edges (one backward per chunk of
+downstream nodes) against one backward per downstream node, with the largest
+relative difference between the two; and the peak memory of each, measured in
+a forked child process (peak RSS above the parent's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from compute.atp import atp_grads  # noqa: E402
+from compute.dictionaries import build_dictionaries, submodules  # noqa: E402
+from compute.edges import ERROR, EdgePair, edge_weights  # noqa: E402
+from compute.ig import ig_grads  # noqa: E402
+from compute.spliced import node_effects, output_grads, states  # noqa: E402
+from compute.tasks import encode  # noqa: E402
+from compute.zoo import build_zoo  # noqa: E402
+
+STEPS = 10
+
+
+def setup(n_examples: int):
+    zoo = build_zoo(progress=False)
+    saes = {k: d.sae for k, d in build_dictionaries(zoo, progress=False).items()}
+    subs = submodules(zoo.model)
+    batch = max(encode(zoo.model, zoo.tasks["sva_across_pp"], "train", n_examples).batches, key=len)
+    clean = states(zoo.model, subs, saes, batch.clean)
+    patch = states(zoo.model, subs, saes, batch.patch)
+    return zoo.model, subs, saes, batch, clean, patch
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peak_child(fn, q) -> None:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def peak_mb(fn) -> float:
+    """Peak resident memory added by `fn`, in MiB, from a forked child."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_peak_child, args=(fn, q))
+    p.start()
+    p.join()
+    return q.get() if p.exitcode == 0 else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    model, subs, saes, batch, clean, patch = setup(args.examples)
+
+    def floor():
+        output_grads(model, subs, batch)
+
+    def atp():
+        g = atp_grads(model, subs, saes, batch, clean, patch)
+        return [node_effects(saes[s.name], clean[s.name], patch[s.name], g[s.name]) for s in subs]
+
+    def ig():
+        g = ig_grads(model, subs, saes, batch, clean, patch, STEPS)
+        return [node_effects(saes[s.name], clean[s.name], patch[s.name], g[s.name]) for s in subs]
+
+    by = {s.name: s for s in subs}
+    pair = EdgePair(by["resid_0"], by["mlp_1"], (by["attn_1"],))
+    grads = atp_grads(model, subs, saes, batch, clean, patch)
+    up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
+    down = torch.tensor(clean["mlp_1"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
+
+    def edges(chunk: int):
+        return torch.cat([w for _, w in edge_weights(model, pair, saes, batch, clean["resid_0"], patch["resid_0"],
+                                                     grads["mlp_1"], up, down, chunk)])
+
+    t_floor = timed(floor, args.repeat)
+    t_atp = timed(atp, args.repeat)
+    t_ig = timed(ig, args.repeat)
+    t_batched = timed(lambda: edges(64), args.repeat)
+    t_single = timed(lambda: edges(1), max(1, args.repeat // 2))
+    batched, single = edges(64), edges(1)
+    rel = ((batched - single).abs().max() / single.abs().max()).item()
+
+    print(f"zoo model, {len(batch)} examples of length {batch.clean.shape[1]}, {len(subs)} submodules, "
+          f"{sum(s.d_sae for s in saes.values())} features; median of {args.repeat}")
+    rows = [
+        ("forward+backward (floor)", t_floor, 1.0, "", peak_mb(floor)),
+        ("AtP node effects", t_atp, t_atp / t_floor, "<= 1.5x floor", peak_mb(atp)),
+        (f"IG node effects ({STEPS} steps)", t_ig, t_ig / t_floor, f"<= {1.5 * STEPS:g}x floor", peak_mb(ig)),
+        (f"edges resid_0->mlp_1, batched ({len(down)} down x {len(up)} up)", t_batched, t_batched / t_floor, "",
+         peak_mb(lambda: edges(64))),
+        ("edges, one backward per down node", t_single, t_single / t_floor, "", peak_mb(lambda: edges(1))),
+    ]
+    print(f"{'':58s} {'seconds':>9s} {'x floor':>8s} {'goal':>14s} {'peak MiB':>9s}")
+    for name, t, ratio, goal, mem in rows:
+        print(f"{name:58s} {t:9.4f} {ratio:8.2f} {goal:>14s} {mem:9.1f}")
+    print(f"batched edges are {t_single / t_batched:.1f}x faster than one backward per node (goal >= 10x); "
+          f"max relative difference {rel:.2e} (must be <= 1e-5)")
+    if rel > 1e-5:
+        sys.exit("batched and single-node edge weights differ")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Pictures from the catalogue: faithfulness and completeness curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from catalog.errors import UserError
+from catalog.store import Catalog
+
+CURVES_SQL = """
+SELECT e.*, c.task_id, c.method, c.node_threshold,
+       (SELECT any_value(d.kind) FROM nodes n JOIN dictionaries d USING (dictionary_id)
+        WHERE n.circuit_id = c.circuit_id) AS basis
+FROM evaluations e JOIN circuits c USING (circuit_id)
+WHERE c.circuit_id IN (SELECT unnest(?::VARCHAR[])) AND e.errors = ?
+ORDER BY c.task_id, e.circuit_id, e.n_nodes
+"""
+
+
+def faithfulness_plot(cat: Catalog, circuit_ids: list[str], out: Path, errors: str = "node") -> Path:
+    """One panel per ablation: faithfulness (solid), completeness (dashed) and random node
+    sets of the same size (dotted) against the number of nodes, per circuit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = cat.sql(CURVES_SQL, [circuit_ids, errors])
+    if df.empty:
+        raise UserError("no evaluations for those circuits (discover them with evaluation on)")
+    ablations = sorted(df["ablation"].unique(), key=["mean", "zero", "resample"].index)
+    fig, axes = plt.subplots(1, len(ablations), figsize=(5.2 * len(ablations), 4.2), squeeze=False, sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = {}
+    for ax, ablation in zip(axes[0], ablations, strict=True):
+        part = df[df["ablation"] == ablation]
+        for i, (cid, g) in enumerate(part.groupby("circuit_id", sort=False)):
+            row = g.iloc[0]
+            label = f"{row.task_id} · {'neurons' if row.basis == 'identity' else 'features'} · {row.method}"
+            labels[cid] = label
+            color = colors[i % len(colors)]
+            for kind, style in (("faithfulness", "-"), ("completeness", "--"), ("faithfulness_random", ":")):
+                k = g[g["kind"] == kind].sort_values("n_nodes")
+                ax.plot(k["n_nodes"].clip(lower=0.5), k["value"], style, color=color, marker="." if style == "-" else None,
+                        label=label if kind == "faithfulness" else None)
+        ax.set_xscale("log")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_title(f"{ablation} ablation")
+        ax.set_xlabel("nodes kept (0 drawn at 0.5)")
+    axes[0][0].set_ylabel("faithfulness (—), completeness (--), random (···)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

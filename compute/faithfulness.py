@@ -1,0 +1,195 @@
+"""Faithfulness and completeness of a circuit, as in Sparse Feature Circuits.
+
+The model runs on the clean prompts with every dictionary spliced in. At each
+submodule, in forward order, the features and error term are recomputed from
+the (already modified) input; nodes outside the kept set are replaced by their
+ablated value. With F the mean metric,
+
+    faithfulness(C) = (F(C) - F(empty)) / (F(model) - F(empty))
+
+and completeness is the same number for the complement of C (a complete circuit
+leaves nothing for the complement: completeness near 0). F(model) is the plain
+model without hooks, so the faithfulness of the set of every node checks that
+splicing is exact.
+
+Ablations: `mean` (each node's mean over the batch's examples, per position),
+`zero`, `resample` (the value from another example of the same length).
+Error terms are nodes chosen by threshold like features (`node`), or always
+kept (`kept`), always ablated (`ablated`), or set to zero (`removed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from compute.dictionaries import SAE, Submodule
+from compute.edges import ERROR
+from compute.spliced import State, batch_metric, states
+from compute.tasks import Encoded
+
+ABLATIONS = ("mean", "zero", "resample")
+ERROR_MODES = ("node", "kept", "ablated", "removed")
+
+
+@dataclass(frozen=True)
+class NodeSet:
+    """Kept nodes: a feature mask per submodule, and whether its error term is kept."""
+
+    features: dict[str, torch.Tensor]  # bool [d_sae]
+    errors: dict[str, bool]
+
+    def complement(self) -> NodeSet:
+        return NodeSet({k: ~v for k, v in self.features.items()}, {k: not v for k, v in self.errors.items()})
+
+    @property
+    def size(self) -> int:
+        return sum(int(v.sum()) for v in self.features.values()) + sum(self.errors.values())
+
+
+def node_set(subs: list[Submodule], dicts: dict[str, SAE], nodes: list[tuple[str, int]]) -> NodeSet:
+    """A NodeSet from (submodule name, feature index or ERROR) pairs."""
+    feats = {s.name: torch.zeros(dicts[s.name].d_sae, dtype=torch.bool) for s in subs}
+    errs = dict.fromkeys(feats, False)
+    for name, i in nodes:
+        if i == ERROR:
+            errs[name] = True
+        else:
+            feats[name][i] = True
+    return NodeSet(feats, errs)
+
+
+def everything(subs: list[Submodule], dicts: dict[str, SAE]) -> NodeSet:
+    return node_set(subs, dicts, []).complement()
+
+
+def ablated_states(clean: dict[str, State], ablation: str) -> dict[str, State]:
+    """The value each node takes when it is ablated, per submodule."""
+    out = {}
+    for name, s in clean.items():
+        if ablation == "mean":
+            out[name] = State(*(t.mean(0, keepdim=True).expand_as(t) for t in (s.x, s.f, s.err)))
+        elif ablation == "zero":
+            out[name] = State(*(torch.zeros_like(t) for t in (s.x, s.f, s.err)))
+        elif ablation == "resample":
+            out[name] = State(*(t.roll(1, 0) for t in (s.x, s.f, s.err)))
+        else:
+            raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
+    return out
+
+
+@torch.no_grad()
+def ablated_metric(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor, batch,
+                   keep: NodeSet, ablated: dict[str, State], errors: str = "node") -> torch.Tensor:
+    """Metric per example with the nodes outside `keep` ablated."""
+    if errors not in ERROR_MODES:
+        raise ValueError(f"unknown error mode {errors!r}; choose from {', '.join(ERROR_MODES)}")
+
+    def splice(x, hook, s: Submodule):
+        sae, abl = dicts[s.name], ablated[s.name]
+        f = sae.encode(x)
+        err = x - sae.decode(f)
+        f = torch.where(keep.features[s.name], f, abl.f)
+        if errors == "removed":
+            err = torch.zeros_like(err)
+        elif errors == "ablated" or (errors == "node" and not keep.errors[s.name]):
+            err = abl.err
+        return sae.decode(f) + err
+
+    hooks = [(s.hook_name, partial(splice, s=s)) for s in subs]
+    return batch_metric(model.run_with_hooks(tokens, fwd_hooks=hooks), batch)
+
+
+@dataclass
+class Curve:
+    """Faithfulness and completeness at each node threshold, for one ablation and error mode."""
+
+    ablation: str
+    errors: str
+    thresholds: list[float]
+    n_nodes: list[int]
+    faithfulness: list[float]
+    completeness: list[float]
+    random: list[float]  # faithfulness of random node sets of the same sizes (mean of draws)
+    f_model: float
+    f_empty: float
+
+
+def threshold_sets(subs, dicts, effects: dict[tuple[str, int], float],
+                   thresholds: list[float]) -> list[NodeSet]:
+    """The node set kept at each threshold (|effect| > threshold)."""
+    return [node_set(subs, dicts, [k for k, e in effects.items() if abs(e) > t]) for t in thresholds]
+
+
+def random_sets(subs, dicts, effects: dict[tuple[str, int], float], sizes: list[int], draws: int,
+                seed: int = 0) -> list[list[NodeSet]]:
+    """`draws` random node sets of each size, drawn from the nodes with a nonzero effect."""
+    rng = np.random.default_rng(seed)
+    pool = list(effects)
+    return [[node_set(subs, dicts, [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)])
+             for _ in range(draws)] for n in sizes]
+
+
+def sweep_thresholds(effects: dict[tuple[str, int], float], chosen: float) -> list[float]:
+    """Thresholds that keep 0, 1, 2, 4, ... and all nodes, plus the chosen one (descending)."""
+    mags = sorted((abs(e) for e in effects.values()), reverse=True)
+    points = {chosen, 0.0}
+    if mags:
+        points.add(mags[0])
+    k = 1
+    while k < len(mags):
+        points.add((mags[k - 1] + mags[k]) / 2)
+        k *= 2
+    return sorted(points, reverse=True)
+
+
+@torch.no_grad()
+def curves(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
+           effects: dict[tuple[str, int], float], thresholds: list[float],
+           ablations: tuple[str, ...] = ABLATIONS, errors: str = "node",
+           random_draws: int = 3, progress: bool = False) -> list[Curve]:
+    """Faithfulness/completeness curves over `thresholds` for each ablation.
+
+    `effects` maps (submodule name, feature index or ERROR) to the node's effect.
+    """
+    sets = threshold_sets(subs, dicts, effects, thresholds)
+    sizes = [s.size for s in sets]
+    rand = random_sets(subs, dicts, effects, sizes, random_draws)
+    empty = node_set(subs, dicts, [])
+    out = []
+    for ablation in tqdm(ablations, desc="faithfulness", disable=not progress, leave=False):
+        tot = {"model": 0.0, "empty": 0.0}
+        faith = np.zeros(len(sets))
+        comp = np.zeros(len(sets))
+        rnd = np.zeros(len(sets))
+        for b in data.batches:
+            abl = ablated_states(states(model, subs, dicts, b.clean), ablation)
+
+            def f(keep: NodeSet, b=b, abl=abl) -> float:
+                return ablated_metric(model, subs, dicts, b.clean, b, keep, abl, errors).sum().item()
+
+            tot["model"] += batch_metric(model(b.clean), b).sum().item()
+            tot["empty"] += f(empty)
+            for j, s in enumerate(sets):
+                faith[j] += f(s)
+                comp[j] += f(s.complement())
+                rnd[j] += np.mean([f(r) for r in rand[j]])
+        n = data.n_examples
+        fm, fe = tot["model"] / n, tot["empty"] / n
+        scale = fm - fe
+
+        def norm(v: np.ndarray, n=n, fe=fe, scale=scale) -> list[float]:
+            return ((v / n - fe) / scale).tolist() if scale != 0 else [float("nan")] * len(v)
+
+        out.append(Curve(ablation, errors, list(thresholds), sizes, norm(faith), norm(comp), norm(rnd), fm, fe))
+    return out
+
+
+def nodes_for(curve: Curve, level: float = 0.8) -> int | None:
+    """Fewest nodes at which faithfulness reaches `level` on this curve (None if never)."""
+    hits = [n for n, v in zip(curve.n_nodes, curve.faithfulness, strict=True) if v >= level]
+    return min(hits) if hits else None

@@ -1,0 +1,97 @@
+"""Faithfulness and completeness against their definitions and independent forward passes."""
+
+import pytest
+import torch
+
+from compute.circuit import DiscoveryParams, discover
+from compute.edges import ERROR
+from compute.faithfulness import (
+    ablated_metric,
+    ablated_states,
+    curves,
+    everything,
+    node_set,
+    nodes_for,
+    sweep_thresholds,
+)
+from compute.spliced import batch_metric, states
+from compute.tasks import encode
+
+
+@pytest.fixture(scope="module")
+def evaluated(zoo, subs, saes):
+    data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 32)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(n_examples=32, random_draws=2), progress=False)
+    return data, c
+
+
+def test_full_model_is_one_and_empty_circuit_is_zero(zoo, subs, saes, evaluated):
+    data, c = evaluated
+    effects = c.effects()
+    top = max(abs(e) for e in effects.values())
+    for ablation in ("mean", "zero", "resample"):
+        (cv,) = curves(zoo.model, subs, saes, data, effects, [top, 0.0], (ablation,), random_draws=1)
+        assert cv.n_nodes == [0, len(effects)]
+        assert cv.faithfulness[0] == pytest.approx(0.0, abs=1e-6)
+        assert cv.completeness[0] == pytest.approx(1.0, abs=1e-6)
+        # every node: the spliced model reproduces the plain model
+        total = 0.0
+        for b in data.batches:
+            abl = ablated_states(states(zoo.model, subs, saes, b.clean), ablation)
+            total += ablated_metric(zoo.model, subs, saes, b.clean, b, everything(subs, saes), abl).sum().item()
+        faith_all = (total / data.n_examples - cv.f_empty) / (cv.f_model - cv.f_empty)
+        assert faith_all == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mean_ablating_everything_is_the_mean_activation(zoo, subs, saes, evaluated):
+    """With no node kept, each submodule outputs decode(mean f) + mean err = mean x, so the
+    metric is the model's with the last residual stream replaced by its batch mean."""
+    data, _ = evaluated
+    b = data.batches[0]
+    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "mean")
+    got = ablated_metric(zoo.model, subs, saes, b.clean, b, node_set(subs, saes, []), abl)
+    last = subs[-1].hook_name
+    with torch.no_grad():
+        logits = zoo.model.run_with_hooks(b.clean, fwd_hooks=[(last, lambda x, hook: x.mean(0, keepdim=True)
+                                                                 .expand_as(x))])
+    assert torch.allclose(got, batch_metric(logits, b), atol=1e-4)
+
+
+def test_one_kept_error_term_is_exact_patching_of_the_rest(zoo, subs, saes, evaluated):
+    """Keeping only the last resid's error term under zero ablation: the last resid becomes
+    b_dec + err, which a direct hook reproduces."""
+    data, _ = evaluated
+    b = data.batches[0]
+    last = subs[-1]
+    sae = saes[last.name]
+    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "zero")
+    keep = node_set(subs, saes, [(last.name, ERROR)])
+    got = ablated_metric(zoo.model, subs, saes, b.clean, b, keep, abl)
+
+    def direct(x, hook):
+        return x - sae.decode(sae.encode(x)) + sae.b_dec
+
+    with torch.no_grad():
+        logits = zoo.model.run_with_hooks(b.clean, fwd_hooks=[(s.hook_name, lambda x, hook, sa=saes[s.name]:
+                                                                sa.b_dec.expand_as(x)) for s in subs[:-1]]
+                                          + [(last.hook_name, direct)])
+    assert torch.allclose(got, batch_metric(logits, b), atol=1e-4)
+
+
+def test_circuit_beats_random_nodes_and_curves_are_stored_on_the_circuit(evaluated):
+    _, c = evaluated
+    assert {cv.ablation for cv in c.curves} == {"mean", "zero", "resample"}
+    mean = next(cv for cv in c.curves if cv.ablation == "mean")
+    assert mean.n_nodes == sorted(mean.n_nodes) and mean.n_nodes[0] == 0
+    faith, comp = c.at_threshold("mean")
+    assert faith > 0.8 and comp < 0.3
+    j = mean.thresholds.index(c.params.node_threshold)
+    assert mean.faithfulness[j] > mean.random[j] + 0.5
+    assert nodes_for(mean, 0.8) is not None and nodes_for(mean, 0.8) <= mean.n_nodes[j]
+
+
+def test_sweep_thresholds_keep_powers_of_two():
+    effects = {("a", i): float(v) for i, v in enumerate([5, -4, 3, 2, 1, 0.5])}
+    t = sweep_thresholds(effects, 0.1)
+    kept = [sum(abs(e) > x for e in effects.values()) for x in t]
+    assert kept == [0, 1, 2, 4, 6, 6] and t == sorted(t, reverse=True) and 0.1 in t
