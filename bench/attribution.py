@@ -6,16 +6,20 @@ Node effects by AtP and IG against the floor of one forward+backward pass of the
 spliced model on the same batch; batched edges (one backward per chunk of
 downstream nodes) against one backward per downstream node, with the largest
 relative difference between the two; and the peak memory of each, measured in
-a forked child process (peak RSS above the parent's).
+a fresh child process: resident memory sampled every millisecond while the step
+runs, above the resident memory just before it (after returning freed memory to
+the system).
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
+import ctypes
 import resource
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +29,7 @@ import torch  # noqa: E402
 
 from compute.atp import atp_grads  # noqa: E402
 from compute.dictionaries import build_dictionaries, submodules  # noqa: E402
-from compute.edges import ERROR, EdgePair, edge_weights  # noqa: E402
+from compute.edges import ERROR, EdgePair, edge_weights, edge_weights_looped  # noqa: E402
 from compute.ig import ig_grads  # noqa: E402
 from compute.spliced import node_effects, output_grads, states  # noqa: E402
 from compute.tasks import encode  # noqa: E402
@@ -54,26 +58,43 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def _peak_child(fn, q) -> None:
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def peak_mb(fn) -> float:
-    """Peak resident memory added by `fn`, in MiB, from a forked child."""
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_peak_child, args=(fn, q))
-    p.start()
-    p.join()
-    return q.get() if p.exitcode == 0 else float("nan")
+def sampled_peak_mb(fn) -> float:
+    """Peak resident memory above the starting level while `fn` runs (sampled every ms)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], _rss_mb()) - base
+
+
+def peak_mb(step: str, examples: int) -> float:
+    """Peak resident memory (MiB) that one step adds, measured in a fresh process."""
+    r = subprocess.run([sys.executable, __file__, "--examples", str(examples), "--measure", step],
+                       capture_output=True, text=True)
+    return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: peak memory of one step
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model, subs, saes, batch, clean, patch = setup(args.examples)
@@ -95,10 +116,17 @@ def main() -> None:
     up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
     down = torch.tensor(clean["mlp_1"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
 
-    def edges(chunk: int):
-        return torch.cat([w for _, w in edge_weights(model, pair, saes, batch, clean["resid_0"], patch["resid_0"],
-                                                     grads["mlp_1"], up, down, chunk)])
+    edge_args = (model, pair, saes, batch, clean["resid_0"], patch["resid_0"], grads["mlp_1"], up, down)
 
+    def edges(chunk: int):
+        if chunk == 1:
+            return edge_weights_looped(*edge_args)
+        return torch.cat([w for _, w in edge_weights(*edge_args, chunk=chunk)])
+
+    steps = {"floor": floor, "atp": atp, "ig": ig, "batched": lambda: edges(64), "single": lambda: edges(1)}
+    if args.measure:
+        print(sampled_peak_mb(steps[args.measure]))
+        return
     t_floor = timed(floor, args.repeat)
     t_atp = timed(atp, args.repeat)
     t_ig = timed(ig, args.repeat)
@@ -110,12 +138,13 @@ def main() -> None:
     print(f"zoo model, {len(batch)} examples of length {batch.clean.shape[1]}, {len(subs)} submodules, "
           f"{sum(s.d_sae for s in saes.values())} features; median of {args.repeat}")
     rows = [
-        ("forward+backward (floor)", t_floor, 1.0, "", peak_mb(floor)),
-        ("AtP node effects", t_atp, t_atp / t_floor, "<= 1.5x floor", peak_mb(atp)),
-        (f"IG node effects ({STEPS} steps)", t_ig, t_ig / t_floor, f"<= {1.5 * STEPS:g}x floor", peak_mb(ig)),
+        ("forward+backward (floor)", t_floor, 1.0, "", peak_mb("floor", args.examples)),
+        ("AtP node effects", t_atp, t_atp / t_floor, "<= 1.5x floor", peak_mb("atp", args.examples)),
+        (f"IG node effects ({STEPS} steps)", t_ig, t_ig / t_floor, f"<= {1.5 * STEPS:g}x floor",
+         peak_mb("ig", args.examples)),
         (f"edges resid_0->mlp_1, batched ({len(down)} down x {len(up)} up)", t_batched, t_batched / t_floor, "",
-         peak_mb(lambda: edges(64))),
-        ("edges, one backward per down node", t_single, t_single / t_floor, "", peak_mb(lambda: edges(1))),
+         peak_mb("batched", args.examples)),
+        ("edges, one backward per down node", t_single, t_single / t_floor, "", peak_mb("single", args.examples)),
     ]
     print(f"{'':58s} {'seconds':>9s} {'x floor':>8s} {'goal':>14s} {'peak MiB':>9s}")
     for name, t, ratio, goal, mem in rows:

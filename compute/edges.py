@@ -2,12 +2,15 @@
 
 The weight of the edge u -> d is the effect of u on the metric that flows
 through d (Sparse Feature Circuits, eq. 6): left_d . (dd/du) . (u_patch - u_clean),
-with left_d the metric's gradient at d. Upstream features and error are fresh
-leaves; submodules between u and d that must not carry the edge are frozen
-(their output detached), so `prev resid -> resid` is the skip path only.
+with left_d the metric's gradient at d. The upstream output is a fresh leaf;
+submodules between u and d that must not carry the edge are frozen (their
+output detached), so `prev resid -> resid` is the skip path only.
 
-One forward pass serves a whole chunk of downstream nodes: their cotangents are
-stacked and pulled back together with `is_grads_batched`.
+The backward runs through activations only (d_model wide): each downstream node's
+cotangent is mapped to the submodule output in closed form (through its
+encoder), and upstream node weights are read off the gradient there (through
+the upstream decoder). One forward pass serves all downstream nodes; each
+chunk of them shares one batched backward pass (`is_grads_batched`).
 """
 
 from __future__ import annotations
@@ -59,14 +62,38 @@ def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
 
     Node ids are feature indices, with ERROR for the error term. `down_grad` is
     the metric's gradient at the downstream submodule's output on this batch.
+    One forward pass serves every chunk; each chunk of K nodes is one batched
+    backward pass (`is_grads_batched`).
     """
-    up_sae, down_sae = dicts[pair.up.name], dicts[pair.down.name]
-    f_up = up_clean.f.clone().requires_grad_(True)
-    e_up = up_clean.err.clone().requires_grad_(True)
+    x_up, x_down = _graph(model, pair, batch, up_clean)
+    for i in range(0, len(down_nodes), chunk):
+        ids = down_nodes[i : i + chunk]
+        cot = _cotangents(ids, x_down.detach(), dicts[pair.down.name], down_grad)
+        (g,) = torch.autograd.grad(x_down, [x_up], cot, retain_graph=True, is_grads_batched=True)
+        yield ids, _weights(g, dicts[pair.up.name], up_clean, up_patch, up_nodes)
+
+
+def edge_weights_looped(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
+                        up_clean: State, up_patch: State, down_grad: torch.Tensor,
+                        up_nodes: torch.Tensor, down_nodes: torch.Tensor) -> torch.Tensor:
+    """Reference for `edge_weights`: one forward, then one backward per downstream node."""
+    x_up, x_down = _graph(model, pair, batch, up_clean)
+    rows = []
+    for n in down_nodes.tolist():
+        cot = _cotangents(torch.tensor([n]), x_down.detach(), dicts[pair.down.name], down_grad)[0]
+        (g,) = torch.autograd.grad(x_down, [x_up], cot, retain_graph=True)
+        rows.append(_weights(g[None], dicts[pair.up.name], up_clean, up_patch, up_nodes))
+    return torch.cat(rows)
+
+
+def _graph(model, pair: EdgePair, batch: Batch, up_clean: State) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward from the upstream output (a fresh leaf) to the downstream output, with the
+    frozen submodules detached."""
+    x_up = up_clean.x.clone().requires_grad_(True)
     captured: dict[str, torch.Tensor] = {}
 
     def splice_up(x, hook):
-        return up_sae.decode(f_up) + e_up
+        return x_up
 
     def freeze(x, hook):
         return x.detach()
@@ -79,28 +106,36 @@ def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
              (pair.down.hook_name, capture)]
     with torch.enable_grad():
         model.run_with_hooks(batch.clean, fwd_hooks=hooks, stop_at_layer=pair.down.layer + 1)
-        x = captured["x"]
-        f = down_sae.encode(x)
-        y = torch.cat([f, x - down_sae.decode(f)], dim=-1)
-        d_sae = f.shape[-1]
-        left_f, left_e = down_grad @ down_sae.W_dec.T, down_grad
-        delta_f = (up_patch.f - up_clean.f)
-        delta_e = (up_patch.err - up_clean.err)
-        up_feats = up_nodes[up_nodes != ERROR]
-        has_up_err = bool((up_nodes == ERROR).any())
-        for i in range(0, len(down_nodes), chunk):
-            ids = down_nodes[i : i + chunk]
-            cot = torch.zeros(len(ids), *y.shape)
-            for k, n in enumerate(ids.tolist()):
-                if n == ERROR:
-                    cot[k, ..., d_sae:] = left_e
-                else:
-                    cot[k, ..., n] = left_f[..., n]
-            g_f, g_e = torch.autograd.grad(y, [f_up, e_up], cot, retain_graph=True,
-                                           is_grads_batched=True, allow_unused=True)
-            w = []
-            if len(up_feats):
-                w.append((g_f[..., up_feats] * delta_f[..., up_feats]).sum((1, 2)))
-            if has_up_err:
-                w.append((g_e * delta_e).sum((1, 2, 3))[:, None])
-            yield ids, torch.cat(w, dim=1)
+    return x_up, captured["x"]
+
+
+def _cotangents(ids: torch.Tensor, x: torch.Tensor, sae: SAE, down_grad: torch.Tensor) -> torch.Tensor:
+    """[K, B, T, d] cotangents at the downstream output x that pull back each node's share.
+
+    Feature n = relu(pre_n(x)): left_n * 1[f_n > 0] * W_enc[:, n], with left_n = g . W_dec[n].
+    Error term x - decode(f(x)): g - ((g W_dec^T) * 1[f > 0]) W_enc^T.
+    """
+    f = sae.encode(x)
+    active = torch.ones_like(f) if sae.architecture == "identity" else (f > 0)
+    left = (down_grad @ sae.W_dec.T) * active  # [B, T, d_sae]
+    cot = torch.empty(len(ids), *x.shape)
+    for k, n in enumerate(ids.tolist()):
+        if n == ERROR:
+            cot[k] = down_grad - left @ sae.W_enc.T
+        else:
+            cot[k] = left[..., n, None] * sae.W_enc[:, n]
+    return cot
+
+
+def _weights(g: torch.Tensor, up_sae: SAE, up_clean: State, up_patch: State,
+             up_nodes: torch.Tensor) -> torch.Tensor:
+    """[K, len(up_nodes)] from gradients g [K, B, T, d] at the upstream output: each upstream
+    node's (patch - clean) times its gradient (g . W_dec[j] for feature j, g for the error)."""
+    up_feats = up_nodes[up_nodes != ERROR]
+    w = []
+    if len(up_feats):
+        g_f = g @ up_sae.W_dec[up_feats].T  # [K, B, T, n_up]
+        w.append((g_f * (up_patch.f - up_clean.f)[..., up_feats]).sum((1, 2)))
+    if bool((up_nodes == ERROR).any()):
+        w.append((g * (up_patch.err - up_clean.err)).sum((1, 2, 3))[:, None])
+    return torch.cat(w, dim=1)
