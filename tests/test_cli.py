@@ -115,6 +115,24 @@ def test_discover_from_a_task_file(tmp_path, dicts):
                                      "n_dropped": 1}]
 
 
+def test_discover_options_reach_the_catalogue(tmp_path, dicts):
+    """--neurons, --method exact, --ablation and --errors are what the catalogue records."""
+    cat = tmp_path / "cat"
+    r = run_cli("discover", "--task", "sva_simple", "--neurons", "--method", "exact", "--examples", "16",
+                "--ablation", "zero", "--errors", "kept", catalog=cat)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("circuits", "--format", "json", catalog=cat)
+    (row,) = json.loads(r.stdout)
+    assert (row["basis"], row["method"], row["n_examples"]) == ("neurons", "exact", 16)
+    r = run_cli("query", "SELECT DISTINCT ablation, errors FROM evaluations", "--format", "json", catalog=cat)
+    assert json.loads(r.stdout) == [{"ablation": "zero", "errors": "kept"}]
+    r = run_cli("discover", "--task", "sva_simple", "--no-eval", "--examples", "8", catalog=cat)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("query", "SELECT count(*) AS n FROM circuits WHERE faithfulness IS NULL", "--format", "json",
+                catalog=cat)
+    assert json.loads(r.stdout) == [{"n": 1}]
+
+
 def test_demo_evaluates_every_circuit_and_features_beat_neurons(demo_catalog):
     import catalog
     from cli import FEATURES_VS_NEURONS
