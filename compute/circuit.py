@@ -2,7 +2,8 @@
 
 Node effects come from integrated gradients (`ig`), attribution patching
 (`atp`) or exact activation patching (`exact`, one forward per node: the ground
-truth, and the slowest). Effects are summed over positions and averaged over examples (`sum`
+truth, and the slowest). A task without patch prompts uses zero ablation as its patch state and
+-logit(answer) as its metric. Effects are summed over positions and averaged over examples (`sum`
 aggregation). A node is in the circuit when |effect| > node_threshold; edges are
 computed for every node kept after aggregation and kept when |weight| >
 edge_threshold. The last resid's kept nodes get an edge to the metric node whose
@@ -27,7 +28,7 @@ from compute.edges import ERROR, edge_pairs, edge_weights
 from compute.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
 from compute.ig import ig_grads
 from compute.patching import patch_effects
-from compute.spliced import batch_metric, node_effects, states
+from compute.spliced import batch_metric, node_effects, states, zero_states
 from compute.tasks import Encoded
 
 METHODS = ("ig", "atp", "exact")
@@ -105,10 +106,17 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
     clean_features = []
     for batch in tqdm(data.batches, desc=f"{params.method} node effects", disable=not progress, leave=False):
         clean = states(model, subs, dicts, batch.clean)
-        patch = states(model, subs, dicts, batch.patch)
         with torch.no_grad():
             m_clean += batch_metric(model(batch.clean), batch).sum().item()
-            m_patch += batch_metric(model(batch.patch), batch).sum().item()
+            if batch.patch is not None:
+                patch = states(model, subs, dicts, batch.patch)
+                m_patch += batch_metric(model(batch.patch), batch).sum().item()
+            else:  # zero ablation: the last submodule outputs decode(0), so nothing else matters
+                patch = zero_states(clean, dicts)
+                ablated = patch[subs[-1].name].x
+                logits = model.run_with_hooks(batch.clean, fwd_hooks=[(subs[-1].hook_name,
+                                                                        lambda x, hook, v=ablated: v)])
+                m_patch += batch_metric(logits, batch).sum().item()
         if params.method == "ig":
             grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps)
         else:  # exact patching measures nodes directly; its edges use the AtP gradients

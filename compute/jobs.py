@@ -100,8 +100,8 @@ def _write_context(cat: Catalog, w, zoo: Zoo, dicts: dict[str, TrainedDictionary
                        "n_examples": len(task.examples)}])
     w.write("examples", [{"task_id": task.name, "example_idx": i, "split": e.get("split", "train"),
                           "case": e.get("case"), "clean_prefix": e["clean_prefix"],
-                          "patch_prefix": e["patch_prefix"], "clean_answer": e["clean_answer"],
-                          "patch_answer": e["patch_answer"],
+                          "patch_prefix": e.get("patch_prefix"), "clean_answer": e["clean_answer"],
+                          "patch_answer": e.get("patch_answer"),
                           "clean_tokens": zoo.model.to_str_tokens(e["clean_prefix"])}
                          for i, e in enumerate(task.examples)])
 
@@ -143,7 +143,7 @@ def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c
     w.write("circuits", [{
         "circuit_id": circuit_id, "run_id": run_id, "model_id": model_id, "task_id": task.name,
         "method": p.method, "ig_steps": p.ig_steps if p.method == "ig" else None, "aggregation": p.aggregation,
-        "metric": "logit_diff", "node_threshold": p.node_threshold, "edge_threshold": p.edge_threshold,
+        "metric": "logit_diff" if task.has_patch else "neg_logit", "node_threshold": p.node_threshold, "edge_threshold": p.edge_threshold,
         "n_examples": c.n_examples, "n_dropped": sum(c.dropped.values()), "metric_clean": c.metric_clean,
         "metric_patch": c.metric_patch, "accuracy": acc, "n_nodes": sum(n.in_circuit for n in c.nodes),
         "n_edges": len(c.edges), "faithfulness": chosen[0], "completeness": chosen[1], "created_at": _now()}])

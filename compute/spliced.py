@@ -26,14 +26,24 @@ class State:
     err: torch.Tensor  # [B, T, d]
 
 
-def metric(logits: torch.Tensor, clean_answer: torch.Tensor, patch_answer: torch.Tensor) -> torch.Tensor:
-    """logit(patch answer) - logit(clean answer) at the last position, per row."""
+def metric(logits: torch.Tensor, clean_answer: torch.Tensor, patch_answer: torch.Tensor | None) -> torch.Tensor:
+    """logit(patch answer) - logit(clean answer) at the last position, per row
+    (-logit(clean answer) for a task without patch prompts)."""
     last = logits[:, -1]
-    return last.gather(1, patch_answer[:, None])[:, 0] - last.gather(1, clean_answer[:, None])[:, 0]
+    clean = last.gather(1, clean_answer[:, None])[:, 0]
+    return -clean if patch_answer is None else last.gather(1, patch_answer[:, None])[:, 0] - clean
 
 
 def batch_metric(logits: torch.Tensor, batch: Batch, repeat: int = 1) -> torch.Tensor:
-    return metric(logits, batch.clean_answer.repeat(repeat), batch.patch_answer.repeat(repeat))
+    pa = None if batch.patch_answer is None else batch.patch_answer.repeat(repeat)
+    return metric(logits, batch.clean_answer.repeat(repeat), pa)
+
+
+def zero_states(clean: dict[str, State], dicts: dict[str, SAE]) -> dict[str, State]:
+    """The patch state of a task without patch prompts: every feature and error term at zero,
+    so each submodule outputs decode(0) = b_dec (zero ablation, as in Sparse Feature Circuits)."""
+    return {name: State(dicts[name].b_dec.expand_as(s.x), torch.zeros_like(s.f), torch.zeros_like(s.err))
+            for name, s in clean.items()}
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ import torch
 
 from catalog.errors import UserError
 
-REQUIRED = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
+REQUIRED = ("clean_prefix", "clean_answer")
+PATCH = ("patch_prefix", "patch_answer")  # optional, together: without them the patch is zero ablation
 SPLITS = ("train", "test")
 
 
@@ -34,6 +35,11 @@ class Task:
         blob = "\n".join(json.dumps(e, sort_keys=True) for e in self.examples).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    @property
+    def has_patch(self) -> bool:
+        """Whether examples come with patch prompts (else the patch state is zero ablation)."""
+        return all("patch_prefix" in e for e in self.examples)
+
     def split(self, split: str) -> list[tuple[int, dict[str, str]]]:
         """(example_idx, example) pairs of one split."""
         return [(i, e) for i, e in enumerate(self.examples) if e.get("split", "train") == split]
@@ -50,6 +56,8 @@ def load_task_file(path: str | Path, name: str | None = None) -> Task:
             if not line.strip():
                 continue
             examples.append(parse_example(line, f"{path}:{lineno}"))
+            if ("patch_prefix" in examples[-1]) != ("patch_prefix" in examples[0]):
+                raise UserError(f"{path}:{lineno}: mixes examples with and without a patch prompt")
     if not examples:
         raise UserError(f"task file {path} has no examples")
     return Task(name=name or path.stem, examples=examples, source=str(path))
@@ -66,12 +74,14 @@ def parse_example(line: str, where: str) -> dict[str, str]:
     missing = [k for k in REQUIRED if k not in obj]
     if missing:
         raise UserError(f"{where}: missing field(s) {', '.join(missing)}")
-    for k in (*REQUIRED, "case", "split"):
+    if sum(k in obj for k in PATCH) == 1:
+        raise UserError(f"{where}: patch_prefix and patch_answer come together (or both are left out)")
+    for k in (*REQUIRED, *PATCH, "case", "split"):
         if k in obj and not isinstance(obj[k], str):
             raise UserError(f"{where}: field {k} must be a string")
     if obj.get("split", "train") not in SPLITS:
         raise UserError(f"{where}: split must be one of {', '.join(SPLITS)}")
-    return {k: obj[k] for k in (*REQUIRED, "case", "split") if k in obj}
+    return {k: obj[k] for k in (*REQUIRED, *PATCH, "case", "split") if k in obj}
 
 
 def write_task_file(task: Task, path: Path) -> None:
@@ -86,9 +96,9 @@ class Batch:
 
     example_idx: torch.Tensor  # [B]
     clean: torch.Tensor  # [B, T]
-    patch: torch.Tensor  # [B, T]
+    patch: torch.Tensor | None  # [B, T]; None for a task without patch prompts
     clean_answer: torch.Tensor  # [B]
-    patch_answer: torch.Tensor  # [B]
+    patch_answer: torch.Tensor | None  # [B]
 
     def __len__(self) -> int:
         return len(self.example_idx)
@@ -120,8 +130,8 @@ def encode(model, task: Task, split: str = "train", limit: int | None = None) ->
         if limit is not None and kept >= limit:
             break
         clean = model.to_tokens(ex["clean_prefix"])[0].tolist()
-        patch = model.to_tokens(ex["patch_prefix"])[0].tolist()
-        answers = [_single_token(model, ex[k]) for k in ("clean_answer", "patch_answer")]
+        patch = model.to_tokens(ex["patch_prefix"])[0].tolist() if "patch_prefix" in ex else clean
+        answers = [_single_token(model, ex[k]) for k in ("clean_answer", "patch_answer") if k in ex]
         if None in answers:
             reason = "answer is not a single token"
         elif len(clean) != len(patch):
@@ -135,9 +145,13 @@ def encode(model, task: Task, split: str = "train", limit: int | None = None) ->
         dropped[reason] = dropped.get(reason, 0) + 1
     batches = []
     for _, rows in sorted(groups.items()):
-        idx, clean, patch, ca, pa = zip(*rows, strict=True)
-        batches.append(Batch(torch.tensor(idx), torch.tensor(clean), torch.tensor(patch),
-                             torch.tensor(ca), torch.tensor(pa)))
+        if task.has_patch:
+            idx, clean, patch, ca, pa = zip(*rows, strict=True)
+            batches.append(Batch(torch.tensor(idx), torch.tensor(clean), torch.tensor(patch),
+                                 torch.tensor(ca), torch.tensor(pa)))
+        else:
+            idx, clean, _, ca = zip(*rows, strict=True)
+            batches.append(Batch(torch.tensor(idx), torch.tensor(clean), None, torch.tensor(ca), None))
     return Encoded(batches, dropped)
 
 

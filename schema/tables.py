@@ -102,7 +102,8 @@ circuits = Table(
     Column("method", String, comment="ig or atp"),
     Column("ig_steps", Integer, comment='integrated-gradients steps (NULL for atp)'),
     Column("aggregation", String, comment="sum (over positions) or none"),
-    Column("metric", String, comment="logit_diff = logit(patch answer) - logit(clean answer)"),
+    Column("metric", String, comment="logit_diff = logit(patch answer) - logit(clean answer); neg_logit = -logit(clean answer) "
+                   "for tasks without patch prompts (patch state: zero ablation)"),
     Column("node_threshold", Double, comment='nodes kept when |effect| exceeds it'),
     Column("edge_threshold", Double, comment='edges kept when |weight| exceeds it'),
     Column("n_examples", Integer, comment='train examples used'),

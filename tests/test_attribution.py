@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from compute import grammar
 from compute.atp import atp_grads
 from compute.circuit import DiscoveryParams, discover
 from compute.edges import ERROR, EdgePair, edge_weights, edge_weights_looped
@@ -51,6 +52,29 @@ def test_exact_method_is_exact_patching(zoo, subs, saes):
     assert len(shared) > 0.9 * len(want)
     assert np.allclose([got[k] for k in shared], [want[k] for k in shared], rtol=1e-4, atol=1e-5)
     assert all(abs(want[k]) < 1e-5 for k in set(want) - set(got))
+
+
+def test_zero_ablation_patch_state_is_exact_for_the_error_term(zoo, subs, saes):
+    """Without patch prompts, exact patching of the last resid's error term is the model with
+    that error removed, and the patch metric is the model with the last resid at b_dec."""
+    from compute.tasks import Task
+
+    task = Task("clean_only", [{"clean_prefix": f"the {n}", "clean_answer": " runs"} for n, _ in grammar.NOUNS])
+    data = encode(zoo.model, task)
+    b = data.batches[0]
+    assert b.patch is None and data.n_examples == len(grammar.NOUNS)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(method="exact", ablations=()), progress=False)
+    last, sae = subs[-1], saes[subs[-1].name]
+    with torch.no_grad():
+        clean = -zoo.model(b.clean)[:, -1].gather(1, b.clean_answer[:, None])[:, 0]
+        no_err = zoo.model.run_with_hooks(b.clean, fwd_hooks=[(last.hook_name, lambda x, hook: sae(x))])
+        at_bias = zoo.model.run_with_hooks(b.clean, fwd_hooks=[(last.hook_name,
+                                                                lambda x, hook: sae.b_dec.expand_as(x))])
+    want_err = (-no_err[:, -1].gather(1, b.clean_answer[:, None])[:, 0] - clean).mean().item()
+    assert c.effects()[(last.name, ERROR)] == pytest.approx(want_err, rel=1e-4, abs=1e-5)
+    assert c.metric_clean == pytest.approx(clean.mean().item(), rel=1e-5)
+    want_patch = -at_bias[:, -1].gather(1, b.clean_answer[:, None])[:, 0].mean().item()
+    assert c.metric_patch == pytest.approx(want_patch, rel=1e-5)
 
 
 def test_splicing_is_exact(zoo, subs, saes):

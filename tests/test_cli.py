@@ -89,6 +89,12 @@ def test_malformed_task_file_names_the_line(demo_catalog, tmp_path):
     f.write_text(good + "\n" + json.dumps({"clean_prefix": "the cat"}) + "\n")
     _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:2",
                            "missing field")
+    f.write_text(good + "\n" + json.dumps({"clean_prefix": "the cat", "clean_answer": " runs"}) + "\n")
+    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:2",
+                           "with and without a patch prompt")
+    f.write_text(json.dumps({"clean_prefix": "the cat", "clean_answer": " runs", "patch_answer": " run"}) + "\n")
+    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:1",
+                           "come together")
     assert _snapshot(demo_catalog) == before
 
 
@@ -113,6 +119,23 @@ def test_discover_from_a_task_file(tmp_path, dicts):
                 catalog=cat)
     assert json.loads(r.stdout) == [{"task_id": "agreement", "method": "atp", "n_examples": len(grammar.NOUNS),
                                      "n_dropped": 1}]
+
+
+def test_task_without_patch_prompts_uses_zero_ablation(tmp_path, dicts):
+    f = tmp_path / "clean_only.jsonl"
+    rows = [{"clean_prefix": f"the {s}", "clean_answer": " runs"} for s, _ in grammar.NOUNS]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cat = tmp_path / "cat"
+    r = run_cli("discover", "--task-file", str(f), "--ablation", "mean", catalog=cat)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("query", "SELECT metric, n_examples, n_nodes > 0 AS has_nodes, faithfulness IS NOT NULL AS "
+                "evaluated, metric_patch > metric_clean AS ablating_hurts FROM circuits", "--format", "json",
+                catalog=cat)
+    assert json.loads(r.stdout) == [{"metric": "neg_logit", "n_examples": len(grammar.NOUNS), "has_nodes": True,
+                                     "evaluated": True, "ablating_hurts": True}]
+    r = run_cli("query", "SELECT count(*) AS n FROM examples WHERE patch_prefix IS NULL", "--format", "json",
+                catalog=cat)
+    assert json.loads(r.stdout) == [{"n": len(grammar.NOUNS)}]
 
 
 def test_discover_options_reach_the_catalogue(tmp_path, dicts):
