@@ -79,8 +79,7 @@ def edge_weights_looped(model, pair: EdgePair, dicts: dict[str, SAE], batch: Bat
     """Reference for `edge_weights`: one forward, then one backward per downstream node."""
     x_up, x_down = _graph(model, pair, batch, up_clean)
     rows = []
-    for n in down_nodes.tolist():
-        cot = _cotangents(torch.tensor([n]), x_down.detach(), dicts[pair.down.name], down_grad)[0]
+    for cot in _cotangents(down_nodes, x_down.detach(), dicts[pair.down.name], down_grad):
         (g,) = torch.autograd.grad(x_down, [x_up], cot, retain_graph=True)
         rows.append(_weights(g[None], dicts[pair.up.name], up_clean, up_patch, up_nodes))
     return torch.cat(rows)
