@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from compute.dictionaries import SAE, Submodule
 from compute.edges import ERROR
-from compute.spliced import State, batch_metric, states
+from compute.spliced import State, batch_metric, states, zero_states
 from compute.tasks import Encoded
 
 ABLATIONS = ("mean", "zero", "resample")
@@ -67,14 +67,14 @@ def everything(subs: list[Submodule], dicts: dict[str, SAE]) -> NodeSet:
     return node_set(subs, dicts, []).complement()
 
 
-def ablated_states(clean: dict[str, State], ablation: str) -> dict[str, State]:
+def ablated_states(clean: dict[str, State], ablation: str, dicts: dict[str, SAE]) -> dict[str, State]:
     """The value each node takes when it is ablated, per submodule."""
+    if ablation == "zero":
+        return zero_states(clean, dicts)
     out = {}
     for name, s in clean.items():
         if ablation == "mean":
             out[name] = State(*(t.mean(0, keepdim=True).expand_as(t) for t in (s.x, s.f, s.err)))
-        elif ablation == "zero":
-            out[name] = State(*(torch.zeros_like(t) for t in (s.x, s.f, s.err)))
         elif ablation == "resample":
             out[name] = State(*(t.roll(1, 0) for t in (s.x, s.f, s.err)))
         else:
@@ -167,7 +167,7 @@ def curves(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
         comp = np.zeros(len(sets))
         rnd = np.zeros(len(sets))
         for b in data.batches:
-            abl = ablated_states(states(model, subs, dicts, b.clean), ablation)
+            abl = ablated_states(states(model, subs, dicts, b.clean), ablation, dicts)
 
             def f(keep: NodeSet, b=b, abl=abl) -> float:
                 return ablated_metric(model, subs, dicts, b.clean, b, keep, abl, errors).sum().item()

@@ -16,13 +16,15 @@ from compute.tasks import encode
 def _exact_and_estimates(zoo, subs, saes, task, method):
     data = encode(zoo.model, zoo.tasks[task], "train", 64)
     circuit = discover(zoo.model, subs, saes, data, DiscoveryParams(method=method, ablations=()), progress=False)
-    est = {(n.sub.name, n.feature): n.effect for n in circuit.nodes if n.sub is not None}
+    est = circuit.effects()
     exact = dict.fromkeys(est, 0.0)
     for b in data.batches:
         clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
         for s in subs:
             ids = [k[1] for k in est if k[0] == s.name]
-            for i, v in zip(ids, patch_effects(zoo.model, s, saes[s.name], b, clean[s.name], patch[s.name], ids), strict=False):
+            nodes = [None if i == ERROR else i for i in ids]  # patch_effects names the error term None
+            for i, v in zip(ids, patch_effects(zoo.model, s, saes[s.name], b, clean[s.name], patch[s.name], nodes),
+                            strict=True):
                 exact[(s.name, i)] += v.item() / data.n_examples
     keys = list(est)
     return keys, np.array([est[k] for k in keys]), np.array([exact[k] for k in keys])
@@ -47,7 +49,7 @@ def test_exact_method_is_exact_patching(zoo, subs, saes):
     data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 64)
     c = discover(zoo.model, subs, saes, data, DiscoveryParams(method="exact", ablations=()), progress=False)
     got = c.effects()
-    want = {(s, ERROR if i is None else i): v for (s, i), v in zip(keys, exact, strict=True)}
+    want = dict(zip(keys, exact, strict=True))
     shared = [k for k in want if k in got]
     assert len(shared) > 0.9 * len(want)
     assert np.allclose([got[k] for k in shared], [want[k] for k in shared], rtol=1e-4, atol=1e-5)

@@ -37,7 +37,7 @@ def test_full_model_is_one_and_empty_circuit_is_zero(zoo, subs, saes, evaluated)
         # every node: the spliced model reproduces the plain model
         total = 0.0
         for b in data.batches:
-            abl = ablated_states(states(zoo.model, subs, saes, b.clean), ablation)
+            abl = ablated_states(states(zoo.model, subs, saes, b.clean), ablation, saes)
             total += ablated_metric(zoo.model, subs, saes, b.clean, b, everything(subs, saes), abl).sum().item()
         faith_all = (total / data.n_examples - cv.f_empty) / (cv.f_model - cv.f_empty)
         assert faith_all == pytest.approx(1.0, abs=1e-6)
@@ -48,7 +48,7 @@ def test_mean_ablating_everything_is_the_mean_activation(zoo, subs, saes, evalua
     metric is the model's with the last residual stream replaced by its batch mean."""
     data, _ = evaluated
     b = data.batches[0]
-    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "mean")
+    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "mean", saes)
     got = ablated_metric(zoo.model, subs, saes, b.clean, b, node_set(subs, saes, []), abl)
     last = subs[-1].hook_name
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_one_kept_error_term_is_exact_patching_of_the_rest(zoo, subs, saes, eval
     b = data.batches[0]
     last = subs[-1]
     sae = saes[last.name]
-    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "zero")
+    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "zero", saes)
     keep = node_set(subs, saes, [(last.name, ERROR)])
     got = ablated_metric(zoo.model, subs, saes, b.clean, b, keep, abl)
 
