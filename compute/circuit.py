@@ -99,8 +99,8 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
     n = data.n_examples
     if n == 0:
         raise ValueError("no usable examples")
-    feat_eff = {s.name: torch.zeros(dicts[s.name].d_sae) for s in subs}
-    err_eff = {s.name: torch.zeros(()) for s in subs}
+    feat_eff = {s.name: torch.zeros(dicts[s.name].d_sae, dtype=torch.float64) for s in subs}
+    err_eff = {s.name: torch.zeros((), dtype=torch.float64) for s in subs}
     per_batch = []
     m_clean = m_patch = 0.0
     clean_features = []
@@ -175,7 +175,7 @@ def _edges(model, subs, dicts, per_batch, kept, index, n, params: DiscoveryParam
     for pair in tqdm(pairs, desc="edges", disable=not progress, leave=False):
         up_ids = sorted(kept[pair.up.name], key=lambda i: (i == ERROR, i))  # error term last
         down_ids = torch.tensor(kept[pair.down.name])
-        total = torch.zeros(len(down_ids), len(up_ids))
+        total = torch.zeros(len(down_ids), len(up_ids), dtype=torch.float64)
         for batch, clean, patch, grads in per_batch:
             row = 0
             for ids, w in edge_weights(model, pair, dicts, batch, clean[pair.up.name], patch[pair.up.name],

@@ -117,7 +117,7 @@ def _cotangents(ids: torch.Tensor, x: torch.Tensor, sae: SAE, down_grad: torch.T
     f = sae.encode(x)
     active = torch.ones_like(f) if sae.architecture == "identity" else (f > 0)
     left = (down_grad @ sae.W_dec.T) * active  # [B, T, d_sae]
-    cot = torch.empty(len(ids), *x.shape)
+    cot = x.new_empty(len(ids), *x.shape)
     for k, n in enumerate(ids.tolist()):
         if n == ERROR:
             cot[k] = down_grad - left @ sae.W_enc.T
