@@ -98,6 +98,9 @@ def _discovery_options(f):
         click.option("--method", type=click.Choice(["ig", "atp", "exact"]), default="ig", show_default=True,
                      help="node effects: integrated gradients, attribution patching or exact patching"),
         click.option("--steps", "ig_steps", default=10, show_default=True, help="integrated-gradients steps"),
+        click.option("--aggregation", type=click.Choice(["sum", "none"]), default="sum", show_default=True,
+                     help="sum effects over positions, or keep a node per position (none: keeps only "
+                          "the shortest prompts, as SFC does)"),
         click.option("--node-threshold", default=0.1, show_default=True),
         click.option("--edge-threshold", default=0.01, show_default=True),
         click.option("--examples", "n_examples", default=64, show_default=True, help="train examples used"),
@@ -218,6 +221,8 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -
         circuit_id, c, acc = discovery_job(cat, zoo, dicts, task, params)
         kept = sum(n.in_circuit for n in c.nodes)
         note = f" ({sum(c.dropped.values())} dropped)" if c.dropped else ""
+        for reason, count in c.dropped.items():
+            click.echo(f"{task.name}: dropped {count} examples: {reason}", err=True)
         fc = c.at_threshold(params.ablations[0]) if params.ablations else None
         t.add_row(task.name, f"{acc:.1%}", f"{c.n_examples}{note}", f"{c.total_effect:.2f}", str(kept),
                   str(len(c.edges)), f"{fc[0]:.2f}" if fc else "-", f"{fc[1]:.2f}" if fc else "-",

@@ -3,9 +3,11 @@
 Node effects come from integrated gradients (`ig`), attribution patching
 (`atp`) or exact activation patching (`exact`, one forward per node: the ground
 truth, and the slowest). A task without patch prompts uses zero ablation as its patch state and
--logit(answer) as its metric. Effects are summed over positions and averaged over examples (`sum`
-aggregation). A node is in the circuit when |effect| > node_threshold; edges are
-computed for every node kept after aggregation and kept when |weight| >
+-logit(answer) as its metric. Effects are averaged over examples and either summed over
+positions (`sum` aggregation: a node is a feature) or kept per position (`none`: a node is
+a feature at a token position; the examples must share one length, see
+`tasks.encode(one_length=True)`). A node is in the circuit when |effect| > node_threshold;
+edges are computed for every node kept after aggregation and kept when |weight| >
 edge_threshold. The last resid's kept nodes get an edge to the metric node whose
 weight is their effect.
 
@@ -32,6 +34,7 @@ from compute.spliced import batch_metric, node_effects, states, zero_states
 from compute.tasks import Encoded
 
 METHODS = ("ig", "atp", "exact")
+AGGREGATIONS = ("sum", "none")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Node:
     feature: int | None  # None for error terms and the metric node
     effect: float
     in_circuit: bool
+    position: int | None = None  # token position under aggregation `none`
 
 
 @dataclass
@@ -74,9 +78,10 @@ class Circuit:
     def total_effect(self) -> float:
         return self.metric_patch - self.metric_clean
 
-    def effects(self) -> dict[tuple[str, int], float]:
-        """(submodule name, feature index or ERROR) -> effect, for every node but the metric."""
-        return {(n.sub.name, ERROR if n.feature is None else n.feature): n.effect
+    def effects(self) -> dict[tuple[str, int, int | None], float]:
+        """(submodule name, feature index or ERROR, position or None) -> effect, for every node
+        but the metric."""
+        return {(n.sub.name, ERROR if n.feature is None else n.feature, n.position): n.effect
                 for n in self.nodes if n.sub is not None}
 
     def at_threshold(self, ablation: str = "mean") -> tuple[float, float] | None:
@@ -94,13 +99,19 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
         raise ValueError(f"unknown method {params.method!r}; choose from {', '.join(METHODS)}")
     if params.errors not in ERROR_MODES:
         raise ValueError(f"unknown error mode {params.errors!r}; choose from {', '.join(ERROR_MODES)}")
-    if params.aggregation != "sum":
-        raise ValueError("only aggregation 'sum' is implemented")
+    if params.aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {params.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
     n = data.n_examples
     if n == 0:
         raise ValueError("no usable examples")
-    feat_eff = {s.name: torch.zeros(dicts[s.name].d_sae, dtype=torch.float64) for s in subs}
-    err_eff = {s.name: torch.zeros((), dtype=torch.float64) for s in subs}
+    per_position = params.aggregation == "none"
+    lengths = {b.clean.shape[1] for b in data.batches}
+    if per_position and len(lengths) != 1:
+        raise ValueError("aggregation none needs examples of one length (encode with one_length=True)")
+    shape = (lengths.pop(),) if per_position else ()
+    feat_eff = {s.name: torch.zeros(*shape, dicts[s.name].d_sae, dtype=torch.float64) for s in subs}
+    err_eff = {s.name: torch.zeros(shape, dtype=torch.float64) for s in subs}
+    summed = (0,) if per_position else (0, 1)  # over examples (and positions)
     per_batch = []
     m_clean = m_patch = 0.0
     clean_features = []
@@ -123,33 +134,37 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
             grads = atp_grads(model, subs, dicts, batch, clean, patch)
         for s in subs:
             if params.method == "exact":
-                moved = (patch[s.name].f != clean[s.name].f).any(1).any(0).nonzero().flatten().tolist()
-                eff = patch_effects(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], moved + [None])
-                feat_eff[s.name][moved] += eff[:-1]
-                err_eff[s.name] += eff[-1]
+                _exact(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], per_position,
+                       feat_eff[s.name], err_eff[s.name])
             else:
                 fe, ee = node_effects(dicts[s.name], clean[s.name], patch[s.name], grads[s.name])
-                feat_eff[s.name] += fe.sum((0, 1))
-                err_eff[s.name] += ee.sum()
+                feat_eff[s.name] += fe.sum(summed)
+                err_eff[s.name] += ee.sum(summed)
             clean_features.append((batch.example_idx, s.name, clean[s.name].f))
         per_batch.append((batch, clean, patch, grads))
 
     nodes: list[Node] = []
-    index: dict[tuple[str, int], int] = {}
-    kept: dict[str, list[int]] = {}
+    index: dict[tuple, int] = {}  # (submodule name, feature or ERROR, position) -> node index
+    kept: dict[str, list[tuple[int, int | None]]] = {}  # submodule -> (feature or ERROR, position)
     for s in subs:
-        eff = feat_eff[s.name] / n
         kept[s.name] = []
-        for i in eff.nonzero().flatten().tolist():
-            _add(nodes, index, kept, s, i, eff[i].item(), params.node_threshold)
-        _add(nodes, index, kept, s, ERROR, (err_eff[s.name] / n).item(), params.node_threshold)
+        eff = torch.cat([feat_eff[s.name], err_eff[s.name].unsqueeze(-1)], -1) / n  # error term last
+        for *at, i in eff.nonzero().tolist():
+            key = (ERROR if i == eff.shape[-1] - 1 else i, at[0] if at else None)
+            effect = eff[(*at, i)].item()
+            index[(s.name, *key)] = len(nodes)
+            nodes.append(Node(s, None if key[0] == ERROR else i, effect, abs(effect) > params.node_threshold,
+                              key[1]))
+            if nodes[-1].in_circuit:
+                kept[s.name].append(key)
     metric_idx = len(nodes)
     nodes.append(Node(None, None, (m_patch - m_clean) / n, True))
 
     edges = list(_edges(model, subs, dicts, per_batch, kept, index, n, params, progress))
     last = subs[-1].name
-    for i in kept[last]:
-        edges.append((index[(last, i)], metric_idx, nodes[index[(last, i)]].effect))
+    for key in kept[last]:
+        i = index[(last, *key)]
+        edges.append((i, metric_idx, nodes[i].effect))
     circuit = Circuit(params, nodes, edges, n, m_clean / n, m_patch / n, dict(data.dropped), clean_features)
     if params.ablations:
         effects = circuit.effects()
@@ -159,32 +174,43 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
     return circuit
 
 
-def _add(nodes, index, kept, s: Submodule, i: int, effect: float, threshold: float) -> None:
-    if effect == 0.0:
-        return
-    inside = abs(effect) > threshold
-    index[(s.name, i)] = len(nodes)
-    nodes.append(Node(s, None if i == ERROR else i, effect, inside))
-    if inside:
-        kept[s.name].append(i)
+def _exact(model, s: Submodule, sae: SAE, batch, clean, patch, per_position: bool,
+           feat_eff: torch.Tensor, err_eff: torch.Tensor) -> None:
+    """Add the exact patching effect of every node whose clean and patch values differ."""
+    moved = (patch.f != clean.f).any(0)  # [T, d_sae]
+    if per_position:
+        at = moved.nonzero().tolist()  # (position, feature)
+        length = moved.shape[0]
+        eff = patch_effects(model, s, sae, batch, clean, patch, [i for _, i in at] + [None] * length,
+                            [t for t, _ in at] + list(range(length)))
+        for (t, i), v in zip(at, eff[: len(at)].tolist(), strict=True):
+            feat_eff[t, i] += v
+        err_eff += eff[len(at):]
+    else:
+        ids = moved.any(0).nonzero().flatten().tolist()
+        eff = patch_effects(model, s, sae, batch, clean, patch, ids + [None])
+        feat_eff[ids] += eff[:-1]
+        err_eff += eff[-1]
 
 
 def _edges(model, subs, dicts, per_batch, kept, index, n, params: DiscoveryParams,
            progress: bool) -> Iterator[tuple[int, int, float]]:
+    per_position = params.aggregation == "none"
     pairs = [p for p in edge_pairs(subs) if kept[p.up.name] and kept[p.down.name]]
     for pair in tqdm(pairs, desc="edges", disable=not progress, leave=False):
-        up_ids = sorted(kept[pair.up.name], key=lambda i: (i == ERROR, i))  # error term last
-        down_ids = torch.tensor(kept[pair.down.name])
-        total = torch.zeros(len(down_ids), len(up_ids), dtype=torch.float64)
+        up, down = kept[pair.up.name], kept[pair.down.name]
+        up_ids, down_ids = torch.tensor([i for i, _ in up]), torch.tensor([i for i, _ in down])
+        up_pos = torch.tensor([t for _, t in up]) if per_position else None
+        down_pos = torch.tensor([t for _, t in down]) if per_position else None
+        total = torch.zeros(len(down), len(up), dtype=torch.float64)
         for batch, clean, patch, grads in per_batch:
             row = 0
             for ids, w in edge_weights(model, pair, dicts, batch, clean[pair.up.name], patch[pair.up.name],
-                                       grads[pair.down.name], torch.tensor(up_ids), down_ids,
-                                       params.edge_chunk):
+                                       grads[pair.down.name], up_ids, down_ids, params.edge_chunk,
+                                       up_pos, down_pos):
                 total[row : row + len(ids)] += w
                 row += len(ids)
         total /= n
         rows, cols = (total.abs() > params.edge_threshold).nonzero(as_tuple=True)
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            yield (index[(pair.up.name, up_ids[c])], index[(pair.down.name, int(down_ids[r]))],
-                   total[r, c].item())
+            yield (index[(pair.up.name, *up[c])], index[(pair.down.name, *down[r])], total[r, c].item())

@@ -11,6 +11,10 @@ cotangent is mapped to the submodule output in closed form (through its
 encoder), and upstream node weights are read off the gradient there (through
 the upstream decoder). One forward pass serves all downstream nodes; each
 chunk of them shares one batched backward pass (`is_grads_batched`).
+
+With per-position nodes (aggregation `none`) a downstream node's cotangent is
+nonzero at its own position only, and upstream weights are read at the upstream
+node's position instead of summed over positions.
 """
 
 from __future__ import annotations
@@ -56,32 +60,36 @@ def edge_pairs(subs: list[Submodule]) -> list[EdgePair]:
 
 def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
                  up_clean: State, up_patch: State, down_grad: torch.Tensor,
-                 up_nodes: torch.Tensor, down_nodes: torch.Tensor,
-                 chunk: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 up_nodes: torch.Tensor, down_nodes: torch.Tensor, chunk: int = 32,
+                 up_pos: torch.Tensor | None = None,
+                 down_pos: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (downstream node ids [K], weights [K, len(up_nodes)]) summed over the batch.
 
-    Node ids are feature indices, with ERROR for the error term. `down_grad` is
-    the metric's gradient at the downstream submodule's output on this batch.
-    One forward pass serves every chunk; each chunk of K nodes is one batched
-    backward pass (`is_grads_batched`).
+    Node ids are feature indices, with ERROR for the error term; `up_pos` and
+    `down_pos` give each node's token position when nodes are per position.
+    `down_grad` is the metric's gradient at the downstream submodule's output on
+    this batch. One forward pass serves every chunk; each chunk of K nodes is one
+    batched backward pass (`is_grads_batched`).
     """
     x_up, x_down = _graph(model, pair, batch, up_clean)
     for i in range(0, len(down_nodes), chunk):
         ids = down_nodes[i : i + chunk]
-        cot = _cotangents(ids, x_down.detach(), dicts[pair.down.name], down_grad)
+        pos = None if down_pos is None else down_pos[i : i + chunk]
+        cot = _cotangents(ids, x_down.detach(), dicts[pair.down.name], down_grad, pos)
         (g,) = torch.autograd.grad(x_down, [x_up], cot, retain_graph=True, is_grads_batched=True)
-        yield ids, _weights(g, dicts[pair.up.name], up_clean, up_patch, up_nodes)
+        yield ids, _weights(g, dicts[pair.up.name], up_clean, up_patch, up_nodes, up_pos)
 
 
 def edge_weights_looped(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
                         up_clean: State, up_patch: State, down_grad: torch.Tensor,
-                        up_nodes: torch.Tensor, down_nodes: torch.Tensor) -> torch.Tensor:
+                        up_nodes: torch.Tensor, down_nodes: torch.Tensor,
+                        up_pos: torch.Tensor | None = None, down_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for `edge_weights`: one forward, then one backward per downstream node."""
     x_up, x_down = _graph(model, pair, batch, up_clean)
     rows = []
-    for cot in _cotangents(down_nodes, x_down.detach(), dicts[pair.down.name], down_grad):
+    for cot in _cotangents(down_nodes, x_down.detach(), dicts[pair.down.name], down_grad, down_pos):
         (g,) = torch.autograd.grad(x_down, [x_up], cot, retain_graph=True)
-        rows.append(_weights(g[None], dicts[pair.up.name], up_clean, up_patch, up_nodes))
+        rows.append(_weights(g[None], dicts[pair.up.name], up_clean, up_patch, up_nodes, up_pos))
     return torch.cat(rows)
 
 
@@ -108,11 +116,13 @@ def _graph(model, pair: EdgePair, batch: Batch, up_clean: State) -> tuple[torch.
     return x_up, captured["x"]
 
 
-def _cotangents(ids: torch.Tensor, x: torch.Tensor, sae: SAE, down_grad: torch.Tensor) -> torch.Tensor:
+def _cotangents(ids: torch.Tensor, x: torch.Tensor, sae: SAE, down_grad: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
     """[K, B, T, d] cotangents at the downstream output x that pull back each node's share.
 
     Feature n = relu(pre_n(x)): left_n * 1[f_n > 0] * W_enc[:, n], with left_n = g . W_dec[n].
     Error term x - decode(f(x)): g - ((g W_dec^T) * 1[f > 0]) W_enc^T.
+    A per-position node keeps its cotangent at its own position only.
     """
     f = sae.encode(x)
     active = torch.ones_like(f) if sae.architecture == "identity" else (f > 0)
@@ -123,18 +133,23 @@ def _cotangents(ids: torch.Tensor, x: torch.Tensor, sae: SAE, down_grad: torch.T
             cot[k] = down_grad - left @ sae.W_enc.T
         else:
             cot[k] = left[..., n, None] * sae.W_enc[:, n]
+    if positions is not None:
+        mask = torch.nn.functional.one_hot(positions, x.shape[1]).to(cot.dtype)  # [K, T]
+        cot = cot * mask[:, None, :, None]
     return cot
 
 
 def _weights(g: torch.Tensor, up_sae: SAE, up_clean: State, up_patch: State,
-             up_nodes: torch.Tensor) -> torch.Tensor:
+             up_nodes: torch.Tensor, up_pos: torch.Tensor | None = None) -> torch.Tensor:
     """[K, len(up_nodes)] from gradients g [K, B, T, d] at the upstream output: each upstream
-    node's (patch - clean) times its gradient (g . W_dec[j] for feature j, g for the error)."""
-    up_feats = up_nodes[up_nodes != ERROR]
-    w = []
-    if len(up_feats):
-        g_f = g @ up_sae.W_dec[up_feats].T  # [K, B, T, n_up]
-        w.append((g_f * (up_patch.f - up_clean.f)[..., up_feats]).sum((1, 2)))
-    if bool((up_nodes == ERROR).any()):
-        w.append((g * (up_patch.err - up_clean.err)).sum((1, 2, 3))[:, None])
-    return torch.cat(w, dim=1)
+    node's (patch - clean) times its gradient (g . W_dec[j] for feature j, g for the error),
+    summed over positions, or read at the node's own position when `up_pos` is given."""
+    feats = up_nodes != ERROR
+    safe = torch.where(feats, up_nodes, 0)
+    g_f = g @ up_sae.W_dec[safe].T  # [K, B, T, n_up]
+    per_pos = (g_f * (up_patch.f - up_clean.f)[..., safe]).sum(1)  # [K, T, n_up]
+    err = (g * (up_patch.err - up_clean.err)).sum((1, 3))  # [K, T]
+    per_pos = torch.where(feats, per_pos, err[..., None])
+    if up_pos is None:
+        return per_pos.sum(1)
+    return per_pos[:, up_pos, torch.arange(len(up_nodes))]

@@ -38,28 +38,34 @@ ERROR_MODES = ("node", "kept", "ablated", "removed")
 
 @dataclass(frozen=True)
 class NodeSet:
-    """Kept nodes: a feature mask per submodule, and whether its error term is kept."""
+    """Kept nodes: a feature mask per submodule ([d_sae], or [T, d_sae] for per-position
+    nodes) and whether its error term is kept ([] or [T])."""
 
-    features: dict[str, torch.Tensor]  # bool [d_sae]
-    errors: dict[str, bool]
+    features: dict[str, torch.Tensor]
+    errors: dict[str, torch.Tensor]
 
     def complement(self) -> NodeSet:
-        return NodeSet({k: ~v for k, v in self.features.items()}, {k: not v for k, v in self.errors.items()})
+        return NodeSet({k: ~v for k, v in self.features.items()}, {k: ~v for k, v in self.errors.items()})
 
     @property
     def size(self) -> int:
-        return sum(int(v.sum()) for v in self.features.values()) + sum(self.errors.values())
+        return sum(int(v.sum()) for v in self.features.values()) + sum(int(v.sum()) for v in self.errors.values())
 
 
-def node_set(subs: list[Submodule], dicts: dict[str, SAE], nodes: list[tuple[str, int]]) -> NodeSet:
-    """A NodeSet from (submodule name, feature index or ERROR) pairs."""
-    feats = {s.name: torch.zeros(dicts[s.name].d_sae, dtype=torch.bool) for s in subs}
-    errs = dict.fromkeys(feats, False)
-    for name, i in nodes:
+def node_set(subs: list[Submodule], dicts: dict[str, SAE], nodes, length: int | None = None) -> NodeSet:
+    """A NodeSet from (submodule name, feature index or ERROR[, position]) keys; per-position
+    keys (position not None) need the prompts' `length`."""
+    shape = () if length is None else (length,)
+    feats = {s.name: torch.zeros(*shape, dicts[s.name].d_sae, dtype=torch.bool) for s in subs}
+    errs = {s.name: torch.zeros(shape, dtype=torch.bool) for s in subs}
+    for name, i, *pos in nodes:
+        at = pos[0] if pos and pos[0] is not None else ...
+        if at is not ... and length is None:
+            raise ValueError("per-position nodes need the prompt length")
         if i == ERROR:
-            errs[name] = True
+            errs[name][at] = True
         else:
-            feats[name][i] = True
+            feats[name][at, i] = True
     return NodeSet(feats, errs)
 
 
@@ -96,8 +102,10 @@ def ablated_metric(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: 
         f = torch.where(keep.features[s.name], f, abl.f)
         if errors == "removed":
             err = torch.zeros_like(err)
-        elif errors == "ablated" or (errors == "node" and not keep.errors[s.name]):
+        elif errors == "ablated":
             err = abl.err
+        elif errors == "node":
+            err = torch.where(keep.errors[s.name].unsqueeze(-1), err, abl.err)
         return sae.decode(f) + err
 
     hooks = [(s.hook_name, partial(splice, s=s)) for s in subs]
@@ -119,22 +127,33 @@ class Curve:
     f_empty: float
 
 
-def threshold_sets(subs, dicts, effects: dict[tuple[str, int], float],
-                   thresholds: list[float]) -> list[NodeSet]:
+def threshold_sets(subs, dicts, effects: dict[tuple, float], thresholds: list[float],
+                   length: int | None = None) -> list[NodeSet]:
     """The node set kept at each threshold (|effect| > threshold)."""
-    return [node_set(subs, dicts, [k for k, e in effects.items() if abs(e) > t]) for t in thresholds]
+    return [node_set(subs, dicts, [k for k, e in effects.items() if abs(e) > t], length) for t in thresholds]
 
 
-def random_sets(subs, dicts, effects: dict[tuple[str, int], float], sizes: list[int], draws: int,
-                seed: int = 0) -> list[list[NodeSet]]:
+def random_sets(subs, dicts, effects: dict[tuple, float], sizes: list[int], draws: int,
+                seed: int = 0, length: int | None = None) -> list[list[NodeSet]]:
     """`draws` random node sets of each size, drawn from the nodes with a nonzero effect."""
     rng = np.random.default_rng(seed)
     pool = list(effects)
-    return [[node_set(subs, dicts, [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)])
+    return [[node_set(subs, dicts, [pool[i] for i in rng.choice(len(pool), min(n, len(pool)), replace=False)],
+                      length)
              for _ in range(draws)] for n in sizes]
 
 
-def sweep_thresholds(effects: dict[tuple[str, int], float], chosen: float) -> list[float]:
+def prompt_length(effects: dict[tuple, float], data: Encoded) -> int | None:
+    """The single prompt length per-position node keys refer to (None for aggregated keys)."""
+    if not any(len(k) > 2 and k[2] is not None for k in effects):
+        return None
+    lengths = {b.clean.shape[1] for b in data.batches}
+    if len(lengths) != 1:
+        raise ValueError("per-position nodes need examples of one length")
+    return lengths.pop()
+
+
+def sweep_thresholds(effects: dict[tuple, float], chosen: float) -> list[float]:
     """Thresholds that keep 0, 1, 2, 4, ... and all nodes, plus the chosen one (descending)."""
     mags = sorted((abs(e) for e in effects.values()), reverse=True)
     points = {chosen, 0.0}
@@ -149,17 +168,19 @@ def sweep_thresholds(effects: dict[tuple[str, int], float], chosen: float) -> li
 
 @torch.no_grad()
 def curves(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
-           effects: dict[tuple[str, int], float], thresholds: list[float],
+           effects: dict[tuple, float], thresholds: list[float],
            ablations: tuple[str, ...] = ABLATIONS, errors: str = "node",
            random_draws: int = 3, progress: bool = False) -> list[Curve]:
     """Faithfulness/completeness curves over `thresholds` for each ablation.
 
-    `effects` maps (submodule name, feature index or ERROR) to the node's effect.
+    `effects` maps (submodule name, feature index or ERROR, position or None) to the
+    node's effect.
     """
-    sets = threshold_sets(subs, dicts, effects, thresholds)
+    length = prompt_length(effects, data)
+    sets = threshold_sets(subs, dicts, effects, thresholds, length)
     sizes = [s.size for s in sets]
-    rand = random_sets(subs, dicts, effects, sizes, random_draws)
-    empty = node_set(subs, dicts, [])
+    rand = random_sets(subs, dicts, effects, sizes, random_draws, length=length)
+    empty = node_set(subs, dicts, [], length)
     out = []
     for ablation in tqdm(ablations, desc="faithfulness", disable=not progress, leave=False):
         tot = {"model": 0.0, "empty": 0.0}

@@ -44,7 +44,7 @@ def discovery_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], t
     try:
         model = zoo.model
         subs = submodules(model)
-        data = encode(model, task, "train", params.n_examples)
+        data = encode(model, task, "train", params.n_examples, one_length=params.aggregation == "none")
         if data.n_examples == 0:
             reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
             raise UserError(f"task {task.name}: no usable examples ({reasons})")
@@ -54,6 +54,7 @@ def discovery_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], t
         _write_context(cat, writer, zoo, dicts, task)
         _write_activations(cat, writer, task, dicts, circuit)
         _write_circuit(writer, circuit_id, run_id, zoo.model_id, task, circuit, acc, dicts)
+        run_row["params"]["dropped"] = circuit.dropped
         writer.write("runs", [{**run_row, "status": "ok", "finished_at": _now()}])
         writer.finish()
     except (Exception, KeyboardInterrupt) as e:
@@ -134,7 +135,7 @@ def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c
             rows.append({"component": n.sub.component, "layer": n.sub.layer, "hook_name": n.sub.hook_name,
                          "dictionary_id": dicts[n.sub.name].dictionary_id, "feature_idx": n.feature,
                          "is_error": n.feature is None})
-        rows[-1].update(circuit_id=circuit_id, node_idx=idx, position=None, effect=n.effect, in_circuit=n.in_circuit)
+        rows[-1].update(circuit_id=circuit_id, node_idx=idx, position=n.position, effect=n.effect, in_circuit=n.in_circuit)
     w.write("nodes", rows)
     edges = w.table("edges")
     for i in range(0, len(c.edges), 50_000):
@@ -158,7 +159,9 @@ def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c
 
 @torch.no_grad()
 def top_features(c: Circuit, k: int = 5) -> list[str]:
-    """Short labels of the k strongest feature nodes, e.g. 'resid_0/123 +2.41'."""
+    """Short labels of the k strongest feature nodes, e.g. 'resid_0/123 +2.41' ('resid_0/123@4'
+    at position 4 under aggregation none)."""
     feats = [n for n in c.nodes if n.sub is not None and n.feature is not None]
     feats.sort(key=lambda n: -abs(n.effect))
-    return [f"{n.sub.name}/{n.feature} {n.effect:+.2f}" for n in feats[:k]]
+    return [f"{n.sub.name}/{n.feature}{'' if n.position is None else f'@{n.position}'} {n.effect:+.2f}"
+            for n in feats[:k]]

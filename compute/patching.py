@@ -1,8 +1,8 @@
 """Exact activation patching: the ground truth the attribution methods are checked against.
 
 A node is patched by replacing its clean value with its patch value (at every
-position, matching `sum` aggregation) and running the model forward once; its
-effect is the change in the metric, averaged over examples.
+position for `sum` aggregation, at its own position for `none`) and running the
+model forward once; its effect is the change in the metric, averaged over examples.
 """
 
 from __future__ import annotations
@@ -16,17 +16,21 @@ from compute.tasks import Batch
 
 @torch.no_grad()
 def patch_effects(model, sub: Submodule, sae: SAE, batch: Batch, clean: State, patch: State,
-                  nodes: list[int | None], chunk: int = 32) -> torch.Tensor:
-    """Exact effect of each node of one submodule (feature index, or None for the error term).
+                  nodes: list[int | None], positions: list[int | None] | None = None,
+                  chunk: int = 32) -> torch.Tensor:
+    """Exact effect of each node of one submodule (feature index, or None for the error term),
+    patched at every position or, where `positions` gives one, at that position only.
 
     Returns [len(nodes)], the metric change summed over the batch's examples.
     Many nodes share one forward pass: the batch is repeated once per node.
     """
     base = batch_metric(model(batch.clean), batch)
+    positions = positions or [None] * len(nodes)
     out = []
     for i in range(0, len(nodes), chunk):
         part = nodes[i : i + chunk]
-        deltas = torch.stack([_delta(sae, clean, patch, n) for n in part])  # [K, B, T, d]
+        deltas = torch.stack([_delta(sae, clean, patch, n, t)
+                              for n, t in zip(part, positions[i : i + chunk], strict=True)])  # [K, B, T, d]
         patched = (clean.x[None] + deltas).reshape(-1, *clean.x.shape[1:])
         logits = model.run_with_hooks(batch.clean.repeat(len(part), 1),
                                       fwd_hooks=[(sub.hook_name, lambda x, hook, v=patched: v)])
@@ -35,7 +39,13 @@ def patch_effects(model, sub: Submodule, sae: SAE, batch: Batch, clean: State, p
     return torch.cat(out)
 
 
-def _delta(sae: SAE, clean: State, patch: State, node: int | None) -> torch.Tensor:
+def _delta(sae: SAE, clean: State, patch: State, node: int | None, position: int | None) -> torch.Tensor:
     if node is None:
-        return patch.err - clean.err
-    return (patch.f[..., node] - clean.f[..., node])[..., None] * sae.W_dec[node]
+        d = patch.err - clean.err
+    else:
+        d = (patch.f[..., node] - clean.f[..., node])[..., None] * sae.W_dec[node]
+    if position is not None:
+        only = torch.zeros(d.shape[1], 1, dtype=d.dtype)
+        only[position] = 1
+        d = d * only
+    return d

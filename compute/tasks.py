@@ -116,19 +116,19 @@ class Encoded:
         return sum(len(b) for b in self.batches)
 
 
-def encode(model, task: Task, split: str = "train", limit: int | None = None) -> Encoded:
+def encode(model, task: Task, split: str = "train", limit: int | None = None,
+           one_length: bool = False) -> Encoded:
     """Tokenise a split, dropping examples the methods cannot use (as SFC does).
 
     An example is dropped when an answer is not a single token, or the clean and
     patch prompts differ in length. Kept examples are grouped by length so that
-    the metric reads the last position of every row.
+    the metric reads the last position of every row. With `one_length` (what
+    per-position aggregation needs) only the shortest prompts are kept, as SFC's
+    loader does; longer ones are dropped and counted. `limit` caps the examples kept.
     """
-    groups: dict[int, list[tuple[int, list[int], list[int], int, int]]] = {}
+    rows: list[tuple[int, list[int], list[int], int, int]] = []
     dropped: dict[str, int] = {}
-    kept = 0
     for idx, ex in task.split(split):
-        if limit is not None and kept >= limit:
-            break
         clean = model.to_tokens(ex["clean_prefix"])[0].tolist()
         patch = model.to_tokens(ex["patch_prefix"])[0].tolist() if "patch_prefix" in ex else clean
         answers = [_single_token(model, ex[k]) for k in ("clean_answer", "patch_answer") if k in ex]
@@ -139,18 +139,26 @@ def encode(model, task: Task, split: str = "train", limit: int | None = None) ->
         elif len(clean) > model.cfg.n_ctx:
             reason = "prompt longer than the model's context"
         else:
-            groups.setdefault(len(clean), []).append((idx, clean, patch, *answers))
-            kept += 1
+            rows.append((idx, clean, patch, *answers))
             continue
         dropped[reason] = dropped.get(reason, 0) + 1
+    if one_length and rows:
+        shortest = min(len(r[1]) for r in rows)
+        longer = sum(len(r[1]) > shortest for r in rows)
+        if longer:
+            dropped[f"longer than the shortest prompt ({shortest} tokens; aggregation none needs one length)"] = longer
+        rows = [r for r in rows if len(r[1]) == shortest]
+    groups: dict[int, list] = {}
+    for r in rows[:limit]:
+        groups.setdefault(len(r[1]), []).append(r)
     batches = []
-    for _, rows in sorted(groups.items()):
+    for _, group in sorted(groups.items()):
         if task.has_patch:
-            idx, clean, patch, ca, pa = zip(*rows, strict=True)
+            idx, clean, patch, ca, pa = zip(*group, strict=True)
             batches.append(Batch(torch.tensor(idx), torch.tensor(clean), torch.tensor(patch),
                                  torch.tensor(ca), torch.tensor(pa)))
         else:
-            idx, clean, _, ca = zip(*rows, strict=True)
+            idx, clean, _, ca = zip(*group, strict=True)
             batches.append(Batch(torch.tensor(idx), torch.tensor(clean), None, torch.tensor(ca), None))
     return Encoded(batches, dropped)
 

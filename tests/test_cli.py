@@ -156,6 +156,30 @@ def test_discover_options_reach_the_catalogue(tmp_path, dicts):
     assert json.loads(r.stdout) == [{"n": 1}]
 
 
+def test_per_position_aggregation_keeps_the_shortest_prompts(tmp_path, dicts):
+    """--aggregation none keeps one prompt length (SFC's loader), says what it dropped and why,
+    and stores a position on every feature node."""
+    f = tmp_path / "lengths.jsonl"
+    rows = [{"clean_prefix": f"the {s}", "patch_prefix": f"the {p}", "clean_answer": " runs",
+             "patch_answer": " run"} for s, p in grammar.NOUNS]
+    rows += [{"clean_prefix": f"the {s} near the dog", "patch_prefix": f"the {p} near the dog",
+              "clean_answer": " runs", "patch_answer": " run"} for s, p in grammar.NOUNS[:3]]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cat = tmp_path / "cat"
+    r = run_cli("discover", "--task-file", str(f), "--aggregation", "none", "--ablation", "mean", catalog=cat)
+    assert r.returncode == 0, r.stderr
+    assert "lengths: dropped 3 examples: longer than the shortest prompt (3 tokens" in r.stderr
+    r = run_cli("query", "SELECT aggregation, n_examples, n_dropped, faithfulness > 0.8 AS faithful, "
+                "(SELECT count(*) FROM nodes WHERE component <> 'metric' AND position IS NULL) AS no_position, "
+                "(SELECT max(position) FROM nodes) AS last, "
+                "(SELECT params->'dropped' FROM runs WHERE status = 'ok') AS dropped FROM circuits",
+                "--format", "json", catalog=cat)
+    (row,) = json.loads(r.stdout)
+    assert row == {"aggregation": "none", "n_examples": len(grammar.NOUNS), "n_dropped": 3, "faithful": True,
+                   "no_position": 0, "last": 2, "dropped": row["dropped"]}
+    assert list(json.loads(row["dropped"]).values()) == [3]
+
+
 def test_demo_evaluates_every_circuit_and_features_beat_neurons(demo_catalog):
     import catalog
     from cli import FEATURES_VS_NEURONS

@@ -105,3 +105,32 @@ def test_discovered_circuit_edges_sum_to_node_effects(tiny):
         assert out[i] == pytest.approx(node.effect, rel=1e-4), (node.sub.name, node.feature)
         checked += 1
     assert checked > 20
+
+
+def test_per_position_edges_sum_to_node_effects(tiny):
+    """Aggregation none: a node is a feature at a position; its edges (to nodes at the same or
+    later positions) still sum to its effect, and its effects over positions add up to the
+    aggregated effect."""
+    model, subs, dicts, batch = tiny
+    params = DiscoveryParams(method="atp", node_threshold=1e-9, edge_threshold=0.0, ablations=(), aggregation="none")
+    c = discover(model, subs, dicts, Encoded([batch]), params, progress=False)
+    summed = discover(model, subs, dicts, Encoded([batch]), DiscoveryParams(method="atp", ablations=()),
+                      progress=False).effects()
+    assert {n.position for n in c.nodes if n.sub is not None} == set(range(2, LENGTH))  # from the patch on
+    out = [0.0] * len(c.nodes)
+    for src, dst, w in c.edges:
+        out[src] += w
+        if c.nodes[dst].sub is not None:
+            assert c.nodes[dst].position >= c.nodes[src].position  # causal attention
+    top = max(abs(n.effect) for n in c.nodes)
+    checked = 0
+    for i, node in enumerate(c.nodes):
+        if node.sub is not None and abs(node.effect) > 1e-6 * top:
+            assert out[i] == pytest.approx(node.effect, rel=1e-4), (node.sub.name, node.feature, node.position)
+            checked += 1
+    assert checked > 40
+    over_positions: dict = {}
+    for (name, i, _), e in c.effects().items():
+        over_positions[(name, i, None)] = over_positions.get((name, i, None), 0.0) + e
+    for key, e in summed.items():
+        assert over_positions.get(key, 0.0) == pytest.approx(e, rel=1e-6, abs=1e-9)

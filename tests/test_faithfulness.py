@@ -95,3 +95,22 @@ def test_sweep_thresholds_keep_powers_of_two():
     t = sweep_thresholds(effects, 0.1)
     kept = [sum(abs(e) > x for e in effects.values()) for x in t]
     assert kept == [0, 1, 2, 4, 6, 6] and t == sorted(t, reverse=True) and 0.1 in t
+
+
+def test_per_position_circuit_full_is_one_and_empty_is_zero(zoo, subs, saes):
+    """Aggregation none: node sets are (feature, position) masks; keeping every one of them is
+    the plain model (1), keeping none is 0, and the circuit itself is faithful."""
+    data = encode(zoo.model, zoo.tasks["sva_across_pp"], "train", 16, one_length=True)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(aggregation="none", ablations=("mean",),
+                                                              random_draws=1), progress=False)
+    assert all(pos is not None for _, _, pos in c.effects())
+    length = data.batches[0].clean.shape[1]
+    every = {(s.name, i, t): 1.0 for s in subs for t in range(length)
+             for i in [*range(saes[s.name].d_sae), ERROR]}
+    for ablation in ("mean", "zero", "resample"):
+        (cv,) = curves(zoo.model, subs, saes, data, every, [2.0, 0.0], (ablation,), random_draws=1)
+        assert cv.n_nodes == [0, len(every)]
+        assert cv.faithfulness[0] == pytest.approx(0.0, abs=1e-6)
+        assert cv.faithfulness[1] == pytest.approx(1.0, abs=1e-6)
+    faith, comp = c.at_threshold("mean")
+    assert faith > 0.8 and comp < 0.3

@@ -47,6 +47,10 @@ def test_encode_groups_by_length_and_reports_drops(zoo):
     enc = encode(zoo.model, task)
     assert [b.clean.shape for b in enc.batches] == [(1, 3), (1, 6)]
     assert enc.dropped == {"clean and patch prompts differ in length": 1, "answer is not a single token": 1}
+    one = encode(zoo.model, task, one_length=True)  # per-position aggregation: shortest prompts only
+    assert [b.clean.shape for b in one.batches] == [(1, 3)]
+    assert one.dropped == {**enc.dropped,
+                           "longer than the shortest prompt (3 tokens; aggregation none needs one length)": 1}
 
 
 def test_zoo_is_cached(zoo):
