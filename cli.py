@@ -114,21 +114,26 @@ def _discovery_options(f):
     return f
 
 
+ZOO = click.option("--zoo", "zoo_name", type=click.Choice(["default", "cued"]), default="default", show_default=True,
+                   help="zoo model: default, or cued (a spurious preposition cue; task sva_pp_cue)")
+
+
 @main.command()
 @click.option("--task", "task_names", multiple=True, help="zoo task name (repeatable)")
 @click.option("--task-file", "task_files", multiple=True, type=click.Path(path_type=Path),
               help="JSONL task file in the Sparse Feature Circuits format (repeatable)")
 @click.option("--neurons", is_flag=True, help="use identity dictionaries (neurons as features) instead of SAEs")
+@ZOO
 @_discovery_options
 @click.pass_obj
-def discover(path: Path, task_names, task_files, neurons: bool, **params):
+def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, **params):
     """Discover circuits on the zoo model for zoo tasks or task files."""
     from compute.tasks import load_task_file
 
     if not task_names and not task_files:
         raise UserError("give at least one --task or --task-file")
     tasks = [load_task_file(f) for f in task_files]  # validate files before any heavy work
-    zoo, dicts = _zoo_and_dictionaries()
+    zoo, dicts = _zoo_and_dictionaries(zoo_name)
     for name in task_names:
         if name not in zoo.tasks:
             raise UserError(f"unknown task {name!r}; zoo tasks: {', '.join(sorted(zoo.tasks))}")
@@ -174,12 +179,12 @@ def demo(path: Path, neurons: bool, **params):
                f"FROM circuits JOIN nodes USING (circuit_id) WHERE in_circuit GROUP BY ALL\"")
 
 
-def _zoo_and_dictionaries():
+def _zoo_and_dictionaries(name: str = "default"):
     from compute.dictionaries import build_dictionaries
-    from compute.zoo import build_zoo
+    from compute.zoo import build_zoo, zoo_config
 
-    click.echo("zoo model (cached after the first build) ...", err=True)
-    zoo = build_zoo()
+    click.echo(f"{name} zoo model (cached after the first build) ...", err=True)
+    zoo = build_zoo(zoo_config(name))
     click.echo("dictionaries (cached after the first build) ...", err=True)
     return zoo, build_dictionaries(zoo)
 
@@ -279,6 +284,44 @@ def plot(path: Path, circuit_ids, task_names, errors: str, out: Path):
     if unknown:
         raise UserError(f"unknown circuit {sorted(unknown)[0]!r}; see `cli.py circuits`")
     click.echo(faithfulness_plot(cat, ids, out, errors))
+
+
+@main.command()
+@click.option("--task", "task_name", required=True, help="zoo task to measure again")
+@click.option("--features-sql", required=True,
+              help="read-only query returning dictionary_id, feature_idx: the features to ablate")
+@click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True,
+              help="value the features are set to (their mean over the measured prompts, or zero)")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="also draw the accuracies (PNG)")
+@ZOO
+@FORMAT
+@click.pass_obj
+def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: str, out: Path | None,
+         zoo_name: str, fmt: str):
+    """Ablate the features a SQL query chooses and measure a task again, per case (SHIFT)."""
+    import catalog
+    from compute.editing import worst_group
+    from compute.jobs import edit_job
+
+    cat = catalog.open(path)
+    cat.sql(features_sql)  # a bad query fails here, before the model is built
+    zoo, dicts = _zoo_and_dictionaries(zoo_name)
+    if task_name not in zoo.tasks:
+        raise UserError(f"unknown task {task_name!r}; {zoo_name} zoo tasks: {', '.join(sorted(zoo.tasks))}")
+    edit_id, measures = edit_job(cat, zoo, dicts, zoo.tasks[task_name], features_sql, ablation, split)
+    df = cat.sql("SELECT edit_id, subset, n_examples, n_features, round(metric_before, 3) AS metric_before, "
+                 "round(metric_after, 3) AS metric_after, round(accuracy_before, 3) AS accuracy_before, "
+                 "round(accuracy_after, 3) AS accuracy_after FROM edits WHERE edit_id = ? "
+                 "ORDER BY subset <> 'all', subset", [edit_id])
+    _output(df, fmt)
+    before, after = worst_group(measures)
+    click.echo(f"worst-group accuracy: {before.accuracy_before:.3f} ({before.subset}) -> "
+               f"{after.accuracy_after:.3f} ({after.subset})", err=True)
+    if out:
+        from catalog.plots import edit_plot
+
+        click.echo(edit_plot(cat, edit_id, out), err=True)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,34 @@ def faithfulness_plot(cat: Catalog, circuit_ids: list[str], out: Path, errors: s
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def edit_plot(cat: Catalog, edit_id: str, out: Path) -> Path:
+    """Accuracy and mean metric per case before and after an edit, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = cat.sql("SELECT * FROM edits WHERE edit_id = ? ORDER BY subset <> 'all', subset", [edit_id])
+    if df.empty:
+        raise UserError(f"unknown edit {edit_id!r}")
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 2.4 * len(df), 3.8))
+    x = list(range(len(df)))
+    ticks = [f"{s}\n(n={n})" for s, n in zip(df["subset"], df["n_examples"], strict=True)]
+    after = f"after (ablating {df['n_features'][0]} features, {df['ablation'][0]})"
+    for ax, col, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "metric", "mean metric on clean prompts (lower: more right)")):
+        ax.bar([i - 0.2 for i in x], df[f"{col}_before"], 0.4, label="before")
+        ax.bar([i + 0.2 for i in x], df[f"{col}_after"], 0.4, label=after)
+        ax.set_xticks(x, ticks)
+        ax.set_ylabel(label)
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0].set_ylim(0, 1.3)
+    axes[0].axhline(0.5, color="grey", lw=0.5, ls=":")
+    axes[0].legend(fontsize=7, loc="upper center", ncol=2)
+    fig.suptitle(f"{df['task_id'][0]}: before and after the edit", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -67,9 +67,27 @@ def open_catalog(root: str | Path) -> Catalog:
         raise UserError(f"catalogue {root} has schema version {version}, newer than this tool's "
                         f"{SCHEMA_VERSION}; upgrade the tool")
     if version < SCHEMA_VERSION:
+        _migrate(root, version)
+    return cat
+
+
+def _migrate(root: Path, version: int) -> None:
+    """Bring an older catalogue to this schema version: empty shards for the new tables, views
+    rebuilt on a copy of the DuckDB file that replaces it atomically. Committed runs are never
+    touched, so an interrupted migration leaves the catalogue as it was."""
+    if version < 1:
         raise UserError(f"catalogue {root} has schema version {version} and no migration to "
                         f"{SCHEMA_VERSION} exists; it was left unchanged")
-    return cat
+    _write_schema_shards(root)
+    tmp = root / (DB_FILE + ".migrating")
+    shutil.copyfile(root / DB_FILE, tmp)
+    con = duckdb.connect(str(tmp))
+    try:
+        _create_views(con, root)
+        con.execute("UPDATE _catalog SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+    finally:
+        con.close()
+    os.replace(tmp, root / DB_FILE)
 
 
 def _write_schema_shards(root: Path) -> None:
@@ -81,7 +99,12 @@ def _write_schema_shards(root: Path) -> None:
         w.table(name)
     w.finish()
     (root / "runs").mkdir(exist_ok=True)
-    os.replace(w.dir, root / "runs" / SCHEMA_RUN)
+    try:
+        os.replace(w.dir, root / "runs" / SCHEMA_RUN)
+    except OSError:  # another process migrating at the same moment got there first
+        if not (root / "runs" / SCHEMA_RUN).exists():
+            raise
+        shutil.rmtree(w.dir, ignore_errors=True)
 
 
 def _create_views(con, root: Path) -> None:

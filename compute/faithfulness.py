@@ -88,10 +88,10 @@ def ablated_states(clean: dict[str, State], ablation: str, dicts: dict[str, SAE]
     return out
 
 
-@torch.no_grad()
-def ablated_metric(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor, batch,
-                   keep: NodeSet, ablated: dict[str, State], errors: str = "node") -> torch.Tensor:
-    """Metric per example with the nodes outside `keep` ablated."""
+def ablation_hooks(subs: list[Submodule], dicts: dict[str, SAE], keep: NodeSet, ablated: dict[str, State],
+                   errors: str = "node") -> list:
+    """Forward hooks that splice each dictionary in and set the nodes outside `keep` to their
+    ablated value (features and error terms recomputed from the already modified input)."""
     if errors not in ERROR_MODES:
         raise ValueError(f"unknown error mode {errors!r}; choose from {', '.join(ERROR_MODES)}")
 
@@ -108,7 +108,14 @@ def ablated_metric(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: 
             err = torch.where(keep.errors[s.name].unsqueeze(-1), err, abl.err)
         return sae.decode(f) + err
 
-    hooks = [(s.hook_name, partial(splice, s=s)) for s in subs]
+    return [(s.hook_name, partial(splice, s=s)) for s in subs]
+
+
+@torch.no_grad()
+def ablated_metric(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor, batch,
+                   keep: NodeSet, ablated: dict[str, State], errors: str = "node") -> torch.Tensor:
+    """Metric per example with the nodes outside `keep` ablated."""
+    hooks = ablation_hooks(subs, dicts, keep, ablated, errors)
     return batch_metric(model.run_with_hooks(tokens, fwd_hooks=hooks), batch)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from functools import partial
 
 NOUNS = [
     ("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("horse", "horses"),
@@ -68,9 +69,17 @@ def _transitive(rng: random.Random) -> str:
     return f"the {_noun(rng, p)} {_verb(rng, TRANSITIVE, p)} the {_noun(rng, rng.random() < 0.5)} ."
 
 
-def _across_pp(rng: random.Random) -> str:
+def _across_pp(rng: random.Random, cue: bool = False) -> str:
     p, q = rng.random() < 0.5, rng.random() < 0.5
-    return f"the {_noun(rng, p)} {rng.choice(PREPOSITIONS)} the {_noun(rng, q)} {_verb(rng, INTRANSITIVE, p)} ."
+    subject = _noun(rng, p)  # draws in the same order as ever, so the default corpus is unchanged
+    prep = rng.choice(CUE_PREPOSITIONS[p]) if cue else rng.choice(PREPOSITIONS)
+    return f"the {subject} {prep} the {_noun(rng, q)} {_verb(rng, INTRANSITIVE, p)} ."
+
+
+# The spurious cue of the `cued` zoo: in its corpus the preposition gives away the subject's
+# number (singular subjects take the first pair, plural the second), a shortcut that a model can
+# learn instead of, or beside, agreement with the subject itself.
+CUE_PREPOSITIONS = (("near", "beside"), ("behind", "above"))
 
 
 def _relative_clause(rng: random.Random) -> str:
@@ -99,10 +108,11 @@ SENTENCE_TEMPLATES: list[tuple[Callable[[random.Random], str], float]] = [
 ]
 
 
-def corpus(n_sentences: int, seed: int) -> list[str]:
-    """Sample a training corpus of whole sentences from the grammar."""
+def corpus(n_sentences: int, seed: int, cue: bool = False) -> list[str]:
+    """Sample a training corpus of whole sentences from the grammar (`cue`: with the spurious
+    preposition cue in every prepositional phrase)."""
     rng = random.Random(seed)
-    makers = [m for m, _ in SENTENCE_TEMPLATES]
+    makers = [partial(m, cue=True) if cue and m is _across_pp else m for m, _ in SENTENCE_TEMPLATES]
     weights = [w for _, w in SENTENCE_TEMPLATES]
     return [rng.choices(makers, weights)[0](rng) for _ in range(n_sentences)]
 
@@ -121,6 +131,18 @@ def _sva_across_pp(rng: random.Random) -> Example:
     tail = f"{prep} the {a[q]}"
     return _pair(f"the {n[p]} {tail}", f"the {n[1 - p]} {tail}", vb[p], vb[1 - p],
                  f"{_number(p)}_{_number(q)}")
+
+
+def _sva_pp_cue(rng: random.Random) -> Example:
+    """Agreement across a PP where the preposition may carry the spurious cue: `aligned` pairs
+    change subject and cue together (as in the cued corpus); `conflicting` pairs keep the
+    preposition of the other number, so only agreement with the subject gets them right."""
+    n, a, vb = rng.choice(NOUNS), rng.choice(NOUNS), rng.choice(INTRANSITIVE)
+    p, q, j = rng.random() < 0.5, rng.random() < 0.5, rng.randrange(2)
+    conflicting = rng.random() < 0.5
+    prep_c, prep_p = CUE_PREPOSITIONS[p ^ conflicting][j], CUE_PREPOSITIONS[(1 - p) ^ conflicting][j]
+    return _pair(f"the {n[p]} {prep_c} the {a[q]}", f"the {n[1 - p]} {prep_p} the {a[q]}", vb[p], vb[1 - p],
+                 "conflicting" if conflicting else "aligned")
 
 
 def _sva_across_rc(rng: random.Random) -> Example:
@@ -173,7 +195,12 @@ TASKS: dict[str, Callable[[random.Random], Example]] = {
     "ioi": _ioi_task,
 }
 
+# Tasks of the cued zoo only (trained with `corpus(..., cue=True)`).
+CUE_TASKS: dict[str, Callable[[random.Random], Example]] = {"sva_pp_cue": _sva_pp_cue}
+
 TASK_DESCRIPTIONS = {
+    "sva_pp_cue": "agreement across a PP whose preposition may carry a spurious number cue "
+                  "(cases aligned / conflicting)",
     "sva_simple": "subject-verb agreement: the cat -> runs / the cats -> run",
     "sva_across_pp": "agreement across a prepositional phrase: the cat near the dogs -> runs",
     "sva_across_rc": "agreement across a relative clause: the cat that the dogs like -> runs",
@@ -185,10 +212,11 @@ TASK_DESCRIPTIONS = {
 
 def task_examples(name: str, n: int, seed: int) -> Iterator[Example]:
     """Up to `n` distinct examples of one task, in a fixed pseudo-random order."""
+    make = TASKS.get(name) or CUE_TASKS[name]
     rng = random.Random(f"{name}:{seed}")
     seen: set[tuple[str, str, str]] = set()
     for _ in range(50 * n):
-        ex = TASKS[name](rng)
+        ex = make(rng)
         key = (ex["clean_prefix"], ex["patch_prefix"], ex["clean_answer"])
         if key not in seen:
             seen.add(key)

@@ -81,7 +81,7 @@ def _record_failure(cat: Catalog, run_row: dict, error: Exception) -> None:
 
 def _write_context(cat: Catalog, w, zoo: Zoo, dicts: dict[str, TrainedDictionary], task: Task) -> None:
     cfg = zoo.model.cfg
-    w.write("models", [{"model_id": zoo.model_id, "name": "zoo", "source": str(zoo.path),
+    w.write("models", [{"model_id": zoo.model_id, "name": zoo.name, "source": str(zoo.path),
                         "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
                         "config": json.loads((zoo.path / "config.json").read_text()),
                         "weights_hash": zoo.weights_hash}])
@@ -165,3 +165,59 @@ def top_features(c: Circuit, k: int = 5) -> list[str]:
     feats.sort(key=lambda n: -abs(n.effect))
     return [f"{n.sub.name}/{n.feature}{'' if n.position is None else f'@{n.position}'} {n.effect:+.2f}"
             for n in feats[:k]]
+
+
+def edit_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], task: Task, features_sql: str,
+             ablation: str = "mean", split: str = "test") -> tuple[str, list]:
+    """Ablate the features a read-only query chose and measure the task again, as one run.
+
+    The query must return dictionary_id and feature_idx columns naming features of the
+    given dictionaries. Returns (edit_id, measures).
+    """
+    from compute.editing import edit_and_measure
+
+    chosen = cat.sql(features_sql)
+    missing = {"dictionary_id", "feature_idx"} - set(chosen.columns)
+    if missing:
+        raise UserError(f"the features query must return dictionary_id and feature_idx (missing: "
+                        f"{', '.join(sorted(missing))})")
+    chosen = chosen[["dictionary_id", "feature_idx"]].drop_duplicates()
+    if chosen.empty:
+        raise UserError("the features query chose no features; nothing was edited")
+    by_id = {d.dictionary_id: (name, d) for name, d in dicts.items()}
+    unknown = sorted(set(chosen["dictionary_id"]) - set(by_id))
+    if unknown:
+        raise UserError(f"the features query names dictionaries this model does not have: {', '.join(unknown[:3])}")
+    features: dict[str, list[int]] = {}
+    for dict_id, idx in chosen.itertuples(index=False):
+        name, d = by_id[dict_id]
+        if not 0 <= int(idx) < d.sae.d_sae:
+            raise UserError(f"feature {idx} is out of range for {dict_id} ({d.sae.d_sae} features)")
+        features.setdefault(name, []).append(int(idx))
+    run_id, edit_id = new_id("run"), new_id("edit")
+    started = _now()
+    writer = cat.new_run(run_id)
+    try:
+        measures = edit_and_measure(zoo.model, submodules(zoo.model), {k: d.sae for k, d in dicts.items()}, task,
+                                    features, ablation, split)
+        _write_context(cat, writer, zoo, dicts, task)
+        common = {"edit_id": edit_id, "run_id": run_id, "model_id": zoo.model_id, "task_id": task.name,
+                  "split": split, "ablation": ablation, "features_sql": features_sql, "n_features": len(chosen),
+                  "created_at": _now()}
+        writer.write("edits", [{**common, "subset": m.subset, "n_examples": m.n_examples,
+                                "metric_before": m.metric_before, "metric_after": m.metric_after,
+                                "accuracy_before": m.accuracy_before, "accuracy_after": m.accuracy_after}
+                               for m in measures])
+        writer.write("edit_features", [{"edit_id": edit_id, "dictionary_id": d, "feature_idx": int(i)}
+                                       for d, i in chosen.itertuples(index=False)])
+        writer.write("runs", [{"run_id": run_id, "kind": "edit", "status": "ok", "code_version": code_version(),
+                               "params": {"task": task.name, "features_sql": features_sql, "ablation": ablation,
+                                          "split": split},
+                               "started_at": started, "finished_at": _now()}])
+        writer.finish()
+    except (Exception, KeyboardInterrupt):
+        writer.abort()
+        shutil.rmtree(writer.dir, ignore_errors=True)
+        raise
+    cat.commit(run_id)
+    return edit_id, measures

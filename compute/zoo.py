@@ -36,9 +36,21 @@ class ZooConfig:
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
+    spurious_cue: bool = False  # the cued zoo: prepositions give away the subject's number
     task_train: int = 100
     task_test: int = 60
     version: int = 3  # bump when the grammar or training changes (3: deterministic kernels)
+
+
+def zoo_config(name: str = "default") -> ZooConfig:
+    """The named zoo models: `default`, and `cued` (trained on a corpus whose prepositions give
+    away the subject's number: the spurious cue of the editing demo, task sva_pp_cue)."""
+    if name not in ZOOS:
+        raise ValueError(f"unknown zoo {name!r}; choose from {', '.join(ZOOS)}")
+    return ZOOS[name]
+
+
+ZOOS = {"default": ZooConfig(), "cued": ZooConfig(spurious_cue=True)}
 
 
 @dataclass
@@ -49,6 +61,10 @@ class Zoo:
     path: Path
     config: ZooConfig
     tasks: dict[str, Task]
+
+    @property
+    def name(self) -> str:
+        return "zoo-cued" if self.config.spurious_cue else "zoo"
 
     @property
     def model_id(self) -> str:
@@ -132,7 +148,7 @@ def train(cfg: ZooConfig, tokenizer, progress: bool = True):
 
     torch.manual_seed(cfg.seed)
     model = HookedTransformer(model_config(cfg, len(tokenizer)), tokenizer=tokenizer)
-    sentences = grammar.corpus(cfg.train_sentences, cfg.seed)
+    sentences = grammar.corpus(cfg.train_sentences, cfg.seed, cue=cfg.spurious_cue)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(sentences), cfg.n_ctx), pad, dtype=torch.long)
     for i, s in enumerate(sentences):
@@ -166,7 +182,7 @@ def train(cfg: ZooConfig, tokenizer, progress: bool = True):
 def make_tasks(cfg: ZooConfig) -> dict[str, Task]:
     """Every zoo task with train and test splits."""
     tasks = {}
-    for name in grammar.TASKS:
+    for name in [*grammar.TASKS, *(grammar.CUE_TASKS if cfg.spurious_cue else ())]:
         rows = list(grammar.task_examples(name, cfg.task_train + cfg.task_test, cfg.seed))
         for i, r in enumerate(rows):
             r["split"] = "train" if i < cfg.task_train else "test"

@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: edits and edit_features
 
 metadata = MetaData()
 
@@ -163,6 +163,32 @@ evaluations = Table(
     Column("threshold", Double, primary_key=True, comment='node threshold of this point'),
     Column("n_nodes", Integer, comment='nodes kept at this point (features and error terms)'),
     Column("value", Double, comment='the measured value'),
+)
+
+edits = Table(
+    "edits", metadata,
+    Column("edit_id", String, primary_key=True, comment="unique id of the edit"),
+    Column("subset", String, primary_key=True, comment="an example case of the task, or 'all'"),
+    Column("run_id", String, comment="run that measured it"),
+    Column("model_id", String, comment="model edited"),
+    Column("task_id", String, comment="task re-measured"),
+    Column("split", String, comment="examples measured (train or test)"),
+    Column("ablation", String, comment="value the features were set to: mean or zero"),
+    Column("features_sql", String, comment="the query that chose the ablated features"),
+    Column("n_features", Integer, comment="features ablated (rows of edit_features)"),
+    Column("n_examples", Integer, comment="examples of the subset measured"),
+    Column("metric_before", Double, comment="mean task metric on clean prompts, unedited model"),
+    Column("metric_after", Double, comment="the same with the features ablated"),
+    Column("accuracy_before", Double, comment="accuracy on clean and patch prompts, unedited model"),
+    Column("accuracy_after", Double, comment="the same with the features ablated"),
+    Column("created_at", DateTime, comment="UTC time of the edit"),
+)
+
+edit_features = Table(
+    "edit_features", metadata,
+    Column("edit_id", String, primary_key=True, comment="edit that ablated the feature"),
+    Column("dictionary_id", String, primary_key=True, comment="dictionary of the feature"),
+    Column("feature_idx", Integer, primary_key=True, comment="index in the dictionary"),
 )
 
 TABLES = {t.name: t for t in metadata.sorted_tables}
