@@ -183,7 +183,7 @@ def _zoo_and_dictionaries(name: str = "default"):
     from compute.dictionaries import build_dictionaries
     from compute.zoo import build_zoo, zoo_config
 
-    click.echo(f"{name} zoo model (cached after the first build) ...", err=True)
+    click.echo(f"zoo model {name!r} (cached after the first build) ...", err=True)
     zoo = build_zoo(zoo_config(name))
     click.echo("dictionaries (cached after the first build) ...", err=True)
     return zoo, build_dictionaries(zoo)
