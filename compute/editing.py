@@ -17,7 +17,7 @@ import torch
 
 from compute.dictionaries import SAE, Submodule
 from compute.faithfulness import ablated_states, ablation_hooks, node_set
-from compute.spliced import metric, states
+from compute.spliced import metric, prompts_right, states
 from compute.tasks import Batch, Task, encode
 
 EDIT_ABLATIONS = ("mean", "zero")
@@ -71,14 +71,7 @@ def edit_and_measure(model, subs: list[Submodule], dicts: dict[str, SAE], task: 
 
 def _measure(last: torch.Tensor, b: Batch) -> tuple[list[float], list[int]]:
     """Per example: the metric on its clean prompt, and how many of its prompts are right."""
-    n = len(b)
-    m = metric(last[:n, None], b.clean_answer, b.patch_answer).tolist()
-    if b.patch_answer is None:
-        return m, (last.argmax(-1) == b.clean_answer).int().tolist()
-    good, bad = b.clean_answer[:, None], b.patch_answer[:, None]
-    clean_right = last[:n].gather(1, good) > last[:n].gather(1, bad)
-    patch_right = last[n:].gather(1, bad) > last[n:].gather(1, good)
-    return m, (clean_right.int() + patch_right.int())[:, 0].tolist()
+    return metric(last[: len(b), None], b.clean_answer, b.patch_answer).tolist(), prompts_right(last, b).tolist()
 
 
 def _summary(subset: str, rows: list) -> Measure:

@@ -34,6 +34,19 @@ def metric(logits: torch.Tensor, clean_answer: torch.Tensor, patch_answer: torch
     return -clean if patch_answer is None else last.gather(1, patch_answer[:, None])[:, 0] - clean
 
 
+def prompts_right(last: torch.Tensor, b: Batch) -> torch.Tensor:
+    """Per example, how many of its prompts the model gets right, from last-position logits of
+    the clean prompts followed by the patch prompts: its own answer must outscore the contrast
+    answer (for a task without patch prompts: be the top prediction)."""
+    n = len(b)
+    if b.patch_answer is None:
+        return (last[:n].argmax(-1) == b.clean_answer).int()
+    good, bad = b.clean_answer[:, None], b.patch_answer[:, None]
+    clean_right = last[:n].gather(1, good) > last[:n].gather(1, bad)
+    patch_right = last[n:].gather(1, bad) > last[n:].gather(1, good)
+    return (clean_right.int() + patch_right.int())[:, 0]
+
+
 def batch_metric(logits: torch.Tensor, batch: Batch, repeat: int = 1) -> torch.Tensor:
     pa = None if batch.patch_answer is None else batch.patch_answer.repeat(repeat)
     return metric(logits, batch.clean_answer.repeat(repeat), pa)

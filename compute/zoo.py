@@ -218,17 +218,12 @@ def build_zoo(cfg: ZooConfig | None = None, progress: bool = True) -> Zoo:
 def accuracy(model, task: Task, split: str = "test") -> float:
     """Fraction of prompts (clean and patch) whose own answer outscores the contrast answer
     (for a task without patch prompts: whose answer is the top prediction)."""
+    from compute.spliced import prompts_right
     from compute.tasks import encode
 
     right = total = 0
     for b in encode(model, task, split).batches:
-        if b.patch is None:  # no contrast answer: the answer must be the top prediction
-            right += int((model(b.clean)[:, -1].argmax(-1) == b.clean_answer).sum())
-            total += len(b)
-            continue
-        for toks, good, bad in ((b.clean, b.clean_answer, b.patch_answer),
-                                (b.patch, b.patch_answer, b.clean_answer)):
-            last = model(toks)[:, -1]
-            right += int((last.gather(1, good[:, None]) > last.gather(1, bad[:, None])).sum())
-            total += len(toks)
+        tokens = b.clean if b.patch is None else torch.cat([b.clean, b.patch])
+        right += int(prompts_right(model(tokens)[:, -1], b).sum())
+        total += len(tokens)
     return right / max(total, 1)
