@@ -64,12 +64,23 @@ FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "csv", "jso
 @click.argument("sql", required=False)
 @click.option("--file", "sql_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="read the SQL from a file")
+@click.option("--list", "list_named", is_flag=True, help="list the named queries (table macros) and exit")
 @FORMAT
 @click.pass_obj
-def query(path: Path, sql: str | None, sql_file: Path | None, fmt: str):
-    """Run a read-only SQL query against the catalogue."""
+def query(path: Path, sql: str | None, sql_file: Path | None, list_named: bool, fmt: str):
+    """Run a read-only SQL query against the catalogue (`--list`: the named queries it can call)."""
     import catalog
 
+    if list_named:
+        import pandas as pd
+
+        from catalog.macros import listed
+
+        if fmt == "table":
+            click.echo("\n".join(f"{q.signature:38} {q.summary}" for q in listed()))
+        else:
+            _output(pd.DataFrame([{"query": q.signature, "summary": q.summary} for q in listed()]), fmt)
+        return
     if (sql is None) == (sql_file is None):
         raise UserError("give either SQL or --file, not both or neither")
     text = sql_file.read_text() if sql_file else sql
@@ -322,6 +333,146 @@ def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: st
         from catalog.plots import edit_plot
 
         click.echo(edit_plot(cat, edit_id, out), err=True)
+
+
+# ---- the query layer: compare, diff, paths, pictures, exports ----------------------------------
+
+def _circuit_selection(f):
+    for opt in reversed([
+        click.argument("circuit_ids", nargs=-1),
+        click.option("--task", "tasks", multiple=True, help="circuits of this task (repeatable)"),
+        click.option("--method", "methods", multiple=True, help="circuits found by this method (repeatable)"),
+        click.option("--model", "models", multiple=True, help="circuits of this model (repeatable)"),
+        click.option("--sql", "select_sql", help="read-only query returning the circuit_id column"),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@_circuit_selection
+@click.option("--top-k", "k", type=int, help="compare each circuit's k strongest features (default: those in the circuit)")
+@click.option("--matrix", "matrix_csv", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the feature x circuit effect matrix as CSV")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="draw the matrix and overlaps (PNG)")
+@FORMAT
+@click.pass_obj
+def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matrix_csv, out, fmt):
+    """Compare circuits: shared and unique features, Jaccard overlap, rank correlation (default: all)."""
+    import catalog
+    from catalog.compare import compare as compare_circuits
+    from catalog.compare import select_circuits
+
+    cat = catalog.open(path)
+    ids = select_circuits(cat, circuit_ids, tasks, methods, models, select_sql)
+    cmp = compare_circuits(cat, ids, k)
+    labels = cmp.circuits.set_index("circuit_id").label
+    pairs = cmp.overlap.assign(a=cmp.overlap.circuit_a.map(labels), b=cmp.overlap.circuit_b.map(labels))
+    pairs = pairs[["a", "b", "n_a", "n_b", "n_shared", "jaccard", "rank_corr", "circuit_a", "circuit_b"]]
+    _output(pairs.round(3), fmt)
+    if fmt == "table":
+        counts = cmp.shared.groupby("n_circuits").size()
+        click.echo(f"{len(cmp.shared)} features over {len(ids)} circuits; {len(cmp.in_all())} in all of them; "
+                   f"{len(cmp.unique())} unique to one; held by k circuits: {counts.to_dict()}")
+    if matrix_csv:
+        cmp.matrix().to_csv(matrix_csv)
+        click.echo(f"wrote {matrix_csv}", err=True)
+    if out:
+        click.echo(f"wrote {cmp.heatmap(out)}", err=True)
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--match", type=click.Choice(["auto", "key", "decoder"]), default="auto", show_default=True,
+              help="how nodes correspond: structural key, decoder-direction cosine (other dictionaries or "
+                   "models), or auto")
+@click.option("--min-similarity", default=0.7, show_default=True, help="decoder cosine needed for a match")
+@click.option("--tol", default=1e-9, show_default=True, help="|delta| above which a shared node or edge is 'changed'")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="write nodes.csv, edges.csv, matches.csv and summary.csv to this folder")
+@FORMAT
+@click.pass_obj
+def diff(path: Path, a: str, b: str, match: str, min_similarity: float, tol: float, out: Path | None, fmt: str):
+    """What circuit B does differently from circuit A: nodes and edges added, removed, changed."""
+    import catalog
+    from catalog.diff import diff as diff_circuits
+
+    d = diff_circuits(catalog.open(path), a, b, match, min_similarity, tol)
+    if fmt == "table":
+        click.echo(d.summary_text(), nl=False)
+    else:
+        _output(d.counts(), fmt)
+    if out:
+        for f in d.write(out):
+            click.echo(f"wrote {f}", err=True)
+
+
+@main.command()
+@click.argument("circuit_id")
+@click.option("--to", "target", type=int, help="node_idx to reach (default: the metric)")
+@click.option("-k", "k", default=5, show_default=True, help="how many paths")
+@FORMAT
+@click.pass_obj
+def paths(path: Path, circuit_id: str, target: int | None, k: int, fmt: str):
+    """The k strongest paths from the embedding to the metric (or a node): product of edge weights."""
+    import catalog
+    from catalog.graph import paths as strongest_paths
+
+    df = strongest_paths(catalog.open(path), circuit_id, k, target)
+    if df.empty:
+        raise UserError("no path from the embedding reaches that node")
+    _output(df[["rank", "strength", "hops", "route", "path"]], fmt)
+
+
+@main.command()
+@click.argument("circuit_id")
+@click.argument("node", type=int)
+@click.option("--direction", type=click.Choice(["ancestors", "descendants"]), default="ancestors",
+              show_default=True)
+@click.option("--hops", default=2, show_default=True, help="at most this many edges away")
+@FORMAT
+@click.pass_obj
+def neighbours(path: Path, circuit_id: str, node: int, direction: str, hops: int, fmt: str):
+    """The ancestors or descendants of a node within a number of hops."""
+    import catalog
+    from catalog.graph import neighbours as near
+
+    _output(near(catalog.open(path), circuit_id, node, hops, direction), fmt)
+
+
+@main.command()
+@click.argument("circuit_id")
+@click.option("--diff", "other", help="draw the diff from CIRCUIT_ID to this circuit instead")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("circuit.html"),
+              show_default=True)
+@click.option("--max-per-row", default=40, show_default=True, help="strongest nodes drawn per layer and position")
+@click.pass_obj
+def render(path: Path, circuit_id: str, other: str | None, out: Path, max_per_row: int):
+    """Draw a circuit (or a diff of two) as one self-contained HTML file with inline SVG."""
+    import catalog
+    from catalog.render import render_circuit, render_diff
+
+    cat = catalog.open(path)
+    done = (render_diff(cat, circuit_id, other, out, max_per_row) if other
+            else render_circuit(cat, circuit_id, out, max_per_row))
+    click.echo(f"wrote {done}")
+
+
+@main.command()
+@click.argument("circuit_id")
+@click.option("--to", "kind", type=click.Choice(["circuit-tracer", "graphml"]), default="circuit-tracer",
+              show_default=True, help="graph JSON for circuit-tracer's and Neuronpedia's viewers, or GraphML")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.pass_obj
+def export(path: Path, circuit_id: str, kind: str, out: Path):
+    """Export a circuit for other tools: circuit-tracer / Neuronpedia graph JSON, or GraphML."""
+    import catalog
+    from catalog.graph import write_circuit_tracer_json, write_graphml
+
+    cat = catalog.open(path)
+    done = write_graphml(cat, circuit_id, out) if kind == "graphml" else write_circuit_tracer_json(cat, circuit_id, out)
+    click.echo(f"wrote {done}")
 
 
 if __name__ == "__main__":

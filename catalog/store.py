@@ -2,7 +2,7 @@
 
 Layout of a catalogue directory:
 
-    catalog.duckdb            schema version and one view per table
+    catalog.duckdb            schema version, one view per table, the named-query macros
     runs/<run_id>/            committed runs: <table>.parquet shards + manifest.json
     staging/<run_id>/         runs being written by workers (invisible)
 
@@ -26,6 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from catalog.errors import UserError
+from catalog.macros import create_macros
 from catalog.query import check_read_only
 from catalog.shards import MANIFEST, RunWriter
 from schema.derive import view_sql
@@ -111,6 +112,7 @@ def _create_views(con, root: Path) -> None:
     con.execute(f"SET file_search_path = '{_sql_str(root.resolve())}'")
     for name in TABLES:
         con.execute(view_sql(name, f"runs/*/{name}.parquet"))
+    create_macros(con)
 
 
 def _sql_str(p) -> str:

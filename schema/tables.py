@@ -18,7 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 2  # 2: edits and edit_features
+SCHEMA_VERSION = 3  # 2: edits and edit_features; 3: named-query macros (catalog.macros)
 
 metadata = MetaData()
 

@@ -7,8 +7,9 @@ import pytest
 
 import catalog
 from catalog.errors import UserError
+from catalog.macros import NAMED_QUERIES
 from schema.derive import arrow_schema, column_docs
-from schema.tables import TABLES
+from schema.tables import SCHEMA_VERSION, TABLES
 
 
 def _task_run(cat, run_id, content_hash="h1"):
@@ -86,27 +87,31 @@ def test_newer_catalogue_version_is_refused_unchanged(tmp_path):
 
 
 def test_version_1_catalogue_is_migrated_keeping_its_data(tmp_path):
-    """A catalogue written before the edit tables existed opens, gains them, and keeps its runs."""
+    """A catalogue written before the edit tables and named queries existed opens, gains them, and
+    keeps its runs."""
     root = tmp_path / "c"
     cat = catalog.init(root)
     w = cat.new_run("run-old")
     w.write("tasks", [{"task_id": "t", "name": "t", "n_examples": 3}])
     w.finish()
     cat.commit("run-old")
-    shutil.move(root / "runs" / "_schema-v2", root / "runs" / "_schema-v1")  # what v1 wrote
+    shutil.move(root / "runs" / f"_schema-v{SCHEMA_VERSION}", root / "runs" / "_schema-v1")  # what v1 wrote
     for table in ("edits", "edit_features"):
         (root / "runs" / "_schema-v1" / f"{table}.parquet").unlink()
     con = duckdb.connect(str(root / "catalog.duckdb"))
     con.execute("DROP VIEW edits")
     con.execute("DROP VIEW edit_features")
+    for q in NAMED_QUERIES:
+        con.execute(f"DROP MACRO {'' if q.scalar else 'TABLE '}{q.name}")
     con.execute("UPDATE _catalog SET value = '1' WHERE key = 'schema_version'")
     con.close()
     migrated = catalog.open(root)
-    assert migrated.schema_version() == 2
+    assert migrated.schema_version() == SCHEMA_VERSION
     assert migrated.sql("SELECT count(*) AS n FROM edits")["n"][0] == 0
+    assert migrated.sql("SELECT * FROM diff_summary('a', 'b')").empty  # the named queries exist
     assert migrated.sql("SELECT task_id, n_examples FROM tasks").to_dict("records") == [{"task_id": "t",
                                                                                        "n_examples": 3}]
-    assert catalog.open(root).schema_version() == 2  # a second open has nothing to do
+    assert catalog.open(root).schema_version() == SCHEMA_VERSION  # a second open has nothing to do
 
 
 def test_missing_and_foreign_catalogues_are_refused(tmp_path):

@@ -1,0 +1,244 @@
+"""Query-layer benchmark: diff of two circuits and comparison of 100 circuits, DuckDB against pandas.
+
+    python bench/queries.py                 # 1M edges, then 10M
+    python bench/queries.py --scales 1e6    # one scale
+
+Synthetic circuits are written into a temporary catalogue as Parquet shards, exactly as a
+worker writes them. At each scale E:
+- diff: circuits A and B of E edges each over E/50 nodes; B renumbers every node (so nodes must
+  be matched by key), drops 10% of A's nodes' circuit membership, changes half of the edge
+  weights, removes 10% of the edges and adds as many new ones.
+- compare: 100 circuits of E/100 in-circuit features each, drawn from a shared pool so that a
+  feature sits in about 10 of them: shared features, pairwise Jaccard and rank correlation
+  (the comparison reads nodes only; the circuits' edges play no part in it).
+DuckDB runs the catalogue's own macros (`node_diff`, `edge_diff`, `feature_overlap`); pandas
+does the same computation with merges and group-bys on the same shards. Each measurement runs
+in a fresh process (best of 3 for the time; peak memory = the process's peak RSS above what it
+held before the first run), and both answers are checked to agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import catalog  # noqa: E402
+from catalog.synthetic import write_circuit  # noqa: E402
+
+SUBS = [("embed", -1)] + [(c, i) for i in range(6) for c in ("attn", "mlp", "resid")]
+
+
+def _nodes(rng, n: int, pool: int, in_circuit: np.ndarray | None = None) -> dict:
+    sub = rng.integers(0, len(SUBS), n)
+    feats = np.empty(n, dtype=np.int64)
+    for s in range(len(SUBS)):  # distinct features within each submodule
+        idx = np.flatnonzero(sub == s)
+        feats[idx] = rng.choice(pool, size=len(idx), replace=False)
+    return {"node_idx": np.arange(n), "component": np.array([SUBS[s][0] for s in sub], dtype=object),
+            "layer": np.array([SUBS[s][1] for s in sub]), "dictionary_id": np.array([f"d{s}" for s in sub], dtype=object),
+            "feature_idx": feats, "is_error": np.zeros(n, bool), "position": np.array([None] * n, dtype=object),
+            "effect": rng.normal(size=n), "in_circuit": np.ones(n, bool) if in_circuit is None else in_circuit}
+
+
+def _edges(rng, n_nodes: int, n_edges: int) -> tuple[np.ndarray, np.ndarray]:
+    codes = np.unique(rng.integers(0, n_nodes * n_nodes, int(n_edges * 1.1)))
+    codes = rng.permutation(codes)[:n_edges]
+    return codes // n_nodes, codes % n_nodes
+
+
+def build(root: Path, n_edges: int, n_circuits: int = 100, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    cat = catalog.init(root)
+    n = max(n_edges // 50, 100)
+    a_nodes = _nodes(rng, n, pool=4 * n)
+    src, dst = _edges(rng, n, n_edges)
+    w = rng.normal(size=n_edges)
+    write_circuit(cat, a_nodes, {"src_idx": src, "dst_idx": dst, "weight": w}, circuit_id="A")
+    perm = rng.permutation(n)  # B's node perm[i] is A's node i
+    b_nodes = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in a_nodes.items()}
+    for k in b_nodes:
+        if k != "node_idx":
+            b_nodes[k] = np.empty_like(a_nodes[k])
+            b_nodes[k][perm] = a_nodes[k]
+    b_nodes["in_circuit"] = rng.random(n) > 0.1
+    b_nodes["effect"] = b_nodes["effect"] + rng.normal(scale=0.1, size=n) * (rng.random(n) < 0.5)
+    keep = rng.random(n_edges) > 0.1
+    wb = np.where(rng.random(n_edges) < 0.5, w + rng.normal(scale=0.1, size=n_edges), w)[keep]
+    new_src, new_dst = _edges(rng, n, int((~keep).sum()))
+    write_circuit(cat, b_nodes, {"src_idx": np.concatenate([perm[src[keep]], perm[new_src]]),
+                                 "dst_idx": np.concatenate([perm[dst[keep]], perm[new_dst]]),
+                                 "weight": np.concatenate([wb, rng.normal(size=len(new_src))])}, circuit_id="B")
+    m = max(n_edges // 100, 50)
+    empty = {"src_idx": np.zeros(0, np.int64), "dst_idx": np.zeros(0, np.int64), "weight": np.zeros(0)}
+    others = [{"circuit_id": f"c{i:03d}", "nodes": _nodes(rng, m, pool=max(10 * m // len(SUBS), m)), "edges": empty,
+               "task_id": f"task{i:03d}"} for i in range(1, n_circuits)]
+    write_circuit(cat, _nodes(rng, m, pool=max(10 * m // len(SUBS), m)), empty, circuit_id="c000",
+                  extra_circuits=others)
+
+
+# ---- the two engines ---------------------------------------------------------------------
+
+def duckdb_diff(root: Path):
+    cat = catalog.open(root)
+    nodes = cat.sql("SELECT status, count(*) AS n FROM node_diff('A', 'B') GROUP BY ALL")
+    edges = cat.sql("SELECT status, count(*) AS n FROM edge_diff('A', 'B') GROUP BY ALL")
+    return _counts(nodes), _counts(edges)
+
+
+def duckdb_compare(root: Path):
+    cat = catalog.open(root)
+    ids = [f"c{i:03d}" for i in range(100)]
+    ov = cat.sql("SELECT circuit_a, circuit_b, n_shared, jaccard, rank_corr FROM feature_overlap(?)", [ids])
+    return ov.sort_values(["circuit_a", "circuit_b"]).reset_index(drop=True)
+
+
+KEY = ["component", "layer", "dict_key", "feat_key", "is_error", "pos_key"]
+
+
+def _keyed(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(dict_key=df.dictionary_id.fillna(""), feat_key=df.feature_idx.fillna(-1).astype("int64"),
+                     pos_key=df.position.fillna(-1).astype("int64"))
+
+
+def pandas_diff(root: Path):
+    nodes = _keyed(pd.read_parquet(root / "runs", filters=[("circuit_id", "in", ["A", "B"])],
+                                   columns=["circuit_id", "node_idx", "component", "layer", "dictionary_id",
+                                            "feature_idx", "is_error", "position", "effect", "in_circuit"]))
+    edges = pd.read_parquet(root / "runs", filters=[("circuit_id", "in", ["A", "B"])],
+                            columns=["circuit_id", "src_idx", "dst_idx", "kind", "weight"])
+    na, nb = nodes[nodes.circuit_id == "A"], nodes[nodes.circuit_id == "B"]
+    for df in (na, nb):
+        df.loc[:, "rank"] = df.effect.abs().where(df.in_circuit).rank(ascending=False, method="min")
+    j = na.merge(nb, on=KEY, how="outer", suffixes=("_a", "_b"))
+    in_a, in_b = j.in_circuit_a.fillna(False).astype(bool), j.in_circuit_b.fillna(False).astype(bool)
+    delta = j.effect_b.fillna(0) - j.effect_a.fillna(0)
+    status = np.select([in_a & ~in_b, in_b & ~in_a, delta.abs() > 1e-9], ["removed", "added", "changed"], "same")
+    node_counts = pd.Series(status[(in_a | in_b).values]).value_counts()
+    keys = pd.concat([na[KEY], nb[KEY]]).drop_duplicates()
+    keys["kid"] = np.arange(len(keys))
+    ka, kb = na.merge(keys, on=KEY)[["node_idx", "kid"]], nb.merge(keys, on=KEY)[["node_idx", "kid"]]
+
+    def keyed_edges(e, k):
+        e = e.merge(k.rename(columns={"node_idx": "src_idx", "kid": "src_kid"}), on="src_idx")
+        e = e.merge(k.rename(columns={"node_idx": "dst_idx", "kid": "dst_kid"}), on="dst_idx")
+        return e.assign(rank=e.weight.abs().rank(ascending=False, method="min"))
+
+    ea = keyed_edges(edges[edges.circuit_id == "A"], ka)
+    eb = keyed_edges(edges[edges.circuit_id == "B"], kb)
+    je = ea.merge(eb, on=["src_kid", "dst_kid", "kind"], how="outer", suffixes=("_a", "_b"))
+    d = je.weight_b - je.weight_a
+    estatus = np.select([je.weight_b.isna(), je.weight_a.isna(), d.abs() > 1e-9], ["removed", "added", "changed"],
+                        "same")
+    return (node_counts.to_dict(), pd.Series(estatus).value_counts().to_dict())
+
+
+def pandas_compare(root: Path):
+    ids = [f"c{i:03d}" for i in range(100)]
+    nodes = pd.read_parquet(root / "runs", filters=[("circuit_id", "in", ids)],
+                            columns=["circuit_id", "dictionary_id", "feature_idx", "effect", "in_circuit"])
+    f = (nodes[nodes.in_circuit & nodes.feature_idx.notna()]
+         .groupby(["circuit_id", "dictionary_id", "feature_idx"], as_index=False).effect.sum())
+    sizes = f.groupby("circuit_id").size()
+    s = f.merge(f, on=["dictionary_id", "feature_idx"], suffixes=("_a", "_b"))
+    s = s[s.circuit_id_a < s.circuit_id_b]
+    g = s.groupby(["circuit_id_a", "circuit_id_b"])
+    s = s.assign(ra=g.effect_a.rank(method="min"), rb=g.effect_b.rank(method="min"))
+    s = s.assign(xy=s.ra * s.rb, xx=s.ra * s.ra, yy=s.rb * s.rb)
+    agg = s.groupby(["circuit_id_a", "circuit_id_b"]).agg(n=("ra", "size"), x=("ra", "sum"), y=("rb", "sum"),
+                                                         xy=("xy", "sum"), xx=("xx", "sum"), yy=("yy", "sum"))
+    cov = agg.xy / agg.n - agg.x * agg.y / agg.n**2
+    corr = cov / np.sqrt((agg.xx / agg.n - (agg.x / agg.n) ** 2) * (agg.yy / agg.n - (agg.y / agg.n) ** 2))
+    out = agg.reset_index().rename(columns={"circuit_id_a": "circuit_a", "circuit_id_b": "circuit_b", "n": "n_shared"})
+    out["jaccard"] = out.n_shared / (out.circuit_a.map(sizes).values + out.circuit_b.map(sizes).values - out.n_shared)
+    out["rank_corr"] = corr.values
+    return out[["circuit_a", "circuit_b", "n_shared", "jaccard", "rank_corr"]].sort_values(
+        ["circuit_a", "circuit_b"]).reset_index(drop=True)
+
+
+def _counts(df: pd.DataFrame) -> dict:
+    return dict(zip(df.status, df.n, strict=True))
+
+
+# ---- measuring -------------------------------------------------------------------------------
+
+def _measure(fn_name: str, root: str, repeat: int, q: mp.Queue) -> None:
+    fn = globals()[fn_name]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times, result = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        result = fn(Path(root))
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    q.put((min(times), peak / 1024, result))
+
+
+def measure(fn_name: str, root: Path, repeat: int, timeout: float):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(fn_name, str(root), repeat, q))
+    p.start()
+    try:
+        return q.get(timeout=timeout)
+    except Exception:  # noqa: BLE001  (timed out)
+        return None
+    finally:
+        p.kill()
+        p.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scales", nargs="+", type=float, default=[1e6, 1e7], help="edges per circuit")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds before a measurement is stopped")
+    args = ap.parse_args()
+    rows = []
+    for scale in args.scales:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "catalog"
+            t = time.perf_counter()
+            build(root, int(scale))
+            print(f"{int(scale):,} edges per circuit: catalogue written in {time.perf_counter() - t:.1f}s "
+                  f"({sum(f.stat().st_size for f in root.rglob('*.parquet')) / 2**20:.0f} MiB of Parquet)", flush=True)
+            for op in ("diff", "compare"):
+                d = measure(f"duckdb_{op}", root, args.repeat, args.timeout)
+                p = measure(f"pandas_{op}", root, args.repeat, args.timeout)
+                if d and p:
+                    same = (d[2] == p[2]) if op == "diff" else _same_overlap(d[2], p[2])
+                    assert same, f"{op}: DuckDB and pandas disagree"
+                if d and op == "diff":
+                    print(f"  diff: nodes {d[2][0]}, edges {d[2][1]}", flush=True)
+                rows.append({"edges": f"{int(scale):,}", "op": op,
+                             "duckdb_s": round(d[0], 3) if d else None, "pandas_s": round(p[0], 3) if p else None,
+                             "speedup": round(p[0] / d[0], 1) if d and p else None,
+                             "duckdb_peak_MiB": round(d[1]) if d else None, "pandas_peak_MiB": round(p[1]) if p else None,
+                             "answers_agree": bool(d and p)})
+                print(pd.DataFrame([rows[-1]]).to_string(index=False, header=len(rows) == 1), flush=True)
+    df = pd.DataFrame(rows)
+    print("\n" + df.to_string(index=False))
+    first = df[(df.op == "diff")].iloc[0]
+    print(f"\ngoal: diff at {first.edges} edges <= 1 s: {first.duckdb_s} s "
+          f"({'met' if first.duckdb_s <= 1 else 'missed'}); >= 5x pandas: {first.speedup}x "
+          f"({'met' if (first.speedup or 0) >= 5 else 'missed'})")
+
+
+def _same_overlap(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    return (len(a) == len(b) and (a.circuit_a.values == b.circuit_a.values).all()
+            and (a.n_shared.values == b.n_shared.values).all()
+            and np.allclose(a.jaccard.values, b.jaccard.values)
+            and np.allclose(a.rank_corr.values, b.rank_corr.values, equal_nan=True, atol=1e-9))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""A circuit as a graph: strongest paths, neighbourhoods, networkx, GraphML and viewer JSON.
+
+Paths and neighbourhoods are computed in SQL by the catalogue's recursive macros
+(`circuit_paths`, `ancestors`, `descendants`); networkx is the export (and the tests'
+independent reference), never the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import networkx as nx
+import pandas as pd
+
+from catalog.errors import UserError
+from catalog.store import Catalog
+
+NODES_SQL = """
+SELECT n.*, f.label, f.density, f.max_activation, d.kind AS dictionary_kind
+FROM nodes n LEFT JOIN features f USING (dictionary_id, feature_idx)
+LEFT JOIN dictionaries d USING (dictionary_id)
+WHERE n.circuit_id = ? {cond} ORDER BY n.node_idx
+"""
+
+
+def check_circuit(cat: Catalog, circuit_id: str) -> pd.Series:
+    """The circuit's row, or a clear error naming the command that lists circuits."""
+    row = cat.sql("SELECT * FROM circuits WHERE circuit_id = ?", [circuit_id])
+    if row.empty:
+        raise UserError(f"unknown circuit {circuit_id!r}; see `cli.py circuits`")
+    return row.iloc[0]
+
+
+def circuit_nodes(cat: Catalog, circuit_id: str, in_circuit_only: bool = True) -> pd.DataFrame:
+    """Nodes with their feature's label, density and maximum activation."""
+    return cat.sql(NODES_SQL.format(cond="AND n.in_circuit" if in_circuit_only else ""), [circuit_id])
+
+
+def node_label(r) -> str:
+    """attn_0/123, resid_1/err, embed/7@3, metric (the label a reader sees)."""
+    from catalog.diff import node_name
+
+    return node_name(r)
+
+
+def metric_node(cat: Catalog, circuit_id: str) -> int:
+    df = cat.sql("SELECT node_idx FROM nodes WHERE circuit_id = ? AND component = 'metric'", [circuit_id])
+    if df.empty:
+        raise UserError(f"circuit {circuit_id} has no metric node")
+    return int(df.node_idx.iloc[0])
+
+
+def paths(cat: Catalog, circuit_id: str, k: int = 5, to: int | None = None) -> pd.DataFrame:
+    """The k strongest paths from the embedding to a node (default: the metric), strength = the
+    product of edge weights along the path, ranked by its absolute value."""
+    check_circuit(cat, circuit_id)
+    if k < 1:
+        raise UserError("k must be at least 1")
+    target = metric_node(cat, circuit_id) if to is None else _check_node(cat, circuit_id, to)
+    df = cat.sql("SELECT * FROM circuit_paths(?, k := ?) WHERE node_idx = ? ORDER BY rank", [circuit_id, k, target])
+    names = _names(cat, circuit_id)
+    df["route"] = [" -> ".join(names[i] for i in p) for p in df.path]
+    return df
+
+
+def neighbours(cat: Catalog, circuit_id: str, node: int, hops: int = 2, direction: str = "ancestors") -> pd.DataFrame:
+    """Ancestors (nodes with a path into node) or descendants within `hops` edges, with the distance."""
+    check_circuit(cat, circuit_id)
+    if direction not in ("ancestors", "descendants"):
+        raise UserError("direction must be ancestors or descendants")
+    _check_node(cat, circuit_id, node)
+    df = cat.sql(f"SELECT * FROM {direction}(?, ?, hops := ?)", [circuit_id, node, hops])
+    df.insert(1, "name", [node_label(r) for r in df.itertuples()])
+    return df
+
+
+def _check_node(cat: Catalog, circuit_id: str, node: int) -> int:
+    ok = cat.sql("SELECT 1 FROM nodes WHERE circuit_id = ? AND node_idx = ?", [circuit_id, node])
+    if ok.empty:
+        raise UserError(f"circuit {circuit_id} has no node {node}")
+    return int(node)
+
+
+def _names(cat: Catalog, circuit_id: str) -> dict[int, str]:
+    nodes = circuit_nodes(cat, circuit_id, in_circuit_only=False)
+    return {int(r.node_idx): node_label(r) for r in nodes.itertuples()}
+
+
+def to_networkx(cat: Catalog, circuit_id: str, nodes: list[int] | None = None,
+                in_circuit_only: bool = True) -> nx.DiGraph:
+    """The circuit (or the subgraph on `nodes`) as a DiGraph: node attributes from `nodes` and
+    `features` (None left out), edge attributes weight and kind."""
+    row = check_circuit(cat, circuit_id)
+    df = circuit_nodes(cat, circuit_id, in_circuit_only)
+    if nodes is not None:
+        df = df[df.node_idx.isin(list(nodes))]
+    g = nx.DiGraph(circuit_id=circuit_id, task_id=row.task_id, method=row.method, model_id=row.model_id)
+    for r in df.to_dict("records"):
+        attrs = {k: _plain(v) for k, v in r.items() if k not in ("circuit_id", "node_idx") and not _missing(v)}
+        g.add_node(int(r["node_idx"]), name=node_label(pd.Series(r)), **attrs)
+    edges = cat.sql("SELECT src_idx, dst_idx, kind, weight FROM edges WHERE circuit_id = ?", [circuit_id])
+    keep = set(g.nodes)
+    for s, d, kind, w in edges.itertuples(index=False):
+        if s in keep and d in keep:
+            g.add_edge(int(s), int(d), weight=float(w), kind=kind)
+    return g
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v) or v is pd.NA
+
+
+def _plain(v):
+    """numpy scalars to Python ones (GraphML and JSON need them)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def write_graphml(cat: Catalog, circuit_id: str, out: Path) -> Path:
+    nx.write_graphml(to_networkx(cat, circuit_id), str(out))
+    return Path(out)
+
+
+def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
+    """The graph JSON that circuit-tracer's and Neuronpedia's attribution-graph viewers read:
+    metadata, qParams, nodes and links. Submodules are numbered in stream order (embedding 0,
+    then attn, mlp, resid of each block), the metric is the target logit node, and an
+    aggregated node sits at the last prompt position."""
+    row = check_circuit(cat, circuit_id)
+    nodes = circuit_nodes(cat, circuit_id)
+    example = cat.sql("SELECT clean_tokens, clean_prefix FROM examples WHERE task_id = ? "
+                      "ORDER BY split <> 'train', example_idx LIMIT 1", [row.task_id])
+    tokens = list(example.clean_tokens.iloc[0]) if len(example) else []
+    last = max(len(tokens) - 1, 0)
+    order = {"embed": 0, "attn": 1, "mlp": 2, "resid": 3}
+    n_layers = int(nodes.layer.max()) if len(nodes) else 0
+    ids, out_nodes = {}, []
+    for r in nodes.itertuples():
+        pos = last if pd.isna(r.position) else int(r.position)
+        if r.component == "metric":
+            layer, feature, ftype = str(3 * n_layers + 1), -1, "logit"
+        else:
+            layer = str(0 if r.component == "embed" else 3 * int(r.layer) + order[r.component])
+            feature = -1 if r.is_error else int(r.feature_idx)
+            ftype = f"{r.component} reconstruction error" if r.is_error else "sparse autoencoder feature"
+        node_id = f"{layer}_{feature}_{pos}"
+        ids[int(r.node_idx)] = node_id
+        out_nodes.append({
+            "node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": ftype,
+            "token_prob": 0.0, "is_target_logit": r.component == "metric", "run_idx": 0,
+            "reverse_ctx_idx": last - pos, "jsNodeId": f"{layer}_{feature}-{pos}",
+            "clerp": (r.label if isinstance(r.label, str) and r.label else node_label(r)),
+            "influence": float(abs(r.effect)), "activation": None})
+    edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ?", [circuit_id])
+    links = [{"source": ids[s], "target": ids[d], "weight": float(w)}
+             for s, d, w in edges.itertuples(index=False) if s in ids and d in ids]
+    dicts = sorted(nodes.dictionary_id.dropna().unique().tolist())
+    return {
+        "metadata": {"slug": f"{row.task_id}-{circuit_id}", "scan": row.model_id, "transcoder_list": dicts,
+                     "prompt_tokens": tokens, "prompt": example.clean_prefix.iloc[0] if len(example) else "",
+                     "node_threshold": float(row.node_threshold), "schema_version": 1,
+                     "info": {"circuit_id": circuit_id, "task_id": row.task_id, "method": row.method,
+                              "aggregation": row.aggregation, "metric": row.metric}},
+        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+        "nodes": out_nodes,
+        "links": links,
+    }
+
+
+def write_circuit_tracer_json(cat: Catalog, circuit_id: str, out: Path) -> Path:
+    Path(out).write_text(json.dumps(circuit_tracer_json(cat, circuit_id)))
+    return Path(out)

@@ -1,0 +1,283 @@
+"""Named queries: DuckDB table macros stored in the catalogue, so plain SQL can call them.
+
+    SELECT * FROM node_diff('circuit-a', 'circuit-b') WHERE status = 'added'
+
+They are created with the views (`catalog.store`), live in `catalog.duckdb` (any DuckDB
+client that opens it can call them), and back the Python API of `catalog.compare`,
+`catalog.diff` and `catalog.graph`. `cli.py query --list` prints this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NamedQuery:
+    name: str
+    params: str
+    summary: str
+    body: str
+    scalar: bool = False
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}({self.params})"
+
+    def create_sql(self) -> str:
+        kind = "" if self.scalar else "TABLE"
+        return f"CREATE OR REPLACE MACRO {self.signature} AS {kind}\n{self.body}"
+
+
+# The node key that names a node across circuits: NULLs become sentinels so that plain
+# equality joins work (the metric node has no dictionary, aggregated nodes no position).
+_KEY = ("component, layer, coalesce(dictionary_id, '') AS dict_key, coalesce(feature_idx, -1) AS feat_key, "
+        "is_error, coalesce(position, -1) AS pos_key")
+
+# A circuit's features (errors and the metric left out), effects summed over positions, ranked
+# by |effect|; k = NULL keeps the features in the circuit, k = N the N strongest nodes.
+_CIRCUIT_FEATURES = """
+SELECT circuit_id, c.task_id, c.method, c.model_id, dictionary_id, feature_idx,
+       any_value(n.component) AS component, any_value(n.layer) AS layer, sum(n.effect) AS effect,
+       row_number() OVER (PARTITION BY circuit_id ORDER BY abs(sum(n.effect)) DESC, dictionary_id, feature_idx)
+         AS rank
+FROM nodes n JOIN circuits c USING (circuit_id)
+WHERE list_contains(ids, circuit_id) AND feature_idx IS NOT NULL AND (k IS NOT NULL OR n.in_circuit)
+GROUP BY circuit_id, c.task_id, c.method, c.model_id, dictionary_id, feature_idx
+QUALIFY k IS NULL OR rank <= k
+"""
+
+_SHARED_FEATURES = """
+SELECT dictionary_id, feature_idx, any_value(component) AS component, any_value(layer) AS layer,
+       count(*) AS n_circuits, count(*) = len(list_distinct(ids)) AS in_all,
+       CASE WHEN count(*) = 1 THEN any_value(circuit_id) END AS unique_to,
+       list(task_id ORDER BY task_id) AS tasks, list(circuit_id ORDER BY task_id) AS circuits,
+       avg(effect) AS mean_effect
+FROM circuit_features(ids, k)
+GROUP BY dictionary_id, feature_idx
+ORDER BY n_circuits DESC, abs(mean_effect) DESC
+"""
+
+# Pairwise overlap; rank_corr is Spearman's correlation of the shared features' effects
+# (ranks taken among the shared features, so it asks: do they agree on the order?).
+_FEATURE_OVERLAP = """
+WITH f AS (SELECT * FROM circuit_features(ids, k)),
+sizes AS (SELECT circuit_id, count(*) AS n FROM f GROUP BY ALL),
+pairs AS (SELECT a.circuit_id AS circuit_a, b.circuit_id AS circuit_b
+          FROM sizes a JOIN sizes b ON a.circuit_id < b.circuit_id),
+shared AS (SELECT a.circuit_id AS circuit_a, b.circuit_id AS circuit_b, a.effect AS effect_a, b.effect AS effect_b
+           FROM f a JOIN f b USING (dictionary_id, feature_idx) WHERE a.circuit_id < b.circuit_id),
+ranked AS (SELECT circuit_a, circuit_b,
+                  rank() OVER (PARTITION BY circuit_a, circuit_b ORDER BY effect_a) AS ra,
+                  rank() OVER (PARTITION BY circuit_a, circuit_b ORDER BY effect_b) AS rb
+           FROM shared),
+stats AS (SELECT circuit_a, circuit_b, count(*) AS n_shared, corr(ra, rb) AS rank_corr FROM ranked GROUP BY ALL)
+SELECT p.circuit_a, p.circuit_b, ta.task_id AS task_a, tb.task_id AS task_b, sa.n AS n_a, sb.n AS n_b,
+       coalesce(s.n_shared, 0) AS n_shared,
+       coalesce(s.n_shared, 0) / (sa.n + sb.n - coalesce(s.n_shared, 0)) AS jaccard, s.rank_corr
+FROM pairs p JOIN sizes sa ON sa.circuit_id = p.circuit_a JOIN sizes sb ON sb.circuit_id = p.circuit_b
+JOIN circuits ta ON ta.circuit_id = p.circuit_a JOIN circuits tb ON tb.circuit_id = p.circuit_b
+LEFT JOIN stats s USING (circuit_a, circuit_b)
+ORDER BY jaccard DESC, p.circuit_a, p.circuit_b
+"""
+
+# Circuit B's nodes relabelled into A's terms: a matched feature takes A's (dictionary, index),
+# an error term takes A's dictionary of the same submodule. `features` and `dicts` are empty
+# when both circuits use the same dictionaries (then this is the identity).
+_MATCHED_NODES = f"""
+na AS (SELECT node_idx, effect, in_circuit, NULL::VARCHAR AS dictionary_b, NULL::BIGINT AS feature_b,
+              NULL::DOUBLE AS similarity, {_KEY}
+       FROM nodes WHERE circuit_id = a),
+fm AS (SELECT unnest(features::STRUCT(dict_b VARCHAR, feat_b BIGINT, dict_a VARCHAR, feat_a BIGINT,
+                                    similarity DOUBLE)[], recursive := true)),
+dm AS (SELECT unnest(dicts::STRUCT(dict_b VARCHAR, dict_a VARCHAR)[], recursive := true)),
+nb AS (SELECT node_idx, effect, in_circuit, dictionary_b, feature_b, similarity, {_KEY}
+       FROM (SELECT n.node_idx, n.effect, n.in_circuit, n.component, n.layer, n.is_error, n.position,
+                    n.dictionary_id AS dictionary_b, n.feature_idx AS feature_b, fm.similarity,
+                    CASE WHEN n.feature_idx IS NULL THEN coalesce(dm.dict_a, n.dictionary_id)
+                         ELSE coalesce(fm.dict_a, n.dictionary_id) END AS dictionary_id,
+                    coalesce(fm.feat_a, n.feature_idx) AS feature_idx
+             FROM nodes n
+             LEFT JOIN fm ON fm.dict_b = n.dictionary_id AND fm.feat_b = n.feature_idx
+             LEFT JOIN dm ON dm.dict_b = n.dictionary_id
+             WHERE n.circuit_id = b))
+"""
+
+_NODE_DIFF = f"""
+WITH {_MATCHED_NODES},
+ra AS (SELECT *, CASE WHEN in_circuit THEN rank() OVER (PARTITION BY in_circuit ORDER BY abs(effect) DESC) END
+                 AS rank FROM na),
+rb AS (SELECT *, CASE WHEN in_circuit THEN rank() OVER (PARTITION BY in_circuit ORDER BY abs(effect) DESC) END
+                 AS rank FROM nb),
+j AS (SELECT coalesce(ra.component, rb.component) AS component, coalesce(ra.layer, rb.layer) AS layer,
+             coalesce(ra.dict_key, rb.dict_key) AS dict_key, coalesce(ra.feat_key, rb.feat_key) AS feat_key,
+             coalesce(ra.is_error, rb.is_error) AS is_error, coalesce(ra.pos_key, rb.pos_key) AS pos_key,
+             ra.node_idx AS node_a, rb.node_idx AS node_b, rb.dictionary_b, rb.feature_b, rb.similarity,
+             coalesce(ra.in_circuit, false) AS in_a, coalesce(rb.in_circuit, false) AS in_b,
+             ra.effect AS effect_a, rb.effect AS effect_b, ra.rank AS rank_a, rb.rank AS rank_b
+      FROM ra FULL JOIN rb USING (component, layer, dict_key, feat_key, is_error, pos_key))
+SELECT CASE WHEN in_a AND NOT in_b THEN 'removed' WHEN in_b AND NOT in_a THEN 'added'
+            WHEN abs(coalesce(effect_b, 0) - coalesce(effect_a, 0)) > tol THEN 'changed' ELSE 'same' END AS status,
+       component, layer, nullif(dict_key, '') AS dictionary_id, nullif(feat_key, -1) AS feature_idx, is_error,
+       nullif(pos_key, -1) AS position, dictionary_b, feature_b, similarity, node_a, node_b, in_a, in_b,
+       effect_a, effect_b, coalesce(effect_b, 0) - coalesce(effect_a, 0) AS delta, rank_a, rank_b,
+       rank_a - rank_b AS rank_change
+FROM j WHERE in_a OR in_b
+ORDER BY abs(delta) DESC, component, layer, feature_idx
+"""
+
+# Edges are joined through dense ids of the node keys, so the big join runs on integers.
+_EDGE_DIFF = f"""
+WITH {_MATCHED_NODES},
+keys AS (SELECT row_number() OVER () AS kid, * FROM
+         (SELECT DISTINCT component, layer, dict_key, feat_key, is_error, pos_key FROM
+          (SELECT component, layer, dict_key, feat_key, is_error, pos_key FROM na UNION ALL
+           SELECT component, layer, dict_key, feat_key, is_error, pos_key FROM nb))),
+ka AS (SELECT node_idx, kid FROM na JOIN keys USING (component, layer, dict_key, feat_key, is_error, pos_key)),
+kb AS (SELECT node_idx, kid FROM nb JOIN keys USING (component, layer, dict_key, feat_key, is_error, pos_key)),
+ea AS (SELECT s.kid AS src_kid, d.kid AS dst_kid, e.kind, e.src_idx, e.dst_idx, e.weight,
+              rank() OVER (ORDER BY abs(e.weight) DESC) AS rank
+       FROM edges e JOIN ka s ON s.node_idx = e.src_idx JOIN ka d ON d.node_idx = e.dst_idx
+       WHERE e.circuit_id = a),
+eb AS (SELECT s.kid AS src_kid, d.kid AS dst_kid, e.kind, e.src_idx, e.dst_idx, e.weight,
+              rank() OVER (ORDER BY abs(e.weight) DESC) AS rank
+       FROM edges e JOIN kb s ON s.node_idx = e.src_idx JOIN kb d ON d.node_idx = e.dst_idx
+       WHERE e.circuit_id = b),
+j AS (SELECT src_kid, dst_kid, kind, ea.src_idx AS src_a, ea.dst_idx AS dst_a, eb.src_idx AS src_b,
+             eb.dst_idx AS dst_b, ea.weight AS weight_a, eb.weight AS weight_b, ea.rank AS rank_a, eb.rank AS rank_b
+      FROM ea FULL JOIN eb USING (src_kid, dst_kid, kind))
+SELECT CASE WHEN weight_b IS NULL THEN 'removed' WHEN weight_a IS NULL THEN 'added'
+            WHEN abs(weight_b - weight_a) > tol THEN 'changed' ELSE 'same' END AS status,
+       s.component AS src_component, s.layer AS src_layer, nullif(s.feat_key, -1) AS src_feature,
+       s.is_error AS src_is_error, nullif(s.pos_key, -1) AS src_position,
+       d.component AS dst_component, d.layer AS dst_layer, nullif(d.feat_key, -1) AS dst_feature,
+       d.is_error AS dst_is_error, nullif(d.pos_key, -1) AS dst_position, kind,
+       src_a, dst_a, src_b, dst_b, weight_a, weight_b, coalesce(weight_b, 0) - coalesce(weight_a, 0) AS delta,
+       rank_a, rank_b, rank_a - rank_b AS rank_change
+FROM j JOIN keys s ON s.kid = j.src_kid JOIN keys d ON d.kid = j.dst_kid
+"""
+
+_DIFF_SUMMARY = """
+SELECT 'nodes' AS element, status, count(*) AS n, sum(abs(delta)) AS total_abs_delta
+FROM node_diff_matched(a, b, features, dicts, tol) GROUP BY ALL
+UNION ALL
+SELECT 'edges', status, count(*), sum(abs(delta)) FROM edge_diff_matched(a, b, features, dicts, tol) GROUP BY ALL
+ORDER BY element DESC, status
+"""
+
+# The k strongest paths (|product of edge weights|) from the embedding's nodes to every node.
+# Dynamic programming over the DAG: a node's k best paths extend its parents' k best, so each
+# step keeps, per node, the k best of the new candidates and what it had (USING KEY (node, rank)
+# overwrites a rank's row when a better path arrives), and only changed rows form the next
+# frontier. Candidates are deduplicated by path each step.
+_CIRCUIT_PATHS = """
+WITH RECURSIVE g AS (SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = cid),
+p(node_idx, rank, strength, path) USING KEY (node_idx, rank) AS (
+  SELECT node_idx, 1::BIGINT, 1.0::DOUBLE, [node_idx]
+  FROM nodes WHERE circuit_id = cid AND component = 'embed' AND node_idx IN (SELECT src_idx FROM g)
+  UNION
+  (WITH ext AS (SELECT g.dst_idx AS node_idx, p.strength * g.weight AS strength,
+                       list_append(p.path, g.dst_idx) AS path
+                FROM p JOIN g ON g.src_idx = p.node_idx),
+        cand AS (SELECT node_idx, strength, path FROM ext
+                 UNION ALL
+                 SELECT node_idx, strength, path FROM recurring.p
+                 WHERE node_idx IN (SELECT node_idx FROM ext)),
+        ranked AS (SELECT node_idx, strength, path,
+                          row_number() OVER (PARTITION BY node_idx ORDER BY abs(strength) DESC, path) AS rank
+                   FROM (SELECT DISTINCT ON (node_idx, path) * FROM cand))
+   SELECT r.node_idx, r.rank, r.strength, r.path FROM ranked r
+   WHERE r.rank <= k AND NOT EXISTS (SELECT 1 FROM recurring.p q
+                                     WHERE q.node_idx = r.node_idx AND q.rank = r.rank AND q.path = r.path))
+)
+SELECT node_idx, rank, strength, len(path) - 1 AS hops, path FROM p WHERE len(path) > 1
+ORDER BY node_idx, rank
+"""
+
+# Nodes within `hops` edges of a node, each with its distance. Breadth first: every step
+# extends only the nodes reached for the first time (the frontier, deduplicated).
+_NEIGHBOURS = """
+WITH RECURSIVE g AS (SELECT src_idx, dst_idx FROM edges WHERE circuit_id = cid),
+r(node_idx, hops) USING KEY (node_idx) AS (
+  SELECT node::BIGINT, 0::BIGINT
+  UNION
+  SELECT g.{to}, min(r.hops) + 1 FROM r JOIN g ON g.{frm} = r.node_idx
+  WHERE r.hops < hops AND g.{to} NOT IN (SELECT node_idx FROM recurring.r)
+  GROUP BY g.{to}
+)
+SELECT n.node_idx, r.hops, n.component, n.layer, n.feature_idx, n.is_error, n.position, n.effect
+FROM r JOIN nodes n ON n.circuit_id = cid AND n.node_idx = r.node_idx
+WHERE r.hops > 0 ORDER BY r.hops, abs(n.effect) DESC
+"""
+
+_TOP_EXAMPLES = """
+SELECT a.task_id, a.example_idx, a.position, x.clean_tokens[a.position + 1] AS token, a.value,
+       array_to_string(list_transform(x.clean_tokens[2:],
+           lambda t, i: CASE WHEN i = a.position THEN '[' || t || ']' ELSE t END), ' ') AS text
+FROM activations a JOIN examples x USING (task_id, example_idx)
+WHERE a.dictionary_id = dict AND a.feature_idx = feature
+ORDER BY a.value DESC, a.task_id, a.example_idx LIMIT n
+"""
+
+_CIRCUIT_OF = """(
+SELECT c.circuit_id FROM circuits c
+WHERE c.task_id = task
+  AND (SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' ELSE 'features' END
+       FROM nodes n JOIN dictionaries d USING (dictionary_id) WHERE n.circuit_id = c.circuit_id) = basis
+ORDER BY c.created_at DESC LIMIT 1)
+"""
+
+NAMED_QUERIES = [
+    NamedQuery("circuit_of", "task, basis := 'features'",
+               "(scalar) the newest circuit of a task over features or neurons, for the other queries' arguments",
+               _CIRCUIT_OF, scalar=True),
+    NamedQuery("circuit_features", "ids, k := NULL",
+               "features of the circuits in the list ids (in-circuit, or each circuit's k strongest), "
+               "effects summed over positions, with their rank", _CIRCUIT_FEATURES),
+    NamedQuery("shared_features", "ids, k := NULL",
+               "per feature of those circuits: how many hold it, whether all do, the one it is unique to",
+               _SHARED_FEATURES),
+    NamedQuery("feature_overlap", "ids, k := NULL",
+               "per pair of circuits: shared features, Jaccard overlap, rank correlation of shared effects",
+               _FEATURE_OVERLAP),
+    NamedQuery("node_diff_matched", "a, b, features, dicts, tol := 1e-9",
+               "node_diff with B's features relabelled by a decoder-cosine match (catalog.diff builds it)",
+               _NODE_DIFF),
+    NamedQuery("edge_diff_matched", "a, b, features, dicts, tol := 1e-9",
+               "edge_diff with B's features relabelled by a decoder-cosine match (catalog.diff builds it)",
+               _EDGE_DIFF),
+    NamedQuery("node_diff", "a, b, tol := 1e-9",
+               "nodes of circuit b against circuit a: added, removed, changed or same, effect delta, rank change",
+               "SELECT * FROM node_diff_matched(a, b, [], [], tol)"),
+    NamedQuery("edge_diff", "a, b, tol := 1e-9",
+               "edges of circuit b against circuit a: added, removed, changed or same, weight delta, rank change",
+               "SELECT * FROM edge_diff_matched(a, b, [], [], tol)"),
+    NamedQuery("diff_summary_matched", "a, b, features, dicts, tol := 1e-9",
+               "diff_summary with a decoder-cosine match", _DIFF_SUMMARY),
+    NamedQuery("diff_summary", "a, b, tol := 1e-9",
+               "counts of added, removed, changed and same nodes and edges, with the total |delta|",
+               "SELECT * FROM diff_summary_matched(a, b, [], [], tol)"),
+    NamedQuery("circuit_paths", "cid, k := 5",
+               "the k strongest paths (|product of weights|) from the embedding to every node", _CIRCUIT_PATHS),
+    NamedQuery("ancestors", "cid, node, hops := 2",
+               "nodes with a path of at most hops edges into node, with the distance",
+               _NEIGHBOURS.format(frm="dst_idx", to="src_idx")),
+    NamedQuery("descendants", "cid, node, hops := 2",
+               "nodes reached from node in at most hops edges, with the distance",
+               _NEIGHBOURS.format(frm="src_idx", to="dst_idx")),
+    NamedQuery("top_examples", "dict, feature, n := 10",
+               "a feature's top activating tokens, with the prompt and the token in [brackets]", _TOP_EXAMPLES),
+]
+
+# Internal helpers: created in the catalogue but not listed (they back the public ones).
+HIDDEN = {"node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
+
+
+def create_macros(con) -> None:
+    """Create (or replace) every named query in a DuckDB connection (order matters: users first)."""
+    for q in NAMED_QUERIES:
+        con.execute(q.create_sql())
+
+
+def listed() -> list[NamedQuery]:
+    return [q for q in NAMED_QUERIES if q.name not in HIDDEN]
