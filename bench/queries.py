@@ -13,8 +13,8 @@ worker writes them. At each scale E:
   (the comparison reads nodes only; the circuits' edges play no part in it).
 DuckDB runs the catalogue's own macros (`node_diff`, `edge_diff`, `feature_overlap`); pandas
 does the same computation with merges and group-bys on the same shards. Each measurement runs
-in a fresh process (best of 3 for the time; peak memory = the process's peak RSS above what it
-held before the first run), and both answers are checked to agree.
+in a fresh process (best of 3 for the time; peak memory = the process's peak RSS above its
+resident size before the first run), and both answers are checked to agree.
 """
 
 from __future__ import annotations
@@ -110,12 +110,18 @@ def _keyed(df: pd.DataFrame) -> pd.DataFrame:
                      pos_key=df.position.fillna(-1).astype("int64"))
 
 
+def _read(root: Path, table: str, ids: list[str], columns: list[str]) -> pd.DataFrame:
+    """One table's rows of some circuits, from every committed shard (what the DuckDB view reads)."""
+    import pyarrow.dataset as ds
+
+    data = ds.dataset(sorted(str(f) for f in root.glob(f"runs/*/{table}.parquet")), format="parquet")
+    return data.to_table(columns=columns, filter=ds.field("circuit_id").isin(ids)).to_pandas()
+
+
 def pandas_diff(root: Path):
-    nodes = _keyed(pd.read_parquet(root / "runs", filters=[("circuit_id", "in", ["A", "B"])],
-                                   columns=["circuit_id", "node_idx", "component", "layer", "dictionary_id",
-                                            "feature_idx", "is_error", "position", "effect", "in_circuit"]))
-    edges = pd.read_parquet(root / "runs", filters=[("circuit_id", "in", ["A", "B"])],
-                            columns=["circuit_id", "src_idx", "dst_idx", "kind", "weight"])
+    nodes = _keyed(_read(root, "nodes", ["A", "B"], ["circuit_id", "node_idx", "component", "layer", "dictionary_id",
+                                                     "feature_idx", "is_error", "position", "effect", "in_circuit"]))
+    edges = _read(root, "edges", ["A", "B"], ["circuit_id", "src_idx", "dst_idx", "kind", "weight"])
     na, nb = nodes[nodes.circuit_id == "A"], nodes[nodes.circuit_id == "B"]
     for df in (na, nb):
         df.loc[:, "rank"] = df.effect.abs().where(df.in_circuit).rank(ascending=False, method="min")
@@ -144,8 +150,7 @@ def pandas_diff(root: Path):
 
 def pandas_compare(root: Path):
     ids = [f"c{i:03d}" for i in range(100)]
-    nodes = pd.read_parquet(root / "runs", filters=[("circuit_id", "in", ids)],
-                            columns=["circuit_id", "dictionary_id", "feature_idx", "effect", "in_circuit"])
+    nodes = _read(root, "nodes", ids, ["circuit_id", "dictionary_id", "feature_idx", "effect", "in_circuit"])
     f = (nodes[nodes.in_circuit & nodes.feature_idx.notna()]
          .groupby(["circuit_id", "dictionary_id", "feature_idx"], as_index=False).effect.sum())
     sizes = f.groupby("circuit_id").size()
@@ -173,12 +178,18 @@ def _counts(df: pd.DataFrame) -> dict:
 
 def _measure(fn_name: str, root: str, repeat: int, q: mp.Queue) -> None:
     fn = globals()[fn_name]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    page_kib = resource.getpagesize() / 1024
+    base = int(Path("/proc/self/statm").read_text().split()[1]) * page_kib  # resident now, KiB
     times, result = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        result = fn(Path(root))
-        times.append(time.perf_counter() - t)
+    try:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            result = fn(Path(root))
+            times.append(time.perf_counter() - t)
+    except Exception as e:  # noqa: BLE001  (reported, not hung on)
+        q.put(None)
+        print(f"{fn_name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     q.put((min(times), peak / 1024, result))
 
