@@ -9,6 +9,7 @@ client that opens it can call them), and back the Python API of `catalog.compare
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -273,10 +274,16 @@ NAMED_QUERIES = [
 HIDDEN = {"node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
 
 
+def macros_hash() -> str:
+    """Fingerprint of every macro definition: a catalogue whose stored one differs gets them anew."""
+    return hashlib.sha256("\n".join(q.create_sql() for q in NAMED_QUERIES).encode()).hexdigest()[:16]
+
+
 def create_macros(con) -> None:
     """Create (or replace) every named query in a DuckDB connection (order matters: users first)."""
     for q in NAMED_QUERIES:
         con.execute(q.create_sql())
+    con.execute("INSERT OR REPLACE INTO _catalog VALUES ('macros', ?)", [macros_hash()])
 
 
 def listed() -> list[NamedQuery]:

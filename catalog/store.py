@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from catalog.errors import UserError
-from catalog.macros import create_macros
+from catalog.macros import create_macros, macros_hash
 from catalog.query import check_read_only
 from catalog.shards import MANIFEST, RunWriter
 from schema.derive import view_sql
@@ -58,23 +58,25 @@ def init(root: str | Path) -> Catalog:
 
 
 def open_catalog(root: str | Path) -> Catalog:
-    """Open an existing catalogue, refusing a missing one or one of another schema version."""
+    """Open an existing catalogue, refusing a missing one or one of a newer schema version; an older
+    one, or one whose named-query macros differ from this tool's, is brought up to date."""
     root = Path(root)
     if not (root / DB_FILE).is_file():
         raise UserError(f"no catalogue at {root} (create one with `cli.py init` or `cli.py demo`)")
     cat = Catalog(root)
-    version = cat.schema_version()
+    info = cat.info()
+    version = int(info["schema_version"])
     if version > SCHEMA_VERSION:
         raise UserError(f"catalogue {root} has schema version {version}, newer than this tool's "
                         f"{SCHEMA_VERSION}; upgrade the tool")
-    if version < SCHEMA_VERSION:
+    if version < SCHEMA_VERSION or info.get("macros") != macros_hash():
         _migrate(root, version)
     return cat
 
 
 def _migrate(root: Path, version: int) -> None:
-    """Bring an older catalogue to this schema version: empty shards for the new tables, views
-    rebuilt on a copy of the DuckDB file that replaces it atomically. Committed runs are never
+    """Bring an older catalogue to this schema version: empty shards for the new tables, views and
+    macros rebuilt on a copy of the DuckDB file that replaces it atomically. Committed runs are never
     touched, so an interrupted migration leaves the catalogue as it was."""
     if version < 1:
         raise UserError(f"catalogue {root} has schema version {version} and no migration to "
@@ -140,12 +142,19 @@ class Catalog:
         con.execute(f"SET file_search_path = '{_sql_str(self.root.resolve())}'")
         return con
 
-    def schema_version(self) -> int:
+    def info(self) -> dict[str, str]:
+        """The catalogue's own records: schema_version, created_at, macros (their fingerprint)."""
         try:
             with self.connect() as con:
-                return int(con.execute("SELECT value FROM _catalog WHERE key = 'schema_version'").fetchone()[0])
+                info = dict(con.execute("SELECT key, value FROM _catalog").fetchall())
         except duckdb.Error:
-            raise UserError(f"{self.root / DB_FILE} is not a circuit catalogue") from None
+            info = {}
+        if "schema_version" not in info:
+            raise UserError(f"{self.root / DB_FILE} is not a circuit catalogue")
+        return info
+
+    def schema_version(self) -> int:
+        return int(self.info()["schema_version"])
 
     def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
         """Run a read-only SQL query and return a DataFrame (write statements are refused)."""

@@ -121,3 +121,16 @@ def test_missing_and_foreign_catalogues_are_refused(tmp_path):
     duckdb.connect(str(tmp_path / "f" / "catalog.duckdb")).close()
     with pytest.raises(UserError, match="not a circuit catalogue"):
         catalog.open(tmp_path / "f")
+
+
+def test_outdated_named_queries_are_recreated_on_open(tmp_path):
+    """The macros are code: a catalogue whose stored set differs from this tool's gets them anew."""
+    root = tmp_path / "c"
+    catalog.init(root)
+    con = duckdb.connect(str(root / "catalog.duckdb"))
+    con.execute("DROP MACRO TABLE node_diff")
+    con.execute("UPDATE _catalog SET value = 'older' WHERE key = 'macros'")
+    con.close()
+    cat = catalog.open(root)
+    assert cat.sql("SELECT * FROM node_diff('a', 'b')").empty
+    assert cat.info()["macros"] != "older" and cat.schema_version() == SCHEMA_VERSION
