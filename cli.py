@@ -96,8 +96,7 @@ def circuits(path: Path, fmt: str):
 
     df = catalog.open(path).sql(
         "SELECT circuit_id, task_id, method, "
-        "(SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' ELSE 'features' END "
-        " FROM nodes n JOIN dictionaries d USING (dictionary_id) WHERE n.circuit_id = c.circuit_id) AS basis, "
+        "circuit_basis(circuit_id) AS basis, "
         "n_examples, n_nodes, n_edges, round(metric_patch - metric_clean, 3) AS total_effect, "
         "round(faithfulness, 3) AS faithfulness, round(completeness, 3) AS completeness, "
         "round(accuracy, 3) AS accuracy, created_at FROM circuits c ORDER BY created_at, task_id")

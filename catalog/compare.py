@@ -118,9 +118,8 @@ class Comparison:
 
 CIRCUITS_SQL = """
 SELECT circuit_id, task_id, method, model_id,
-       (SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' ELSE 'features' END
-        FROM nodes n JOIN dictionaries d USING (dictionary_id) WHERE n.circuit_id = c.circuit_id) AS basis
-FROM circuits c WHERE list_contains(?, circuit_id) ORDER BY task_id, created_at
+       circuit_basis(circuit_id) AS basis
+FROM circuits WHERE list_contains(?, circuit_id) ORDER BY task_id, created_at
 """
 
 

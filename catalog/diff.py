@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from catalog.errors import UserError
+from catalog.graph import check_circuit, node_name
 from catalog.store import Catalog
 
 MATCHES = ("auto", "key", "decoder")
@@ -93,16 +94,6 @@ class Diff:
         return files
 
 
-def node_name(r) -> str:
-    """attn_0/123, resid_1/err, embed/7@3, metric."""
-    if r.component == "metric":
-        return "metric"
-    where = r.component if r.component == "embed" else f"{r.component}_{r.layer}"
-    what = "err" if r.is_error else str(r.feature_idx)
-    pos = "" if pd.isna(r.position) else f"@{int(r.position)}"
-    return f"{where}/{what}{pos}"
-
-
 def _num(x) -> str:
     return "-" if pd.isna(x) else f"{x:+.3f}"
 
@@ -113,10 +104,8 @@ def diff(cat: Catalog, a: str, b: str, match: str = "auto", min_similarity: floa
     directions) or auto (key when both circuits read the same dictionaries)."""
     if match not in MATCHES:
         raise UserError(f"match must be one of {', '.join(MATCHES)}")
-    known = set(cat.sql("SELECT circuit_id FROM circuits WHERE circuit_id IN (?, ?)", [a, b]).circuit_id)
-    for c in (a, b):
-        if c not in known:
-            raise UserError(f"unknown circuit {c!r}; see `cli.py circuits`")
+    check_circuit(cat, a)
+    check_circuit(cat, b)
     subs = cat.sql("SELECT DISTINCT circuit_id, component, layer, dictionary_id FROM nodes "
                    "WHERE circuit_id IN (?, ?) AND dictionary_id IS NOT NULL", [a, b])
     same = _submodule_dicts(subs, a) == _submodule_dicts(subs, b)

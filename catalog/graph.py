@@ -37,11 +37,22 @@ def circuit_nodes(cat: Catalog, circuit_id: str, in_circuit_only: bool = True) -
     return cat.sql(NODES_SQL.format(cond="AND n.in_circuit" if in_circuit_only else ""), [circuit_id])
 
 
-def node_label(r) -> str:
-    """attn_0/123, resid_1/err, embed/7@3, metric (the label a reader sees)."""
-    from catalog.diff import node_name
+def node_name(r) -> str:
+    """attn_0/123, resid_1/err, embed/7@3, metric: a node as a reader sees it (any row with
+    component, layer, is_error, feature_idx and position)."""
+    if r.component == "metric":
+        return "metric"
+    where = r.component if r.component == "embed" else f"{r.component}_{r.layer}"
+    what = "err" if r.is_error else str(r.feature_idx)
+    pos = "" if pd.isna(r.position) else f"@{int(r.position)}"
+    return f"{where}/{what}{pos}"
 
-    return node_name(r)
+
+def first_example(cat: Catalog, task_id: str) -> tuple[list[str], str]:
+    """(clean tokens, clean prompt) of a task's first example, train split first; empty if none."""
+    ex = cat.sql("SELECT clean_tokens, clean_prefix FROM examples WHERE task_id = ? "
+                 "ORDER BY split <> 'train', example_idx LIMIT 1", [task_id])
+    return (list(ex.clean_tokens.iloc[0]), ex.clean_prefix.iloc[0]) if len(ex) else ([], "")
 
 
 def metric_node(cat: Catalog, circuit_id: str) -> int:
@@ -71,7 +82,7 @@ def neighbours(cat: Catalog, circuit_id: str, node: int, hops: int = 2, directio
         raise UserError("direction must be ancestors or descendants")
     _check_node(cat, circuit_id, node)
     df = cat.sql(f"SELECT * FROM {direction}(?, ?, hops := ?)", [circuit_id, node, hops])
-    df.insert(1, "name", [node_label(r) for r in df.itertuples()])
+    df.insert(1, "name", [node_name(r) for r in df.itertuples()])
     return df
 
 
@@ -84,7 +95,7 @@ def _check_node(cat: Catalog, circuit_id: str, node: int) -> int:
 
 def _names(cat: Catalog, circuit_id: str) -> dict[int, str]:
     nodes = circuit_nodes(cat, circuit_id, in_circuit_only=False)
-    return {int(r.node_idx): node_label(r) for r in nodes.itertuples()}
+    return {int(r.node_idx): node_name(r) for r in nodes.itertuples()}
 
 
 def to_networkx(cat: Catalog, circuit_id: str, nodes: list[int] | None = None,
@@ -98,7 +109,7 @@ def to_networkx(cat: Catalog, circuit_id: str, nodes: list[int] | None = None,
     g = nx.DiGraph(circuit_id=circuit_id, task_id=row.task_id, method=row.method, model_id=row.model_id)
     for r in df.to_dict("records"):
         attrs = {k: _plain(v) for k, v in r.items() if k not in ("circuit_id", "node_idx") and not _missing(v)}
-        g.add_node(int(r["node_idx"]), name=node_label(pd.Series(r)), **attrs)
+        g.add_node(int(r["node_idx"]), name=node_name(pd.Series(r)), **attrs)
     edges = cat.sql("SELECT src_idx, dst_idx, kind, weight FROM edges WHERE circuit_id = ?", [circuit_id])
     keep = set(g.nodes)
     for s, d, kind, w in edges.itertuples(index=False):
@@ -128,9 +139,7 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
     aggregated node sits at the last prompt position."""
     row = check_circuit(cat, circuit_id)
     nodes = circuit_nodes(cat, circuit_id)
-    example = cat.sql("SELECT clean_tokens, clean_prefix FROM examples WHERE task_id = ? "
-                      "ORDER BY split <> 'train', example_idx LIMIT 1", [row.task_id])
-    tokens = list(example.clean_tokens.iloc[0]) if len(example) else []
+    tokens, prompt = first_example(cat, row.task_id)
     last = max(len(tokens) - 1, 0)
     order = {"embed": 0, "attn": 1, "mlp": 2, "resid": 3}
     n_layers = int(nodes.layer.max()) if len(nodes) else 0
@@ -149,7 +158,7 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
             "node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": ftype,
             "token_prob": 0.0, "is_target_logit": r.component == "metric", "run_idx": 0,
             "reverse_ctx_idx": last - pos, "jsNodeId": f"{layer}_{feature}-{pos}",
-            "clerp": (r.label if isinstance(r.label, str) and r.label else node_label(r)),
+            "clerp": (r.label if isinstance(r.label, str) and r.label else node_name(r)),
             "influence": float(abs(r.effect)), "activation": None})
     edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ?", [circuit_id])
     links = [{"source": ids[s], "target": ids[d], "weight": float(w)}
@@ -157,7 +166,7 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
     dicts = sorted(nodes.dictionary_id.dropna().unique().tolist())
     return {
         "metadata": {"slug": f"{row.task_id}-{circuit_id}", "scan": row.model_id, "transcoder_list": dicts,
-                     "prompt_tokens": tokens, "prompt": example.clean_prefix.iloc[0] if len(example) else "",
+                     "prompt_tokens": tokens, "prompt": prompt,
                      "node_threshold": float(row.node_threshold), "schema_version": 1,
                      "info": {"circuit_id": circuit_id, "task_id": row.task_id, "method": row.method,
                               "aggregation": row.aggregation, "metric": row.metric}},

@@ -220,15 +220,21 @@ WHERE a.dictionary_id = dict AND a.feature_idx = feature
 ORDER BY a.value DESC, a.task_id, a.example_idx LIMIT n
 """
 
+# A circuit's basis: 'neurons' when its dictionaries are identity dictionaries, else 'features'.
+_CIRCUIT_BASIS = """(
+SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' ELSE 'features' END
+FROM nodes n JOIN dictionaries d USING (dictionary_id) WHERE n.circuit_id = cid)
+"""
+
 _CIRCUIT_OF = """(
 SELECT c.circuit_id FROM circuits c
-WHERE c.task_id = task
-  AND (SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' ELSE 'features' END
-       FROM nodes n JOIN dictionaries d USING (dictionary_id) WHERE n.circuit_id = c.circuit_id) = basis
+WHERE c.task_id = task AND circuit_basis(c.circuit_id) = basis
 ORDER BY c.created_at DESC LIMIT 1)
 """
 
 NAMED_QUERIES = [
+    NamedQuery("circuit_basis", "cid", "(scalar) 'features' or 'neurons' (identity dictionaries)",
+               _CIRCUIT_BASIS, scalar=True),
     NamedQuery("circuit_of", "task, basis := 'features'",
                "(scalar) the newest circuit of a task over features or neurons, for the other queries' arguments",
                _CIRCUIT_OF, scalar=True),
@@ -271,7 +277,7 @@ NAMED_QUERIES = [
 ]
 
 # Internal helpers: created in the catalogue but not listed (they back the public ones).
-HIDDEN = {"node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
+HIDDEN = {"circuit_basis", "node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
 
 
 def macros_hash() -> str:

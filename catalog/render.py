@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from catalog.diff import diff, node_name
-from catalog.graph import check_circuit, circuit_nodes
+from catalog.diff import diff
+from catalog.graph import check_circuit, circuit_nodes, first_example, node_name
 from catalog.store import Catalog
 
 STATUS_COLOURS = {"added": "#1a9850", "removed": "#d73027", "changed": "#f29e0c", "same": "#9e9e9e"}
@@ -64,6 +64,13 @@ def _key(r) -> tuple:
             -1 if pd.isna(r.position) else int(r.position))
 
 
+def _end_key(r, end: str) -> tuple:
+    """The node key of an edge_diff row's source (end='src') or destination ('dst')."""
+    feature, position = getattr(r, f"{end}_feature"), getattr(r, f"{end}_position")
+    return (getattr(r, f"{end}_component"), int(getattr(r, f"{end}_layer")), bool(getattr(r, f"{end}_is_error")),
+            -1 if pd.isna(feature) else int(feature), -1 if pd.isna(position) else int(position))
+
+
 def _row(r) -> str:
     return r.component if r.component in ("embed", "metric") else f"{r.component}_{int(r.layer)}"
 
@@ -87,12 +94,9 @@ def _examples(cat: Catalog, nodes: pd.DataFrame, n: int = 3) -> dict[tuple, list
         return {}
     df = cat.sql("""
         WITH f AS (SELECT unnest(?::VARCHAR[]) AS dictionary_id, unnest(?::BIGINT[]) AS feature_idx)
-        SELECT a.dictionary_id, a.feature_idx, a.value,
-               array_to_string(list_transform(x.clean_tokens[2:],
-                   lambda t, i: CASE WHEN i = a.position THEN '[' || t || ']' ELSE t END), ' ') AS text
-        FROM activations a JOIN f USING (dictionary_id, feature_idx) JOIN examples x USING (task_id, example_idx)
-        QUALIFY row_number() OVER (PARTITION BY a.dictionary_id, a.feature_idx ORDER BY a.value DESC) <= ?
-        ORDER BY a.dictionary_id, a.feature_idx, a.value DESC""",
+        SELECT f.dictionary_id, f.feature_idx, t.value, t.text
+        FROM f, top_examples(f.dictionary_id, f.feature_idx, n := ?) t
+        ORDER BY f.dictionary_id, f.feature_idx, t.value DESC""",
                  [feats.dictionary_id.tolist(), feats.feature_idx.astype(int).tolist(), n])
     out: dict[tuple, list[str]] = {}
     for r in df.itertuples():
@@ -141,7 +145,7 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
         title=f"{c.task_id}: circuit {circuit_id}",
         subtitle=f"{c.method}, {c.aggregation} aggregation, model {c.model_id}; {len(draw)} nodes, "
                  f"{len(draw_edges)} edges; faithfulness {_fmt(c.faithfulness)}",
-        rows=_rows(_n_layers(nodes)), tokens=_tokens(cat, c.task_id) if per_position else [],
+        rows=_rows(_n_layers(nodes)), tokens=first_example(cat, c.task_id)[0] if per_position else [],
         nodes=draw, edges=draw_edges, hidden=hidden,
         legend=[(POSITIVE, "positive effect / weight"), (NEGATIVE, "negative effect / weight")])
 
@@ -162,10 +166,8 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_arg
             for r in nodes.itertuples()]
     keys = {n.key for n in draw}
     edges = d.edges
-    src = [(r.src_component, int(r.src_layer), bool(r.src_is_error), -1 if pd.isna(r.src_feature) else int(r.src_feature),
-            -1 if pd.isna(r.src_position) else int(r.src_position)) for r in edges.itertuples()]
-    dst = [(r.dst_component, int(r.dst_layer), bool(r.dst_is_error), -1 if pd.isna(r.dst_feature) else int(r.dst_feature),
-            -1 if pd.isna(r.dst_position) else int(r.dst_position)) for r in edges.itertuples()]
+    src = [_end_key(r, "src") for r in edges.itertuples()]
+    dst = [_end_key(r, "dst") for r in edges.itertuples()]
     w = edges.weight_a.abs().fillna(0).combine(edges.weight_b.abs().fillna(0), max)
     wmax = float(w.max()) if len(w) else 1.0
     draw_edges = [DrawEdge(s, t, 0.4 + 5.6 * ww / wmax, STATUS_COLOURS[r.status],
@@ -176,7 +178,7 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_arg
     return Picture(
         title=f"diff: {ca.task_id} ({ca.method}) -> {cb.task_id} ({cb.method})",
         subtitle=f"A = {a}, B = {b}; nodes matched by {d.match}; " + ", ".join(f"{v} {k}" for k, v in counts.items()),
-        rows=_rows(_n_layers(nodes)), tokens=_tokens(cat, cb.task_id) if per_position else [],
+        rows=_rows(_n_layers(nodes)), tokens=first_example(cat, cb.task_id)[0] if per_position else [],
         nodes=draw, edges=draw_edges, hidden=hidden,
         legend=[(c, s) for s, c in STATUS_COLOURS.items()])
 
@@ -184,12 +186,6 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_arg
 def _n_layers(nodes: pd.DataFrame) -> int:
     m = nodes[nodes.component == "metric"]
     return int(m.layer.iloc[0]) if len(m) else int(nodes.layer.max()) + 1 if len(nodes) else 0
-
-
-def _tokens(cat: Catalog, task_id: str) -> list[str]:
-    ex = cat.sql("SELECT clean_tokens FROM examples WHERE task_id = ? ORDER BY split <> 'train', example_idx "
-                 "LIMIT 1", [task_id])
-    return list(ex.clean_tokens.iloc[0]) if len(ex) else []
 
 
 def _fmt(x) -> str:

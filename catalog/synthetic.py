@@ -16,8 +16,6 @@ import pyarrow as pa
 from catalog.store import Catalog, new_id
 from schema.derive import arrow_schema
 
-COMPONENTS = ("embed", "attn", "mlp", "resid", "metric")
-
 
 def _table(name: str, columns: dict, n: int) -> pa.Table:
     """An Arrow table of a catalogue table's schema; columns not given are NULL."""
