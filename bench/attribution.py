@@ -2,8 +2,10 @@
 
     python bench/attribution.py [--examples 32] [--repeat 5]
 
-Node effects by AtP and IG against the floor of one forward+backward pass of the
-spliced model on the same batch; batched edges (one backward per chunk of
+Node effects by AtP and IG, each from the prompts' tokens (their forward passes
+included), against the floor of one forward+backward pass of the spliced model on
+the same batch: the dictionaries encode and decode in the forward pass and the
+backward pass ends at every feature's gradient. Batched edges (one backward per chunk of
 downstream nodes) against one backward per downstream node, with the largest
 relative difference between the two; and the peak memory of each, measured in
 a fresh child process: resident memory sampled every millisecond while the step
@@ -27,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from compute.atp import atp_grads  # noqa: E402
 from compute.dictionaries import submodules  # noqa: E402
 from compute.edges import ERROR, EdgePair, edge_weights, edge_weights_looped  # noqa: E402
 from compute.ig import ig_grads  # noqa: E402
-from compute.spliced import node_effects, output_grads, states  # noqa: E402
+from compute.spliced import node_effects, output_grads, spliced_pass, states  # noqa: E402
 from compute.tasks import encode  # noqa: E402
 from compute.zoo import build_zoo  # noqa: E402
 from compute.zoo_dictionaries import build_dictionaries  # noqa: E402
@@ -49,14 +50,18 @@ def setup(n_examples: int):
     return zoo.model, subs, saes, batch, clean, patch
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fns: dict, repeat: int) -> dict[str, float]:
+    """Median seconds of each step, timed round-robin (one call of each step per round) so
+    that the machine's slow spells fall on every step alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _rss_mb() -> float:
@@ -100,20 +105,31 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model, subs, saes, batch, clean, patch = setup(args.examples)
 
-    def floor():
+    def plain():
         output_grads(model, subs, batch)
 
+    def floor():
+        p = spliced_pass(model, subs, saes, batch.clean, batch, grads=True)
+        return [p.grads[s.name] @ saes[s.name].W_dec.T for s in subs]
+
+    def forward():
+        return spliced_pass(model, subs, saes, batch.patch, batch)
+
     def atp():
-        g = atp_grads(model, subs, saes, batch, clean, patch)
-        return [node_effects(saes[s.name], clean[s.name], patch[s.name], g[s.name]) for s in subs]
+        on_clean = spliced_pass(model, subs, saes, batch.clean, batch, grads=True)
+        on_patch = spliced_pass(model, subs, saes, batch.patch, batch)
+        return [node_effects(saes[s.name], on_clean.states[s.name], on_patch.states[s.name], on_clean.grads[s.name])
+                for s in subs]
 
     def ig():
-        g = ig_grads(model, subs, saes, batch, clean, patch, STEPS)
-        return [node_effects(saes[s.name], clean[s.name], patch[s.name], g[s.name]) for s in subs]
+        c = spliced_pass(model, subs, saes, batch.clean, batch).states
+        p = spliced_pass(model, subs, saes, batch.patch, batch).states
+        g = ig_grads(model, subs, saes, batch, c, p, STEPS)
+        return [node_effects(saes[s.name], c[s.name], p[s.name], g[s.name]) for s in subs]
 
     by = {s.name: s for s in subs}
     pair = EdgePair(by["resid_0"], by["mlp_1"], (by["attn_1"],))
-    grads = atp_grads(model, subs, saes, batch, clean, patch)
+    grads = output_grads(model, subs, batch)[1]
     up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
     down = torch.tensor(clean["mlp_1"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
 
@@ -124,22 +140,23 @@ def main() -> None:
             return edge_weights_looped(*edge_args)
         return torch.cat([w for _, w in edge_weights(*edge_args, chunk=chunk)])
 
-    steps = {"floor": floor, "atp": atp, "ig": ig, "batched": lambda: edges(64), "single": lambda: edges(1)}
+    steps = {"plain": plain, "floor": floor, "forward": forward, "atp": atp, "ig": ig, "batched": lambda: edges(64), "single": lambda: edges(1)}
     if args.measure:
         print(sampled_peak_mb(steps[args.measure]))
         return
-    t_floor = timed(floor, args.repeat)
-    t_atp = timed(atp, args.repeat)
-    t_ig = timed(ig, args.repeat)
-    t_batched = timed(lambda: edges(64), args.repeat)
-    t_single = timed(lambda: edges(1), max(1, args.repeat // 2))
+    t = timed(steps, args.repeat)
+    t_plain, t_forward, t_floor, t_atp, t_ig = t["plain"], t["forward"], t["floor"], t["atp"], t["ig"]
+    t_batched, t_single = t["batched"], t["single"]
     batched, single = edges(64), edges(1)
     rel = ((batched - single).abs().max() / single.abs().max()).item()
 
     print(f"zoo model, {len(batch)} examples of length {batch.clean.shape[1]}, {len(subs)} submodules, "
           f"{sum(s.d_sae for s in saes.values())} features; median of {args.repeat}")
     rows = [
-        ("forward+backward (floor)", t_floor, 1.0, "", peak_mb("floor", args.examples)),
+        ("forward+backward of the spliced model (floor)", t_floor, 1.0, "", peak_mb("floor", args.examples)),
+        ("forward+backward of the model alone", t_plain, t_plain / t_floor, "", peak_mb("plain", args.examples)),
+        ("forward of the spliced model (AtP needs floor + this)", t_forward, t_forward / t_floor, "",
+         peak_mb("forward", args.examples)),
         ("AtP node effects", t_atp, t_atp / t_floor, "<= 1.5x floor", peak_mb("atp", args.examples)),
         (f"IG node effects ({STEPS} steps)", t_ig, t_ig / t_floor, f"<= {1.5 * STEPS:g}x floor",
          peak_mb("ig", args.examples)),

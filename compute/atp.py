@@ -1,6 +1,9 @@
 """Attribution patching (AtP): node effects from one gradient at the clean input.
 
 effect(n) ~ (n_patch - n_clean) . d metric / d n, evaluated on the clean prompt.
+Circuit discovery takes these gradients from the same spliced pass that reads the
+clean features (`spliced_pass(..., grads=True)`), so AtP costs that forward+backward
+and one forward on the patch prompts.
 """
 
 from __future__ import annotations

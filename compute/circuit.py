@@ -25,13 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
-from compute.atp import atp_grads
 from compute.dictionaries import SAE, Submodule
 from compute.edges import ERROR, edge_pairs, edge_weights
 from compute.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
 from compute.ig import ig_grads
 from compute.patching import patch_effects
-from compute.spliced import batch_metric, node_effects, states, zero_states
+from compute.spliced import batch_metric, last_logits, node_effects, spliced_pass, zero_states
 from compute.tasks import Encoded
 
 METHODS = ("ig", "atp", "exact")
@@ -121,22 +120,23 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
     m_clean = m_patch = 0.0
     clean_features = []
     for batch in tqdm(data.batches, desc=f"{params.method} node effects", disable=not progress, leave=False):
-        clean = states(model, subs, dicts, batch.clean)
-        with torch.no_grad():
-            m_clean += batch_metric(model(batch.clean), batch).sum().item()
-            if batch.patch is not None:
-                patch = states(model, subs, dicts, batch.patch)
-                m_patch += batch_metric(model(batch.patch), batch).sum().item()
-            else:  # zero ablation: the last submodule outputs decode(0), so nothing else matters
-                patch = zero_states(clean, dicts)
-                ablated = patch[subs[-1].name].x
-                logits = model.run_with_hooks(batch.clean, fwd_hooks=[(subs[-1].hook_name,
-                                                                        lambda x, hook, v=ablated: v)])
-                m_patch += batch_metric(logits, batch).sum().item()
+        # one spliced pass on each prompt set: states and metric (and, except for IG, gradients)
+        run = spliced_pass(model, subs, dicts, batch.clean, batch, grads=params.method != "ig")
+        clean = run.states
+        m_clean += run.metric.sum().item()
+        if batch.patch is not None:
+            on_patch = spliced_pass(model, subs, dicts, batch.patch, batch)
+            patch = on_patch.states
+            m_patch += on_patch.metric.sum().item()
+        else:  # zero ablation: the last submodule outputs decode(0), so nothing else matters
+            patch = zero_states(clean, dicts)
+            ablated = patch[subs[-1].name].x
+            with torch.no_grad(), model.hooks(fwd_hooks=[(subs[-1].hook_name, lambda x, hook, v=ablated: v)]):
+                m_patch += batch_metric(last_logits(model, batch.clean), batch).sum().item()
         if params.method == "ig":
             grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps)
-        else:  # exact patching measures nodes directly; its edges use the AtP gradients
-            grads = atp_grads(model, subs, dicts, batch, clean, patch)
+        else:  # AtP's gradients, from the clean pass; exact patching measures nodes directly,
+            grads = run.grads  # and its edges use these gradients
         for s in subs:
             if params.method == "exact":
                 _exact(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], per_position,

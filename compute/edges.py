@@ -10,7 +10,8 @@ The backward runs through activations only (d_model wide): each downstream node'
 cotangent is mapped to the submodule output in closed form (through its
 encoder), and upstream node weights are read off the gradient there (through
 the upstream decoder). One forward pass serves all downstream nodes; each
-chunk of them shares one batched backward pass (`is_grads_batched`).
+chunk of them shares one backward pass, vectorised over the chunk
+(`torch.func.vmap` of the vector-Jacobian product).
 
 With per-position nodes (aggregation `none`) a downstream node's cotangent is
 nonzero at its own position only, and upstream weights are read at the upstream
@@ -19,7 +20,7 @@ node's position instead of summed over positions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -69,14 +70,14 @@ def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
     `down_pos` give each node's token position when nodes are per position.
     `down_grad` is the metric's gradient at the downstream submodule's output on
     this batch. One forward pass serves every chunk; each chunk of K nodes is one
-    batched backward pass (`is_grads_batched`).
+    backward pass vectorised over the K cotangents.
     """
-    x_up, x_down = _graph(model, pair, batch, up_clean)
+    x_down, pull_back = _graph(model, pair, batch, up_clean)
+    pull_back_many = torch.func.vmap(pull_back)
     for i in range(0, len(down_nodes), chunk):
         ids = down_nodes[i : i + chunk]
         pos = None if down_pos is None else down_pos[i : i + chunk]
-        cot = _cotangents(ids, x_down.detach(), dicts[pair.down.name], down_grad, pos)
-        (g,) = torch.autograd.grad(x_down, [x_up], cot, retain_graph=True, is_grads_batched=True)
+        (g,) = pull_back_many(_cotangents(ids, x_down, dicts[pair.down.name], down_grad, pos))
         yield ids, _weights(g, dicts[pair.up.name], up_clean, up_patch, up_nodes, up_pos)
 
 
@@ -85,35 +86,30 @@ def edge_weights_looped(model, pair: EdgePair, dicts: dict[str, SAE], batch: Bat
                         up_nodes: torch.Tensor, down_nodes: torch.Tensor,
                         up_pos: torch.Tensor | None = None, down_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for `edge_weights`: one forward, then one backward per downstream node."""
-    x_up, x_down = _graph(model, pair, batch, up_clean)
+    x_down, pull_back = _graph(model, pair, batch, up_clean)
     rows = []
-    for cot in _cotangents(down_nodes, x_down.detach(), dicts[pair.down.name], down_grad, down_pos):
-        (g,) = torch.autograd.grad(x_down, [x_up], cot, retain_graph=True)
+    for cot in _cotangents(down_nodes, x_down, dicts[pair.down.name], down_grad, down_pos):
+        (g,) = pull_back(cot)
         rows.append(_weights(g[None], dicts[pair.up.name], up_clean, up_patch, up_nodes, up_pos))
     return torch.cat(rows)
 
 
-def _graph(model, pair: EdgePair, batch: Batch, up_clean: State) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward from the upstream output (a fresh leaf) to the downstream output, with the
-    frozen submodules detached."""
-    x_up = up_clean.x.clone().requires_grad_(True)
-    captured: dict[str, torch.Tensor] = {}
+def _graph(model, pair: EdgePair, batch: Batch, up_clean: State) -> tuple[torch.Tensor, Callable]:
+    """Forward from the upstream output to the downstream output, with the frozen submodules
+    detached: the downstream output and its vector-Jacobian product (cotangent at the
+    downstream output -> gradient at the upstream output)."""
 
-    def splice_up(x, hook):
-        return x_up
-
-    def freeze(x, hook):
-        return x.detach()
-
-    def capture(x, hook):
-        captured["x"] = x
-        return x
-
-    hooks = [(pair.up.hook_name, splice_up), *[(s.hook_name, freeze) for s in pair.frozen],
-             (pair.down.hook_name, capture)]
-    with torch.enable_grad():
+    def forward(x_up):
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [(pair.up.hook_name, lambda x, hook: x_up),
+                 *[(s.hook_name, lambda x, hook: x.detach()) for s in pair.frozen],
+                 (pair.down.hook_name, lambda x, hook: captured.setdefault("x", x))]
         model.run_with_hooks(batch.clean, fwd_hooks=hooks, stop_at_layer=pair.down.layer + 1)
-    return x_up, captured["x"]
+        return captured["x"]
+
+    with torch.enable_grad():
+        x_down, pull_back = torch.func.vjp(forward, up_clean.x)
+    return x_down.detach(), pull_back
 
 
 def _cotangents(ids: torch.Tensor, x: torch.Tensor, sae: SAE, down_grad: torch.Tensor,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from compute.dictionaries import SAE, Submodule
-from compute.spliced import State, batch_metric
+from compute.spliced import State, batch_metric, last_logits, logits_with_output
 from compute.tasks import Batch
 
 
@@ -24,7 +24,7 @@ def patch_effects(model, sub: Submodule, sae: SAE, batch: Batch, clean: State, p
     Returns [len(nodes)], the metric change summed over the batch's examples.
     Many nodes share one forward pass: the batch is repeated once per node.
     """
-    base = batch_metric(model(batch.clean), batch)
+    base = batch_metric(last_logits(model, batch.clean), batch)
     positions = positions or [None] * len(nodes)
     out = []
     for i in range(0, len(nodes), chunk):
@@ -32,8 +32,7 @@ def patch_effects(model, sub: Submodule, sae: SAE, batch: Batch, clean: State, p
         deltas = torch.stack([_delta(sae, clean, patch, n, t)
                               for n, t in zip(part, positions[i : i + chunk], strict=True)])  # [K, B, T, d]
         patched = (clean.x[None] + deltas).reshape(-1, *clean.x.shape[1:])
-        logits = model.run_with_hooks(batch.clean.repeat(len(part), 1),
-                                      fwd_hooks=[(sub.hook_name, lambda x, hook, v=patched: v)])
+        logits = logits_with_output(model, sub, patched, [sub], {sub.name: clean}, batch.clean, len(part))
         m = batch_metric(logits, batch, repeat=len(part)).view(len(part), -1)
         out.append((m - base).sum(1))
     return torch.cat(out)

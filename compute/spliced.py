@@ -26,6 +26,16 @@ class State:
     err: torch.Tensor  # [B, T, d]
 
 
+@dataclass
+class Pass:
+    """What one pass of the spliced model gives: the metric per row (when a batch was given),
+    each submodule's state, and the metric's gradient at each submodule's output (on request)."""
+
+    metric: torch.Tensor | None
+    states: dict[str, State]
+    grads: dict[str, torch.Tensor] | None
+
+
 def metric(logits: torch.Tensor, clean_answer: torch.Tensor, patch_answer: torch.Tensor | None) -> torch.Tensor:
     """logit(patch answer) - logit(clean answer) at the last position, per row
     (-logit(clean answer) for a task without patch prompts)."""
@@ -59,35 +69,76 @@ def zero_states(clean: dict[str, State], dicts: dict[str, SAE]) -> dict[str, Sta
             for name, s in clean.items()}
 
 
-@torch.no_grad()
+def last_logits(model, x: torch.Tensor, start_at_layer: int | None = None) -> torch.Tensor:
+    """Logits [B, 1, vocab] at the last position, the only one the metric reads, from tokens or,
+    with `start_at_layer`, from the residual stream entering that block (the blocks before it
+    are skipped: their output is given)."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    resid = model(x, start_at_layer=start_at_layer, stop_at_layer=model.cfg.n_layers)[:, -1:]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+
+
+def spliced_pass(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor,
+                 batch: Batch | None = None, grads: bool = False) -> Pass:
+    """One forward pass of the spliced model: every submodule's features and error term and,
+    given the batch, the metric per row; with `grads`, one backward pass too, for the metric's
+    gradient at every submodule's output (a feature's gradient is that times W_dec[i])."""
+    held: dict[str, State] = {}
+    saved: dict[str, torch.Tensor] = {}
+    by_hook = {s.hook_name: s for s in subs}
+    first = subs[0].hook_name
+
+    def splice(x, hook):
+        s = by_hook[hook.name]
+        if s.name in dicts:
+            with torch.no_grad():
+                f = dicts[s.name].encode(x)
+                held[s.name] = State(x.detach(), f, x.detach() - dicts[s.name].decode(f))
+        if grads:
+            if hook.name == first and not x.requires_grad:
+                x = x.detach().requires_grad_(True)  # weights are frozen: start the graph here
+            saved[s.name] = x
+        return x
+
+    with torch.set_grad_enabled(grads), model.hooks(fwd_hooks=[(s.hook_name, splice) for s in subs]):
+        logits = last_logits(model, tokens)
+        m = None if batch is None else batch_metric(logits, batch, repeat=len(tokens) // len(batch))
+        g = None
+        if grads:
+            g = dict(zip(saved, torch.autograd.grad(m.sum(), list(saved.values())), strict=True))
+    return Pass(None if m is None else m.detach(), held, g)
+
+
 def states(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor) -> dict[str, State]:
     """Features and error terms of every submodule on a batch of prompts."""
-    hooks = {s.hook_name for s in subs}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
-    out = {}
-    for s in subs:
-        x = cache[s.hook_name]
-        f = dicts[s.name].encode(x)
-        out[s.name] = State(x, f, x - dicts[s.name].decode(f))
-    return out
+    return spliced_pass(model, subs, dicts, tokens).states
 
 
 def output_grads(model, subs: list[Submodule], batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Metric on the clean prompts and its gradient at every submodule's output."""
-    first = subs[0].hook_name
-    saved: dict[str, torch.Tensor] = {}
+    p = spliced_pass(model, subs, {}, batch.clean, batch, grads=True)
+    return p.metric, p.grads
 
-    def keep(x, hook):
-        if hook.name == first and not x.requires_grad:
-            x = x.detach().requires_grad_(True)  # weights are frozen: start the graph here
-        saved[hook.name] = x
-        return x
 
-    with torch.enable_grad():
-        logits = model.run_with_hooks(batch.clean, fwd_hooks=[(s.hook_name, keep) for s in subs])
-        m = batch_metric(logits, batch)
-        grads = torch.autograd.grad(m.sum(), [saved[s.hook_name] for s in subs])
-    return m.detach(), {s.name: g for s, g in zip(subs, grads, strict=True)}
+def logits_with_output(model, s: Submodule, value: torch.Tensor, subs: list[Submodule],
+                       clean: dict[str, State], tokens: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Last-position logits with submodule `s` set to `value` ([repeat * B, T, d]) on the
+    prompts `tokens` repeated. Everything upstream of `s` is as on the clean prompts, so only
+    the blocks from its own on run: a resid submodule's value is the next block's input, and
+    attn or mlp start from the clean residual stream entering their block when `clean` holds it."""
+    if model.cfg.positional_embedding_type != "shortformer":
+        if s.hook_name in (f"blocks.{s.layer + 1}.hook_resid_pre", f"blocks.{s.layer}.hook_resid_post"):
+            return last_logits(model, value, start_at_layer=s.layer + 1)
+        hooks = {f"blocks.{s.layer}.hook_resid_pre", f"blocks.{s.layer - 1}.hook_resid_post"}
+        start = next((clean[u.name].x for u in subs if u.hook_name in hooks and u.name in clean), None)
+        if start is not None:
+            with model.hooks(fwd_hooks=[(s.hook_name, lambda x, hook: value)]):
+                return last_logits(model, start.repeat(repeat, 1, 1), start_at_layer=s.layer)
+    with model.hooks(fwd_hooks=[(s.hook_name, lambda x, hook: value)]):
+        return last_logits(model, tokens.repeat(repeat, 1))
 
 
 def node_effects(sae: SAE, clean: State, patch: State, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,39 +13,83 @@ from compute.spliced import batch_metric, node_effects, states
 from compute.tasks import encode
 
 
-def _exact_and_estimates(zoo, subs, saes, task, method):
-    data = encode(zoo.model, zoo.tasks[task], "train", 64)
-    circuit = discover(zoo.model, subs, saes, data, DiscoveryParams(method=method, ablations=()), progress=False)
-    est = circuit.effects()
-    exact = dict.fromkeys(est, 0.0)
+def _exact_effects(zoo, subs, saes, data, keys) -> np.ndarray:
+    """Exact activation patching of every node in `keys`, one forward per node (batched)."""
+    exact = dict.fromkeys(keys, 0.0)
     for b in data.batches:
         clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
         for s in subs:
-            ids = [k[1] for k in est if k[0] == s.name]
+            ids = [k[1] for k in keys if k[0] == s.name]
             nodes = [None if i == ERROR else i for i in ids]  # patch_effects names the error term None
             for i, v in zip(ids, patch_effects(zoo.model, s, saes[s.name], b, clean[s.name], patch[s.name], nodes),
                             strict=True):
                 exact[(s.name, i, None)] += v.item() / data.n_examples
-    keys = list(est)
-    return keys, np.array([est[k] for k in keys]), np.array([exact[k] for k in keys])
+    return np.array([exact[k] for k in keys])
 
 
-# IG must track exact patching (r >= 0.9). AtP is a first-order estimate that misjudges
-# saturating attention features (Kramar et al. 2024); its floor is a sanity check.
-@pytest.mark.parametrize("method,floor", [("ig", 0.9), ("atp", 0.5)])
-def test_node_effects_match_exact_patching(zoo, subs, saes, method, floor):
-    keys, est, exact = _exact_and_estimates(zoo, subs, saes, "sva_simple", method)
+_AGREEMENT: dict[str, tuple] = {}
+
+
+def _agreement(zoo, subs, saes, task):
+    """Node keys, exact effects and the IG and AtP estimates of every node on a zoo task
+    (computed once per session: the fixtures are session-wide)."""
+    if task not in _AGREEMENT:
+        _AGREEMENT[task] = _measure_agreement(zoo, subs, saes, task)
+    return _AGREEMENT[task]
+
+
+def _measure_agreement(zoo, subs, saes, task):
+    data = encode(zoo.model, zoo.tasks[task], "train", 64)
+    est = {m: discover(zoo.model, subs, saes, data, DiscoveryParams(method=m, ablations=()),
+                       progress=False).effects() for m in ("ig", "atp")}
+    keys = sorted(set(est["ig"]) | set(est["atp"]), key=str)
+    exact = _exact_effects(zoo, subs, saes, data, keys)
+    return keys, exact, {m: np.array([e.get(k, 0.0) for k in keys]) for m, e in est.items()}
+
+
+def _pearson(keys, est, exact, sub=None):
+    at = [sub is None or k[0] == sub for k in keys]
+    return np.corrcoef(est[at], exact[at])[0, 1]
+
+
+# IG must track exact patching (r >= 0.9 over all nodes of a task). On sva_within_rc it does
+# within every submodule (r >= 0.97) but not pooled: there single-node effects are strongly
+# superadditive (test_ig_on_sva_within_rc_credits_the_joint_effect), so it is a known miss.
+@pytest.mark.parametrize("task", [pytest.param(t, marks=pytest.mark.xfail(
+    strict=True, reason="superadditive single-node effects: pooled r 0.85")) if t == "sva_within_rc" else t
+    for t in grammar.TASKS])
+def test_ig_matches_exact_patching_on_every_zoo_task(zoo, subs, saes, task):
+    keys, exact, est = _agreement(zoo, subs, saes, task)
     assert len(keys) > 100
-    r = np.corrcoef(est, exact)[0, 1]
-    per_layer = {s.name: np.corrcoef(est[[k[0] == s.name for k in keys]], exact[[k[0] == s.name for k in keys]])[0, 1]
-                 for s in subs}
-    print(f"{method}: pooled r={r:.3f}", {k: round(v, 3) for k, v in per_layer.items()})
-    assert r >= floor
+    for m in ("ig", "atp"):
+        per_sub = {s.name: round(_pearson(keys, est[m], exact, s.name), 3) for s in subs}
+        print(f"{task} {m}: pooled r={_pearson(keys, est[m], exact):.3f}", per_sub)
+    assert _pearson(keys, est["ig"], exact) >= 0.9
+
+
+# AtP is a first-order estimate that misjudges saturating attention and embedding features
+# (Kramar et al. 2024); its floor is a sanity check.
+def test_atp_tracks_exact_patching(zoo, subs, saes):
+    keys, exact, est = _agreement(zoo, subs, saes, "sva_simple")
+    assert _pearson(keys, est["atp"], exact) >= 0.5
+
+
+def test_ig_on_sva_within_rc_credits_the_joint_effect(zoo, subs, saes):
+    """Why pooled r misses 0.9 on sva_within_rc: within each submodule IG ranks nodes as exact
+    patching does, but IG's effects add up to the submodule's joint effect (completeness) while
+    single-node patches add up to far less, by a factor that differs between submodules."""
+    keys, exact, est = _agreement(zoo, subs, saes, "sva_within_rc")
+    ratios = []
+    for s in subs:
+        assert _pearson(keys, est["ig"], exact, s.name) >= 0.95
+        at = [k[0] == s.name for k in keys]
+        ratios.append(est["ig"][at].sum() / exact[at].sum())
+    assert min(ratios) > 1.2 and max(ratios) / min(ratios) > 2
 
 
 def test_exact_method_is_exact_patching(zoo, subs, saes):
     """discover(method='exact') measures every node with a nonzero delta, error terms included."""
-    keys, _, exact = _exact_and_estimates(zoo, subs, saes, "sva_simple", "ig")
+    keys, exact, _ = _agreement(zoo, subs, saes, "sva_simple")
     data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 64)
     c = discover(zoo.model, subs, saes, data, DiscoveryParams(method="exact", ablations=()), progress=False)
     got = c.effects()
