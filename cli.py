@@ -37,6 +37,9 @@ class Group(click.Group):
 @click.pass_context
 def main(ctx, catalog_path: Path):
     """A DuckDB/Parquet catalogue of sparse feature circuits."""
+    from compute.allocator import keep_freed_memory
+
+    keep_freed_memory()
     ctx.obj = catalog_path
 
 

@@ -335,4 +335,54 @@ def test_training_forward_equals_the_dictionary(arch):
     with torch.no_grad():
         f = sae.encode(x)
         assert torch.allclose(y_hat, sae.decode(f), atol=1e-5, rtol=0)
-        assert torch.equal(fired, (f > 0).any(0)) and float(l0) == pytest.approx(float((f > 0).sum(-1).float().mean()))
+        assert torch.equal(fired, (f > 0).any(0)) and float(l0()) == pytest.approx(float((f > 0).sum(-1).float().mean()))
+
+
+def test_jumprelu_threshold_gradient_is_the_window_estimator():
+    """The threshold's gradient, by hand: d/dtheta_c = -(1/bandwidth) * sum over rows with
+    |pre - theta_c| < bandwidth/2 of (theta_c * dL/df + dL/dL0); features pass dL/df where active."""
+    from compute.dictionary_training import _JumpReLU
+
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(200, 30, generator=gen, requires_grad=True)
+    theta = (torch.rand(30, generator=gen) * 0.5).requires_grad_(True)
+    g_f, g_l0 = torch.randn(200, 30, generator=gen), torch.randn(200, generator=gen)
+    f, l0 = _JumpReLU.apply(pre, theta, 0.2)
+    assert torch.equal(f, pre * (pre > theta)) and torch.equal(l0, (pre > theta).float().sum(-1))
+    (f * g_f).sum().backward(retain_graph=True)
+    (l0 * g_l0).sum().backward()
+    want = torch.zeros(30)
+    for r in range(200):
+        for c in range(30):
+            if abs(pre[r, c] - theta[c]) < 0.1:
+                want[c] -= (theta[c] * g_f[r, c] + g_l0[r]) / 0.2
+    assert torch.allclose(theta.grad, want, atol=1e-4)
+    assert torch.equal(pre.grad, g_f * (pre > theta))
+
+
+def test_auxk_loss_by_its_definition():
+    """AuxK (Gao et al. 2024): the dead features' k_aux largest pre-activations (ReLU) decode the
+    residual the live features missed; the loss is that reconstruction's error over the
+    residual's variance, and only dead features' weights get its gradient."""
+    from compute.dictionary_training import _auxk_loss
+
+    gen = torch.Generator().manual_seed(4)
+    sae = _randomised(TopKSAE(16, 48, "h", k=4))
+    for p in sae.parameters():
+        p.requires_grad_(True)
+    x, residual = torch.randn(40, 16, generator=gen), torch.randn(40, 16, generator=gen)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::3] = True
+    pre = sae.pre_activation(x)
+    with torch.no_grad():
+        k_aux = min(16 // 2, int(dead.sum()))
+        masked = pre.masked_fill(~dead, float("-inf"))
+        top = masked.topk(k_aux, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        want = (residual - f @ sae.W_dec).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    got = _auxk_loss(sae, pre, residual, dead)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert sae.W_dec.grad[~dead].abs().max() == 0 and sae.W_dec.grad[dead].abs().max() > 0
+    assert sae.W_enc.grad[:, ~dead].abs().max() == 0 and sae.W_enc.grad[:, dead].abs().max() > 0
+    assert _auxk_loss(sae, pre, residual, torch.zeros(48, dtype=torch.bool)).item() == 0
