@@ -50,7 +50,7 @@ class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
         above = pre - threshold
-        mask = (above > 0).to(pre.dtype)
+        mask = torch.gt(above, 0, out=torch.empty_like(pre))  # 1.0 / 0.0, written in one pass
         ctx.save_for_backward(above, threshold, mask)
         ctx.bandwidth = bandwidth
         return pre * mask, mask.sum(-1)
@@ -58,30 +58,32 @@ class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_f, g_l0):
         above, threshold, mask = ctx.saved_tensors
-        window = (above.abs() < ctx.bandwidth / 2).to(above.dtype)
-        # sum over rows of window * (threshold * g_f + g_l0): one elementwise pass and a matrix-vector product
-        g_threshold = (threshold * (window * g_f).sum(0) + g_l0 @ window) / -ctx.bandwidth
+        window = torch.abs(above)
+        torch.lt(window, ctx.bandwidth / 2, out=window)  # 1.0 inside the window
+        # sum over rows of window * (threshold * g_f + g_l0): a matrix-vector product, then one
+        # in-place product and a column sum
+        from_l0 = g_l0 @ window
+        g_threshold = (threshold * window.mul_(g_f).sum(0) + from_l0) / -ctx.bandwidth
         return g_f * mask, g_threshold, None
 
 
 def _forward(sae: SAE, x: torch.Tensor, cfg: SAEConfig):
     """One training forward pass: (reconstruction, sparsity penalty, features that fired [d_sae],
-    a function giving the mean L0 (computed only when the progress bar shows it), the dense
-    pre-activations). TopK decodes only its k active features per row (`embedding_bag` with
-    the feature values as weights), so its dense products are the encoder's and its gradient."""
-    # (x - b_dec) W_enc + b_enc, written so that b_dec's gradient costs a vector-matrix product
-    # instead of a [batch x d_sae x d_in] one
-    bias = sae.b_enc - sae.b_dec @ sae.W_enc if sae.apply_b_dec_to_input else sae.b_enc
-    pre = torch.addmm(bias, x, sae.W_enc)
+    a function giving the mean L0 (computed only when the progress bar shows it), TopK's dense
+    pre-activations without gradient, else None). TopK computes its dense pre-activations only to
+    choose its k features; their values, gradients and decoding touch k rows per token."""
+    bias = _encoder_bias(sae)
     if isinstance(sae, TopKSAE):
         with torch.no_grad():
+            pre = torch.addmm(bias, x, sae.W_enc)
             idx = pre.topk(sae.k, dim=-1, sorted=False).indices  # [B, k]
-        values = pre.gather(1, idx).relu()
+        values = _EncodeRows.apply(x, sae.W_enc, bias, pre, idx).relu()
         y_hat = _decode_rows(sae, values, idx) + sae.b_dec
         on = values.detach() > 0
         fired = torch.zeros(sae.d_sae, dtype=torch.bool)
         fired[idx[on]] = True
         return y_hat, 0.0, fired, lambda: on.sum(-1).float().mean(), pre
+    pre = torch.addmm(bias, x, sae.W_enc)
     if isinstance(sae, JumpReLUSAE):
         f, l0 = _JumpReLU.apply(pre, sae.threshold, cfg.bandwidth)
         penalty = cfg.l0_coefficient * l0.mean()
@@ -92,8 +94,34 @@ def _forward(sae: SAE, x: torch.Tensor, cfg: SAEConfig):
     y_hat = torch.addmm(sae.b_dec, f, sae.W_dec)
     fired = f.detach().amax(0) > 0
     if l0 is not None:
-        return y_hat, penalty, fired, lambda: l0.detach().mean(), pre
-    return y_hat, penalty, fired, lambda: torch.count_nonzero(f.detach(), -1).float().mean(), pre
+        return y_hat, penalty, fired, lambda: l0.detach().mean(), None
+    return y_hat, penalty, fired, lambda: torch.count_nonzero(f.detach(), -1).float().mean(), None
+
+
+def _encoder_bias(sae: SAE) -> torch.Tensor:
+    """The bias of x W_enc + bias = (x - b_dec) W_enc + b_enc: b_dec folded in, so that its
+    gradient costs a vector-matrix product instead of a [batch x d_sae x d_in] one."""
+    return sae.b_enc - sae.b_dec @ sae.W_enc if sae.apply_b_dec_to_input else sae.b_enc
+
+
+class _EncodeRows(torch.autograd.Function):
+    """Pre-activations (x W_enc + bias)[b, idx[b, j]] of k chosen features per row, read from the
+    dense pre-activations that chose them; the backward adds into only those k columns of W_enc
+    and the bias (index_add_), instead of a dense [batch x d_sae] gradient and its product."""
+
+    @staticmethod
+    def forward(ctx, x, w_enc, bias, pre, idx):
+        ctx.save_for_backward(x, idx)
+        ctx.d_sae = w_enc.shape[1]
+        return pre.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, idx = ctx.saved_tensors
+        flat = idx.flatten()
+        g_w = x.new_zeros(ctx.d_sae, x.shape[1]).index_add_(0, flat, (g[..., None] * x[:, None, :]).flatten(0, 1))
+        g_bias = g.new_zeros(ctx.d_sae).index_add_(0, flat, g.flatten())
+        return None, g_w.T, g_bias, None, None
 
 
 def _decode_rows(sae: SAE, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -167,7 +195,7 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, hook_name: str, model_name: st
         if isinstance(sae, TopKSAE):
             steps_since_fired += 1
             steps_since_fired[fired_now] = 0
-            loss = loss + cfg.auxk_coefficient * _auxk_loss(sae, pre, y - y_hat.detach(), steps_since_fired >= 100)
+            loss = loss + cfg.auxk_coefficient * _auxk_loss(sae, x, pre, y - y_hat.detach(), steps_since_fired >= 100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # keep the gradient tangent to the unit-norm constraint
@@ -196,17 +224,20 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, hook_name: str, model_name: st
     return sae
 
 
-def _auxk_loss(sae: TopKSAE, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """How well the dead features' k_aux largest pre-activations (ReLU; `pre` is the forward
-    pass's) reconstruct what the live ones missed, relative to the residual's variance (Gao et al.
-    2024); zero while no feature is dead."""
+def _auxk_loss(sae: TopKSAE, x: torch.Tensor, pre: torch.Tensor, residual: torch.Tensor,
+               dead: torch.Tensor) -> torch.Tensor:
+    """How well the dead features' k_aux largest pre-activations (ReLU; chosen from `pre`, the
+    forward pass's, without gradient) reconstruct what the live ones missed, relative to the
+    residual's variance (Gao et al. 2024); zero while no feature is dead. Only the dead features'
+    encoder columns take part, as one dense product."""
     n_dead = int(dead.sum())
     if n_dead == 0:
-        return pre.new_zeros(())
+        return x.new_zeros(())
     cols = dead.nonzero().flatten()
     with torch.no_grad():
-        idx = cols[pre[:, cols].topk(min(sae.d_in // 2, n_dead), dim=-1, sorted=False).indices]
-    err = (residual - _decode_rows(sae, pre.gather(1, idx).relu(), idx)).pow(2).sum(-1).mean()
+        idx = pre[:, cols].topk(min(sae.d_in // 2, n_dead), dim=-1, sorted=False).indices  # into cols
+    pre_dead = torch.addmm(_encoder_bias(sae)[cols], x, sae.W_enc[:, cols])
+    err = (residual - _decode_rows(sae, pre_dead.gather(1, idx).relu(), cols[idx])).pow(2).sum(-1).mean()
     return (err / (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)).nan_to_num(0.0)
 
 
