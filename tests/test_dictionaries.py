@@ -395,3 +395,14 @@ def test_auxk_loss_by_its_definition():
     assert sae.W_dec.grad[~dead].abs().max() == 0 and sae.W_dec.grad[dead].abs().max() > 0
     assert sae.W_enc.grad[:, ~dead].abs().max() == 0 and sae.W_enc.grad[:, dead].abs().max() > 0
     assert _auxk_loss(sae, x, pre, residual, torch.zeros(48, dtype=torch.bool)).item() == 0
+
+
+def test_keep_freed_memory_sets_glibc_malloc():
+    """The CLI's allocator setting takes effect where glibc is the C library (it is on the
+    machines this project runs on) and is harmless to repeat."""
+    import platform
+
+    from compute.allocator import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
