@@ -6,8 +6,8 @@ operating system once more than a few megabytes are free, and serves large block
 from fresh mappings, so the next step page-faults the same memory in again: on a
 small CPU machine that costs up to a millisecond per tensor. Raising the trim and
 mmap thresholds keeps the memory mapped (and the heap grows 64 MiB at a time);
-resident size then stays at its peak instead of shrinking between steps. Called by the CLI and the benchmarks;
-elsewhere a no-op unless called.
+resident size then stays at its peak instead of shrinking between steps. The CLI
+and bench/dictionaries.py call it; library code does not.
 """
 
 from __future__ import annotations

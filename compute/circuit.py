@@ -30,7 +30,13 @@ from compute.edges import ERROR, edge_pairs, edge_weights
 from compute.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
 from compute.ig import ig_grads
 from compute.patching import patch_effects
-from compute.spliced import batch_metric, last_logits, node_effects, spliced_pass, zero_states
+from compute.spliced import (
+    batch_metric,
+    logits_with_output,
+    node_effects,
+    spliced_pass,
+    zero_states,
+)
 from compute.tasks import Encoded
 
 METHODS = ("ig", "atp", "exact")
@@ -130,9 +136,9 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
             m_patch += on_patch.metric.sum().item()
         else:  # zero ablation: the last submodule outputs decode(0), so nothing else matters
             patch = zero_states(clean, dicts)
-            ablated = patch[subs[-1].name].x
-            with torch.no_grad(), model.hooks(fwd_hooks=[(subs[-1].hook_name, lambda x, hook, v=ablated: v)]):
-                m_patch += batch_metric(last_logits(model, batch.clean), batch).sum().item()
+            with torch.no_grad():
+                logits = logits_with_output(model, subs[-1], patch[subs[-1].name].x, subs, clean, batch.clean, 1)
+            m_patch += batch_metric(logits, batch).sum().item()
         if params.method == "ig":
             grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps)
         else:  # AtP's gradients, from the clean pass; exact patching measures nodes directly,

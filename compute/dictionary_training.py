@@ -36,7 +36,7 @@ class SAEConfig:
     resample_every: int = 500
     seed: int = 0
     corpus_sentences: int = 12_000
-    version: int = 3  # 3: TopK decodes by embedding_bag, AuxK over the dead columns of the shared pre-activations
+    version: int = 3  # 3: TopK's k rows by _EncodeRows/_DecodeRows, AuxK as a dense product over the dead columns
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -118,10 +118,8 @@ class _EncodeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, idx = ctx.saved_tensors
-        flat = idx.flatten()
-        g_w = x.new_zeros(ctx.d_sae, x.shape[1]).index_add_(0, flat, (g[..., None] * x[:, None, :]).flatten(0, 1))
-        g_bias = g.new_zeros(ctx.d_sae).index_add_(0, flat, g.flatten())
-        return None, g_w.T, g_bias, None, None
+        g_bias = g.new_zeros(ctx.d_sae).index_add_(0, idx.flatten(), g.flatten())
+        return None, _add_rows(ctx.d_sae, idx, g, x).T, g_bias, None, None
 
 
 def _decode_rows(sae: SAE, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -142,9 +140,13 @@ class _DecodeRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         values, idx, w = ctx.saved_tensors
-        g_w = torch.zeros_like(w).index_add_(0, idx.flatten(), (values[..., None] * g[:, None, :]).flatten(0, 1))
         g_values = (w[idx] * g[:, None, :]).sum(-1)
-        return g_values, None, g_w
+        return g_values, None, _add_rows(w.shape[0], idx, values, g)
+
+
+def _add_rows(n: int, idx: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[n, d] gradient of a weight read at k rows per batch item: out[idx[b, j]] += scale[b, j] * rows[b]."""
+    return rows.new_zeros(n, rows.shape[1]).index_add_(0, idx.flatten(), (scale[..., None] * rows[:, None, :]).flatten(0, 1))
 
 
 def new_dictionary(cfg: SAEConfig, d_in: int, hook_name: str, model_name: str, d_out: int | None = None,

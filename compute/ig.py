@@ -34,4 +34,3 @@ def ig_grads(model, subs: list[Submodule], dicts: dict[str, SAE], batch: Batch,
             (g,) = torch.autograd.grad(m.sum(), x_line)
         out[s.name] = g.view(steps, *xc.shape).mean(0)
     return out
-
