@@ -11,8 +11,9 @@ worker writes them. At each scale E:
 - compare: 100 circuits of E/100 in-circuit features each, drawn from a shared pool so that a
   feature sits in about 10 of them: shared features, pairwise Jaccard and rank correlation
   (the comparison reads nodes only; the circuits' edges play no part in it).
-DuckDB runs the catalogue's own macros (`node_diff`, `edge_diff`, `feature_overlap`); pandas
-does the same computation with merges and group-bys on the same shards. Each measurement runs
+DuckDB runs the catalogue's own macros (`diff_summary`, what `cli.py diff` reports: node_diff
+and edge_diff's joined edge pairs, counted with the total |delta|; `feature_overlap`); pandas does
+the same computation, the same way, with merges and group-bys on the same shards. Each measurement runs
 in a fresh process (best of 3 for the time; peak memory = the process's peak RSS above its
 resident size before the first run), and both answers are checked to agree.
 """
@@ -88,11 +89,9 @@ def build(root: Path, n_edges: int, n_circuits: int = 100, seed: int = 0) -> Non
 
 # ---- the two engines ---------------------------------------------------------------------
 
-def duckdb_diff(root: Path):
+def duckdb_diff(root: Path) -> dict:
     cat = catalog.open(root)
-    nodes = cat.sql("SELECT status, count(*) AS n FROM node_diff('A', 'B') GROUP BY ALL")
-    edges = cat.sql("SELECT status, count(*) AS n FROM edge_diff('A', 'B') GROUP BY ALL")
-    return _counts(nodes), _counts(edges)
+    return _summary(cat.sql("SELECT * FROM diff_summary('A', 'B')"))
 
 
 def duckdb_compare(root: Path):
@@ -118,34 +117,33 @@ def _read(root: Path, table: str, ids: list[str], columns: list[str]) -> pd.Data
     return data.to_table(columns=columns, filter=ds.field("circuit_id").isin(ids)).to_pandas()
 
 
-def pandas_diff(root: Path):
+def pandas_diff(root: Path) -> dict:
+    """diff_summary in pandas, the same way: nodes outer-merged on their key; B's nodes take the
+    node_idx of A's node with the same key (or a new id past A's); edges outer-merged on the ids."""
     nodes = _keyed(_read(root, "nodes", ["A", "B"], ["circuit_id", "node_idx", "component", "layer", "dictionary_id",
                                                      "feature_idx", "is_error", "position", "effect", "in_circuit"]))
     edges = _read(root, "edges", ["A", "B"], ["circuit_id", "src_idx", "dst_idx", "kind", "weight"])
     na, nb = nodes[nodes.circuit_id == "A"], nodes[nodes.circuit_id == "B"]
-    for df in (na, nb):
-        df.loc[:, "rank"] = df.effect.abs().where(df.in_circuit).rank(ascending=False, method="min")
     j = na.merge(nb, on=KEY, how="outer", suffixes=("_a", "_b"))
     in_a, in_b = j.in_circuit_a.fillna(False).astype(bool), j.in_circuit_b.fillna(False).astype(bool)
     delta = j.effect_b.fillna(0) - j.effect_a.fillna(0)
     status = np.select([in_a & ~in_b, in_b & ~in_a, delta.abs() > 1e-9], ["removed", "added", "changed"], "same")
-    node_counts = pd.Series(status[(in_a | in_b).values]).value_counts()
-    keys = pd.concat([na[KEY], nb[KEY]]).drop_duplicates()
-    keys["kid"] = np.arange(len(keys))
-    ka, kb = na.merge(keys, on=KEY)[["node_idx", "kid"]], nb.merge(keys, on=KEY)[["node_idx", "kid"]]
-
-    def keyed_edges(e, k):
-        e = e.merge(k.rename(columns={"node_idx": "src_idx", "kid": "src_kid"}), on="src_idx")
-        e = e.merge(k.rename(columns={"node_idx": "dst_idx", "kid": "dst_kid"}), on="dst_idx")
-        return e.assign(rank=e.weight.abs().rank(ascending=False, method="min"))
-
-    ea = keyed_edges(edges[edges.circuit_id == "A"], ka)
-    eb = keyed_edges(edges[edges.circuit_id == "B"], kb)
-    je = ea.merge(eb, on=["src_kid", "dst_kid", "kind"], how="outer", suffixes=("_a", "_b"))
-    d = je.weight_b - je.weight_a
+    rows = [pd.DataFrame({"element": "nodes", "status": status, "delta": delta})[(in_a | in_b).values]]
+    m = nb[["node_idx", *KEY]].merge(na[["node_idx", *KEY]], on=KEY, how="left", suffixes=("", "_a"))
+    new = m.node_idx_a.isna().values
+    kid = m.node_idx_a.values.copy()
+    kid[new] = (na.node_idx.max() if len(na) else -1) + 1 + np.arange(new.sum())
+    kb = pd.Series(kid.astype("int64"), index=m.node_idx.values)
+    ea, eb = edges[edges.circuit_id == "A"], edges[edges.circuit_id == "B"]
+    eb = eb.assign(src_idx=eb.src_idx.map(kb), dst_idx=eb.dst_idx.map(kb))
+    je = ea.merge(eb, on=["src_idx", "dst_idx", "kind"], how="outer", suffixes=("_a", "_b"))
+    d = je.weight_b.fillna(0) - je.weight_a.fillna(0)
     estatus = np.select([je.weight_b.isna(), je.weight_a.isna(), d.abs() > 1e-9], ["removed", "added", "changed"],
                         "same")
-    return (node_counts.to_dict(), pd.Series(estatus).value_counts().to_dict())
+    rows.append(pd.DataFrame({"element": "edges", "status": estatus, "delta": d}))
+    out = pd.concat(rows).groupby(["element", "status"]).agg(n=("delta", "size"),
+                                                              total_abs_delta=("delta", lambda x: x.abs().sum()))
+    return _summary(out.reset_index())
 
 
 def pandas_compare(root: Path):
@@ -170,8 +168,13 @@ def pandas_compare(root: Path):
         ["circuit_a", "circuit_b"]).reset_index(drop=True)
 
 
-def _counts(df: pd.DataFrame) -> dict:
-    return dict(zip(df.status, df.n, strict=True))
+def _summary(df: pd.DataFrame) -> dict:
+    """(element, status) -> (count, total |delta|)."""
+    return {(r.element, r.status): (int(r.n), float(r.total_abs_delta)) for r in df.itertuples()}
+
+
+def _same_summary(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k][0] == b[k][0] and np.isclose(a[k][1], b[k][1]) for k in a)
 
 
 # ---- measuring -------------------------------------------------------------------------------
@@ -226,10 +229,10 @@ def main() -> None:
                 d = measure(f"duckdb_{op}", root, args.repeat, args.timeout)
                 p = measure(f"pandas_{op}", root, args.repeat, args.timeout)
                 if d and p:
-                    same = (d[2] == p[2]) if op == "diff" else _same_overlap(d[2], p[2])
+                    same = _same_summary(d[2], p[2]) if op == "diff" else _same_overlap(d[2], p[2])
                     assert same, f"{op}: DuckDB and pandas disagree"
                 if d and op == "diff":
-                    print(f"  diff: nodes {d[2][0]}, edges {d[2][1]}", flush=True)
+                    print("  diff: " + ", ".join(f"{e} {s} {n}" for (e, s), (n, _) in sorted(d[2].items())), flush=True)
                 rows.append({"edges": f"{int(scale):,}", "op": op,
                              "duckdb_s": round(d[0], 3) if d else None, "pandas_s": round(p[0], 3) if p else None,
                              "speedup": round(p[0] / d[0], 1) if d and p else None,

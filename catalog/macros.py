@@ -34,6 +34,7 @@ class NamedQuery:
 # equality joins work (the metric node has no dictionary, aggregated nodes no position).
 _KEY = ("component, layer, coalesce(dictionary_id, '') AS dict_key, coalesce(feature_idx, -1) AS feat_key, "
         "is_error, coalesce(position, -1) AS pos_key")
+_KEY_COLUMNS = "component, layer, dict_key, feat_key, is_error, pos_key"
 
 # A circuit's features (errors and the metric left out), effects summed over positions, ranked
 # by |effect|; k = NULL keeps the features in the circuit, k = N the N strongest nodes.
@@ -116,7 +117,7 @@ j AS (SELECT coalesce(ra.component, rb.component) AS component, coalesce(ra.laye
              ra.node_idx AS node_a, rb.node_idx AS node_b, rb.dictionary_b, rb.feature_b, rb.similarity,
              coalesce(ra.in_circuit, false) AS in_a, coalesce(rb.in_circuit, false) AS in_b,
              ra.effect AS effect_a, rb.effect AS effect_b, ra.rank AS rank_a, rb.rank AS rank_b
-      FROM ra FULL JOIN rb USING (component, layer, dict_key, feat_key, is_error, pos_key))
+      FROM ra FULL JOIN rb USING ({_KEY_COLUMNS}))
 SELECT CASE WHEN in_a AND NOT in_b THEN 'removed' WHEN in_b AND NOT in_a THEN 'added'
             WHEN abs(coalesce(effect_b, 0) - coalesce(effect_a, 0)) > tol THEN 'changed' ELSE 'same' END AS status,
        component, layer, nullif(dict_key, '') AS dictionary_id, nullif(feat_key, -1) AS feature_idx, is_error,
@@ -127,28 +128,34 @@ FROM j WHERE in_a OR in_b
 ORDER BY abs(delta) DESC, component, layer, feature_idx
 """
 
-# Edges are joined through dense ids of the node keys, so the big join runs on integers.
-_EDGE_DIFF = f"""
+# Edges are joined through integer ids of the node keys, so the big join runs on integers: a node
+# of A keeps its node_idx, a node of B takes the node_idx of A's node with its key, or a new id
+# past A's (node keys are unique within a circuit). A's edges need no keying join at all. The
+# pairs (CTE j) carry ids only; edge_diff labels them with the keys, diff_summary just counts them.
+_EDGE_PAIRS = f"""
 WITH {_MATCHED_NODES},
-keys AS (SELECT row_number() OVER () AS kid, * FROM
-         (SELECT DISTINCT component, layer, dict_key, feat_key, is_error, pos_key FROM
-          (SELECT component, layer, dict_key, feat_key, is_error, pos_key FROM na UNION ALL
-           SELECT component, layer, dict_key, feat_key, is_error, pos_key FROM nb))),
-ka AS (SELECT node_idx, kid FROM na JOIN keys USING (component, layer, dict_key, feat_key, is_error, pos_key)),
-kb AS (SELECT node_idx, kid FROM nb JOIN keys USING (component, layer, dict_key, feat_key, is_error, pos_key)),
-ea AS (SELECT s.kid AS src_kid, d.kid AS dst_kid, e.kind, e.src_idx, e.dst_idx, e.weight,
-              rank() OVER (ORDER BY abs(e.weight) DESC) AS rank
-       FROM edges e JOIN ka s ON s.node_idx = e.src_idx JOIN ka d ON d.node_idx = e.dst_idx
-       WHERE e.circuit_id = a),
+kb AS (SELECT nb.node_idx, coalesce(na.node_idx, (SELECT coalesce(max(node_idx), -1) FROM na) + row_number() OVER ())
+                           AS kid
+       FROM nb LEFT JOIN na USING ({_KEY_COLUMNS})),
+ea AS (SELECT src_idx AS src_kid, dst_idx AS dst_kid, kind, src_idx, dst_idx, weight,
+              rank() OVER (ORDER BY abs(weight) DESC) AS rank
+       FROM edges WHERE circuit_id = a),
 eb AS (SELECT s.kid AS src_kid, d.kid AS dst_kid, e.kind, e.src_idx, e.dst_idx, e.weight,
               rank() OVER (ORDER BY abs(e.weight) DESC) AS rank
        FROM edges e JOIN kb s ON s.node_idx = e.src_idx JOIN kb d ON d.node_idx = e.dst_idx
        WHERE e.circuit_id = b),
 j AS (SELECT src_kid, dst_kid, kind, ea.src_idx AS src_a, ea.dst_idx AS dst_a, eb.src_idx AS src_b,
              eb.dst_idx AS dst_b, ea.weight AS weight_a, eb.weight AS weight_b, ea.rank AS rank_a, eb.rank AS rank_b
-      FROM ea FULL JOIN eb USING (src_kid, dst_kid, kind))
-SELECT CASE WHEN weight_b IS NULL THEN 'removed' WHEN weight_a IS NULL THEN 'added'
-            WHEN abs(weight_b - weight_a) > tol THEN 'changed' ELSE 'same' END AS status,
+      FROM ea FULL JOIN eb USING (src_kid, dst_kid, kind))"""
+_EDGE_STATUS = """CASE WHEN weight_b IS NULL THEN 'removed' WHEN weight_a IS NULL THEN 'added'
+            WHEN abs(weight_b - weight_a) > tol THEN 'changed' ELSE 'same' END"""
+
+_EDGE_DIFF = f"""{_EDGE_PAIRS},
+keys AS (SELECT node_idx AS kid, {_KEY_COLUMNS} FROM na
+         UNION ALL
+         SELECT kb.kid, {_KEY_COLUMNS} FROM nb JOIN kb USING (node_idx)
+         WHERE kb.kid > (SELECT coalesce(max(node_idx), -1) FROM na))
+SELECT {_EDGE_STATUS} AS status,
        s.component AS src_component, s.layer AS src_layer, nullif(s.feat_key, -1) AS src_feature,
        s.is_error AS src_is_error, nullif(s.pos_key, -1) AS src_position,
        d.component AS dst_component, d.layer AS dst_layer, nullif(d.feat_key, -1) AS dst_feature,
@@ -158,11 +165,14 @@ SELECT CASE WHEN weight_b IS NULL THEN 'removed' WHEN weight_a IS NULL THEN 'add
 FROM j JOIN keys s ON s.kid = j.src_kid JOIN keys d ON d.kid = j.dst_kid
 """
 
-_DIFF_SUMMARY = """
+# The edge counts come straight from the joined pairs: the node labels of edge_diff are not needed.
+_DIFF_SUMMARY = f"""
 SELECT 'nodes' AS element, status, count(*) AS n, sum(abs(delta)) AS total_abs_delta
 FROM node_diff_matched(a, b, features, dicts, tol) GROUP BY ALL
 UNION ALL
-SELECT 'edges', status, count(*), sum(abs(delta)) FROM edge_diff_matched(a, b, features, dicts, tol) GROUP BY ALL
+SELECT 'edges', status, count(*), sum(abs(delta)) FROM
+({_EDGE_PAIRS} SELECT {_EDGE_STATUS} AS status, coalesce(weight_b, 0) - coalesce(weight_a, 0) AS delta FROM j)
+GROUP BY ALL
 ORDER BY element DESC, status
 """
 

@@ -20,6 +20,9 @@ from schema.derive import arrow_schema, to_arrow
 from schema.tables import SCHEMA_VERSION, TABLES
 
 MANIFEST = "manifest.json"
+# Rows per Parquet row group: DuckDB reads a file in parallel by row group, and skips row groups
+# by their statistics, so one big circuit must not be one row group (pyarrow's default is 1M rows).
+ROW_GROUP = 128 * 1024
 
 
 class TableWriter:
@@ -33,7 +36,7 @@ class TableWriter:
     def write(self, rows: list[dict] | pa.Table) -> None:
         data = rows if isinstance(rows, pa.Table) else to_arrow(self.table, rows)
         if len(data):
-            self._writer.write_table(data.cast(arrow_schema(self.table)))
+            self._writer.write_table(data.cast(arrow_schema(self.table)), row_group_size=ROW_GROUP)
             self.rows += len(data)
 
     def close(self) -> None:
