@@ -15,7 +15,9 @@ DuckDB runs the catalogue's own macros (`diff_summary`, what `cli.py diff` repor
 and edge_diff's joined edge pairs, counted with the total |delta|; `feature_overlap`); pandas does
 the same computation, the same way, with merges and group-bys on the same shards. Each measurement runs
 in a fresh process (best of 3 for the time; peak memory = the process's peak RSS above its
-resident size before the first run), and both answers are checked to agree.
+resident size before the first run), and both answers are checked to agree. Each DuckDB run
+opens the catalogue anew; the process holds its DuckDB instance from the first run on, as a
+session does (every run still reads the shards and computes the whole diff).
 """
 
 from __future__ import annotations

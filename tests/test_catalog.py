@@ -1,5 +1,6 @@
 """Storage rules: one schema, all-or-nothing runs, idempotent commits, read-only queries."""
 
+import os
 import shutil
 
 import duckdb
@@ -98,6 +99,7 @@ def test_version_1_catalogue_is_migrated_keeping_its_data(tmp_path):
     shutil.move(root / "runs" / f"_schema-v{SCHEMA_VERSION}", root / "runs" / "_schema-v1")  # what v1 wrote
     for table in ("edits", "edit_features"):
         (root / "runs" / "_schema-v1" / f"{table}.parquet").unlink()
+    cat.close()  # this process holds the file read-only; let go before writing to it
     con = duckdb.connect(str(root / "catalog.duckdb"))
     con.execute("DROP VIEW edits")
     con.execute("DROP VIEW edit_features")
@@ -134,3 +136,18 @@ def test_outdated_named_queries_are_recreated_on_open(tmp_path):
     cat = catalog.open(root)
     assert cat.sql("SELECT * FROM node_diff('a', 'b')").empty
     assert cat.info()["macros"] != "older" and cat.schema_version() == SCHEMA_VERSION
+
+
+def test_a_held_catalogue_sees_its_file_replaced(tmp_path):
+    """Queries share one read-only DuckDB instance per catalogue file; when the file is replaced
+    (a migration elsewhere writes a copy and renames it into place), the next query reads the new one."""
+    root = tmp_path / "c"
+    cat = catalog.init(root)
+    assert cat.sql("SELECT value FROM _catalog WHERE key = 'schema_version'").value[0] == str(SCHEMA_VERSION)
+    copy = root / "copy.duckdb"
+    shutil.copyfile(root / "catalog.duckdb", copy)
+    con = duckdb.connect(str(copy))
+    con.execute("INSERT INTO _catalog VALUES ('note', 'replaced')")
+    con.close()
+    os.replace(copy, root / "catalog.duckdb")
+    assert cat.info()["note"] == "replaced"
