@@ -4,8 +4,9 @@
 
 Node effects by AtP and IG, each from the prompts' tokens (their forward passes
 included), against the floor of one forward+backward pass of the spliced model on
-the same batch: the dictionaries encode and decode in the forward pass and the
-backward pass ends at every feature's gradient. Batched edges (one backward per chunk of
+the same batch: the dictionaries encode and decode in the forward pass (every error
+term x - decode(f) is computed) and the backward pass ends at every feature's gradient.
+AtP needs no decoder product: its error effects follow from dx . g and the features' effects. Batched edges (one backward per chunk of
 downstream nodes) against one backward per downstream node, with the largest
 relative difference between the two; and the peak memory of each, measured in
 a fresh child process: resident memory sampled every millisecond while the step
@@ -108,12 +109,13 @@ def main() -> None:
     def plain():
         output_grads(model, subs, batch)
 
-    def floor():
+    def floor():  # every feature's gradient and every error term (x - decode(f))
         p = spliced_pass(model, subs, saes, batch.clean, batch, grads=True)
-        return [p.grads[s.name] @ saes[s.name].W_dec.T for s in subs]
+        return [(p.grads[s.name] @ saes[s.name].W_dec.T, p.states[s.name].err) for s in subs]
 
     def forward():
-        return spliced_pass(model, subs, saes, batch.patch, batch)
+        p = spliced_pass(model, subs, saes, batch.patch, batch)
+        return [p.states[s.name].err for s in subs]
 
     def atp():
         on_clean = spliced_pass(model, subs, saes, batch.clean, batch, grads=True)
@@ -133,7 +135,7 @@ def main() -> None:
     up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
     down = torch.tensor(clean["mlp_1"].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
 
-    edge_args = (model, pair, saes, batch, clean["resid_0"], patch["resid_0"], grads["mlp_1"], up, down)
+    edge_args = (model, pair, saes, batch, clean, patch, grads["mlp_1"], up, down)
 
     def edges(chunk: int):
         if chunk == 1:
@@ -155,7 +157,7 @@ def main() -> None:
     rows = [
         ("forward+backward of the spliced model (floor)", t_floor, 1.0, "", peak_mb("floor", args.examples)),
         ("forward+backward of the model alone", t_plain, t_plain / t_floor, "", peak_mb("plain", args.examples)),
-        ("forward of the spliced model (AtP needs floor + this)", t_forward, t_forward / t_floor, "",
+        ("forward of the spliced model (encode and decode)", t_forward, t_forward / t_floor, "",
          peak_mb("forward", args.examples)),
         ("AtP node effects", t_atp, t_atp / t_floor, "<= 1.5x floor", peak_mb("atp", args.examples)),
         (f"IG node effects ({STEPS} steps)", t_ig, t_ig / t_floor, f"<= {1.5 * STEPS:g}x floor",

@@ -216,9 +216,8 @@ def _edges(model, subs, dicts, per_batch, kept, index, n, params: DiscoveryParam
         total = torch.zeros(len(down), len(up), dtype=torch.float64)
         for batch, clean, patch, grads in per_batch:
             row = 0
-            for ids, w in edge_weights(model, pair, dicts, batch, clean[pair.up.name], patch[pair.up.name],
-                                       grads[pair.down.name], up_ids, down_ids, params.edge_chunk,
-                                       up_pos, down_pos):
+            for ids, w in edge_weights(model, pair, dicts, batch, clean, patch, grads[pair.down.name], up_ids,
+                                       down_ids, params.edge_chunk, up_pos, down_pos):
                 total[row : row + len(ids)] += w
                 row += len(ids)
         total /= n

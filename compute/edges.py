@@ -60,7 +60,7 @@ def edge_pairs(subs: list[Submodule]) -> list[EdgePair]:
 
 
 def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
-                 up_clean: State, up_patch: State, down_grad: torch.Tensor,
+                 clean: dict[str, State], patch: dict[str, State], down_grad: torch.Tensor,
                  up_nodes: torch.Tensor, down_nodes: torch.Tensor, chunk: int = 32,
                  up_pos: torch.Tensor | None = None,
                  down_pos: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -68,68 +68,86 @@ def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
 
     Node ids are feature indices, with ERROR for the error term; `up_pos` and
     `down_pos` give each node's token position when nodes are per position.
-    `down_grad` is the metric's gradient at the downstream submodule's output on
-    this batch. One forward pass serves every chunk; each chunk of K nodes is one
-    backward pass vectorised over the K cotangents.
+    `clean` and `patch` are every submodule's states on the batch; `down_grad` is the
+    metric's gradient at the downstream submodule's output. One forward pass serves every
+    chunk; each chunk of K nodes is one backward pass vectorised over the K cotangents.
     """
-    x_down, pull_back = _graph(model, pair, batch, up_clean)
+    pull_back = _graph(model, pair, batch, clean)
     pull_back_many = torch.func.vmap(pull_back)
+    left = _left(dicts[pair.down.name], clean[pair.down.name], down_grad)
+    up_clean, up_patch = clean[pair.up.name], patch[pair.up.name]
     for i in range(0, len(down_nodes), chunk):
         ids = down_nodes[i : i + chunk]
         pos = None if down_pos is None else down_pos[i : i + chunk]
-        (g,) = pull_back_many(_cotangents(ids, x_down, dicts[pair.down.name], down_grad, pos))
+        (g,) = pull_back_many(_cotangents(ids, left, dicts[pair.down.name], down_grad, pos))
         yield ids, _weights(g, dicts[pair.up.name], up_clean, up_patch, up_nodes, up_pos)
 
 
 def edge_weights_looped(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
-                        up_clean: State, up_patch: State, down_grad: torch.Tensor,
+                        clean: dict[str, State], patch: dict[str, State], down_grad: torch.Tensor,
                         up_nodes: torch.Tensor, down_nodes: torch.Tensor,
                         up_pos: torch.Tensor | None = None, down_pos: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for `edge_weights`: one forward, then one backward per downstream node."""
-    x_down, pull_back = _graph(model, pair, batch, up_clean)
+    pull_back = _graph(model, pair, batch, clean)
+    left = _left(dicts[pair.down.name], clean[pair.down.name], down_grad)
     rows = []
-    for cot in _cotangents(down_nodes, x_down, dicts[pair.down.name], down_grad, down_pos):
+    for cot in _cotangents(down_nodes, left, dicts[pair.down.name], down_grad, down_pos):
         (g,) = pull_back(cot)
-        rows.append(_weights(g[None], dicts[pair.up.name], up_clean, up_patch, up_nodes, up_pos))
+        rows.append(_weights(g[None], dicts[pair.up.name], clean[pair.up.name], patch[pair.up.name], up_nodes,
+                             up_pos))
     return torch.cat(rows)
 
 
-def _graph(model, pair: EdgePair, batch: Batch, up_clean: State) -> tuple[torch.Tensor, Callable]:
-    """Forward from the upstream output to the downstream output, with the frozen submodules
-    detached: the downstream output and its vector-Jacobian product (cotangent at the
-    downstream output -> gradient at the upstream output)."""
+def _graph(model, pair: EdgePair, batch: Batch, clean: dict[str, State]) -> Callable:
+    """The vector-Jacobian product of the forward from the upstream output to the downstream
+    output, with the frozen submodules detached (cotangent at the downstream output ->
+    gradient at the upstream output). Both ends lie in the downstream submodule's block, so
+    only that block runs: from the upstream output itself when that is the residual stream
+    entering the block, else (upstream attn) from the block's clean input."""
+    layer = pair.down.layer
+    block_input = {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post"}
+    starts_block = pair.up.hook_name in block_input
+    start = "embed" if layer == 0 else f"resid_{layer - 1}"  # the block's input (see `submodules`)
+    from_block = model.cfg.positional_embedding_type != "shortformer" and (starts_block or start in clean)
 
     def forward(x_up):
         captured: dict[str, torch.Tensor] = {}
-        hooks = [(pair.up.hook_name, lambda x, hook: x_up),
-                 *[(s.hook_name, lambda x, hook: x.detach()) for s in pair.frozen],
+        hooks = [*[(s.hook_name, lambda x, hook: x.detach()) for s in pair.frozen],
                  (pair.down.hook_name, lambda x, hook: captured.setdefault("x", x))]
-        model.run_with_hooks(batch.clean, fwd_hooks=hooks, stop_at_layer=pair.down.layer + 1)
+        if not (from_block and starts_block):
+            hooks.append((pair.up.hook_name, lambda x, hook: x_up))
+        with model.hooks(fwd_hooks=hooks):
+            if not from_block:
+                model(batch.clean, stop_at_layer=layer + 1)
+            else:
+                model(x_up if starts_block else clean[start].x, start_at_layer=layer, stop_at_layer=layer + 1)
         return captured["x"]
 
     with torch.enable_grad():
-        x_down, pull_back = torch.func.vjp(forward, up_clean.x)
-    return x_down.detach(), pull_back
+        _, pull_back = torch.func.vjp(forward, clean[pair.up.name].x)
+    return pull_back
 
 
-def _cotangents(ids: torch.Tensor, x: torch.Tensor, sae: SAE, down_grad: torch.Tensor,
+def _left(sae: SAE, down_clean: State, down_grad: torch.Tensor) -> torch.Tensor:
+    """[B, T, d_sae]: each downstream feature's gradient times whether it is active."""
+    return (down_grad @ sae.W_dec.T) * sae.active(down_clean.f)
+
+
+def _cotangents(ids: torch.Tensor, left: torch.Tensor, sae: SAE, down_grad: torch.Tensor,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """[K, B, T, d] cotangents at the downstream output x that pull back each node's share.
 
-    Feature n = act(pre_n(x)): left_n * 1[active_n] * W_enc[:, n], with left_n = g . W_dec[n].
-    Error term x - decode(f(x)): g - ((g W_dec^T) * 1[active]) W_enc^T.
+    Feature n = act(pre_n(x)): left_n * W_enc[:, n], with left_n = g . W_dec[n] where n is active.
+    Error term x - decode(f(x)): g - left W_enc^T.
     A per-position node keeps its cotangent at its own position only.
     """
-    f = sae.encode(x)
-    left = (down_grad @ sae.W_dec.T) * sae.active(f)  # [B, T, d_sae]
-    cot = x.new_empty(len(ids), *x.shape)
-    for k, n in enumerate(ids.tolist()):
-        if n == ERROR:
-            cot[k] = down_grad - left @ sae.W_enc.T
-        else:
-            cot[k] = left[..., n, None] * sae.W_enc[:, n]
+    feats = ids != ERROR
+    safe = torch.where(feats, ids, 0)
+    cot = left[..., safe].permute(2, 0, 1)[..., None] * sae.W_enc.T[safe][:, None, None, :]
+    if not feats.all():
+        cot[~feats] = down_grad - left @ sae.W_enc.T
     if positions is not None:
-        mask = torch.nn.functional.one_hot(positions, x.shape[1]).to(cot.dtype)  # [K, T]
+        mask = torch.nn.functional.one_hot(positions, cot.shape[2]).to(cot.dtype)  # [K, T]
         cot = cot * mask[:, None, :, None]
     return cot
 

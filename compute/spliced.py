@@ -17,13 +17,20 @@ from compute.dictionaries import SAE, Submodule
 from compute.tasks import Batch
 
 
-@dataclass
 class State:
-    """One submodule's activation, features and error term on a batch."""
+    """One submodule's activation x [B, T, d], features f [B, T, d_sae] and error term err
+    [B, T, d] on a batch. Given `decode` instead of err, the error term x - decode(f) is
+    computed on first use: AtP's node effects never need it, so its passes skip the decoders."""
 
-    x: torch.Tensor  # [B, T, d]
-    f: torch.Tensor  # [B, T, d_sae]
-    err: torch.Tensor  # [B, T, d]
+    def __init__(self, x: torch.Tensor, f: torch.Tensor, err: torch.Tensor | None = None, decode=None):
+        self.x, self.f, self._err, self._decode = x, f, err, decode
+
+    @property
+    def err(self) -> torch.Tensor:
+        if self._err is None:
+            with torch.no_grad():
+                self._err = self.x - self._decode(self.f)
+        return self._err
 
 
 @dataclass
@@ -96,7 +103,7 @@ def spliced_pass(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: to
         if s.name in dicts:
             with torch.no_grad():
                 f = dicts[s.name].encode(x)
-                held[s.name] = State(x.detach(), f, x.detach() - dicts[s.name].decode(f))
+                held[s.name] = State(x.detach(), f, decode=dicts[s.name].decode)
         if grads:
             if hook.name == first and not x.requires_grad:
                 x = x.detach().requires_grad_(True)  # weights are frozen: start the graph here
@@ -144,7 +151,9 @@ def logits_with_output(model, s: Submodule, value: torch.Tensor, subs: list[Subm
 def node_effects(sae: SAE, clean: State, patch: State, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order effects (patch - clean) . gradient of every feature and of the error term.
 
-    Returns feature effects [B, T, d_sae] and error effects [B, T].
+    Returns feature effects [B, T, d_sae] and error effects [B, T]. Because x = decode(f) + err
+    with decode affine, the error term moves by dx - (df) W_dec, so its effect is dx . g minus
+    the features' effects: no decoder product is needed.
     """
-    feature_grad = grad @ sae.W_dec.T
-    return (patch.f - clean.f) * feature_grad, ((patch.err - clean.err) * grad).sum(-1)
+    feature_effects = (patch.f - clean.f) * (grad @ sae.W_dec.T)
+    return feature_effects, ((patch.x - clean.x) * grad).sum(-1) - feature_effects.sum(-1)

@@ -150,7 +150,7 @@ def test_edges_out_of_a_node_sum_to_its_effect(zoo, subs, saes):
     up = clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten()[:20].tolist() + [ERROR]
     down = torch.tensor(list(range(saes[pair.down.name].d_sae)) + [ERROR])
     total = torch.zeros(len(up))
-    for _, w in edge_weights(zoo.model, pair, saes, b, clean[pair.up.name], patch[pair.up.name],
+    for _, w in edge_weights(zoo.model, pair, saes, b, clean, patch,
                              grads[pair.down.name], torch.tensor(up), down, chunk=128):
         total += w.sum(0)
     fe, ee = node_effects(saes[pair.up.name], clean[pair.up.name], patch[pair.up.name], grads[pair.up.name])
@@ -166,7 +166,7 @@ def test_edge_weights_match_the_closed_form(zoo, subs, saes):
     f_down = clean[pair.down.name].f
     down = f_down.abs().sum((0, 1)).nonzero().flatten()[:10]
     up = clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten()[:10]
-    got = torch.cat([w for _, w in edge_weights(zoo.model, pair, saes, b, clean[pair.up.name], patch[pair.up.name],
+    got = torch.cat([w for _, w in edge_weights(zoo.model, pair, saes, b, clean, patch,
                                                  grads[pair.down.name], up, down, chunk=4)])
     left = (grads[pair.down.name] @ down_sae.W_dec.T)[..., down] * (f_down[..., down] > 0)  # [B,T,Kd]
     delta = (patch[pair.up.name].f - clean[pair.up.name].f)[..., up]  # [B,T,Ku]
@@ -183,7 +183,7 @@ def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes):
     grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
     up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten()[:15].tolist() + [ERROR])
     down = torch.tensor(clean["mlp_1"].f.abs().sum((0, 1)).nonzero().flatten()[:12].tolist() + [ERROR])
-    args = (zoo.model, pair, saes, b, clean["resid_0"], patch["resid_0"], grads["mlp_1"], up, down)
+    args = (zoo.model, pair, saes, b, clean, patch, grads["mlp_1"], up, down)
     batched = torch.cat([w for _, w in edge_weights(*args, chunk=5)])
     single = edge_weights_looped(*args)
     assert batched.abs().max() > 0
