@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from compute.dictionaries import submodules  # noqa: E402
 from compute.edges import ERROR, EdgePair, edge_weights, edge_weights_looped  # noqa: E402
 from compute.ig import ig_grads  # noqa: E402
-from compute.spliced import node_effects, output_grads, spliced_pass, states  # noqa: E402
+from compute.spliced import clean_and_patch, node_effects, output_grads, spliced_pass, states  # noqa: E402
 from compute.tasks import encode  # noqa: E402
 from compute.zoo import build_zoo  # noqa: E402
 from compute.zoo_dictionaries import build_dictionaries  # noqa: E402
@@ -117,15 +117,14 @@ def main() -> None:
         p = spliced_pass(model, subs, saes, batch.patch, batch)
         return [p.states[s.name].err for s in subs]
 
-    def atp():
-        on_clean = spliced_pass(model, subs, saes, batch.clean, batch, grads=True)
-        on_patch = spliced_pass(model, subs, saes, batch.patch, batch)
+    def atp():  # as discovery runs it
+        on_clean, on_patch = clean_and_patch(model, subs, saes, batch, grads=True)
         return [node_effects(saes[s.name], on_clean.states[s.name], on_patch.states[s.name], on_clean.grads[s.name])
                 for s in subs]
 
     def ig():
-        c = spliced_pass(model, subs, saes, batch.clean, batch).states
-        p = spliced_pass(model, subs, saes, batch.patch, batch).states
+        on_clean, on_patch = clean_and_patch(model, subs, saes, batch)
+        c, p = on_clean.states, on_patch.states
         g = ig_grads(model, subs, saes, batch, c, p, STEPS)
         return [node_effects(saes[s.name], c[s.name], p[s.name], g[s.name]) for s in subs]
 

@@ -2,8 +2,9 @@
 
 effect(n) ~ (n_patch - n_clean) . d metric / d n, evaluated on the clean prompt.
 Circuit discovery takes these gradients from the same spliced pass that reads the
-clean features (`spliced_pass(..., grads=True)`), so AtP costs that forward+backward
-and one forward on the patch prompts.
+clean and the patch features, run as one batch (`clean_and_patch(..., grads=True)`), so
+AtP costs one forward over both prompt sets and one backward; its error effects need no
+decoder product (`node_effects`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from compute.ig import ig_grads
 from compute.patching import patch_effects
 from compute.spliced import (
     batch_metric,
+    clean_and_patch,
     logits_with_output,
     node_effects,
     spliced_pass,
@@ -126,19 +127,19 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
     m_clean = m_patch = 0.0
     clean_features = []
     for batch in tqdm(data.batches, desc=f"{params.method} node effects", disable=not progress, leave=False):
-        # one spliced pass on each prompt set: states and metric (and, except for IG, gradients)
-        run = spliced_pass(model, subs, dicts, batch.clean, batch, grads=params.method != "ig")
-        clean = run.states
-        m_clean += run.metric.sum().item()
+        # one spliced pass over both prompt sets: states and metric (and, except for IG, gradients)
+        with_grads = params.method != "ig"
         if batch.patch is not None:
-            on_patch = spliced_pass(model, subs, dicts, batch.patch, batch)
-            patch = on_patch.states
+            run, on_patch = clean_and_patch(model, subs, dicts, batch, grads=with_grads)
+            clean, patch = run.states, on_patch.states
             m_patch += on_patch.metric.sum().item()
         else:  # zero ablation: the last submodule outputs decode(0), so nothing else matters
-            patch = zero_states(clean, dicts)
+            run = spliced_pass(model, subs, dicts, batch.clean, batch, grads=with_grads)
+            clean, patch = run.states, zero_states(run.states, dicts)
             with torch.no_grad():
                 logits = logits_with_output(model, subs[-1], patch[subs[-1].name].x, subs, clean, batch.clean, 1)
             m_patch += batch_metric(logits, batch).sum().item()
+        m_clean += run.metric.sum().item()
         if params.method == "ig":
             grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps)
         else:  # AtP's gradients, from the clean pass; exact patching measures nodes directly,

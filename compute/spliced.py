@@ -32,6 +32,10 @@ class State:
                 self._err = self.x - self._decode(self.f)
         return self._err
 
+    def rows(self, at: slice) -> State:
+        """The state of some rows of the batch."""
+        return State(self.x[at], self.f[at], None if self._err is None else self._err[at], self._decode)
+
 
 @dataclass
 class Pass:
@@ -89,10 +93,11 @@ def last_logits(model, x: torch.Tensor, start_at_layer: int | None = None) -> to
 
 
 def spliced_pass(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor,
-                 batch: Batch | None = None, grads: bool = False) -> Pass:
+                 batch: Batch | None = None, grads: bool = False, grad_rows: int | None = None) -> Pass:
     """One forward pass of the spliced model: every submodule's features and error term and,
-    given the batch, the metric per row; with `grads`, one backward pass too, for the metric's
-    gradient at every submodule's output (a feature's gradient is that times W_dec[i])."""
+    given the batch, the metric per row; with `grads`, one backward pass too, for the gradient
+    of the metric (summed over the first `grad_rows` rows, or all) at every submodule's output
+    (a feature's gradient is that times W_dec[i])."""
     held: dict[str, State] = {}
     saved: dict[str, torch.Tensor] = {}
     by_hook = {s.hook_name: s for s in subs}
@@ -115,8 +120,23 @@ def spliced_pass(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: to
         m = None if batch is None else batch_metric(logits, batch, repeat=len(tokens) // len(batch))
         g = None
         if grads:
-            g = dict(zip(saved, torch.autograd.grad(m.sum(), list(saved.values())), strict=True))
+            g = dict(zip(saved, torch.autograd.grad(m[:grad_rows].sum(), list(saved.values())), strict=True))
     return Pass(None if m is None else m.detach(), held, g)
+
+
+def clean_and_patch(model, subs: list[Submodule], dicts: dict[str, SAE], batch: Batch,
+                    grads: bool = False) -> tuple[Pass, Pass]:
+    """The spliced pass on the clean prompts and on the patch prompts, run as one batch (the
+    two have one length), so the model's per-call cost is paid once; gradients, on request,
+    are those of the clean rows' metric, at the clean rows."""
+    n = len(batch)
+    both = spliced_pass(model, subs, dicts, torch.cat([batch.clean, batch.patch]), batch, grads, grad_rows=n)
+
+    def part(at: slice, grads: dict | None) -> Pass:
+        return Pass(both.metric[at], {k: s.rows(at) for k, s in both.states.items()}, grads)
+
+    clean_grads = None if both.grads is None else {k: g[:n] for k, g in both.grads.items()}
+    return part(slice(0, n), clean_grads), part(slice(n, None), None)
 
 
 def states(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor) -> dict[str, State]:
