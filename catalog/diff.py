@@ -16,7 +16,8 @@ part of the result. The node and edge diffs themselves are the catalogue's SQL m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,36 +30,48 @@ from catalog.store import Catalog
 MATCHES = ("auto", "key", "decoder")
 
 
+STATUSES = ("added", "removed", "changed", "same")
+
+
 @dataclass
 class Diff:
     a: str
     b: str
     match: str  # key or decoder
     nodes: pd.DataFrame  # node_diff rows
-    edges: pd.DataFrame  # edge_diff rows
     matches: pd.DataFrame  # decoder match: component, layer, dictionary_a, feature_a, dictionary_b, feature_b, similarity
+    summary: pd.DataFrame  # diff_summary rows: element, status, n, total_abs_delta
+    fetch_edges: Callable[[], pd.DataFrame] = field(repr=False)
+    _edges: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def edges(self) -> pd.DataFrame:
+        """edge_diff rows, largest |delta| first; fetched on first use (a million of them take
+        seconds to become a DataFrame, and the summary does not need them)."""
+        if self._edges is None:
+            self._edges = self.fetch_edges()
+        return self._edges
 
     def counts(self) -> pd.DataFrame:
-        """Added, removed, changed and same, for nodes and edges."""
-        rows = []
-        for element, df in (("nodes", self.nodes), ("edges", self.edges)):
-            for status in ("added", "removed", "changed", "same"):
-                part = df[df.status == status]
-                rows.append({"element": element, "status": status, "n": len(part),
-                             "total_abs_delta": float(part.delta.abs().sum())})
-        return pd.DataFrame(rows)
+        """Added, removed, changed and same, for nodes and edges (zeros included)."""
+        every = pd.MultiIndex.from_product([("nodes", "edges"), STATUSES], names=["element", "status"])
+        s = self.summary.set_index(["element", "status"]).reindex(every)
+        return pd.DataFrame({"element": every.get_level_values(0), "status": every.get_level_values(1),
+                             "n": s.n.fillna(0).astype(int).values,
+                             "total_abs_delta": s.total_abs_delta.fillna(0.0).astype(float).values})
 
     def stats(self) -> dict:
         """Node-set Jaccard, Spearman correlation of the effects of nodes in both, edge Jaccard."""
-        n, e = self.nodes, self.edges
+        n = self.nodes
         both = n[n.in_a & n.in_b]
         union = int((n.in_a | n.in_b).sum())
-        e_both = int((e.weight_a.notna() & e.weight_b.notna()).sum())
+        e = self.counts().query("element == 'edges'").set_index("status").n
+        e_both = int(e["changed"] + e["same"])
         spearman = (float(both.effect_a.rank().corr(both.effect_b.rank())) if len(both) > 2 else float("nan"))
         return {"nodes_a": int(n.in_a.sum()), "nodes_b": int(n.in_b.sum()), "nodes_both": len(both),
                 "node_jaccard": len(both) / union if union else 1.0, "effect_rank_corr": spearman,
-                "edges_a": int(e.weight_a.notna().sum()), "edges_b": int(e.weight_b.notna().sum()),
-                "edges_both": e_both, "edge_jaccard": e_both / len(e) if len(e) else 1.0,
+                "edges_a": int(e.removed + e_both), "edges_b": int(e.added + e_both),
+                "edges_both": e_both, "edge_jaccard": e_both / int(e.sum()) if e.sum() else 1.0,
                 "matched_features": len(self.matches)}
 
     def summary_text(self, top: int = 5) -> str:
@@ -115,9 +128,10 @@ def diff(cat: Catalog, a: str, b: str, match: str = "auto", min_similarity: floa
     args = [a, b, features, dicts, tol]
     return Diff(a, b, match,
                 nodes=cat.sql("SELECT * FROM node_diff_matched(?, ?, ?, ?, tol := ?)", args),
-                edges=cat.sql("SELECT * FROM edge_diff_matched(?, ?, ?, ?, tol := ?) "
-                              "ORDER BY abs(delta) DESC, src_layer, dst_layer", args),
-                matches=matches)
+                matches=matches,
+                summary=cat.sql("SELECT * FROM diff_summary_matched(?, ?, ?, ?, tol := ?)", args),
+                fetch_edges=lambda: cat.sql("SELECT * FROM edge_diff_matched(?, ?, ?, ?, tol := ?) "
+                                            "ORDER BY abs(delta) DESC, src_layer, dst_layer", args))
 
 
 def _submodule_dicts(subs: pd.DataFrame, circuit: str) -> dict:
