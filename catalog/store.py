@@ -226,6 +226,15 @@ class Catalog:
 _HELD: dict[str, tuple[tuple[int, int], duckdb.DuckDBPyConnection]] = {}
 
 
+def _let_go() -> None:
+    """Close every held instance (before a fork: a DuckDB instance must not cross one)."""
+    while _HELD:
+        _HELD.popitem()[1][1].close()
+
+
+os.register_at_fork(before=_let_go)
+
+
 def _instance(path: Path, retries: float) -> duckdb.DuckDBPyConnection:
     key = str(path.resolve())
     try:

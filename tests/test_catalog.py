@@ -151,3 +151,24 @@ def test_a_held_catalogue_sees_its_file_replaced(tmp_path):
     con.close()
     os.replace(copy, root / "catalog.duckdb")
     assert cat.info()["note"] == "replaced"
+
+
+def _count_circuits(root, q):
+    q.put(int(catalog.open(root).sql("SELECT count(*) AS n FROM circuits").n[0]))
+
+
+def test_a_forked_process_queries_the_catalogue(tmp_path):
+    """The held DuckDB instance is closed before a fork (an instance must not cross one), so a
+    forked child opens its own and the parent reopens on its next query."""
+    import multiprocessing
+
+    cat = catalog.init(tmp_path / "c")
+    assert cat.sql("SELECT count(*) AS n FROM circuits").n[0] == 0
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_count_circuits, args=(tmp_path / "c", q))
+    p.start()
+    assert q.get(timeout=60) == 0
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    assert cat.sql("SELECT count(*) AS n FROM circuits").n[0] == 0
