@@ -9,9 +9,12 @@ output detached), so `prev resid -> resid` is the skip path only.
 The backward runs through activations only (d_model wide): each downstream node's
 cotangent is mapped to the submodule output in closed form (through its
 encoder), and upstream node weights are read off the gradient there (through
-the upstream decoder). One forward pass serves all downstream nodes; each
-chunk of them shares one backward pass, vectorised over the chunk
-(`torch.func.vmap` of the vector-Jacobian product).
+the upstream decoder). One forward pass (of the downstream block only) serves all
+downstream nodes. A feature's cotangent is nonzero only where the feature is
+active, so each chunk of nodes is packed into a few slots whose supports do not
+meet (per position, or per example where the path crosses attention), and the
+slots share one backward pass, vectorised over them (`torch.func.vmap` of the
+vector-Jacobian product).
 
 With per-position nodes (aggregation `none`) a downstream node's cotangent is
 nonzero at its own position only, and upstream weights are read at the upstream
@@ -79,8 +82,14 @@ def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
     for i in range(0, len(down_nodes), chunk):
         ids = down_nodes[i : i + chunk]
         pos = None if down_pos is None else down_pos[i : i + chunk]
-        (g,) = pull_back_many(_cotangents(ids, left, dicts[pair.down.name], down_grad, pos))
-        yield ids, _weights(g, dicts[pair.up.name], up_clean, up_patch, up_nodes, up_pos)
+        packed, owner = _pack(_cotangents(ids, left, dicts[pair.down.name], down_grad, pos),
+                              per_example=pair.down.component == "attn")
+        (g,) = pull_back_many(packed)
+        c = _contributions(g, dicts[pair.up.name], up_clean, up_patch, up_nodes)  # [S, B, T, n_up]
+        at = owner >= 0
+        rows = owner[at] * c.shape[2] + torch.arange(c.shape[2]).expand_as(owner)[at]
+        per_pos = c.new_zeros(len(ids) * c.shape[2], c.shape[3]).index_add_(0, rows, c[at])
+        yield ids, _at_positions(per_pos.view(len(ids), c.shape[2], -1), up_pos)
 
 
 def edge_weights_looped(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
@@ -152,17 +161,48 @@ def _cotangents(ids: torch.Tensor, left: torch.Tensor, sae: SAE, down_grad: torc
     return cot
 
 
-def _weights(g: torch.Tensor, up_sae: SAE, up_clean: State, up_patch: State,
-             up_nodes: torch.Tensor, up_pos: torch.Tensor | None = None) -> torch.Tensor:
-    """[K, len(up_nodes)] from gradients g [K, B, T, d] at the upstream output: each upstream
-    node's (patch - clean) times its gradient (g . W_dec[j] for feature j, g for the error),
-    summed over positions, or read at the node's own position when `up_pos` is given."""
+def _pack(cot: torch.Tensor, per_example: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """K nodes' cotangents [K, B, T, d] packed into S <= K slots, and each slot's owner
+    [S, B, T] (the node whose share it carries there, -1 where none).
+
+    A feature's cotangent is nonzero only where it is active, and the backward pass keeps
+    examples apart, and positions too unless the path crosses attention: so nodes can share a
+    slot wherever their supports do not meet (per position, or per example when `per_example`),
+    and one backward pass per slot serves them all. Pieces with zero cotangent carry nothing."""
+    k_nodes, b, t, d = cot.shape
+    active = cot.ne(0).any(-1)  # [K, B, T]
+    if per_example:
+        active = active.any(-1, keepdim=True).expand(k_nodes, b, t)
+    slot = active.cumsum(0) - 1
+    k, bi, ti = active.nonzero(as_tuple=True)
+    s = slot[k, bi, ti]
+    n_slots = int(s.max()) + 1 if len(s) else 1
+    packed = cot.new_zeros(n_slots, b, t, d)
+    packed[s, bi, ti] = cot[k, bi, ti]
+    owner = torch.full((n_slots, b, t), -1, dtype=torch.long)
+    owner[s, bi, ti] = k
+    return packed, owner
+
+
+def _contributions(g: torch.Tensor, up_sae: SAE, up_clean: State, up_patch: State,
+                   up_nodes: torch.Tensor) -> torch.Tensor:
+    """[S, B, T, n_up] from gradients g [S, B, T, d] at the upstream output: each upstream
+    node's (patch - clean) times its gradient (g . W_dec[j] for feature j, g for the error)."""
     feats = up_nodes != ERROR
     safe = torch.where(feats, up_nodes, 0)
-    g_f = g @ up_sae.W_dec[safe].T  # [K, B, T, n_up]
-    per_pos = (g_f * (up_patch.f - up_clean.f)[..., safe]).sum(1)  # [K, T, n_up]
-    err = (g * (up_patch.err - up_clean.err)).sum((1, 3))  # [K, T]
-    per_pos = torch.where(feats, per_pos, err[..., None])
+    c = (g @ up_sae.W_dec[safe].T) * (up_patch.f - up_clean.f)[..., safe]
+    err = (g * (up_patch.err - up_clean.err)).sum(-1)  # [S, B, T]
+    return torch.where(feats, c, err[..., None])
+
+
+def _at_positions(per_pos: torch.Tensor, up_pos: torch.Tensor | None) -> torch.Tensor:
+    """[K, n_up] from [K, T, n_up]: summed over positions, or read at each upstream node's own."""
     if up_pos is None:
         return per_pos.sum(1)
-    return per_pos[:, up_pos, torch.arange(len(up_nodes))]
+    return per_pos[:, up_pos, torch.arange(per_pos.shape[2])]
+
+
+def _weights(g: torch.Tensor, up_sae: SAE, up_clean: State, up_patch: State,
+             up_nodes: torch.Tensor, up_pos: torch.Tensor | None = None) -> torch.Tensor:
+    """[K, len(up_nodes)] from one node's gradients per row of g [K, B, T, d] (no packing)."""
+    return _at_positions(_contributions(g, up_sae, up_clean, up_patch, up_nodes).sum(1), up_pos)

@@ -175,15 +175,18 @@ def test_edge_weights_match_the_closed_form(zoo, subs, saes):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes):
+@pytest.mark.parametrize("down, frozen", [("mlp_1", ("attn_1",)), ("attn_1", ())])
+def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes, down, frozen):
+    """Batched edges pack the nodes' sparse cotangents into shared backward passes (per position
+    through the MLP, per example through attention); the weights are those of one pass per node."""
     by = {s.name: s for s in subs}
-    pair = EdgePair(by["resid_0"], by["mlp_1"], (by["attn_1"],))
+    pair = EdgePair(by["resid_0"], by[down], tuple(by[f] for f in frozen))
     b = encode(zoo.model, zoo.tasks["sva_within_rc"], "train", 16).batches[0]
     clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
     grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
     up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten()[:15].tolist() + [ERROR])
-    down = torch.tensor(clean["mlp_1"].f.abs().sum((0, 1)).nonzero().flatten()[:12].tolist() + [ERROR])
-    args = (zoo.model, pair, saes, b, clean, patch, grads["mlp_1"], up, down)
+    down_ids = torch.tensor(clean[down].f.abs().sum((0, 1)).nonzero().flatten()[:12].tolist() + [ERROR])
+    args = (zoo.model, pair, saes, b, clean, patch, grads[down], up, down_ids)
     batched = torch.cat([w for _, w in edge_weights(*args, chunk=5)])
     single = edge_weights_looped(*args)
     assert batched.abs().max() > 0
