@@ -6,8 +6,9 @@ Node effects by AtP and IG, each from the prompts' tokens (their forward passes
 included), against the floor of one forward+backward pass of the spliced model on
 the same batch: the dictionaries encode and decode in the forward pass (every error
 term x - decode(f) is computed) and the backward pass ends at every feature's gradient.
-AtP needs no decoder product: its error effects follow from dx . g and the features' effects. Batched edges (one backward per chunk of
-downstream nodes) against one backward per downstream node, with the largest
+AtP needs no decoder product: its error effects follow from dx . g and the features'
+effects. Batched edges (one backward per chunk of downstream nodes, their sparse
+cotangents packed into shared slots) against one backward per downstream node, with the largest
 relative difference between the two; and the peak memory of each, measured in
 a fresh child process: resident memory sampled every millisecond while the step
 runs, above the resident memory just before it (after returning freed memory to

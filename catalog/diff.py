@@ -28,8 +28,6 @@ from catalog.graph import check_circuit, node_name
 from catalog.store import Catalog
 
 MATCHES = ("auto", "key", "decoder")
-
-
 STATUSES = ("added", "removed", "changed", "same")
 
 

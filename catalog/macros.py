@@ -134,8 +134,8 @@ ORDER BY abs(delta) DESC, component, layer, feature_idx
 # pairs (CTE j) carry ids only; edge_diff labels them with the keys, diff_summary just counts them.
 _EDGE_PAIRS = f"""
 WITH {_MATCHED_NODES},
-kb AS (SELECT nb.node_idx, coalesce(na.node_idx, (SELECT coalesce(max(node_idx), -1) FROM na) + row_number() OVER ())
-                           AS kid
+kb AS (SELECT nb.node_idx, na.node_idx IS NULL AS only_b,
+              coalesce(na.node_idx, (SELECT coalesce(max(node_idx), -1) FROM na) + row_number() OVER ()) AS kid
        FROM nb LEFT JOIN na USING ({_KEY_COLUMNS})),
 ea AS (SELECT src_idx AS src_kid, dst_idx AS dst_kid, kind, src_idx, dst_idx, weight,
               rank() OVER (ORDER BY abs(weight) DESC) AS rank
@@ -153,8 +153,7 @@ _EDGE_STATUS = """CASE WHEN weight_b IS NULL THEN 'removed' WHEN weight_a IS NUL
 _EDGE_DIFF = f"""{_EDGE_PAIRS},
 keys AS (SELECT node_idx AS kid, {_KEY_COLUMNS} FROM na
          UNION ALL
-         SELECT kb.kid, {_KEY_COLUMNS} FROM nb JOIN kb USING (node_idx)
-         WHERE kb.kid > (SELECT coalesce(max(node_idx), -1) FROM na))
+         SELECT kb.kid, {_KEY_COLUMNS} FROM nb JOIN kb USING (node_idx) WHERE kb.only_b)
 SELECT {_EDGE_STATUS} AS status,
        s.component AS src_component, s.layer AS src_layer, nullif(s.feat_key, -1) AS src_feature,
        s.is_error AS src_is_error, nullif(s.pos_key, -1) AS src_position,

@@ -141,9 +141,7 @@ class Catalog:
     def close(self) -> None:
         """Let go of the DuckDB instance this process holds for the catalogue file (needed only
         before opening that file for writing in the same process)."""
-        held = _HELD.pop(str((self.root / DB_FILE).resolve()), None)
-        if held:
-            held[1].close()
+        _release(str((self.root / DB_FILE).resolve()))
 
     def info(self) -> dict[str, str]:
         """The catalogue's own records: schema_version, created_at, macros (their fingerprint)."""
@@ -226,10 +224,17 @@ class Catalog:
 _HELD: dict[str, tuple[tuple[int, int], duckdb.DuckDBPyConnection]] = {}
 
 
+def _release(key: str) -> None:
+    """Close the instance held for one catalogue file, if any."""
+    held = _HELD.pop(key, None)
+    if held:
+        held[1].close()
+
+
 def _let_go() -> None:
     """Close every held instance (before a fork: a DuckDB instance must not cross one)."""
-    while _HELD:
-        _HELD.popitem()[1][1].close()
+    for key in list(_HELD):
+        _release(key)
 
 
 os.register_at_fork(before=_let_go)
@@ -245,8 +250,7 @@ def _instance(path: Path, retries: float) -> duckdb.DuckDBPyConnection:
     held = _HELD.get(key)
     if held and held[0] == stamp:
         return held[1]
-    if held:
-        _HELD.pop(key)[1].close()
+    _release(key)
     deadline = time.monotonic() + retries
     while True:
         try:

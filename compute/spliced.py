@@ -132,8 +132,8 @@ def clean_and_patch(model, subs: list[Submodule], dicts: dict[str, SAE], batch: 
     n = len(batch)
     both = spliced_pass(model, subs, dicts, torch.cat([batch.clean, batch.patch]), batch, grads, grad_rows=n)
 
-    def part(at: slice, grads: dict | None) -> Pass:
-        return Pass(both.metric[at], {k: s.rows(at) for k, s in both.states.items()}, grads)
+    def part(at: slice, part_grads: dict | None) -> Pass:
+        return Pass(both.metric[at], {k: s.rows(at) for k, s in both.states.items()}, part_grads)
 
     clean_grads = None if both.grads is None else {k: g[:n] for k, g in both.grads.items()}
     return part(slice(0, n), clean_grads), part(slice(n, None), None)
