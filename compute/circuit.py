@@ -208,7 +208,7 @@ def _exact(model, s: Submodule, sae: SAE, batch, clean, patch, per_position: boo
 def _edges(model, subs, dicts, per_batch, kept, index, n, params: DiscoveryParams,
            progress: bool) -> Iterator[tuple[int, int, float]]:
     per_position = params.aggregation == "none"
-    pairs = [p for p in edge_pairs(subs) if kept[p.up.name] and kept[p.down.name]]
+    pairs = [p for p in edge_pairs(subs, model.cfg.parallel_attn_mlp) if kept[p.up.name] and kept[p.down.name]]
     for pair in tqdm(pairs, desc="edges", disable=not progress, leave=False):
         up, down = kept[pair.up.name], kept[pair.down.name]
         up_ids, down_ids = torch.tensor([i for i, _ in up]), torch.tensor([i for i, _ in down])

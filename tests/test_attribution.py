@@ -7,7 +7,7 @@ import torch
 from compute import grammar
 from compute.atp import atp_grads
 from compute.circuit import DiscoveryParams, discover
-from compute.edges import ERROR, EdgePair, edge_weights, edge_weights_looped
+from compute.edges import ERROR, EdgePair, edge_pairs, edge_weights, edge_weights_looped
 from compute.patching import patch_effects
 from compute.spliced import batch_metric, node_effects, states
 from compute.tasks import encode
@@ -175,22 +175,29 @@ def test_edge_weights_match_the_closed_form(zoo, subs, saes):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("down, frozen", [("mlp_1", ("attn_1",)), ("attn_1", ())])
-def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes, down, frozen):
-    """Batched edges pack the nodes' sparse cotangents into shared backward passes (per position
-    through the MLP, per example through attention); the weights are those of one pass per node."""
-    by = {s.name: s for s in subs}
-    pair = EdgePair(by["resid_0"], by[down], tuple(by[f] for f in frozen))
+@pytest.mark.parametrize("per_position", [False, True])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes, layer, per_position):
+    """Batched edges pull back only the nonzero pieces of the nodes' cotangents (single positions
+    through the MLP, whole examples through attention, no pass on the skip path); for every edge
+    type the weights are those of one backward pass per node over the whole batch."""
     b = encode(zoo.model, zoo.tasks["sva_within_rc"], "train", 16).batches[0]
     clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
     grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
-    up = torch.tensor(clean["resid_0"].f.abs().sum((0, 1)).nonzero().flatten()[:15].tolist() + [ERROR])
-    down_ids = torch.tensor(clean[down].f.abs().sum((0, 1)).nonzero().flatten()[:12].tolist() + [ERROR])
-    args = (zoo.model, pair, saes, b, clean, patch, grads[down], up, down_ids)
-    batched = torch.cat([w for _, w in edge_weights(*args, chunk=5)])
-    single = edge_weights_looped(*args)
-    assert batched.abs().max() > 0
-    assert torch.allclose(batched, single, rtol=1e-5, atol=1e-7)
+    n_pos = b.clean.shape[1]
+    for pair in [p for p in edge_pairs(subs) if p.down.layer == layer]:
+        up = torch.tensor(clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten()[:15].tolist() + [ERROR])
+        down = torch.tensor(clean[pair.down.name].f.abs().sum((0, 1)).nonzero().flatten()[:12].tolist() + [ERROR])
+        where = {}
+        if per_position:  # every node at every position
+            up, down = up.repeat_interleave(n_pos), down.repeat_interleave(n_pos)
+            where = {"up_pos": torch.arange(n_pos).repeat(len(up) // n_pos),
+                     "down_pos": torch.arange(n_pos).repeat(len(down) // n_pos)}
+        args = (zoo.model, pair, saes, b, clean, patch, grads[pair.down.name], up, down)
+        batched = torch.cat([w for _, w in edge_weights(*args, chunk=5, **where)])
+        single = edge_weights_looped(*args, **where)
+        assert batched.abs().max() > 0, pair
+        assert torch.allclose(batched, single, rtol=1e-5, atol=1e-7 * single.abs().max()), pair
 
 
 def test_circuit_keeps_edges_only_between_kept_nodes(zoo, subs, saes):

@@ -19,16 +19,18 @@ from compute.tasks import Batch, Encoded
 D_MODEL, VOCAB, LENGTH, N = 8, 11, 6, 5
 
 
-@pytest.fixture(scope="module", params=["standard", "shortformer"])
+@pytest.fixture(scope="module", params=["standard", "shortformer", "parallel"])
 def tiny(request):
-    """Standard positional embeddings, and shortformer's (added to every attention input: edges
-    then run from the tokens, not from the block's input)."""
+    """Standard positional embeddings; shortformer's (added to every attention input: edges
+    then run from the tokens, not from the block's input); and parallel attention and MLP
+    (GPT-J style: the MLP reads the block's input, so attn -> mlp edges are zero)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=D_MODEL, n_heads=2, d_head=4, d_mlp=16, n_ctx=LENGTH,
                                   d_vocab=VOCAB, act_fn="gelu", normalization_type="LN", seed=0,
-                                  dtype=torch.float64, positional_embedding_type=request.param)
+                                  dtype=torch.float64, parallel_attn_mlp=request.param == "parallel",
+                                  positional_embedding_type="shortformer" if request.param == "shortformer" else "standard")
     model = HookedTransformer(cfg)
     with torch.no_grad():  # default init is tiny; scale weights up so the model is far from linear
         for name, p in model.named_parameters():
@@ -73,7 +75,7 @@ def test_edges_out_of_every_node_sum_to_its_effect(tiny):
     every = {s.name: torch.tensor(list(range(2 * D_MODEL)) + [ERROR]) for s in subs}
     out = {s.name: torch.zeros(2 * D_MODEL + 1, dtype=torch.float64) for s in subs}
     into_errors = 0.0
-    for pair in edge_pairs(subs):
+    for pair in edge_pairs(subs, model.cfg.parallel_attn_mlp):
         u, d = pair.up.name, pair.down.name
         for ids, w in edge_weights(model, pair, dicts, batch, clean, patch, grads[d], every[u], every[d]):
             out[u] += w.sum(0)
