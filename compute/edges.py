@@ -114,24 +114,29 @@ class _Nodes:
                  pos: torch.Tensor | None) -> _Nodes:
         feats = nodes != ERROR
         safe = torch.where(feats, nodes, 0)
-        return cls._at(feats, (patch.f - clean.f)[..., safe], sae.W_dec[safe], patch.err - clean.err, pos)
+        return cls._at(feats, patch.f[..., safe] - clean.f[..., safe], sae.W_dec[safe], patch.err - clean.err, pos)
 
     @classmethod
     def downstream(cls, sae: SAE, clean: State, grad: torch.Tensor, nodes: torch.Tensor,
                    pos: torch.Tensor | None) -> _Nodes:
         """Feature n = act(pre_n(x)) pulls back left_n W_enc[:, n], with left_n = g . W_dec[n] where
         n is active and 0 elsewhere; the error term x - decode(f(x)) pulls back
-        g - sum_n left_n W_enc[:, n]."""
+        g - sum_n left_n W_enc[:, n] (computed only where g is nonzero)."""
         feats = nodes != ERROR
         safe = torch.where(feats, nodes, 0)
         left = (grad @ sae.W_dec[safe].T) * sae.active(clean.f[..., safe])
-        err_cot = grad - _left(sae, clean, grad) @ sae.W_enc.T if not feats.all() else torch.zeros_like(grad)
+        err_cot = torch.zeros_like(grad)
+        if not feats.all():
+            at = grad.ne(0).any(-1)  # often the last position only
+            g = grad[at]
+            err_cot[at] = g - ((g @ sae.W_dec.T) * sae.active(clean.f[at])) @ sae.W_enc.T
         return cls._at(feats, left, sae.W_enc.T[safe], err_cot, pos)
 
     @classmethod
     def _at(cls, feats, coef, dirs, extra, pos) -> _Nodes:
-        n_pos = coef.shape[1]
-        mask = torch.ones(n_pos, len(feats)) if pos is None else torch.nn.functional.one_hot(pos, n_pos).T.float()
+        if pos is None:
+            return cls(coef * feats, dirs * feats[:, None], extra, (~feats).float().expand(coef.shape[1], -1))
+        mask = torch.nn.functional.one_hot(pos, coef.shape[1]).T.float()  # [T, K]
         return cls(coef * (mask * feats), dirs * feats[:, None], extra, mask * ~feats)
 
     def _support(self, at: slice) -> torch.Tensor:
@@ -198,7 +203,6 @@ class _Path:
             x = x_up.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.forward(x, take), x, cot)
         return g
-
 
 
 def _path(model, pair: EdgePair, batch: Batch, clean: dict[str, State]) -> _Path:
