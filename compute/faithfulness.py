@@ -96,17 +96,19 @@ def ablation_hooks(subs: list[Submodule], dicts: dict[str, SAE], keep: NodeSet, 
         raise ValueError(f"unknown error mode {errors!r}; choose from {', '.join(ERROR_MODES)}")
 
     def splice(x, hook, s: Submodule):
-        sae, abl = dicts[s.name], ablated[s.name]
+        sae, abl, keep_err = dicts[s.name], ablated[s.name], keep.errors[s.name]
         f = sae.encode(x)
-        err = x - sae.decode(f)
-        f = torch.where(keep.features[s.name], f, abl.f)
+        kept = torch.where(keep.features[s.name], f, abl.f)
         if errors == "removed":
-            err = torch.zeros_like(err)
-        elif errors == "ablated":
-            err = abl.err
-        elif errors == "node":
-            err = torch.where(keep.errors[s.name].unsqueeze(-1), err, abl.err)
-        return sae.decode(f) + err
+            return sae.decode(kept)
+        if errors == "ablated" or errors == "node" and not keep_err.any():
+            return sae.decode(kept) + abl.err
+        # the error term x - decode(f) kept: decode(kept) + x - decode(f), one decoder product as
+        # decode is affine
+        out = x + (kept - f) @ sae.W_dec
+        if errors == "node" and not keep_err.all():  # per-position error nodes, some ablated
+            out = torch.where(keep_err.unsqueeze(-1), out, sae.decode(kept) + abl.err)
+        return out
 
     return [(s.hook_name, partial(splice, s=s)) for s in subs]
 

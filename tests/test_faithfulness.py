@@ -6,6 +6,8 @@ import torch
 from compute.circuit import DiscoveryParams, discover
 from compute.edges import ERROR
 from compute.faithfulness import (
+    ERROR_MODES,
+    NodeSet,
     ablated_metric,
     ablated_states,
     curves,
@@ -76,6 +78,35 @@ def test_one_kept_error_term_is_exact_patching_of_the_rest(zoo, subs, saes, eval
                                                                 sa.b_dec.expand_as(x)) for s in subs[:-1]]
                                           + [(last.hook_name, direct)])
     assert torch.allclose(got, batch_metric(logits, b), atol=1e-4)
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+@pytest.mark.parametrize("errors", ERROR_MODES)
+def test_every_error_mode_matches_the_plain_splice(zoo, subs, saes, evaluated, errors, per_position):
+    """The splice keeps an error term as x + (kept - f) W_dec (one decoder product); a plain
+    hook computes decode(kept features) + the mode's error term. Random kept sets, with error
+    terms kept in some submodules (or at some positions) and ablated in others."""
+    data, _ = evaluated
+    b = data.batches[0]
+    shape = (b.clean.shape[1],) if per_position else ()
+    g = torch.Generator().manual_seed(0)
+    keep = NodeSet({s.name: torch.rand(*shape, saes[s.name].d_sae, generator=g) < 0.5 for s in subs},
+                   {s.name: torch.rand(shape, generator=g) < 0.5 for s in subs})
+    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "mean", saes)
+
+    def plain(x, hook, s):
+        sae, a = saes[s.name], abl[s.name]
+        f = sae.encode(x)
+        err = x - sae.decode(f)
+        new_err = {"removed": torch.zeros_like(err), "ablated": a.err, "kept": err,
+                   "node": torch.where(keep.errors[s.name].unsqueeze(-1), err, a.err)}[errors]
+        return sae.decode(torch.where(keep.features[s.name], f, a.f)) + new_err
+
+    with torch.no_grad():
+        logits = zoo.model.run_with_hooks(b.clean, fwd_hooks=[(s.hook_name, lambda x, hook, s=s: plain(x, hook, s))
+                                                              for s in subs])
+    got = ablated_metric(zoo.model, subs, saes, b.clean, b, keep, abl, errors)
+    assert torch.allclose(got, batch_metric(logits, b), rtol=1e-4, atol=1e-4)
 
 
 def test_circuit_beats_random_nodes_and_curves_are_stored_on_the_circuit(evaluated):
