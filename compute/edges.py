@@ -34,6 +34,7 @@ from compute.spliced import State
 from compute.tasks import Batch
 
 ERROR = -1  # node index of a submodule's error term in edge computations
+PIECE_BUDGET = 2**24  # cotangent values per backward pass (64 MiB in float32), to bound memory
 
 
 @dataclass(frozen=True)
@@ -83,16 +84,18 @@ def edge_weights(model, pair: EdgePair, dicts: dict[str, SAE], batch: Batch,
     for i in range(0, len(down_nodes), chunk):
         ids = down_nodes[i : i + chunk]
         owner, unit, cot = down.pieces(slice(i, i + chunk), path.local)
-        if len(owner) == 0:
-            yield ids, cot.new_zeros(len(ids), len(up_nodes))
-            continue
+        weights = cot.new_zeros(len(ids), len(up_nodes))
+        step = max(1, PIECE_BUDGET // max(1, cot[0].numel())) if len(cot) else 1
+        for j in range(0, len(owner), step):  # passes of at most PIECE_BUDGET cotangent values
+            rows = unit[j : j + step]
 
-        def take(t: torch.Tensor, unit=unit) -> torch.Tensor:
-            """Rows of a [B, T, ...] tensor laid out as the pieces ([P, 1, ...] or [P, T, ...])."""
-            return t.flatten(0, 1)[unit][:, None] if path.local else t[unit]
+            def take(t: torch.Tensor, rows=rows) -> torch.Tensor:
+                """Rows of a [B, T, ...] tensor laid out as the pieces ([P, 1, ...] or [P, T, ...])."""
+                return t.flatten(0, 1)[rows][:, None] if path.local else t[rows]
 
-        read = up.read(path.pull_back(take(x_up), take, cot), take).sum(1)  # [P, n_up]
-        yield ids, read.new_zeros(len(ids), len(up_nodes)).index_add_(0, owner, read)
+            read = up.read(path.pull_back(take(x_up), take, cot[j : j + step]), take).sum(1)  # [P, n_up]
+            weights.index_add_(0, owner[j : j + step], read)
+        yield ids, weights
 
 
 @dataclass(frozen=True)

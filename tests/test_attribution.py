@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from compute import grammar
+from compute import edges, grammar
 from compute.atp import atp_grads
 from compute.circuit import DiscoveryParams, discover
 from compute.edges import ERROR, EdgePair, edge_pairs, edge_weights, edge_weights_looped
@@ -198,6 +198,24 @@ def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes, layer, per_p
         single = edge_weights_looped(*args, **where)
         assert batched.abs().max() > 0, pair
         assert torch.allclose(batched, single, rtol=1e-5, atol=1e-7 * single.abs().max()), pair
+
+
+def test_edges_in_many_small_passes_are_the_same(zoo, subs, saes, monkeypatch):
+    """A chunk's pieces run in passes of at most PIECE_BUDGET cotangent values (to bound
+    memory); with a tiny budget, many passes give the same weights as one."""
+    b = encode(zoo.model, zoo.tasks["sva_within_rc"], "train", 16).batches[0]
+    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
+    grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
+    for pair in [p for p in edge_pairs(subs) if p.down.layer == 1 and p.down.component != "resid"]:
+        up = torch.tensor(clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
+        down = torch.tensor(clean[pair.down.name].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
+        args = (zoo.model, pair, saes, b, clean, patch, grads[pair.down.name], up, down)
+        whole = torch.cat([w for _, w in edge_weights(*args)])
+        monkeypatch.setattr(edges, "PIECE_BUDGET", 1000)
+        passes = torch.cat([w for _, w in edge_weights(*args)])
+        monkeypatch.undo()
+        assert whole.abs().max() > 0
+        assert torch.allclose(passes, whole, rtol=1e-5, atol=1e-7 * whole.abs().max()), pair
 
 
 def test_circuit_keeps_edges_only_between_kept_nodes(zoo, subs, saes):
