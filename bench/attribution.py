@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from compute.circuit import DiscoveryParams  # noqa: E402
 from compute.dictionaries import submodules  # noqa: E402
 from compute.edges import ERROR, edge_pairs, edge_weights, edge_weights_looped  # noqa: E402
 from compute.ig import ig_grads  # noqa: E402
@@ -142,7 +143,7 @@ def main() -> None:
 
     def edges(pair: str, batched: bool) -> torch.Tensor:
         if batched:
-            return torch.cat([w for _, w in edge_weights(*edge_args[pair], chunk=64)])
+            return torch.cat([w for _, w in edge_weights(*edge_args[pair], chunk=DiscoveryParams().edge_chunk)])
         return edge_weights_looped(*edge_args[pair])
 
     steps = {"plain": plain, "floor": floor, "forward": forward, "atp": atp, "ig": ig,

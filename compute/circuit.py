@@ -52,7 +52,7 @@ class DiscoveryParams:
     edge_threshold: float = 0.01
     aggregation: str = "sum"
     n_examples: int = 64
-    edge_chunk: int = 32
+    edge_chunk: int = 64  # downstream nodes per edge pass (memory is bounded by edges.PIECE_BUDGET)
     ablations: tuple[str, ...] = ABLATIONS  # evaluation; () skips it
     errors: str = "node"  # error terms in the evaluation: node, kept, ablated or removed
     random_draws: int = 3
