@@ -59,8 +59,10 @@ def edge_pairs(subs: list[Submodule], parallel: bool = False) -> list[EdgePair]:
     for layer in layers:
         prev = by["embed"] if layer == 0 else by[f"resid_{layer - 1}"]
         attn, mlp, resid = by[f"attn_{layer}"], by[f"mlp_{layer}"], by[f"resid_{layer}"]
-        pairs += [EdgePair(prev, attn), EdgePair(prev, mlp, (attn,)), *[EdgePair(attn, mlp)] * (not parallel),
-                  EdgePair(prev, resid, (attn, mlp)), EdgePair(attn, resid, (mlp,)), EdgePair(mlp, resid)]
+        pairs += [EdgePair(prev, attn), EdgePair(prev, mlp, (attn,))]
+        if not parallel:
+            pairs.append(EdgePair(attn, mlp))
+        pairs += [EdgePair(prev, resid, (attn, mlp)), EdgePair(attn, resid, (mlp,)), EdgePair(mlp, resid)]
     return pairs
 
 
@@ -132,7 +134,7 @@ class _Nodes:
         if not feats.all():
             at = grad.ne(0).any(-1)  # often the last position only
             g = grad[at]
-            err_cot[at] = g - ((g @ sae.W_dec.T) * sae.active(clean.f[at])) @ sae.W_enc.T
+            err_cot[at] = g - _left(sae, clean.f[at], g) @ sae.W_enc.T
         return cls._at(feats, left, sae.W_enc.T[safe], err_cot, pos)
 
     @classmethod
@@ -180,7 +182,7 @@ def edge_weights_looped(model, pair: EdgePair, dicts: dict[str, SAE], batch: Bat
         with torch.enable_grad():
             _, pull_back = torch.func.vjp(lambda x: path.forward(x, lambda t: t), clean[pair.up.name].x)
     up = _Nodes.upstream(dicts[pair.up.name], clean[pair.up.name], patch[pair.up.name], up_nodes, up_pos)
-    left = _left(dicts[pair.down.name], clean[pair.down.name], down_grad)
+    left = _left(dicts[pair.down.name], clean[pair.down.name].f, down_grad)
     rows = []
     for cot in _cotangents(down_nodes, left, dicts[pair.down.name], down_grad, down_pos):
         (g,) = pull_back(cot)
@@ -291,9 +293,10 @@ def _run_until(hook_point, run: Callable) -> torch.Tensor:
     raise RuntimeError(f"the forward pass never reached {hook_point.name}")
 
 
-def _left(sae: SAE, down_clean: State, down_grad: torch.Tensor) -> torch.Tensor:
-    """[B, T, d_sae]: each downstream feature's gradient times whether it is active."""
-    return (down_grad @ sae.W_dec.T) * sae.active(down_clean.f)
+def _left(sae: SAE, f: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """[..., d_sae]: each downstream feature's gradient (from the gradient at the output,
+    grad [..., d]) times whether it is active (features f [..., d_sae])."""
+    return (grad @ sae.W_dec.T) * sae.active(f)
 
 
 def _cotangents(ids: torch.Tensor, left: torch.Tensor, sae: SAE, down_grad: torch.Tensor,
