@@ -134,24 +134,33 @@ def test_splicing_is_exact(zoo, subs, saes):
         assert torch.allclose(x, p.x, atol=1e-4)
 
 
+def _batch_inputs(zoo, subs, saes, task):
+    """A batch of 16 examples of a zoo task, every submodule's clean and patch states, and the
+    metric's gradient at every submodule's output."""
+    b = encode(zoo.model, zoo.tasks[task], "train", 16).batches[0]
+    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
+    return b, clean, patch, atp_grads(zoo.model, subs, saes, b, clean, patch)
+
+
+def _active_nodes(state, limit=None) -> torch.Tensor:
+    """The first `limit` features active anywhere in the batch, and the error term."""
+    return torch.tensor(state.f.abs().sum((0, 1)).nonzero().flatten()[:limit].tolist() + [ERROR])
+
+
 def _pair_inputs(zoo, subs, saes, layer=1):
     by = {s.name: s for s in subs}
-    pair = EdgePair(by[f"mlp_{layer}"], by[f"resid_{layer}"])
-    b = encode(zoo.model, zoo.tasks["sva_across_pp"], "train", 16).batches[0]
-    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
-    grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
-    return pair, b, clean, patch, grads
+    return EdgePair(by[f"mlp_{layer}"], by[f"resid_{layer}"]), *_batch_inputs(zoo, subs, saes, "sva_across_pp")
 
 
 def test_edges_out_of_a_node_sum_to_its_effect(zoo, subs, saes):
     """mlp_L feeds the metric only through resid_L, so its edges into all of resid_L's
     nodes (features and error) add up to its AtP effect."""
     pair, b, clean, patch, grads = _pair_inputs(zoo, subs, saes)
-    up = clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten()[:20].tolist() + [ERROR]
+    up = _active_nodes(clean[pair.up.name], 20)
     down = torch.tensor(list(range(saes[pair.down.name].d_sae)) + [ERROR])
     total = torch.zeros(len(up))
     for _, w in edge_weights(zoo.model, pair, saes, b, clean, patch,
-                             grads[pair.down.name], torch.tensor(up), down, chunk=128):
+                             grads[pair.down.name], up, down, chunk=128):
         total += w.sum(0)
     fe, ee = node_effects(saes[pair.up.name], clean[pair.up.name], patch[pair.up.name], grads[pair.up.name])
     expected = torch.cat([fe.sum((0, 1))[up[:-1]], ee.sum()[None]])
@@ -181,13 +190,10 @@ def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes, layer, per_p
     """Batched edges pull back only the nonzero pieces of the nodes' cotangents (single positions
     through the MLP, whole examples through attention, no pass on the skip path); for every edge
     type the weights are those of one backward pass per node over the whole batch."""
-    b = encode(zoo.model, zoo.tasks["sva_within_rc"], "train", 16).batches[0]
-    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
-    grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
+    b, clean, patch, grads = _batch_inputs(zoo, subs, saes, "sva_within_rc")
     n_pos = b.clean.shape[1]
     for pair in [p for p in edge_pairs(subs) if p.down.layer == layer]:
-        up = torch.tensor(clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten()[:15].tolist() + [ERROR])
-        down = torch.tensor(clean[pair.down.name].f.abs().sum((0, 1)).nonzero().flatten()[:12].tolist() + [ERROR])
+        up, down = _active_nodes(clean[pair.up.name], 15), _active_nodes(clean[pair.down.name], 12)
         where = {}
         if per_position:  # every node at every position
             up, down = up.repeat_interleave(n_pos), down.repeat_interleave(n_pos)
@@ -203,12 +209,9 @@ def test_batched_edges_equal_one_backward_per_node(zoo, subs, saes, layer, per_p
 def test_edges_in_many_small_passes_are_the_same(zoo, subs, saes, monkeypatch):
     """A chunk's pieces run in passes of at most PIECE_BUDGET cotangent values (to bound
     memory); with a tiny budget, many passes give the same weights as one."""
-    b = encode(zoo.model, zoo.tasks["sva_within_rc"], "train", 16).batches[0]
-    clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
-    grads = atp_grads(zoo.model, subs, saes, b, clean, patch)
+    b, clean, patch, grads = _batch_inputs(zoo, subs, saes, "sva_within_rc")
     for pair in [p for p in edge_pairs(subs) if p.down.layer == 1 and p.down.component != "resid"]:
-        up = torch.tensor(clean[pair.up.name].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
-        down = torch.tensor(clean[pair.down.name].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
+        up, down = _active_nodes(clean[pair.up.name]), _active_nodes(clean[pair.down.name])
         args = (zoo.model, pair, saes, b, clean, patch, grads[pair.down.name], up, down)
         whole = torch.cat([w for _, w in edge_weights(*args)])
         monkeypatch.setattr(edges, "PIECE_BUDGET", 1000)
