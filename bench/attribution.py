@@ -101,6 +101,10 @@ def peak_mb(step: str, examples: int) -> float:
     return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 
+def _max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=32)
@@ -159,7 +163,7 @@ def main() -> None:
     t_batched, t_single = per_pair[(PAIR, True)], per_pair[(PAIR, False)]
     t_batched_all = sum(v for (_, b), v in per_pair.items() if b)
     t_single_all = sum(v for (_, b), v in per_pair.items() if not b)
-    rel = {k: ((edges(k, True) - edges(k, False)).abs().max() / edges(k, False).abs().max()).item() for k in pairs}
+    rel = {k: _max_rel_diff(edges(k, True), edges(k, False)) for k in pairs}
 
     print(f"zoo model, {len(batch)} examples of length {batch.clean.shape[1]}, {len(subs)} submodules, "
           f"{sum(s.d_sae for s in saes.values())} features; median of {args.repeat}")
