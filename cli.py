@@ -6,29 +6,115 @@
 
 from __future__ import annotations
 
+import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from catalog.errors import UserError
+from catalog.errors import Terminated, UserError
 
 CATALOG_HELP = "catalogue directory (env CIRCUIT_CATALOG, default ./catalog)"
 
 
 class Group(click.Group):
-    """Turns user errors into one line on stderr and a non-zero exit, never a traceback."""
+    """Turns user errors into one line on stderr and exit code 1, never a traceback; SIGTERM stops a
+    job like Ctrl-C does, so that it removes what it staged."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare group: its help, as click shows it
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
+        previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
         try:
             return super().invoke(ctx)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except Terminated:
+            click.echo("terminated: nothing partial was committed", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing partial was committed", err=True)
             sys.exit(130)
+        except OSError as e:  # the machine's answer about a file: unwritable, missing, disk full
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class OutPath(click.Path):
+    """A file (or folder) the command will write: refused up front when it cannot be, so that no
+    work is done for an output that would fail at the end."""
+
+    def __init__(self, folder: bool = False):
+        super().__init__(path_type=Path)
+        self.folder = folder
+
+    def convert(self, value, param, ctx):
+        path = Path(super().convert(value, param, ctx))
+        if path.exists() and path.is_dir() != self.folder:
+            self.fail(f"{path} is a {'file' if self.folder else 'folder'}", param, ctx)
+        if path.exists() and not os.access(path, os.W_OK):
+            self.fail(f"{path} cannot be written", param, ctx)
+        above = next(p for p in path.absolute().parents if p.exists())
+        if not above.is_dir():
+            self.fail(f"{above} is a file, so nothing can be written under it", param, ctx)
+        if not os.access(above, os.W_OK | os.X_OK):
+            self.fail(f"cannot write in {above}", param, ctx)
+        return path
+
+
+class Threshold(click.ParamType):
+    """A finite number >= 0 (click's FloatRange lets inf through)."""
+
+    name = "threshold"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or v < 0:
+            self.fail(f"{value!r} is not a finite number >= 0", param, ctx)
+        return v
+
+
+THRESHOLD = Threshold()
+POSITIVE = click.IntRange(min=1)
 
 
 @click.group(cls=Group)
@@ -106,17 +192,55 @@ def circuits(path: Path, fmt: str):
     _output(df, fmt)
 
 
+@main.command()
+@click.option("--clean", is_flag=True, help="commit the stale runs that are complete, remove the other stale runs")
+@click.option("--discard", is_flag=True, help="with --clean: remove complete stale runs too, instead of committing them")
+@FORMAT
+@click.pass_obj
+def staging(path: Path, clean: bool, discard: bool, fmt: str):
+    """Runs in staging/: those being written, and the stale ones that workers which ended without
+    committing (killed, crashed) left behind; --clean commits or removes the stale ones."""
+    import pandas as pd
+
+    import catalog
+    from catalog.staging import clean as clean_staging
+    from catalog.staging import staged_runs
+
+    if discard and not clean:
+        raise UserError("--discard goes with --clean")
+    cat = catalog.open(path)
+    if clean:
+        done = clean_staging(cat, discard)
+        df = pd.DataFrame([{"run_id": r.run_id, "state": r.state, "action": a} for r, a in done],
+                          columns=["run_id", "state", "action"])
+        if fmt == "table" and df.empty:
+            click.echo("no stale runs in staging/")
+            return
+    else:
+        df = pd.DataFrame([{"run_id": r.run_id, "state": r.state, "age_s": round(r.age_s), "size_bytes": r.size_bytes,
+                            "owner": r.owner, "note": r.note} for r in staged_runs(cat.root)],
+                          columns=["run_id", "state", "age_s", "size_bytes", "owner", "note"])
+        if fmt == "table" and df.empty:
+            click.echo("staging/ is empty")
+            return
+    _output(df, fmt)
+
+
 def _discovery_options(f):
     for opt in reversed([
         click.option("--method", type=click.Choice(["ig", "atp", "exact"]), default="ig", show_default=True,
                      help="node effects: integrated gradients, attribution patching or exact patching"),
-        click.option("--steps", "ig_steps", default=10, show_default=True, help="integrated-gradients steps"),
+        click.option("--steps", "ig_steps", default=10, show_default=True, type=POSITIVE,
+                     help="integrated-gradients steps"),
         click.option("--aggregation", type=click.Choice(["sum", "none"]), default="sum", show_default=True,
                      help="sum effects over positions, or keep a node per position (none: keeps only "
                           "the shortest prompts, as SFC does)"),
-        click.option("--node-threshold", default=0.1, show_default=True),
-        click.option("--edge-threshold", default=0.01, show_default=True),
-        click.option("--examples", "n_examples", default=64, show_default=True, help="train examples used"),
+        click.option("--node-threshold", default=0.1, show_default=True, type=THRESHOLD,
+                     help="nodes with |effect| above it are in the circuit"),
+        click.option("--edge-threshold", default=0.01, show_default=True, type=THRESHOLD,
+                     help="edges with |weight| above it are kept"),
+        click.option("--examples", "n_examples", default=64, show_default=True, type=POSITIVE,
+                     help="train examples used"),
         click.option("--ablation", "ablations", multiple=True, type=click.Choice(["mean", "zero", "resample"]),
                      help="ablations for the faithfulness sweep (repeatable; default all three)"),
         click.option("--errors", type=click.Choice(["node", "kept", "ablated", "removed"]), default="node",
@@ -141,11 +265,16 @@ ZOO = click.option("--zoo", "zoo_name", type=click.Choice(["default", "cued"]), 
 @click.pass_obj
 def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, **params):
     """Discover circuits on the zoo model for zoo tasks or task files."""
+    import catalog
     from compute.tasks import load_task_file
 
     if not task_names and not task_files:
         raise UserError("give at least one --task or --task-file")
+    params = _params(params)
     tasks = [load_task_file(f) for f in task_files]  # validate files before any heavy work
+    cat = catalog.init(path)
+    for task in tasks:
+        cat.check_task(task.name, task.content_hash)
     zoo, dicts = _zoo_and_dictionaries(zoo_name)
     for name in task_names:
         if name not in zoo.tasks:
@@ -153,7 +282,7 @@ def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, *
         tasks.append(zoo.tasks[name])
     if neurons:
         dicts = _neurons(zoo)
-    _run_tasks(path, zoo, dicts, tasks, _params(params))
+    _run_tasks(path, zoo, dicts, tasks, params)
 
 
 def _params(options: dict):
@@ -178,10 +307,13 @@ def _neurons(zoo):
 @click.pass_obj
 def demo(path: Path, neurons: bool, **params):
     """Build the zoo and its dictionaries, discover a circuit for every zoo task, commit."""
+    import catalog
+
     start = time.monotonic()
+    params = _params(params)
+    catalog.init(path)  # a bad --catalog is refused before any training
     zoo, dicts = _zoo_and_dictionaries()
     _register(path, zoo, dicts, {"architecture": "standard"})
-    params = _params(params)
     _run_tasks(path, zoo, dicts, list(zoo.tasks.values()), params)
     if neurons:
         _run_tasks(path, zoo, _neurons(zoo), list(zoo.tasks.values()), params, basis="neurons")
@@ -220,7 +352,7 @@ def _print_dictionaries(dicts) -> None:
         m = d.metrics
         t.add_row(name, d.sae.architecture, str(d.sae.d_sae), f"{m['fraction_variance_explained']:.3f}",
                   f"{m['l0']:.1f}", f"{m['dead_fraction']:.1%}", f"{m['dense_fraction']:.1%}",
-                  f"{m.get('loss_recovered', float('nan')):.3f}")
+                  "-" if m.get("loss_recovered") is None else f"{m['loss_recovered']:.3f}")
     _console().print(t)
 
 
@@ -243,7 +375,9 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -
         for reason, count in c.dropped.items():
             click.echo(f"{task.name}: dropped {count} examples: {reason}", err=True)
         fc = c.at_threshold(params.ablations[0]) if params.ablations else None
-        t.add_row(task.name, f"{acc:.1%}", f"{c.n_examples}{note}", f"{c.total_effect:.2f}", str(kept),
+        if c.evaluation_note:
+            click.echo(f"{task.name}: not evaluated: {c.evaluation_note}", err=True)
+        t.add_row(task.name, "-" if acc is None else f"{acc:.1%}", f"{c.n_examples}{note}", f"{c.total_effect:.2f}", str(kept),
                   str(len(c.edges)), f"{fc[0]:.2f}" if fc else "-", f"{fc[1]:.2f}" if fc else "-",
                   ", ".join(top_features(c, 3)))
     _console().print(t)
@@ -280,8 +414,7 @@ def _print_features_vs_neurons(path: Path) -> None:
 @click.option("--task", "task_names", multiple=True, help="every circuit of this task (repeatable)")
 @click.option("--errors", type=click.Choice(["node", "kept", "ablated", "removed"]), default="node",
               show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("faithfulness.png"),
-              show_default=True)
+@click.option("--out", type=OutPath(), default=Path("faithfulness.png"), show_default=True)
 @click.pass_obj
 def plot(path: Path, circuit_ids, task_names, errors: str, out: Path):
     """Faithfulness and completeness curves (PNG) for circuits, by id or task (default: all)."""
@@ -307,7 +440,7 @@ def plot(path: Path, circuit_ids, task_names, errors: str, out: Path):
 @click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True,
               help="value the features are set to (their mean over the measured prompts, or zero)")
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="also draw the accuracies (PNG)")
+@click.option("--out", type=OutPath(), help="also draw the accuracies (PNG)")
 @ZOO
 @FORMAT
 @click.pass_obj
@@ -354,10 +487,10 @@ def _circuit_selection(f):
 
 @main.command()
 @_circuit_selection
-@click.option("--top-k", "k", type=int, help="compare each circuit's k strongest features (default: those in the circuit)")
-@click.option("--matrix", "matrix_csv", type=click.Path(dir_okay=False, path_type=Path),
-              help="write the feature x circuit effect matrix as CSV")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="draw the matrix and overlaps (PNG)")
+@click.option("--top-k", "k", type=POSITIVE,
+              help="compare each circuit's k strongest features (default: those in the circuit)")
+@click.option("--matrix", "matrix_csv", type=OutPath(), help="write the feature x circuit effect matrix as CSV")
+@click.option("--out", type=OutPath(), help="draw the matrix and overlaps (PNG)")
 @FORMAT
 @click.pass_obj
 def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matrix_csv, out, fmt):
@@ -390,9 +523,11 @@ def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matr
 @click.option("--match", type=click.Choice(["auto", "key", "decoder"]), default="auto", show_default=True,
               help="how nodes correspond: structural key, decoder-direction cosine (other dictionaries or "
                    "models), or auto")
-@click.option("--min-similarity", default=0.7, show_default=True, help="decoder cosine needed for a match")
-@click.option("--tol", default=1e-9, show_default=True, help="|delta| above which a shared node or edge is 'changed'")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--min-similarity", default=0.7, show_default=True, type=click.FloatRange(-1, 1),
+              help="decoder cosine needed for a match")
+@click.option("--tol", default=1e-9, show_default=True, type=THRESHOLD,
+              help="|delta| above which a shared node or edge is 'changed'")
+@click.option("--out", type=OutPath(folder=True),
               help="write nodes.csv, edges.csv, matches.csv and summary.csv to this folder")
 @FORMAT
 @click.pass_obj
@@ -414,7 +549,7 @@ def diff(path: Path, a: str, b: str, match: str, min_similarity: float, tol: flo
 @main.command()
 @click.argument("circuit_id")
 @click.option("--to", "target", type=int, help="node_idx to reach (default: the metric)")
-@click.option("-k", "k", default=5, show_default=True, help="how many paths")
+@click.option("-k", "k", default=5, show_default=True, type=POSITIVE, help="how many paths")
 @FORMAT
 @click.pass_obj
 def paths(path: Path, circuit_id: str, target: int | None, k: int, fmt: str):
@@ -433,7 +568,7 @@ def paths(path: Path, circuit_id: str, target: int | None, k: int, fmt: str):
 @click.argument("node", type=int)
 @click.option("--direction", type=click.Choice(["ancestors", "descendants"]), default="ancestors",
               show_default=True)
-@click.option("--hops", default=2, show_default=True, help="at most this many edges away")
+@click.option("--hops", default=2, show_default=True, type=POSITIVE, help="at most this many edges away")
 @FORMAT
 @click.pass_obj
 def neighbours(path: Path, circuit_id: str, node: int, direction: str, hops: int, fmt: str):
@@ -447,9 +582,9 @@ def neighbours(path: Path, circuit_id: str, node: int, direction: str, hops: int
 @main.command()
 @click.argument("circuit_id")
 @click.option("--diff", "other", help="draw the diff from CIRCUIT_ID to this circuit instead")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("circuit.html"),
-              show_default=True)
-@click.option("--max-per-row", default=40, show_default=True, help="strongest nodes drawn per layer and position")
+@click.option("--out", type=OutPath(), default=Path("circuit.html"), show_default=True)
+@click.option("--max-per-row", default=40, show_default=True, type=POSITIVE,
+              help="strongest nodes drawn per layer and position")
 @click.pass_obj
 def render(path: Path, circuit_id: str, other: str | None, out: Path, max_per_row: int):
     """Draw a circuit (or a diff of two) as one self-contained HTML file with inline SVG."""
@@ -466,7 +601,7 @@ def render(path: Path, circuit_id: str, other: str | None, out: Path, max_per_ro
 @click.argument("circuit_id")
 @click.option("--to", "kind", type=click.Choice(["circuit-tracer", "graphml"]), default="circuit-tracer",
               show_default=True, help="graph JSON for circuit-tracer's and Neuronpedia's viewers, or GraphML")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--out", type=OutPath(), required=True)
 @click.pass_obj
 def export(path: Path, circuit_id: str, kind: str, out: Path):
     """Export a circuit for other tools: circuit-tracer / Neuronpedia graph JSON, or GraphML."""
@@ -506,19 +641,22 @@ def dictionaries(ctx, fmt: str):
               default="standard", show_default=True)
 @click.option("--submodule", "only", multiple=True,
               help="embed, attn_0, mlp_0, resid_0, ... (repeatable; default: all; transcoders: mlp_L)")
-@click.option("--expansion", default=8, show_default=True, help="features per input dimension")
-@click.option("--l1", "l1_coefficient", default=1.0, show_default=True, help="L1 penalty (standard, transcoder)")
-@click.option("--k", default=8, show_default=True, help="active features per token (topk)")
-@click.option("--l0", "l0_coefficient", default=0.3, show_default=True, help="L0 penalty (jumprelu)")
-@click.option("--steps", default=2000, show_default=True)
-@click.option("--zoo", "zoo_name", default="default", show_default=True, help="zoo configuration")
+@click.option("--expansion", default=8, show_default=True, type=POSITIVE, help="features per input dimension")
+@click.option("--l1", "l1_coefficient", default=1.0, show_default=True, type=THRESHOLD,
+              help="L1 penalty (standard, transcoder)")
+@click.option("--k", default=8, show_default=True, type=POSITIVE, help="active features per token (topk)")
+@click.option("--l0", "l0_coefficient", default=0.3, show_default=True, type=THRESHOLD, help="L0 penalty (jumprelu)")
+@click.option("--steps", default=2000, show_default=True, type=POSITIVE)
+@ZOO
 @click.pass_obj
 def dictionaries_train(path: Path, architecture: str, only, zoo_name: str, **options):
     """Train dictionaries on the zoo model (cached), measure them, and register them with dashboards."""
+    import catalog
     from compute.dictionary_training import SAEConfig
     from compute.zoo import build_zoo, zoo_config
     from compute.zoo_dictionaries import build_dictionaries
 
+    catalog.init(path)
     zoo = build_zoo(zoo_config(zoo_name))
     dicts = build_dictionaries(zoo, SAEConfig(architecture=architecture, **options), only=tuple(only))
     _register(path, zoo, dicts, {"architecture": architecture, **options})
@@ -527,14 +665,16 @@ def dictionaries_train(path: Path, architecture: str, only, zoo_name: str, **opt
 @dictionaries.command("import")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--hook", help="hook it reads (default: from its config)")
-@click.option("--zoo", "zoo_name", default="default", show_default=True, help="zoo configuration it belongs to")
+@ZOO
 @click.pass_obj
 def dictionaries_import(path: Path, source: Path, hook: str | None, zoo_name: str):
     """Import a dictionary (an SAELens directory, or dictionary_learning's ae.pt + config.json),
     check it fits the model, measure it and register it with dashboards."""
+    import catalog
     from compute.zoo import build_zoo, zoo_config
     from compute.zoo_dictionaries import import_dictionary
 
+    catalog.init(path)
     zoo = build_zoo(zoo_config(zoo_name))
     d = import_dictionary(zoo, source, hook)
     _register(path, zoo, {d.sub.name: d}, {"imported_from": str(source)})
@@ -554,7 +694,7 @@ def _register(path: Path, zoo, dicts, params: dict) -> None:
 @main.command()
 @click.argument("dictionary")
 @click.argument("feature", type=int)
-@click.option("-n", "n", default=10, show_default=True, help="top examples and promoted tokens to show")
+@click.option("-n", "n", default=10, show_default=True, type=POSITIVE, help="top examples and promoted tokens to show")
 @FORMAT
 @click.pass_obj
 def feature(path: Path, dictionary: str, feature: int, n: int, fmt: str):
@@ -586,14 +726,15 @@ def benchmark():
 
 
 @benchmark.command()
-@click.option("--l1", "l1s", multiple=True, type=float, help="L1 coefficients (repeatable; default 0.1 0.3 1 3)")
-@click.option("--size", "sizes", multiple=True, type=int, help="dictionary sizes (repeatable; default 32 64 128 256)")
-@click.option("--d", "d", default=32, show_default=True, help="activation dimension")
-@click.option("--features", "n_features", default=64, show_default=True, help="ground-truth features")
-@click.option("--steps", default=3000, show_default=True, help="training steps per SAE")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("toy_benchmark.png"),
-              show_default=True, help="heat-map grid (PNG)")
+@click.option("--l1", "l1s", multiple=True, type=THRESHOLD, help="L1 coefficients (repeatable; default 0.1 0.3 1 3)")
+@click.option("--size", "sizes", multiple=True, type=POSITIVE,
+              help="dictionary sizes (repeatable; default 32 64 128 256)")
+@click.option("--d", "d", default=32, show_default=True, type=click.IntRange(min=2), help="activation dimension")
+@click.option("--features", "n_features", default=64, show_default=True, type=POSITIVE, help="ground-truth features")
+@click.option("--steps", default=3000, show_default=True, type=POSITIVE, help="training steps per SAE")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--out", type=OutPath(), default=Path("toy_benchmark.png"), show_default=True,
+              help="heat-map grid (PNG)")
 @FORMAT
 @click.pass_obj
 def toy(path: Path, l1s, sizes, d: int, n_features: int, steps: int, seed: int, out: Path, fmt: str):
@@ -607,8 +748,6 @@ def toy(path: Path, l1s, sizes, d: int, n_features: int, steps: int, seed: int, 
 
     sweep = ToySweep(steps=steps, **({"l1_coefficients": tuple(sorted(l1s))} if l1s else {}),
                      **({"sizes": tuple(sorted(sizes))} if sizes else {}))
-    if d < 2 or n_features < 1 or steps < 1 or min(sweep.sizes) < 1 or min(sweep.l1_coefficients) < 0:
-        raise UserError("--d must be >= 2, --features, --steps and --size >= 1, --l1 >= 0")
     run_id, rows = toy_benchmark_job(catalog.init(path), ToyData(d=d, n_features=n_features, seed=seed), sweep)
     _output(pd.DataFrame(rows)[["method", "l1_coefficient", "d_sae", "mse", "l0", "mmcs_truth", "mmcs_larger",
                                 "dead_features"]].round(4), fmt)

@@ -299,7 +299,6 @@ def create_macros(con) -> None:
     """Create (or replace) every named query in a DuckDB connection (order matters: users first)."""
     for q in NAMED_QUERIES:
         con.execute(q.create_sql())
-    con.execute("INSERT OR REPLACE INTO _catalog VALUES ('macros', ?)", [macros_hash()])
 
 
 def listed() -> list[NamedQuery]:

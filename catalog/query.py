@@ -1,4 +1,11 @@
-"""The read-only guard for user SQL, and output formats that fit pipes."""
+"""The read-only guard for user SQL, and output formats that fit pipes.
+
+User SQL meets two locks. This module's guard lets through only statements that read
+(SELECT and its relatives: DESCRIBE, SHOW, SUMMARIZE, FROM, VALUES, PIVOT) and EXPLAIN of
+such a statement (EXPLAIN ANALYZE runs what it explains, so its statement is checked too).
+Then the statement runs in the catalogue's sandboxed DuckDB instance (`catalog.store`),
+which can open no file but the catalogue's shards and whose configuration is locked.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,63 @@ import pandas as pd
 
 from catalog.errors import UserError
 
-READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 FORMATS = ("table", "csv", "json")
 
 
 def check_read_only(sql: str) -> None:
-    """Refuse anything but SELECT-like statements (DESCRIBE, SHOW, SUMMARIZE, EXPLAIN included)."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as e:
-        raise UserError(f"SQL error: {str(e).strip().splitlines()[0]}") from None
+    """Refuse anything but statements that only read, one line naming what was refused."""
+    statements = _statements(sql)
     if not statements:
         raise UserError("empty query")
     for s in statements:
-        if s.type not in READ_ONLY:
-            kind = s.type.name.replace("_", " ")
-            raise UserError(f"refused: {kind} statements are not allowed; queries are read-only")
+        _check_statement(s)
+
+
+def _statements(sql: str) -> list:
+    try:
+        return duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise UserError(f"SQL error: {str(e).strip().splitlines()[0]}") from None
+
+
+def _check_statement(s) -> None:
+    if s.type == duckdb.StatementType.SELECT:
+        return
+    if s.type == duckdb.StatementType.EXPLAIN:
+        inner = _explained(s.query)
+        if inner is not None:
+            parts = _statements(inner)
+            if len(parts) == 1 and parts[0].type == duckdb.StatementType.SELECT:
+                return
+        raise UserError("refused: EXPLAIN is allowed for SELECT statements only (EXPLAIN ANALYZE runs the "
+                        "statement it explains); queries are read-only")
+    kind = s.type.name.replace("_", " ")
+    raise UserError(f"refused: {kind} statements are not allowed; queries are read-only")
+
+
+def _explained(sql: str) -> str | None:
+    """The statement an EXPLAIN statement explains: the text after `EXPLAIN`, its options in
+    parentheses and ANALYZE (comments skipped), or None when it cannot be told."""
+    tokens = [(pos, kind) for pos, kind in duckdb.tokenize(sql) if kind != duckdb.token_type.comment]
+
+    def word(i: int) -> str:
+        pos = tokens[i][0]
+        end = tokens[i + 1][0] if i + 1 < len(tokens) else len(sql)
+        return sql[pos:end].split("--")[0].split("/*")[0].strip().upper()
+
+    if not tokens or word(0) != "EXPLAIN":
+        return None
+    i = 1
+    if i < len(tokens) and word(i) == "(":  # EXPLAIN (ANALYZE, FORMAT json) ...
+        depth = 0
+        while i < len(tokens):
+            depth += {"(": 1, ")": -1}.get(word(i), 0)
+            i += 1
+            if depth == 0:
+                break
+    while i < len(tokens) and word(i) in ("ANALYZE", "ANALYSE"):
+        i += 1
+    return sql[tokens[i][0]:] if i < len(tokens) else None
 
 
 def format_frame(df: pd.DataFrame, fmt: str) -> str:

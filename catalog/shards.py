@@ -4,18 +4,28 @@ A worker never touches the DuckDB file. It streams each table into
 `staging/<run_id>/<table>.parquet.tmp` (row groups as they come), renames it when
 the table is complete, and writes `manifest.json` last. A run without a
 manifest is incomplete and can never be committed.
+
+While it writes, the worker holds an exclusive lock on `staging/<run_id>.owner` (which
+names its process and host). The operating system drops the lock when the process
+ends, however it ends, so a staged run whose owner file is not locked is stale:
+`catalog.staging` lists such runs and commits or removes them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from catalog.errors import UserError
 from schema.derive import arrow_schema, to_arrow
 from schema.tables import SCHEMA_VERSION, TABLES
 
@@ -36,7 +46,9 @@ class TableWriter:
     def write(self, rows: list[dict] | pa.Table) -> None:
         data = rows if isinstance(rows, pa.Table) else to_arrow(self.table, rows)
         if len(data):
-            self._writer.write_table(data.cast(arrow_schema(self.table)), row_group_size=ROW_GROUP)
+            data = data.cast(arrow_schema(self.table))
+            _refuse_nan(self.table, data)
+            self._writer.write_table(data, row_group_size=ROW_GROUP)
             self.rows += len(data)
 
     def close(self) -> None:
@@ -44,13 +56,70 @@ class TableWriter:
         os.replace(self.tmp, self.path)
 
 
+OWNER_SUFFIX = ".owner"
+_OWNED: dict[Path, Owner] = {}  # the runs this process is staging, by owner file
+
+
+class Owner:
+    """The lock a worker holds on `staging/<run_id>.owner` while its run is staged."""
+
+    def __init__(self, staging: Path, run_id: str):
+        staging.mkdir(parents=True, exist_ok=True)
+        self.path = staging / f"{run_id}{OWNER_SUFFIX}"
+        self._file = open(self.path, "a+")  # noqa: SIM115  (held open: the lock lives as long as the file)
+        if not try_lock(self._file):
+            self._file.close()
+            raise FileExistsError(f"run {run_id} is already being written")
+        self._file.truncate(0)
+        self._file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started_at": datetime.now(UTC).isoformat()}))
+        self._file.flush()
+        _OWNED[self.path] = self
+
+    def release(self) -> None:
+        """Remove the owner file and let go of the lock (after commit or abort)."""
+        if not self._file.closed:
+            self.path.unlink(missing_ok=True)
+            self._file.close()
+        _OWNED.pop(self.path, None)
+
+
+def release_owner(root: Path, run_id: str) -> None:
+    """Let go of a run this process was staging (called once the run is committed)."""
+    owner = _OWNED.get(Path(root) / "staging" / f"{run_id}{OWNER_SUFFIX}")
+    if owner is not None:
+        owner.release()
+
+
+def try_lock(f) -> bool:
+    """Take an exclusive lock on an open file without waiting; False if another process holds it."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _refuse_nan(table: str, data: pa.Table) -> None:
+    """NaN is never stored: a number that could not be computed is NULL, with its reason."""
+    for field in data.schema:
+        if pa.types.is_floating(field.type) and pc.any(pc.is_nan(data[field.name])).as_py():
+            raise UserError(f"{table}.{field.name} would hold NaN (a model or dictionary that gives NaN?); "
+                            "nothing was committed")
+
+
 class RunWriter:
-    """All shards of one run, in `<catalog>/staging/<run_id>/`."""
+    """All shards of one run, in `<catalog>/staging/<run_id>/`, owned by this process."""
 
     def __init__(self, root: Path, run_id: str):
         self.run_id = run_id
         self.dir = root / "staging" / run_id
-        self.dir.mkdir(parents=True, exist_ok=False)
+        self._owner = Owner(root / "staging", run_id)  # locked before the folder exists
+        try:
+            self.dir.mkdir(exist_ok=False)
+        except BaseException:
+            self._owner.release()
+            raise
         self._open: dict[str, TableWriter] = {}
         self._done: dict[str, int] = {}
 
@@ -80,10 +149,16 @@ class RunWriter:
         return self.dir
 
     def abort(self) -> None:
-        """Drop the open writers' temporary files (the run stays invisible)."""
+        """Drop everything this run staged (it stays invisible), and let go of it."""
         for w in self._open.values():
             try:
                 w._writer.close()
-            finally:
-                w.tmp.unlink(missing_ok=True)
+            except Exception:  # noqa: S110  (the file is removed just below)
+                pass
         self._open.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Let go of the run's owner lock (once it is committed or aborted)."""
+        self._owner.release()

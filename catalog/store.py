@@ -13,36 +13,46 @@ are never blocked, and the DuckDB file is written only by `init` and migrations.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog.errors import UserError
 from catalog.macros import create_macros, macros_hash
 from catalog.query import check_read_only
-from catalog.shards import MANIFEST, RunWriter
+from catalog.shards import MANIFEST, RunWriter, release_owner
 from schema.derive import view_sql
 from schema.tables import SCHEMA_VERSION, TABLES
 
 DB_FILE = "catalog.duckdb"
+COMMIT_LOCK = ".commit.lock"
 SCHEMA_RUN = f"_schema-v{SCHEMA_VERSION}"
 
 
 def init(root: str | Path) -> Catalog:
     """Create a catalogue (or open the one already there)."""
     root = Path(root)
+    _check_folder(root)
     if (root / DB_FILE).exists():
         return open_catalog(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create a catalogue at {root}: {e.strerror}") from None
     _write_schema_shards(root)
     tmp = root / (DB_FILE + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -62,6 +72,7 @@ def open_catalog(root: str | Path) -> Catalog:
     """Open an existing catalogue, refusing a missing one or one of a newer schema version; an older
     one, or one whose named-query macros differ from this tool's, is brought up to date."""
     root = Path(root)
+    _check_folder(root)
     if not (root / DB_FILE).is_file():
         raise UserError(f"no catalogue at {root} (create one with `cli.py init` or `cli.py demo`)")
     cat = Catalog(root)
@@ -73,6 +84,15 @@ def open_catalog(root: str | Path) -> Catalog:
     if version < SCHEMA_VERSION or info.get("macros") != macros_hash():
         _migrate(root, version)
     return cat
+
+
+def _check_folder(root: Path) -> None:
+    """A catalogue is a folder: refuse a path that is a file (or something under one)."""
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{p} is a file, not a catalogue folder")
+            return
 
 
 def _migrate(root: Path, version: int) -> None:
@@ -109,13 +129,18 @@ def _write_schema_shards(root: Path) -> None:
         if not (root / "runs" / SCHEMA_RUN).exists():
             raise
         shutil.rmtree(w.dir, ignore_errors=True)
+    finally:
+        w.release()
 
 
 def _create_views(con, root: Path) -> None:
+    """The views and named queries of the catalogue file, for any DuckDB client opened in the
+    catalogue folder (shard paths relative to it)."""
     con.execute(f"SET file_search_path = '{_sql_str(root.resolve())}'")
     for name in TABLES:
         con.execute(view_sql(name, f"runs/*/{name}.parquet"))
     create_macros(con)
+    con.execute("INSERT OR REPLACE INTO _catalog VALUES ('macros', ?)", [macros_hash()])
 
 
 def _sql_str(p) -> str:
@@ -123,33 +148,26 @@ def _sql_str(p) -> str:
 
 
 class Catalog:
-    """A catalogue directory. Queries use read-only DuckDB connections (cursors of one held
-    instance per catalogue file, see `_instance`)."""
+    """A catalogue directory. Queries run in its sandbox: an in-memory DuckDB instance held for
+    the process, whose views read the committed shards and which can open no other file
+    (`_sandbox`)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
 
     # ---- reading -------------------------------------------------------------------------
-    def connect(self, retries: float = 10.0) -> duckdb.DuckDBPyConnection:
-        """A read-only connection whose relative shard paths resolve inside the catalogue."""
-        con = _instance(self.root / DB_FILE, retries).cursor()
-        con.execute(f"SET file_search_path = '{_sql_str(self.root.resolve())}'")
-        if not sys.stderr.isatty():  # DuckDB's progress bar is for people watching, not for logs and pipes
-            con.execute("SET enable_progress_bar = false")
-        return con
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A connection to the catalogue's sandbox (a cursor of the held instance)."""
+        return _sandbox(self.root).cursor()
 
     def close(self) -> None:
-        """Let go of the DuckDB instance this process holds for the catalogue file (needed only
-        before opening that file for writing in the same process)."""
-        _release(str((self.root / DB_FILE).resolve()))
+        """Let go of the DuckDB instances this process holds for the catalogue (needed only
+        before opening its file for writing in the same process)."""
+        _release(_key(self.root))
 
     def info(self) -> dict[str, str]:
-        """The catalogue's own records: schema_version, created_at, macros (their fingerprint)."""
-        try:
-            with self.connect() as con:
-                info = dict(con.execute("SELECT key, value FROM _catalog").fetchall())
-        except duckdb.Error:
-            info = {}
+        """The catalogue file's own records: schema_version, created_at, macros (their fingerprint)."""
+        info = _file_info(self.root / DB_FILE)
         if "schema_version" not in info:
             raise UserError(f"{self.root / DB_FILE} is not a circuit catalogue")
         return info
@@ -176,59 +194,138 @@ class Catalog:
     def edges(self, circuit_id: str) -> pd.DataFrame:
         return self.sql("SELECT * FROM edges WHERE circuit_id = ? ORDER BY src_idx, dst_idx", [circuit_id])
 
+    def check_task(self, task_id: str, content_hash: str) -> None:
+        """Refuse a task whose name the catalogue already holds with other examples."""
+        self._check_tasks({task_id: content_hash})
+
+    def _check_tasks(self, tasks: dict[str, str]) -> None:
+        if not tasks:
+            return
+        held = self.sql("SELECT task_id, content_hash FROM tasks WHERE list_contains(?, task_id)", [list(tasks)])
+        for task_id, content_hash in held.itertuples(index=False):
+            if content_hash != tasks[task_id]:
+                raise UserError(f"task {task_id!r} is already in the catalogue with other examples; "
+                                "give the new task file another name")
+
     # ---- writing -------------------------------------------------------------------------
     def new_run(self, run_id: str | None = None) -> RunWriter:
         """Start writing a run's shards in staging/ (invisible until committed)."""
         return RunWriter(self.root, run_id or new_id("run"))
 
     def commit(self, run_id: str) -> bool:
-        """Make a finished run visible, all at once. Returns False if it already was."""
+        """Make a finished run visible, all at once. Returns False if it already was.
+
+        Commits take the catalogue's commit lock, so that checking a run against what is
+        committed (a task name must keep its content) and renaming it into place are one step."""
         final = self.root / "runs" / run_id
         staged = self.root / "staging" / run_id
-        if (final / MANIFEST).exists():
-            if staged.exists():
-                shutil.rmtree(staged)  # a repeated commit: the committed copy wins
-            return False
-        if not (staged / MANIFEST).exists():
-            raise UserError(f"run {run_id} is incomplete (no manifest): nothing was committed")
-        manifest = json.loads((staged / MANIFEST).read_text())
-        for info in manifest["tables"].values():
-            path = staged / info["file"]
-            if not path.exists() or pq.read_metadata(path).num_rows != info["rows"]:
-                raise UserError(f"run {run_id}: shard {info['file']} is missing or damaged; nothing was committed")
-        self._check_task_conflicts(staged)
-        os.replace(staged, final)
+        with commit_lock(self.root):
+            if (final / MANIFEST).exists():
+                if staged.exists():
+                    shutil.rmtree(staged)  # a repeated commit: the committed copy wins
+                release_owner(self.root, run_id)
+                return False
+            problem = check_staged(staged)
+            if problem:
+                raise UserError(f"run {run_id}: {problem}; nothing was committed")
+            self._check_task_conflicts(staged)
+            (self.root / "runs").mkdir(exist_ok=True)
+            os.replace(staged, final)
+        release_owner(self.root, run_id)
         return True
 
     def _check_task_conflicts(self, staged: Path) -> None:
         """A task name already in the catalogue must keep its content."""
         shard = staged / "tasks.parquet"
-        if not shard.exists():
-            return
-        with self.connect() as con:
-            clash = con.execute(
-                "SELECT n.task_id FROM read_parquet(?) n JOIN tasks t USING (task_id) "
-                "WHERE n.content_hash <> t.content_hash LIMIT 1", [str(shard)]).fetchone()
-        if clash:
-            raise UserError(f"task {clash[0]!r} is already in the catalogue with other examples; "
-                            "give the new task file another name")
-
-    def staged_runs(self) -> list[str]:
-        d = self.root / "staging"
-        return sorted(p.name for p in d.iterdir()) if d.exists() else []
+        if shard.exists():
+            rows = pq.read_table(shard, columns=["task_id", "content_hash"]).to_pylist()
+            self._check_tasks({r["task_id"]: r["content_hash"] for r in rows})
 
 
-# One read-only DuckDB instance per catalogue file, held for the process: starting an instance
-# costs about 25 ms, a third of a small query. It is replaced when the file is (`init` and
-# migrations write a copy and rename it into place), so a held instance is never stale.
-_HELD: dict[str, tuple[tuple[int, int], duckdb.DuckDBPyConnection]] = {}
+@contextmanager
+def commit_lock(root: Path) -> Iterator[None]:
+    """Hold the catalogue's commit lock (an exclusive lock on staging/.commit.lock) in the body."""
+    lock = Path(root) / "staging" / COMMIT_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_staged(staged: Path) -> str | None:
+    """What keeps a staged run from being committed (no manifest, a shard missing or of the wrong
+    length), or None when it is complete."""
+    if not (staged / MANIFEST).exists():
+        return "it is incomplete (no manifest)"
+    try:
+        manifest = json.loads((staged / MANIFEST).read_text())
+        for info in manifest["tables"].values():
+            path = staged / info["file"]
+            if not path.exists() or pq.read_metadata(path).num_rows != info["rows"]:
+                return f"shard {info['file']} is missing or damaged"
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return "its manifest or a shard cannot be read"
+    return None
+
+
+# The sandbox: one in-memory DuckDB instance per catalogue, held for the process (starting an
+# instance costs about 25 ms, a third of a small query). Its views read the committed shards by
+# absolute path, its macros are the named queries; it may open files under runs/ and nothing
+# else (DuckDB's allowed_directories with external access off: no other file, no network, no
+# extension), it never spills to disk, and its configuration is locked, so user SQL cannot
+# lift any of it. It never goes stale: views and macros come from this code, and the views
+# find newly committed runs by their glob on every query.
+_HELD: dict[str, duckdb.DuckDBPyConnection] = {}
+_INFO: dict[str, tuple[tuple[int, int, int], dict]] = {}
+_LOCK = threading.Lock()
+
+
+def _key(root: Path) -> str:
+    return str(Path(root).resolve())
+
+
+def _sandbox(root: Path) -> duckdb.DuckDBPyConnection:
+    key = _key(root)
+    with _LOCK:
+        if key not in _HELD:
+            _HELD[key] = _new_sandbox(Path(key))
+        return _HELD[key]
+
+
+def _new_sandbox(root: Path) -> duckdb.DuckDBPyConnection:
+    if not (root / DB_FILE).is_file():
+        raise UserError(f"no catalogue at {root}")
+    con = duckdb.connect(":memory:")
+    runs = root / "runs"
+    for name in TABLES:
+        con.execute(view_sql(name, f"{runs}/*/{name}.parquet"))
+    create_macros(con)
+    settings = {"temp_directory": "",  # no spilling: a query that needs more memory fails instead
+                "allowed_directories": [f"{runs}/"], "enable_external_access": False,
+                "autoload_known_extensions": False, "autoinstall_known_extensions": False,
+                "enable_progress_bar": sys.stderr.isatty()}  # for people watching, not for logs and pipes
+    for name, value in settings.items():
+        con.execute(f"SET {name} = {_sql_literal(value)}")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _sql_literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_sql_literal(v) for v in value) + "]"
+    return f"'{_sql_str(value)}'"
 
 
 def _release(key: str) -> None:
-    """Close the instance held for one catalogue file, if any."""
+    """Close the sandbox held for one catalogue, if any."""
     held = _HELD.pop(key, None)
-    if held:
-        held[1].close()
+    if held is not None:
+        held.close()
 
 
 def _let_go() -> None:
@@ -240,17 +337,16 @@ def _let_go() -> None:
 os.register_at_fork(before=_let_go)
 
 
-def _instance(path: Path, retries: float) -> duckdb.DuckDBPyConnection:
-    key = str(path.resolve())
+def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:
+    """The `_catalog` records of a catalogue file (read once per version of the file)."""
     try:
         st = path.stat()
     except FileNotFoundError:
         raise UserError(f"no catalogue at {path.parent}") from None
-    stamp = (st.st_ino, st.st_mtime_ns)
-    held = _HELD.get(key)
-    if held and held[0] == stamp:
-        return held[1]
-    _release(key)
+    key, stamp = str(path.resolve()), (st.st_ino, st.st_mtime_ns, st.st_size)
+    cached = _INFO.get(key)
+    if cached and cached[0] == stamp:
+        return dict(cached[1])
     deadline = time.monotonic() + retries
     while True:
         try:
@@ -260,8 +356,16 @@ def _instance(path: Path, retries: float) -> duckdb.DuckDBPyConnection:
             if "lock" not in str(e).lower() or time.monotonic() > deadline:
                 raise UserError(f"cannot open catalogue {path.parent}: {_first_line(e)}") from None
             time.sleep(0.2)
-    _HELD[key] = (stamp, con)
-    return con
+        except duckdb.Error as e:
+            raise UserError(f"{path} is not a circuit catalogue ({_first_line(e)})") from None
+    try:
+        info = dict(con.execute("SELECT key, value FROM _catalog").fetchall())
+    except duckdb.Error:
+        info = {}
+    finally:
+        con.close()
+    _INFO[key] = (stamp, info)
+    return dict(info)
 
 
 def new_id(prefix: str) -> str:

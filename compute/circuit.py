@@ -18,6 +18,7 @@ node sets of the same sizes as a baseline.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -57,6 +58,26 @@ class DiscoveryParams:
     errors: str = "node"  # error terms in the evaluation: node, kept, ablated or removed
     random_draws: int = 3
 
+    def __post_init__(self):
+        """Refuse settings that would silently give wrong numbers (NaN effects from 0 steps, a
+        negative example count that slices from the end, a NaN threshold that keeps nothing)."""
+        for name, value, choices in (("method", self.method, METHODS), ("aggregation", self.aggregation, AGGREGATIONS),
+                                     ("errors", self.errors, ERROR_MODES)):
+            if value not in choices:
+                raise UserError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+        bad = sorted(set(self.ablations) - set(ABLATIONS))
+        if bad:
+            raise UserError(f"unknown ablation {bad[0]!r}; choose from {', '.join(ABLATIONS)}")
+        for name in ("ig_steps", "n_examples", "edge_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"{name} must be a whole number >= 1, not {getattr(self, name)!r}")
+        if not isinstance(self.random_draws, int) or self.random_draws < 0:
+            raise UserError(f"random_draws must be a whole number >= 0, not {self.random_draws!r}")
+        for name in ("node_threshold", "edge_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise UserError(f"{name} must be a finite number >= 0, not {value!r}")
+
 
 @dataclass
 class Node:
@@ -94,20 +115,20 @@ class Circuit:
     def at_threshold(self, ablation: str = "mean") -> tuple[float, float] | None:
         """(faithfulness, completeness) at the circuit's own node threshold, if evaluated."""
         for c in self.curves:
-            if c.ablation == ablation:
+            if c.ablation == ablation and c.computed:
                 j = c.thresholds.index(self.params.node_threshold)
                 return c.faithfulness[j], c.completeness[j]
         return None
 
+    @property
+    def evaluation_note(self) -> str | None:
+        """Why some evaluation could not be computed (None when every curve was)."""
+        notes = [c.note for c in self.curves if not c.computed]
+        return "; ".join(notes) if notes else None
+
 
 def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
              params: DiscoveryParams, progress: bool = True) -> Circuit:
-    if params.method not in METHODS:
-        raise ValueError(f"unknown method {params.method!r}; choose from {', '.join(METHODS)}")
-    if params.errors not in ERROR_MODES:
-        raise ValueError(f"unknown error mode {params.errors!r}; choose from {', '.join(ERROR_MODES)}")
-    if params.aggregation not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {params.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
     n = data.n_examples
     if n == 0:
         raise ValueError("no usable examples")

@@ -57,39 +57,61 @@ def load_dictionary(path: Path) -> SAE:
     try:
         cfg = json.loads(cfg_file.read_text())
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    except (ValueError, KeyError, TypeError) as e:
+        arch = cfg.get("architecture", "standard")
+        meta = cfg.get("metadata") or {}
+        names = (meta.get("hook_name", cfg.get("hook_name", "")), meta.get("model_name", cfg.get("model_name", "")))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{cfg_file}: not an SAELens config ({e})") from None
-    arch = cfg.get("architecture", "standard")
     if arch not in ARCHITECTURES:
         raise UserError(f"{path}: architecture {arch!r} is not supported "
                         f"(supported: {', '.join(ARCHITECTURES)})")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise UserError(f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported")
-    meta = cfg.get("metadata") or {}
-    names = (meta.get("hook_name", cfg.get("hook_name", "")), meta.get("model_name", cfg.get("model_name", "")))
+    try:
+        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise UserError(f"{weights}: not a readable safetensors file ({_first_line(e)})") from None
+    w_enc = state.get("W_enc")
+    if w_enc is None or tuple(w_enc.shape) != (d_in, d_sae):  # checked before anything is allocated
+        have = "no W_enc" if w_enc is None else f"W_enc of shape {tuple(w_enc.shape)}"
+        raise UserError(f"{weights}: weights do not fit cfg.json (d_in {d_in}, d_sae {d_sae}; {have})")
+    check_finite(state, weights)
     cls = ARCHITECTURES[arch]
-    if cls is IdentityDictionary:
-        sae = IdentityDictionary(d_in, *names)
-    elif cls is TopKSAE:
-        sae = TopKSAE(d_in, d_sae, *names, k=cfg.get("k", 100))
-    elif cls is Transcoder:
-        sae = Transcoder(d_in, d_sae, *names, d_out=cfg.get("d_out", d_in),
-                         hook_name_out=meta.get("hook_name_out", cfg.get("hook_name_out", "")))
-    else:
-        sae = cls(d_in, d_sae, *names)
+    try:
+        if cls is IdentityDictionary:
+            sae = IdentityDictionary(d_in, *names)
+        elif cls is TopKSAE:
+            sae = TopKSAE(d_in, d_sae, *names, k=int(cfg.get("k", 100)))
+        elif cls is Transcoder:
+            sae = Transcoder(d_in, d_sae, *names, d_out=int(cfg.get("d_out", d_in)),
+                             hook_name_out=meta.get("hook_name_out", cfg.get("hook_name_out", "")))
+        else:
+            sae = cls(d_in, d_sae, *names)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{cfg_file}: not an SAELens config ({e})") from None
     if cls not in (Transcoder, IdentityDictionary):
         sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
     if cls is TopKSAE and cfg.get("rescale_acts_by_decoder_norm"):
         raise UserError(f"{path}: topk with rescale_acts_by_decoder_norm is not supported; fold the decoder "
                         "norms first")
-    state = {k: v.float() for k, v in load_file(str(weights)).items()}
     try:
         sae.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{weights}: weights do not fit cfg.json ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{weights}: weights do not fit cfg.json ({_first_line(e)})") from None
     for p in sae.parameters():
         p.requires_grad_(False)
     return sae
+
+
+def check_finite(state: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse weights with NaN or infinite values: every number computed from them would be NaN."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{where}: weights {', '.join(sorted(bad))} hold NaN or infinite values")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ---- dictionary_learning ---------------------------------------------------------------------
@@ -113,15 +135,18 @@ def import_dictionary_learning(path: Path, hook_name: str | None = None, model_n
         state = torch.load(path / "ae.pt", map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise UserError(f"{path}: not a dictionary_learning directory ({Path(e.filename).name} missing)") from None
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"{path}: cannot read the dictionary_learning files ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # torch.load's errors on a damaged file are of many types (pickle, zip, EOF)
+        raise UserError(f"{path}: cannot read the dictionary_learning files ({_first_line(e)})") from None
+    if not isinstance(trainer, dict) or not isinstance(state, dict):
+        raise UserError(f"{path}: config.json's trainer and ae.pt's state must both be dictionaries")
     cls = trainer.get("dict_class")
     if cls not in DICTIONARY_LEARNING_CLASSES:
         raise UserError(f"{path}: dict_class {cls!r} is not supported (supported: "
                         f"{', '.join(DICTIONARY_LEARNING_CLASSES)})")
     hook = hook_name or _guess_hook(trainer, path)
     model_name = model_name or str(trainer.get("lm_name", ""))
-    state = {k: v.detach().float() for k, v in state.items()}
+    state = {k: v.detach().float() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    check_finite(state, path / "ae.pt")
     try:
         if cls == "JumpReluAutoEncoder":
             W_enc, b_enc, W_dec, b_dec = state["W_enc"], state["b_enc"], state["W_dec"], state["b_dec"]

@@ -84,4 +84,4 @@ def loss_recovered(model, sae: SAE, sentences: list[str], hook_in: str, hook_out
     zero = lm_loss(model, sentences, {hook_out: (hook_out, torch.zeros_like)})
     gap = zero - clean
     return {"loss_clean": clean, "loss_spliced": spliced, "loss_zero_ablated": zero,
-            "loss_recovered": (zero - spliced) / gap if gap > 0 else float("nan")}
+            "loss_recovered": (zero - spliced) / gap if gap > 0 else None}  # no gap: nothing to recover

@@ -34,6 +34,10 @@ from compute.tasks import Encoded
 
 ABLATIONS = ("mean", "zero", "resample")
 ERROR_MODES = ("node", "kept", "ablated", "removed")
+# |F(model) - F(empty)| at most this much (relative to |F(model)|, at least 1): splicing reproduces
+# the model to float32 rounding, so a smaller gap is no ablation effect, and dividing by it
+# would turn rounding into faithfulness values
+SAME = 1e-4
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,11 @@ def ablated_metric(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: 
 
 @dataclass
 class Curve:
-    """Faithfulness and completeness at each node threshold, for one ablation and error mode."""
+    """Faithfulness and completeness at each node threshold, for one ablation and error mode.
+
+    When the ablation changes nothing (F(model) = F(empty), e.g. mean or resample ablation of
+    a single example) the ratios have no denominator: the value lists are empty and `note`
+    says why, so that nothing downstream stores NaN."""
 
     ablation: str
     errors: str
@@ -134,6 +142,11 @@ class Curve:
     random: list[float]  # faithfulness of random node sets of the same sizes (mean of draws)
     f_model: float
     f_empty: float
+    note: str | None = None
+
+    @property
+    def computed(self) -> bool:
+        return self.note is None
 
 
 def threshold_sets(subs, dicts, effects: dict[tuple, float], thresholds: list[float],
@@ -211,12 +224,24 @@ def curves(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
         n = data.n_examples
         fm, fe = tot["model"] / n, tot["empty"] / n
         scale = fm - fe
+        if abs(scale) <= SAME * max(1.0, abs(fm)):
+            out.append(Curve(ablation, errors, list(thresholds), sizes, [], [], [], fm, fe,
+                             note=_unchanged(ablation, data)))
+            continue
 
         def norm(v: np.ndarray, n=n, fe=fe, scale=scale) -> list[float]:
-            return ((v / n - fe) / scale).tolist() if scale != 0 else [float("nan")] * len(v)
+            return ((v / n - fe) / scale).tolist()
 
         out.append(Curve(ablation, errors, list(thresholds), sizes, norm(faith), norm(comp), norm(rnd), fm, fe))
     return out
+
+
+def _unchanged(ablation: str, data: Encoded) -> str:
+    """Why faithfulness under `ablation` cannot be computed: ablating every node leaves the metric."""
+    why = f"{ablation} ablation of every node leaves the metric unchanged (F(model) = F(empty))"
+    if ablation in ("mean", "resample") and all(len(b) == 1 for b in data.batches):
+        why += "; each prompt length has one example, which is its own mean and its own resample"
+    return why
 
 
 def nodes_for(curve: Curve, level: float = 0.8) -> int | None:

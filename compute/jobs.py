@@ -7,7 +7,6 @@ error (and nothing else); an interrupt leaves nothing visible.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,14 +44,17 @@ def discovery_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], t
     started = datetime.now(UTC).replace(tzinfo=None)
     run_row = {"run_id": run_id, "kind": "discover", "params": {**asdict(params), "task": task.name},
                "code_version": code_version(), "started_at": started}
+    # input that cannot be used is refused before a run starts: a name clash, no usable example
+    cat.check_task(task.name, task.content_hash)
+    model = zoo.model
+    data = encode(model, task, "train", params.n_examples, one_length=params.aggregation == "none")
+    if data.n_examples == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
+        raise UserError(f"task {task.name}: no usable examples ({reasons})")
     with _run(cat, run_row) as writer:
-        model = zoo.model
         subs = submodules(model)
-        data = encode(model, task, "train", params.n_examples, one_length=params.aggregation == "none")
-        if data.n_examples == 0:
-            reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
-            raise UserError(f"task {task.name}: no usable examples ({reasons})")
-        acc = accuracy(model, task, "test") if task.split("test") else accuracy(model, task, "train")
+        acc = accuracy(model, task, "test")
+        acc = accuracy(model, task, "train") if acc is None else acc
         circuit = discover(model, subs, {k: d.sae for k, d in dicts.items()}, data, params, progress)
         circuit_id = new_id("circuit")
         _write_context(cat, writer, zoo, dicts, task)
@@ -72,13 +74,14 @@ def _run(cat: Catalog, run_row: dict, record_failure: bool = True) -> Iterator[R
         yield writer
         writer.write("runs", [{**run_row, "status": "ok", "finished_at": _now()}])
         writer.finish()
-    except (Exception, KeyboardInterrupt) as e:
+        cat.commit(run_row["run_id"])
+    except BaseException as e:  # an error, Ctrl-C or SIGTERM (see catalog.staging.Terminated)
         writer.abort()
-        shutil.rmtree(writer.dir, ignore_errors=True)
         if record_failure and isinstance(e, Exception):
             _record_failure(cat, run_row, e)
         raise
-    cat.commit(run_row["run_id"])
+    finally:
+        writer.release()
 
 
 def _now() -> datetime:
@@ -86,11 +89,16 @@ def _now() -> datetime:
 
 
 def _record_failure(cat: Catalog, run_row: dict, error: Exception) -> None:
+    """Commit a run of status 'failed' with the error. Should that fail too, nothing of it stays
+    staged, and the original error is the one the caller raises."""
     failed = cat.new_run(new_id("run"))
-    failed.write("runs", [{**run_row, "run_id": failed.run_id, "status": "failed",
-                           "finished_at": _now(), "error": f"{type(error).__name__}: {error}"}])
-    failed.finish()
-    cat.commit(failed.run_id)
+    try:
+        failed.write("runs", [{**run_row, "run_id": failed.run_id, "status": "failed",
+                               "finished_at": _now(), "error": f"{type(error).__name__}: {error}"}])
+        failed.finish()
+        cat.commit(failed.run_id)
+    except Exception:
+        failed.abort()
 
 
 def _write_context(cat: Catalog, w, zoo: Zoo, dicts: dict[str, TrainedDictionary], task: Task) -> None:
@@ -179,7 +187,7 @@ def _write_activations(cat: Catalog, w, task: Task, dicts: dict[str, TrainedDict
 def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c: Circuit, acc: float,
                    dicts: dict[str, TrainedDictionary]) -> None:
     p = c.params
-    chosen = c.at_threshold(p.ablations[0]) if c.curves else (None, None)
+    chosen = (c.at_threshold(p.ablations[0]) if p.ablations else None) or (None, None)
     n_layers = max(n.sub.layer for n in c.nodes if n.sub is not None) + 1
     rows = []
     for idx, n in enumerate(c.nodes):
@@ -201,11 +209,12 @@ def _write_circuit(w, circuit_id: str, run_id: str, model_id: str, task: Task, c
         "metric": "logit_diff" if task.has_patch else "neg_logit", "node_threshold": p.node_threshold, "edge_threshold": p.edge_threshold,
         "n_examples": c.n_examples, "n_dropped": sum(c.dropped.values()), "metric_clean": c.metric_clean,
         "metric_patch": c.metric_patch, "accuracy": acc, "n_nodes": sum(n.in_circuit for n in c.nodes),
-        "n_edges": len(c.edges), "faithfulness": chosen[0], "completeness": chosen[1], "created_at": _now()}])
+        "n_edges": len(c.edges), "faithfulness": chosen[0], "completeness": chosen[1],
+        "evaluation_note": c.evaluation_note, "created_at": _now()}])
     w.write("evaluations", [
         {"circuit_id": circuit_id, "kind": kind, "ablation": cv.ablation, "errors": cv.errors,
          "threshold": t, "n_nodes": n, "value": v}
-        for cv in c.curves
+        for cv in c.curves if cv.computed
         for kind, values in (("faithfulness", cv.faithfulness), ("completeness", cv.completeness),
                              ("faithfulness_random", cv.random))
         for t, n, v in zip(cv.thresholds, cv.n_nodes, values, strict=True)])
@@ -268,13 +277,16 @@ def edit_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], task: 
 
 
 def toy_benchmark_job(cat: Catalog, data, sweep, progress: bool = True) -> tuple[str, list[dict]]:
-    """Run the ground-truth dictionary benchmark and commit its rows (dictionary_sweeps) as one run."""
+    """Run the ground-truth dictionary benchmark and commit its rows (dictionary_sweeps) as one run.
+    The sweep trains on the pinned kernels that cached builds use, so its numbers are the same on
+    every machine of one kernel path (`compute.cache`)."""
+    from compute.cache import pinned
     from compute.toy_benchmark import run_sweep
 
     run_id = new_id("run")
     run_row = {"run_id": run_id, "kind": "benchmark", "started_at": _now(), "code_version": code_version(),
                "params": {"benchmark": "toy", "data": asdict(data), "sweep": asdict(sweep)}}
     with _run(cat, run_row) as writer:
-        rows = run_sweep(data, sweep, progress)
+        rows = pinned(run_sweep, data, sweep, progress)
         writer.write("dictionary_sweeps", [{**r, "run_id": run_id, "benchmark": "toy"} for r in rows])
     return run_id, rows

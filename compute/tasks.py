@@ -50,14 +50,21 @@ def load_task_file(path: str | Path, name: str | None = None) -> Task:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"task file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read task file {path}: {e.strerror}") from None
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            examples.append(parse_example(line, f"{path}:{lineno}"))
-            if ("patch_prefix" in examples[-1]) != ("patch_prefix" in examples[0]):
-                raise UserError(f"{path}:{lineno}: mixes examples with and without a patch prompt")
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is no error
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+        if not line.strip():
+            continue
+        examples.append(parse_example(line, f"{path}:{lineno}"))
+        if ("patch_prefix" in examples[-1]) != ("patch_prefix" in examples[0]):
+            raise UserError(f"{path}:{lineno}: mixes examples with and without a patch prompt")
     if not examples:
         raise UserError(f"task file {path} has no examples")
     return Task(name=name or path.stem, examples=examples, source=str(path))
@@ -116,28 +123,58 @@ class Encoded:
         return sum(len(b) for b in self.batches)
 
 
+def tokenize(model, text: str, bos: bool = True) -> list[int]:
+    """Token ids of a text, never cut to the model's context (TransformerLens cuts by default)."""
+    return model.to_tokens(text, prepend_bos=bos, truncate=False)[0].tolist()
+
+
+def str_tokens(model, text: str) -> list[str]:
+    """The prompt's tokens as strings, BOS first, as TransformerLens spells them (not cut)."""
+    return model.tokenizer.batch_decode([[i] for i in tokenize(model, text)], clean_up_tokenization_spaces=False)
+
+
+def unknown_token(model) -> int | None:
+    """The id words the tokenizer does not know become, or None where it has none of its own.
+
+    GPT-2's `unk_token` is its end-of-text token, which byte-level BPE never produces
+    for text, so a tokenizer whose unknown token is its BOS, EOS or padding token has none."""
+    tok = model.tokenizer
+    unk = getattr(tok, "unk_token_id", None)
+    special = {getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    return None if unk is None or unk in special else unk
+
+
 def encode(model, task: Task, split: str = "train", limit: int | None = None,
            one_length: bool = False) -> Encoded:
-    """Tokenise a split, dropping examples the methods cannot use (as SFC does).
+    """Tokenise a split, dropping (and counting, by reason) the examples the methods cannot use.
 
-    An example is dropped when an answer is not a single token, or the clean and
-    patch prompts differ in length. Kept examples are grouped by length so that
-    the metric reads the last position of every row. With `one_length` (what
-    per-position aggregation needs) only the shortest prompts are kept, as SFC's
-    loader does; longer ones are dropped and counted. `limit` caps the examples kept.
+    An example is dropped when a prompt has a word the tokenizer does not know (it would
+    become the unknown token), an answer is not a single known token, both answers are the
+    same token, the clean and patch prompts differ in length (as SFC does), or a prompt is
+    longer than the model's context. Kept examples are grouped by length so that the metric
+    reads the last position of every row. With `one_length` (what per-position aggregation
+    needs) only the shortest prompts are kept, as SFC's loader does; longer ones are dropped
+    and counted. `limit` caps the examples kept.
     """
+    if limit is not None and limit < 1:
+        raise UserError(f"the number of examples must be at least 1, not {limit}")
+    unk = unknown_token(model)
     rows: list[tuple[int, list[int], list[int], int, int]] = []
     dropped: dict[str, int] = {}
     for idx, ex in task.split(split):
-        clean = model.to_tokens(ex["clean_prefix"])[0].tolist()
-        patch = model.to_tokens(ex["patch_prefix"])[0].tolist() if "patch_prefix" in ex else clean
-        answers = [_single_token(model, ex[k]) for k in ("clean_answer", "patch_answer") if k in ex]
-        if None in answers:
-            reason = "answer is not a single token"
+        clean = tokenize(model, ex["clean_prefix"])
+        patch = tokenize(model, ex["patch_prefix"]) if "patch_prefix" in ex else clean
+        answers = [_single_token(model, ex[k], unk) for k in ("clean_answer", "patch_answer") if k in ex]
+        if unk is not None and (unk in clean[1:] or unk in patch[1:]):
+            reason = "prompt has words the tokenizer does not know"
+        elif None in answers:
+            reason = "answer is not a single known token"
+        elif len(answers) == 2 and answers[0] == answers[1]:
+            reason = "clean and patch answers are the same token"
         elif len(clean) != len(patch):
             reason = "clean and patch prompts differ in length"
         elif len(clean) > model.cfg.n_ctx:
-            reason = "prompt longer than the model's context"
+            reason = f"prompt longer than the model's context ({model.cfg.n_ctx} tokens)"
         else:
             rows.append((idx, clean, patch, *answers))
             continue
@@ -163,6 +200,6 @@ def encode(model, task: Task, split: str = "train", limit: int | None = None,
     return Encoded(batches, dropped)
 
 
-def _single_token(model, answer: str) -> int | None:
-    ids = model.to_tokens(answer, prepend_bos=False)[0].tolist()
-    return ids[0] if len(ids) == 1 else None
+def _single_token(model, answer: str, unk: int | None) -> int | None:
+    ids = tokenize(model, answer, bos=False)
+    return ids[0] if len(ids) == 1 and ids[0] != unk else None

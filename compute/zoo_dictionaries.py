@@ -47,49 +47,57 @@ def build_dictionaries(zoo, cfg: SAEConfig | None = None, progress: bool = True,
                        only: tuple[str, ...] = ()) -> dict[str, TrainedDictionary]:
     """Train (or load from the cache) one dictionary per submodule of the zoo model (per MLP for
     transcoders), with held-out quality metrics and loss recovered."""
-    from compute import grammar
-
     cfg = cfg or SAEConfig()
-    model = zoo.model
-    sites = dictionary_sites(model, cfg.architecture, tuple(only))
+    sites = dictionary_sites(zoo.model, cfg.architecture, tuple(only))
     key = config_hash({"sae": asdict(cfg), "model": zoo.path.name, **({"only": sorted(only)} if only else {})})
-
-    def build(out: Path) -> None:
-        sentences = grammar.corpus(cfg.corpus_sentences, seed=cfg.seed + 1)
-        held_sentences = grammar.corpus(LOSS_SENTENCES, seed=cfg.seed + 2)
-        hooks = sorted({h for s, h in sites} | {s.hook_name for s, _ in sites})
-        acts = collect_activations(model, hooks, sentences)
-        for sub, hook_in in tqdm(sites, desc=f"training {cfg.architecture} dictionaries", disable=not progress,
-                                 unit="dict"):
-            x = acts[hook_in]
-            y = acts[sub.hook_name] if hook_in != sub.hook_name else None
-            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
-            held = max(1, len(x) // 10)
-            sae = train_sae(x[perm[held:]], cfg, hook_in, zoo.model_id, progress,
-                            targets=None if y is None else y[perm[held:]],
-                            hook_name_out="" if y is None else sub.hook_name)
-            _save_measured(model, out, sub, sae, x[perm[:held]], None if y is None else y[perm[:held]],
-                           held_sentences)
-
     folder = "dictionaries" if cfg.architecture == "standard" else f"dictionaries-{cfg.architecture}"
-    return load_all(model, [s for s, _ in sites], cached_dir(folder, key, build))
+    path = cached_dir(folder, key, _train_all, zoo.path, zoo.model_id, cfg, tuple(only), progress)
+    return load_all(zoo.model, [s for s, _ in sites], path)
+
+
+def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only: tuple[str, ...],
+               progress: bool) -> None:
+    """Train and measure a dictionary for every site (a cached build: see `build_dictionaries`)."""
+    from compute import grammar
+    from compute.zoo import load_model
+
+    model = load_model(model_path)
+    sites = dictionary_sites(model, cfg.architecture, only)
+    sentences = grammar.corpus(cfg.corpus_sentences, seed=cfg.seed + 1)
+    held_sentences = grammar.corpus(LOSS_SENTENCES, seed=cfg.seed + 2)
+    hooks = sorted({h for s, h in sites} | {s.hook_name for s, _ in sites})
+    acts = collect_activations(model, hooks, sentences)
+    for sub, hook_in in tqdm(sites, desc=f"training {cfg.architecture} dictionaries", disable=not progress,
+                             unit="dict"):
+        x = acts[hook_in]
+        y = acts[sub.hook_name] if hook_in != sub.hook_name else None
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
+        held = max(1, len(x) // 10)
+        sae = train_sae(x[perm[held:]], cfg, hook_in, model_id, progress,
+                        targets=None if y is None else y[perm[held:]],
+                        hook_name_out="" if y is None else sub.hook_name)
+        _save_measured(model, out, sub, sae, x[perm[:held]], None if y is None else y[perm[:held]],
+                       held_sentences)
 
 
 def identity_dictionaries(zoo, progress: bool = True) -> dict[str, TrainedDictionary]:
     """Identity dictionaries (neurons as features) for every submodule, with their metrics."""
+    path = cached_dir("identity", config_hash([zoo.path.name, 2]), _measure_identity, zoo.path, zoo.model_id,
+                      progress)
+    return load_all(zoo.model, submodules(zoo.model), path)
+
+
+def _measure_identity(out: Path, model_path: Path, model_id: str, progress: bool) -> None:
     from compute import grammar
+    from compute.zoo import load_model
 
-    model = zoo.model
+    model = load_model(model_path)
     subs = submodules(model)
-
-    def build(out: Path) -> None:
-        acts = collect_activations(model, [s.hook_name for s in subs], grammar.corpus(2000, seed=1))
-        held_sentences = grammar.corpus(LOSS_SENTENCES, seed=2)
-        for sub in tqdm(subs, desc="identity dictionaries", disable=not progress, unit="hook"):
-            d = IdentityDictionary(model.cfg.d_model, sub.hook_name, zoo.model_id)
-            _save_measured(model, out, sub, d, acts[sub.hook_name], None, held_sentences)
-
-    return load_all(model, subs, cached_dir("identity", config_hash([zoo.path.name, 2]), build))
+    acts = collect_activations(model, [s.hook_name for s in subs], grammar.corpus(2000, seed=1))
+    held_sentences = grammar.corpus(LOSS_SENTENCES, seed=2)
+    for sub in tqdm(subs, desc="identity dictionaries", disable=not progress, unit="hook"):
+        d = IdentityDictionary(model.cfg.d_model, sub.hook_name, model_id)
+        _save_measured(model, out, sub, d, acts[sub.hook_name], None, held_sentences)
 
 
 def _save_measured(model, out: Path, sub: Submodule, sae, x: torch.Tensor, y: torch.Tensor | None,
@@ -116,7 +124,6 @@ def load_all(model, subs: list[Submodule], path: Path) -> dict[str, TrainedDicti
 def import_dictionary(zoo, source: Path, hook_name: str | None = None) -> TrainedDictionary:
     """Read an SAELens directory or a dictionary_learning one, refuse it unless it fits the zoo
     model, and keep an SAELens copy with its metrics in the cache."""
-    from compute import grammar
     from compute.cache import file_hash
     from compute.dictionary_formats import import_dictionary_learning
 
@@ -138,12 +145,17 @@ def import_dictionary(zoo, source: Path, hook_name: str | None = None) -> Traine
         raise UserError(f"hook {hook_out!r} is not a submodule circuits use (one of {', '.join(by_hook)})")
     sub = by_hook[hook_out]
 
-    def build(out: Path) -> None:
-        acts = collect_activations(zoo.model, sorted({sae.hook_name, hook_out}), grammar.corpus(2000, seed=1))
-        _save_measured(zoo.model, out, sub, sae, acts[sae.hook_name],
-                       acts[hook_out] if hook_out != sae.hook_name else None,
-                       grammar.corpus(LOSS_SENTENCES, seed=2), imported_from=str(source))
-
     key = config_hash([file_hash(f) for f in files] + [sae.hook_name, zoo.path.name])
-    return load_all(zoo.model, [sub], cached_dir("imported", key, build))[sub.name]
+    path = cached_dir("imported", key, _measure_imported, zoo.path, sae, sub, str(source))
+    return load_all(zoo.model, [sub], path)[sub.name]
 
+
+def _measure_imported(out: Path, model_path: Path, sae, sub: Submodule, source: str) -> None:
+    from compute import grammar
+    from compute.zoo import load_model
+
+    model = load_model(model_path)
+    hook_out = sub.hook_name
+    acts = collect_activations(model, sorted({sae.hook_name, hook_out}), grammar.corpus(2000, seed=1))
+    _save_measured(model, out, sub, sae, acts[sae.hook_name], acts[hook_out] if hook_out != sae.hook_name else None,
+                   grammar.corpus(LOSS_SENTENCES, seed=2), imported_from=source)

@@ -18,8 +18,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 4  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
-# 4: dictionaries.hook_name_out, dictionary_sweeps
+SCHEMA_VERSION = 5  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
+# 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note
 
 metadata = MetaData()
 
@@ -118,6 +118,7 @@ circuits = Table(
     Column("n_edges", Integer, comment="edges kept"),
     Column("faithfulness", Double, comment='F(C)-F(0) over F(M)-F(0) at the thresholds (when evaluated)'),
     Column("completeness", Double, comment='the same for the complement (when evaluated)'),
+    Column("evaluation_note", String, comment="why an evaluation was not computed (NULL when all were)"),
     Column("created_at", DateTime, comment='UTC time of discovery'),
 )
 
@@ -211,5 +212,6 @@ dictionary_sweeps = Table(
 )
 
 TABLES = {t.name: t for t in metadata.sorted_tables}
-# Tables many runs may write the same rows to; their views keep one row per key.
-DIMENSIONS = ("models", "dictionaries", "features", "tasks", "examples")
+# Tables many runs may write the same rows to (concurrent runs of one new task both write its
+# examples and activations); their views keep one row per key.
+DIMENSIONS = ("models", "dictionaries", "features", "tasks", "examples", "activations")

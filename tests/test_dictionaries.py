@@ -296,7 +296,7 @@ def test_cli_benchmark_toy_writes_heat_maps(tmp_path):
     from PIL import Image
 
     assert Image.open(out).size[0] > 1000
-    _assert_one_line_error(run_cli("benchmark", "toy", "--d", "1", catalog=tmp_path / "cat"), "--d must be")
+    _assert_one_line_error(run_cli("benchmark", "toy", "--d", "1", catalog=tmp_path / "cat"), "--d", "x>=2")
 
 
 def test_cli_trains_and_registers_a_transcoder(tmp_path):

@@ -46,7 +46,7 @@ def test_encode_groups_by_length_and_reports_drops(zoo):
     ])
     enc = encode(zoo.model, task)
     assert [b.clean.shape for b in enc.batches] == [(1, 3), (1, 6)]
-    assert enc.dropped == {"clean and patch prompts differ in length": 1, "answer is not a single token": 1}
+    assert enc.dropped == {"clean and patch prompts differ in length": 1, "answer is not a single known token": 1}
     one = encode(zoo.model, task, one_length=True)  # per-position aggregation: shortest prompts only
     assert [b.clean.shape for b in one.batches] == [(1, 3)]
     assert one.dropped == {**enc.dropped,
@@ -79,3 +79,61 @@ def test_training_is_bit_reproducible_at_any_thread_count(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+def _kernels() -> tuple:
+    """What a pinned build sees (runs in the build's child process)."""
+    import os
+
+    import torch
+
+    return (torch.backends.cpu.get_cpu_capability().lower(), os.environ.get("MKL_CBWR"), torch.get_num_threads(),
+            torch.are_deterministic_algorithms_enabled())
+
+
+def _tiny_training_hash() -> str:
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    from compute.zoo import ZooConfig, build_tokenizer, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = train(ZooConfig(steps=30, train_sentences=1000, batch_size=32), build_tokenizer(Path(tmp)), False)
+    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+
+def _fail():
+    from catalog.errors import UserError
+
+    raise UserError("raised in the build")
+
+
+def test_builds_run_on_the_pinned_kernels():
+    from catalog.errors import UserError
+    from compute.cache import KERNEL_PATHS, kernel_path, pinned
+
+    env = KERNEL_PATHS[kernel_path()]
+    assert pinned(_kernels) == (env["ATEN_CPU_CAPABILITY"], env["MKL_CBWR"], 2, True)
+    with pytest.raises(UserError, match="raised in the build"):
+        pinned(_fail)
+
+
+def test_a_build_does_not_depend_on_the_kernels_the_caller_forces(tmp_path):
+    """The same seeded training, started from processes forced onto other PyTorch kernels (as
+    other processors would run), gives bit-identical weights: the build pins its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = "from compute.cache import pinned; from tests.test_zoo import _tiny_training_hash; " \
+           "print(pinned(_tiny_training_hash))"
+    hashes = {}
+    for capability in ("default", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        hashes[capability] = out.stdout.strip()
+    assert len(set(hashes.values())) == 1, hashes
