@@ -286,7 +286,7 @@ def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, *
 
 
 def _params(options: dict):
-    from compute.circuit import DiscoveryParams
+    from compute.attribution.discovery import DiscoveryParams
 
     no_eval = options.pop("no_eval")
     ablations = () if no_eval else tuple(options.pop("ablations")) or ("mean", "zero", "resample")
@@ -294,7 +294,7 @@ def _params(options: dict):
 
 
 def _neurons(zoo):
-    from compute.zoo_dictionaries import identity_dictionaries
+    from compute.dictionaries.building import identity_dictionaries
 
     click.echo("identity dictionaries (neurons as features) ...", err=True)
     return identity_dictionaries(zoo)
@@ -325,8 +325,8 @@ def demo(path: Path, neurons: bool, **params):
 
 
 def _zoo_and_dictionaries(name: str = "default"):
-    from compute.zoo import build_zoo, zoo_config
-    from compute.zoo_dictionaries import build_dictionaries
+    from compute.dictionaries.building import build_dictionaries
+    from compute.models.zoo import build_zoo, zoo_config
 
     click.echo(f"zoo model {name!r} (cached after the first build) ...", err=True)
     zoo = build_zoo(zoo_config(name))
@@ -360,7 +360,7 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -
     from rich.table import Table
 
     import catalog
-    from compute.jobs import discovery_job, top_features
+    from compute.jobs.lifecycle import discovery_job, top_features
 
     cat = catalog.init(path)
     t = Table(title=f"circuits over {basis} ({params.method}, node > {params.node_threshold}, "
@@ -448,8 +448,8 @@ def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: st
          zoo_name: str, fmt: str):
     """Ablate the features a SQL query chooses and measure a task again, per case (SHIFT)."""
     import catalog
-    from compute.editing import worst_group
-    from compute.jobs import edit_job
+    from compute.attribution.editing import worst_group
+    from compute.jobs.lifecycle import edit_job
 
     cat = catalog.open(path)
     cat.sql(features_sql)  # a bad query fails here, before the model is built
@@ -652,9 +652,9 @@ def dictionaries(ctx, fmt: str):
 def dictionaries_train(path: Path, architecture: str, only, zoo_name: str, **options):
     """Train dictionaries on the zoo model (cached), measure them, and register them with dashboards."""
     import catalog
-    from compute.dictionary_training import SAEConfig
-    from compute.zoo import build_zoo, zoo_config
-    from compute.zoo_dictionaries import build_dictionaries
+    from compute.dictionaries.building import build_dictionaries
+    from compute.dictionaries.training import SAEConfig
+    from compute.models.zoo import build_zoo, zoo_config
 
     catalog.init(path)
     zoo = build_zoo(zoo_config(zoo_name))
@@ -671,8 +671,8 @@ def dictionaries_import(path: Path, source: Path, hook: str | None, zoo_name: st
     """Import a dictionary (an SAELens directory, or dictionary_learning's ae.pt + config.json),
     check it fits the model, measure it and register it with dashboards."""
     import catalog
-    from compute.zoo import build_zoo, zoo_config
-    from compute.zoo_dictionaries import import_dictionary
+    from compute.dictionaries.building import import_dictionary
+    from compute.models.zoo import build_zoo, zoo_config
 
     catalog.init(path)
     zoo = build_zoo(zoo_config(zoo_name))
@@ -682,7 +682,7 @@ def dictionaries_import(path: Path, source: Path, hook: str | None, zoo_name: st
 
 def _register(path: Path, zoo, dicts, params: dict) -> None:
     import catalog
-    from compute.jobs import dictionary_job
+    from compute.jobs.lifecycle import dictionary_job
 
     cat = catalog.init(path)
     _print_dictionaries(dicts)
@@ -701,7 +701,7 @@ def feature(path: Path, dictionary: str, feature: int, n: int, fmt: str):
     """A feature's dashboard: density, maximum activation, top activating examples (the token
     in [brackets]) and the output tokens its decoder direction promotes."""
     import catalog
-    from compute.dashboards import feature_dashboard
+    from compute.dictionaries.dashboards import feature_dashboard
 
     dash = feature_dashboard(catalog.open(path), dictionary, feature, n)
     if fmt != "table":
@@ -743,8 +743,8 @@ def toy(path: Path, l1s, sizes, d: int, n_features: int, steps: int, seed: int, 
 
     import catalog
     from catalog.plots import sweep_heatmaps
-    from compute.jobs import toy_benchmark_job
-    from compute.toy_benchmark import ToyData, ToySweep
+    from compute.dictionaries.toy_benchmark import ToyData, ToySweep
+    from compute.jobs.lifecycle import toy_benchmark_job
 
     sweep = ToySweep(steps=steps, **({"l1_coefficients": tuple(sorted(l1s))} if l1s else {}),
                      **({"sizes": tuple(sorted(sizes))} if sizes else {}))

@@ -32,14 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from compute.circuit import DiscoveryParams  # noqa: E402
-from compute.dictionaries import submodules  # noqa: E402
-from compute.edges import ERROR, edge_pairs, edge_weights, edge_weights_looped  # noqa: E402
-from compute.ig import ig_grads  # noqa: E402
-from compute.spliced import clean_and_patch, node_effects, output_grads, spliced_pass, states  # noqa: E402
+from compute.attribution.discovery import DiscoveryParams  # noqa: E402
+from compute.attribution.edges import ERROR, edge_pairs, edge_weights, edge_weights_looped  # noqa: E402
+from compute.attribution.ig import ig_grads  # noqa: E402
+from compute.attribution.spliced import (  # noqa: E402
+    clean_and_patch,
+    node_effects,
+    output_grads,
+    spliced_pass,
+    states,
+)
+from compute.dictionaries.building import build_dictionaries  # noqa: E402
+from compute.dictionaries.kinds import submodules  # noqa: E402
+from compute.models.zoo import build_zoo  # noqa: E402
 from compute.tasks import encode  # noqa: E402
-from compute.zoo import build_zoo  # noqa: E402
-from compute.zoo_dictionaries import build_dictionaries  # noqa: E402
 
 STEPS = 10
 PAIR = "resid_0->mlp_1"  # the edge type of the headline row

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from compute.allocator import keep_freed_memory  # noqa: E402
-from compute.dictionary_training import TRAINABLE, SAEConfig, train_sae  # noqa: E402
+from compute.dictionaries.training import TRAINABLE, SAEConfig, train_sae  # noqa: E402
 
 
 def floor_tokens_per_s(batch: int, d_in: int, d_sae: int, d_out: int, steps: int) -> float:

@@ -19,14 +19,14 @@ os.environ.setdefault("CIRCUIT_CACHE", str(ROOT / ".cache"))
 
 @pytest.fixture(scope="session")
 def zoo():
-    from compute.zoo import build_zoo
+    from compute.models.zoo import build_zoo
 
     return build_zoo(progress=False)
 
 
 @pytest.fixture(scope="session")
 def dicts(zoo):
-    from compute.zoo_dictionaries import build_dictionaries
+    from compute.dictionaries.building import build_dictionaries
 
     return build_dictionaries(zoo, progress=False)
 
@@ -38,7 +38,7 @@ def saes(dicts):
 
 @pytest.fixture(scope="session")
 def subs(zoo):
-    from compute.dictionaries import submodules
+    from compute.dictionaries.kinds import submodules
 
     return submodules(zoo.model)
 

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from compute import edges, grammar
-from compute.atp import atp_grads
-from compute.circuit import DiscoveryParams, discover
-from compute.edges import ERROR, EdgePair, edge_pairs, edge_weights, edge_weights_looped
-from compute.patching import patch_effects
-from compute.spliced import batch_metric, node_effects, states
+from compute.attribution import edges
+from compute.attribution.atp import atp_grads
+from compute.attribution.discovery import DiscoveryParams, discover
+from compute.attribution.edges import ERROR, EdgePair, edge_pairs, edge_weights, edge_weights_looped
+from compute.attribution.patching import patch_effects
+from compute.attribution.spliced import batch_metric, node_effects, states
+from compute.models import grammar
 from compute.tasks import encode
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from compute import grammar
+from compute.models import grammar
 
 
 def _snapshot(path):

@@ -9,7 +9,12 @@ from conftest import run_cli
 from test_cli import _assert_one_line_error, _snapshot
 
 from catalog.errors import UserError
-from compute.dictionaries import (
+from compute.dictionaries.formats import (
+    import_dictionary_learning,
+    load_dictionary,
+    save_dictionary,
+)
+from compute.dictionaries.kinds import (
     SAE,
     IdentityDictionary,
     JumpReLUSAE,
@@ -17,10 +22,9 @@ from compute.dictionaries import (
     Transcoder,
     check_fits,
 )
-from compute.dictionary_formats import import_dictionary_learning, load_dictionary, save_dictionary
-from compute.dictionary_metrics import evaluate, lm_loss, loss_recovered
-from compute.dictionary_training import SAEConfig, train_sae
-from compute.toy_benchmark import ToyData, ToySweep, make_data
+from compute.dictionaries.metrics import evaluate, lm_loss, loss_recovered
+from compute.dictionaries.toy_benchmark import ToyData, ToySweep, make_data
+from compute.dictionaries.training import SAEConfig, train_sae
 
 
 def _randomised(sae, seed=0):
@@ -201,7 +205,7 @@ def test_every_architecture_trains(arch):
 
 
 def test_loss_recovered_against_hand_computed_cases(zoo, dicts):
-    from compute import grammar
+    from compute.models import grammar
 
     sentences = grammar.corpus(100, seed=9)
     clean = lm_loss(zoo.model, sentences)
@@ -233,7 +237,7 @@ def test_cli_dictionaries_prints_the_stored_metrics(demo_catalog):
 
 def test_feature_dashboard_matches_the_dictionary(demo_catalog, zoo, dicts):
     import catalog
-    from compute.dashboards import CORPUS_TASK, feature_dashboard
+    from compute.dictionaries.dashboards import CORPUS_TASK, feature_dashboard
 
     cat = catalog.open(demo_catalog)
     d = dicts["resid_0"]
@@ -269,7 +273,7 @@ def test_toy_benchmark_recovers_true_features_and_pca_does_not(tmp_path):
     """32 dimensions, 64 true features: the best SAE of a small sweep finds them (MMCS >= 0.95),
     PCA cannot (MMCS < 0.6); every row reports its dead features."""
     import catalog
-    from compute.jobs import toy_benchmark_job
+    from compute.jobs.lifecycle import toy_benchmark_job
 
     cat = catalog.init(tmp_path / "cat")
     run_id, rows = toy_benchmark_job(cat, ToyData(d=32, n_features=64),
@@ -327,7 +331,7 @@ def test_cli_trains_and_registers_a_transcoder(tmp_path):
 def test_training_forward_equals_the_dictionary(arch):
     """Training takes shortcuts (TopK decodes only its k rows, b_dec folded into the encoder bias);
     its reconstructions and L0 must still be the dictionary's own encode/decode."""
-    from compute.dictionary_training import _forward
+    from compute.dictionaries.training import _forward
 
     sae = _randomised(ARCHS[arch]() if arch != "transcoder" else Transcoder(16, 48, "i", d_out=16))
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
@@ -350,7 +354,7 @@ def test_training_forward_equals_the_dictionary(arch):
 def test_jumprelu_threshold_gradient_is_the_window_estimator():
     """The threshold's gradient, by hand: d/dtheta_c = -(1/bandwidth) * sum over rows with
     |pre - theta_c| < bandwidth/2 of (theta_c * dL/df + dL/dL0); features pass dL/df where active."""
-    from compute.dictionary_training import _JumpReLU
+    from compute.dictionaries.training import _JumpReLU
 
     gen = torch.Generator().manual_seed(3)
     pre = torch.randn(200, 30, generator=gen, requires_grad=True)
@@ -373,7 +377,7 @@ def test_auxk_loss_by_its_definition():
     """AuxK (Gao et al. 2024): the dead features' k_aux largest pre-activations (ReLU) decode the
     residual the live features missed; the loss is that reconstruction's error over the
     residual's variance, and only dead features' weights get its gradient."""
-    from compute.dictionary_training import _auxk_loss
+    from compute.dictionaries.training import _auxk_loss
 
     gen = torch.Generator().manual_seed(4)
     sae = _randomised(TopKSAE(16, 48, "h", k=4))

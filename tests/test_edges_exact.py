@@ -9,11 +9,11 @@ next submodules' features: the edges out of a node sum to its effect.
 import pytest
 import torch
 
-from compute.atp import atp_grads
-from compute.circuit import DiscoveryParams, discover
-from compute.dictionaries import SAE, submodules
-from compute.edges import ERROR, edge_pairs, edge_weights
-from compute.spliced import node_effects, states
+from compute.attribution.atp import atp_grads
+from compute.attribution.discovery import DiscoveryParams, discover
+from compute.attribution.edges import ERROR, edge_pairs, edge_weights
+from compute.attribution.spliced import node_effects, states
+from compute.dictionaries.kinds import SAE, submodules
 from compute.tasks import Batch, Encoded
 
 D_MODEL, VOCAB, LENGTH, N = 8, 11, 6, 5

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from compute.editing import edit_and_measure
-from compute.spliced import batch_metric, states
+from compute.attribution.editing import edit_and_measure
+from compute.attribution.spliced import batch_metric, states
 from compute.tasks import encode
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from compute.circuit import DiscoveryParams, discover
-from compute.edges import ERROR
-from compute.faithfulness import (
+from compute.attribution.discovery import DiscoveryParams, discover
+from compute.attribution.edges import ERROR
+from compute.attribution.faithfulness import (
     ERROR_MODES,
     NodeSet,
     ablated_metric,
@@ -16,7 +16,7 @@ from compute.faithfulness import (
     nodes_for,
     sweep_thresholds,
 )
-from compute.spliced import batch_metric, states
+from compute.attribution.spliced import batch_metric, states
 from compute.tasks import encode
 
 

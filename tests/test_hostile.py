@@ -43,8 +43,8 @@ def outside(tmp_path_factory) -> Path:
     _jsonl(d / "unknown_answers.jsonl", [{"clean_prefix": "the cat", "patch_prefix": "the cats",
                                           "clean_answer": " zooms", "patch_answer": " zoom"}] * 3)
     # dictionaries whose files are garbage, or whose weights are NaN
-    from compute.dictionaries import SAE
-    from compute.dictionary_formats import save_dictionary
+    from compute.dictionaries.formats import save_dictionary
+    from compute.dictionaries.kinds import SAE
 
     save_dictionary(SAE(64, 128, "blocks.0.hook_resid_post"), d / "garbage_saelens")
     (d / "garbage_saelens" / "sae_weights.safetensors").write_bytes(b"\x00\x01 not a safetensors file" * 10)

@@ -31,7 +31,7 @@ def _staging(cat: Path) -> list[str]:
 
 
 def _task_file(path: Path, verb: str = "runs", n: int = 12) -> Path:
-    from compute import grammar
+    from compute.models import grammar
 
     rows = [{"clean_prefix": f"the {s}", "patch_prefix": f"the {p}", "clean_answer": f" {verb}",
              "patch_answer": " run"} for s, p in grammar.NOUNS[:n]]
@@ -131,8 +131,8 @@ def test_clean_commits_finished_runs_removes_broken_ones_and_leaves_live_ones(tm
 
 
 def test_a_commit_that_fails_leaves_no_staging_and_records_a_failed_run(tmp_path, zoo, dicts, monkeypatch):
-    from compute.circuit import DiscoveryParams
-    from compute.jobs import discovery_job
+    from compute.attribution.discovery import DiscoveryParams
+    from compute.jobs.lifecycle import discovery_job
 
     cat = catalog.init(tmp_path / "c")
     real, calls = cat.commit, []

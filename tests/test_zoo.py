@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from compute import grammar
+from compute.models import grammar
+from compute.models.zoo import accuracy
 from compute.tasks import encode
-from compute.zoo import accuracy
 
 SVA = ("sva_simple", "sva_across_pp", "sva_across_rc", "sva_within_rc")
 
@@ -54,7 +54,7 @@ def test_encode_groups_by_length_and_reports_drops(zoo):
 
 
 def test_zoo_is_cached(zoo):
-    from compute.zoo import build_zoo
+    from compute.models.zoo import build_zoo
 
     again = build_zoo(progress=False)
     assert again.path == zoo.path and again.weights_hash == zoo.weights_hash
@@ -65,7 +65,7 @@ def test_training_is_bit_reproducible_at_any_thread_count(tmp_path):
     import torch
 
     from compute.cache import deterministic
-    from compute.zoo import ZooConfig, build_tokenizer, train
+    from compute.models.zoo import ZooConfig, build_tokenizer, train
 
     cfg = ZooConfig(steps=40, train_sentences=2000, batch_size=32)
     tok = build_tokenizer(tmp_path / "tok")
@@ -96,7 +96,7 @@ def _tiny_training_hash() -> str:
     import tempfile
     from pathlib import Path
 
-    from compute.zoo import ZooConfig, build_tokenizer, train
+    from compute.models.zoo import ZooConfig, build_tokenizer, train
 
     with tempfile.TemporaryDirectory() as tmp:
         model = train(ZooConfig(steps=30, train_sentences=1000, batch_size=32), build_tokenizer(Path(tmp)), False)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from compute.dictionary_training import SAEConfig, train_sae
+from compute.dictionaries.training import SAEConfig, train_sae
 
 
 @dataclass(frozen=True)

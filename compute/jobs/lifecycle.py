@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from catalog.errors import UserError
 from catalog.shards import RunWriter
 from catalog.store import Catalog, new_id
-from compute.circuit import Circuit, DiscoveryParams, discover
-from compute.dictionaries import TrainedDictionary, submodules
-from compute.dictionary_metrics import METRIC_KEYS
+from compute.attribution.discovery import Circuit, DiscoveryParams, discover
+from compute.dictionaries.kinds import TrainedDictionary, submodules
+from compute.dictionaries.metrics import METRIC_KEYS
+from compute.models.zoo import Zoo, accuracy
 from compute.tasks import Task, encode
-from compute.zoo import Zoo, accuracy
 
 
 def code_version() -> str:
@@ -142,7 +142,7 @@ def dictionary_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], 
     """Register dictionaries with their metrics and feature dashboards (each feature's top corpus
     examples as rows of `activations`) as one run. Dictionaries whose dashboards the catalogue
     already holds are registered again but not recomputed. Returns (run_id, activation rows)."""
-    from compute.dashboards import corpus_task, top_activations
+    from compute.dictionaries.dashboards import corpus_task, top_activations
 
     run_id = new_id("run")
     run_row = {"run_id": run_id, "kind": "dictionaries", "started_at": _now(), "code_version": code_version(),
@@ -237,7 +237,7 @@ def edit_job(cat: Catalog, zoo: Zoo, dicts: dict[str, TrainedDictionary], task: 
     The query must return dictionary_id and feature_idx columns naming features of the
     given dictionaries. Returns (edit_id, measures).
     """
-    from compute.editing import edit_and_measure
+    from compute.attribution.editing import edit_and_measure
 
     chosen = cat.sql(features_sql)
     missing = {"dictionary_id", "feature_idx"} - set(chosen.columns)
@@ -281,7 +281,7 @@ def toy_benchmark_job(cat: Catalog, data, sweep, progress: bool = True) -> tuple
     The sweep trains on the pinned kernels that cached builds use, so its numbers are the same on
     every machine of one kernel path (`compute.cache`)."""
     from compute.cache import pinned
-    from compute.toy_benchmark import run_sweep
+    from compute.dictionaries.toy_benchmark import run_sweep
 
     run_id = new_id("run")
     run_row = {"run_id": run_id, "kind": "benchmark", "started_at": _now(), "code_version": code_version(),

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from catalog.errors import UserError
-from compute.dictionaries import (
+from compute.dictionaries.kinds import (
     ARCHITECTURES,
     SAE,
     IdentityDictionary,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from compute.dictionaries import SAE, Submodule
-from compute.spliced import State, batch_metric, last_logits, logits_with_output
+from compute.attribution.spliced import State, batch_metric, last_logits, logits_with_output
+from compute.dictionaries.kinds import SAE, Submodule
 from compute.tasks import Batch
 
 

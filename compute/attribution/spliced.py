@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compute.dictionaries import SAE, Submodule
+from compute.dictionaries.kinds import SAE, Submodule
 from compute.tasks import Batch
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from compute.dictionaries import SAE, JumpReLUSAE, TopKSAE, Transcoder
+from compute.dictionaries.kinds import SAE, JumpReLUSAE, TopKSAE, Transcoder
 
 TRAINABLE = ("standard", "topk", "jumprelu", "transcoder")
 

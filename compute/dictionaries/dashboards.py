@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from catalog.errors import UserError
-from compute.dictionaries import SAE
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Task
 
 CORPUS_TASK = "zoo-corpus"
@@ -23,7 +23,7 @@ CORPUS_TASK = "zoo-corpus"
 
 def corpus_task(n_sentences: int = 2000, seed: int = 3) -> Task:
     """Grammar sentences held out from dictionary training, as a task of plain prompts."""
-    from compute import grammar
+    from compute.models import grammar
 
     return Task(name=CORPUS_TASK, source=f"zoo grammar corpus (seed {seed})",
                 description="sentences for feature dashboards (top activating examples)",
@@ -83,8 +83,8 @@ class Dashboard:
 def feature_dashboard(cat, dictionary: str, feature: int, n: int = 10) -> Dashboard:
     """Everything `cli.py feature` shows, from the catalogue (the dictionary may be named by a unique
     prefix of its id); promoted tokens need the dictionary's and the model's files."""
-    from compute.dictionary_formats import load_dictionary
-    from compute.zoo import load_model
+    from compute.dictionaries.formats import load_dictionary
+    from compute.models.zoo import load_model
 
     found = cat.sql("SELECT d.*, m.source FROM dictionaries d LEFT JOIN models m USING (model_id) "
                     "WHERE starts_with(dictionary_id, ?) ORDER BY dictionary_id", [dictionary])

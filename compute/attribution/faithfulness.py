@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compute.dictionaries import SAE, Submodule
-from compute.edges import ERROR
-from compute.spliced import State, batch_metric, states, zero_states
+from compute.attribution.edges import ERROR
+from compute.attribution.spliced import State, batch_metric, states, zero_states
+from compute.dictionaries.kinds import SAE, Submodule
 from compute.tasks import Encoded
 
 ABLATIONS = ("mean", "zero", "resample")

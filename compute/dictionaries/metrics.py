@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from compute.dictionaries import SAE
+from compute.dictionaries.kinds import SAE
 
 # The metrics a catalogue stores per dictionary (dictionaries.metrics); per-feature ones go to features.
 METRIC_KEYS = ("mse", "fraction_variance_explained", "l0", "dead_fraction", "dense_fraction", "n_tokens",

@@ -11,7 +11,7 @@ edges are computed for every node kept after aggregation and kept when |weight| 
 edge_threshold. The last resid's kept nodes get an edge to the metric node whose
 weight is their effect.
 
-Every circuit is then evaluated (`compute.faithfulness`): faithfulness and
+Every circuit is then evaluated (`compute.attribution.faithfulness`): faithfulness and
 completeness over a sweep of node thresholds for each ablation, with random
 node sets of the same sizes as a baseline.
 """
@@ -26,12 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
-from compute.dictionaries import SAE, Submodule
-from compute.edges import ERROR, edge_pairs, edge_weights
-from compute.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
-from compute.ig import ig_grads
-from compute.patching import patch_effects
-from compute.spliced import (
+from compute.attribution.edges import ERROR, edge_pairs, edge_weights
+from compute.attribution.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
+from compute.attribution.ig import ig_grads
+from compute.attribution.patching import patch_effects
+from compute.attribution.spliced import (
     batch_metric,
     clean_and_patch,
     logits_with_output,
@@ -39,6 +38,7 @@ from compute.spliced import (
     spliced_pass,
     zero_states,
 )
+from compute.dictionaries.kinds import SAE, Submodule
 from compute.tasks import Encoded
 
 METHODS = ("ig", "atp", "exact")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from compute.dictionaries import SAE, Submodule
-from compute.spliced import State, output_grads
+from compute.attribution.spliced import State, output_grads
+from compute.dictionaries.kinds import SAE, Submodule
 from compute.tasks import Batch
 
 

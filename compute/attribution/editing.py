@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compute.dictionaries import SAE, Submodule
-from compute.faithfulness import ablated_states, ablation_hooks, node_set
-from compute.spliced import metric, prompts_right, states
+from compute.attribution.faithfulness import ablated_states, ablation_hooks, node_set
+from compute.attribution.spliced import metric, prompts_right, states
+from compute.dictionaries.kinds import SAE, Submodule
 from compute.tasks import Batch, Task, encode
 
 EDIT_ABLATIONS = ("mean", "zero")

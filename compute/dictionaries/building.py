@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from catalog.errors import UserError
 from compute.cache import cached_dir, config_hash
-from compute.dictionaries import (
+from compute.dictionaries.formats import load_dictionary, save_dictionary
+from compute.dictionaries.kinds import (
     IdentityDictionary,
     Submodule,
     TrainedDictionary,
@@ -19,9 +20,8 @@ from compute.dictionaries import (
     submodules,
     transcoder_hooks,
 )
-from compute.dictionary_formats import load_dictionary, save_dictionary
-from compute.dictionary_metrics import collect_activations, evaluate, loss_recovered
-from compute.dictionary_training import SAEConfig, train_sae
+from compute.dictionaries.metrics import collect_activations, evaluate, loss_recovered
+from compute.dictionaries.training import SAEConfig, train_sae
 
 LOSS_SENTENCES = 500  # held-out sentences for the loss-recovered metric
 
@@ -58,8 +58,8 @@ def build_dictionaries(zoo, cfg: SAEConfig | None = None, progress: bool = True,
 def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only: tuple[str, ...],
                progress: bool) -> None:
     """Train and measure a dictionary for every site (a cached build: see `build_dictionaries`)."""
-    from compute import grammar
-    from compute.zoo import load_model
+    from compute.models import grammar
+    from compute.models.zoo import load_model
 
     model = load_model(model_path)
     sites = dictionary_sites(model, cfg.architecture, only)
@@ -88,8 +88,8 @@ def identity_dictionaries(zoo, progress: bool = True) -> dict[str, TrainedDictio
 
 
 def _measure_identity(out: Path, model_path: Path, model_id: str, progress: bool) -> None:
-    from compute import grammar
-    from compute.zoo import load_model
+    from compute.models import grammar
+    from compute.models.zoo import load_model
 
     model = load_model(model_path)
     subs = submodules(model)
@@ -125,7 +125,7 @@ def import_dictionary(zoo, source: Path, hook_name: str | None = None) -> Traine
     """Read an SAELens directory or a dictionary_learning one, refuse it unless it fits the zoo
     model, and keep an SAELens copy with its metrics in the cache."""
     from compute.cache import file_hash
-    from compute.dictionary_formats import import_dictionary_learning
+    from compute.dictionaries.formats import import_dictionary_learning
 
     source = Path(source)
     if (source / "cfg.json").is_file():
@@ -151,8 +151,8 @@ def import_dictionary(zoo, source: Path, hook_name: str | None = None) -> Traine
 
 
 def _measure_imported(out: Path, model_path: Path, sae, sub: Submodule, source: str) -> None:
-    from compute import grammar
-    from compute.zoo import load_model
+    from compute.models import grammar
+    from compute.models.zoo import load_model
 
     model = load_model(model_path)
     hook_out = sub.hook_name

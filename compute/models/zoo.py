@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from compute import grammar
 from compute.cache import cached_dir, config_hash, file_hash
+from compute.models import grammar
 from compute.tasks import Task, load_task_file, write_task_file
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>"]
@@ -220,7 +220,7 @@ def accuracy(model, task: Task, split: str = "test") -> float | None:
     """Fraction of prompts (clean and patch) whose own answer outscores the contrast answer
     (for a task without patch prompts: whose answer is the top prediction); None when the split
     has no usable example."""
-    from compute.spliced import prompts_right
+    from compute.attribution.spliced import prompts_right
     from compute.tasks import encode
 
     right = total = 0

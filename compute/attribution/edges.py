@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from compute.dictionaries import SAE, Submodule
-from compute.spliced import State
+from compute.attribution.spliced import State
+from compute.dictionaries.kinds import SAE, Submodule
 from compute.tasks import Batch
 
 ERROR = -1  # node index of a submodule's error term in edge computations

@@ -1,0 +1,1 @@
+"""Jobs: one job, one run, committed all or nothing."""

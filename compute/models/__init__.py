@@ -1,0 +1,1 @@
+"""Models: the zoo (the embedded default), its grammar and tasks."""
