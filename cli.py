@@ -113,6 +113,21 @@ class Threshold(click.ParamType):
         return v
 
 
+class Choices(click.Choice):
+    """The choices a module constant lists ("module:NAME"), read when a command first uses them, so
+    that the CLI imports a pipeline stage (and PyTorch) only for the commands that need it."""
+
+    def __init__(self, ref: str):
+        self.ref, self.case_sensitive = ref, True
+
+    @property
+    def choices(self) -> tuple:
+        import importlib
+
+        module, name = self.ref.split(":")
+        return tuple(getattr(importlib.import_module(module), name))
+
+
 THRESHOLD = Threshold()
 POSITIVE = click.IntRange(min=1)
 
@@ -145,7 +160,7 @@ def _output(df, fmt: str) -> None:
     click.echo(format_frame(df, fmt), nl=False)
 
 
-FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+FORMAT = click.option("--format", "fmt", type=Choices("catalog.query:FORMATS"), default="table",
                       show_default=True, help="output format")
 
 
@@ -166,7 +181,8 @@ def query(path: Path, sql: str | None, sql_file: Path | None, list_named: bool, 
         from catalog.macros import listed
 
         if fmt == "table":
-            click.echo("\n".join(f"{q.signature:38} {q.summary}" for q in listed()))
+            width = max(len(q.signature) for q in listed())
+            click.echo("\n".join(f"{q.signature:{width}}  {q.summary}" for q in listed()))
         else:
             _output(pd.DataFrame([{"query": q.signature, "summary": q.summary} for q in listed()]), fmt)
         return
@@ -183,13 +199,7 @@ def circuits(path: Path, fmt: str):
     """List the circuits in the catalogue."""
     import catalog
 
-    df = catalog.open(path).sql(
-        "SELECT circuit_id, task_id, method, "
-        "circuit_basis(circuit_id) AS basis, "
-        "n_examples, n_nodes, n_edges, round(metric_patch - metric_clean, 3) AS total_effect, "
-        "round(faithfulness, 3) AS faithfulness, round(completeness, 3) AS completeness, "
-        "round(accuracy, 3) AS accuracy, created_at FROM circuits c ORDER BY created_at, task_id")
-    _output(df, fmt)
+    _output(catalog.open(path).sql("SELECT * FROM circuit_list()"), fmt)
 
 
 @main.command()
@@ -228,11 +238,12 @@ def staging(path: Path, clean: bool, discard: bool, fmt: str):
 
 def _discovery_options(f):
     for opt in reversed([
-        click.option("--method", type=click.Choice(["ig", "atp", "exact"]), default="ig", show_default=True,
+        click.option("--method", type=Choices("compute.attribution.discovery:METHODS"), default="ig", show_default=True,
                      help="node effects: integrated gradients, attribution patching or exact patching"),
         click.option("--steps", "ig_steps", default=10, show_default=True, type=POSITIVE,
                      help="integrated-gradients steps"),
-        click.option("--aggregation", type=click.Choice(["sum", "none"]), default="sum", show_default=True,
+        click.option("--aggregation", type=Choices("compute.attribution.discovery:AGGREGATIONS"), default="sum",
+                     show_default=True,
                      help="sum effects over positions, or keep a node per position (none: keeps only "
                           "the shortest prompts, as SFC does)"),
         click.option("--node-threshold", default=0.1, show_default=True, type=THRESHOLD,
@@ -241,9 +252,9 @@ def _discovery_options(f):
                      help="edges with |weight| above it are kept"),
         click.option("--examples", "n_examples", default=64, show_default=True, type=POSITIVE,
                      help="train examples used"),
-        click.option("--ablation", "ablations", multiple=True, type=click.Choice(["mean", "zero", "resample"]),
+        click.option("--ablation", "ablations", multiple=True, type=Choices("compute.attribution.faithfulness:ABLATIONS"),
                      help="ablations for the faithfulness sweep (repeatable; default all three)"),
-        click.option("--errors", type=click.Choice(["node", "kept", "ablated", "removed"]), default="node",
+        click.option("--errors", type=Choices("compute.attribution.faithfulness:ERROR_MODES"), default="node",
                      show_default=True, help="error terms in the faithfulness sweep"),
         click.option("--no-eval", is_flag=True, help="skip the faithfulness/completeness sweep"),
     ]):
@@ -251,7 +262,7 @@ def _discovery_options(f):
     return f
 
 
-ZOO = click.option("--zoo", "zoo_name", type=click.Choice(["default", "cued"]), default="default", show_default=True,
+ZOO = click.option("--zoo", "zoo_name", type=Choices("compute.models.zoo:ZOOS"), default="default", show_default=True,
                    help="zoo model: default, or cued (a spurious preposition cue; task sva_pp_cue)")
 
 
@@ -360,7 +371,7 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -
     from rich.table import Table
 
     import catalog
-    from compute.jobs.lifecycle import discovery_job, top_features
+    from compute.jobs.discover import discovery_job, top_features
 
     cat = catalog.init(path)
     t = Table(title=f"circuits over {basis} ({params.method}, node > {params.node_threshold}, "
@@ -369,7 +380,7 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -
                 "top nodes"):
         t.add_column(col)
     for task in tasks:
-        circuit_id, c, acc = discovery_job(cat, zoo, dicts, task, params)
+        circuit_id, c, acc = discovery_job(cat, zoo.handle, dicts, task, params)
         kept = sum(n.in_circuit for n in c.nodes)
         note = f" ({sum(c.dropped.values())} dropped)" if c.dropped else ""
         for reason, count in c.dropped.items():
@@ -383,24 +394,12 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -
     _console().print(t)
 
 
-FEATURES_VS_NEURONS = """
-SELECT task_id,
-       min(e.n_nodes) FILTER (WHERE basis = 'sae') AS features,
-       min(e.n_nodes) FILTER (WHERE basis = 'identity') AS neurons
-FROM evaluations e JOIN circuits USING (circuit_id)
-JOIN (SELECT DISTINCT circuit_id, d.kind AS basis
-      FROM nodes JOIN dictionaries d USING (dictionary_id)) USING (circuit_id)
-WHERE kind = 'faithfulness' AND ablation = 'mean' AND errors = 'node' AND value >= 0.8
-GROUP BY task_id ORDER BY task_id
-"""
-
-
 def _print_features_vs_neurons(path: Path) -> None:
     from rich.table import Table
 
     import catalog
 
-    df = catalog.open(path).sql(FEATURES_VS_NEURONS)
+    df = catalog.open(path).sql("SELECT * FROM nodes_for_faithfulness(0.8)")
     t = Table(title="nodes needed for faithfulness >= 0.8 (mean ablation)")
     for col in ("task", "features", "neurons"):
         t.add_column(col, justify="right")
@@ -408,70 +407,6 @@ def _print_features_vs_neurons(path: Path) -> None:
         t.add_row(r.task_id, *(str(int(v)) if v == v else "never" for v in (r.features, r.neurons)))
     _console().print(t)
 
-
-@main.command()
-@click.argument("circuit_ids", nargs=-1)
-@click.option("--task", "task_names", multiple=True, help="every circuit of this task (repeatable)")
-@click.option("--errors", type=click.Choice(["node", "kept", "ablated", "removed"]), default="node",
-              show_default=True)
-@click.option("--out", type=OutPath(), default=Path("faithfulness.png"), show_default=True)
-@click.pass_obj
-def plot(path: Path, circuit_ids, task_names, errors: str, out: Path):
-    """Faithfulness and completeness curves (PNG) for circuits, by id or task (default: all)."""
-    import catalog
-    from catalog.plots import faithfulness_plot
-
-    cat = catalog.open(path)
-    ids = list(circuit_ids)
-    if task_names or not ids:
-        where = "WHERE task_id IN (SELECT unnest(?::VARCHAR[]))" if task_names else ""
-        ids += cat.sql(f"SELECT circuit_id FROM circuits {where}", [list(task_names)] if task_names else None
-                       )["circuit_id"].tolist()
-    unknown = set(circuit_ids) - set(cat.sql("SELECT circuit_id FROM circuits")["circuit_id"])
-    if unknown:
-        raise UserError(f"unknown circuit {sorted(unknown)[0]!r}; see `cli.py circuits`")
-    click.echo(faithfulness_plot(cat, ids, out, errors))
-
-
-@main.command()
-@click.option("--task", "task_name", required=True, help="zoo task to measure again")
-@click.option("--features-sql", required=True,
-              help="read-only query returning dictionary_id, feature_idx: the features to ablate")
-@click.option("--ablation", type=click.Choice(["mean", "zero"]), default="mean", show_default=True,
-              help="value the features are set to (their mean over the measured prompts, or zero)")
-@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
-@click.option("--out", type=OutPath(), help="also draw the accuracies (PNG)")
-@ZOO
-@FORMAT
-@click.pass_obj
-def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: str, out: Path | None,
-         zoo_name: str, fmt: str):
-    """Ablate the features a SQL query chooses and measure a task again, per case (SHIFT)."""
-    import catalog
-    from compute.attribution.editing import worst_group
-    from compute.jobs.lifecycle import edit_job
-
-    cat = catalog.open(path)
-    cat.sql(features_sql)  # a bad query fails here, before the model is built
-    zoo, dicts = _zoo_and_dictionaries(zoo_name)
-    if task_name not in zoo.tasks:
-        raise UserError(f"unknown task {task_name!r}; {zoo_name} zoo tasks: {', '.join(sorted(zoo.tasks))}")
-    edit_id, measures = edit_job(cat, zoo, dicts, zoo.tasks[task_name], features_sql, ablation, split)
-    df = cat.sql("SELECT edit_id, subset, n_examples, n_features, round(metric_before, 3) AS metric_before, "
-                 "round(metric_after, 3) AS metric_after, round(accuracy_before, 3) AS accuracy_before, "
-                 "round(accuracy_after, 3) AS accuracy_after FROM edits WHERE edit_id = ? "
-                 "ORDER BY subset <> 'all', subset", [edit_id])
-    _output(df, fmt)
-    before, after = worst_group(measures)
-    click.echo(f"worst-group accuracy: {before.accuracy_before:.3f} ({before.subset}) -> "
-               f"{after.accuracy_after:.3f} ({after.subset})", err=True)
-    if out:
-        from catalog.plots import edit_plot
-
-        click.echo(edit_plot(cat, edit_id, out), err=True)
-
-
-# ---- the query layer: compare, diff, paths, pictures, exports ----------------------------------
 
 def _circuit_selection(f):
     for opt in reversed([
@@ -484,6 +419,60 @@ def _circuit_selection(f):
         f = opt(f)
     return f
 
+
+@main.command()
+@_circuit_selection
+@click.option("--errors", type=Choices("compute.attribution.faithfulness:ERROR_MODES"), default="node",
+              show_default=True)
+@click.option("--out", type=OutPath(), default=Path("faithfulness.png"), show_default=True)
+@click.pass_obj
+def plot(path: Path, circuit_ids, tasks, methods, models, select_sql, errors: str, out: Path):
+    """Faithfulness and completeness curves (PNG) for circuits chosen as `compare` chooses them
+    (by id, --task, --method, --model, --sql; default all)."""
+    import catalog
+    from catalog.compare import select_circuits
+    from catalog.plots import faithfulness_plot
+
+    cat = catalog.open(path)
+    ids = select_circuits(cat, circuit_ids, tasks, methods, models, select_sql)
+    click.echo(faithfulness_plot(cat, ids, out, errors))
+
+
+@main.command()
+@click.option("--task", "task_name", required=True, help="zoo task to measure again")
+@click.option("--features-sql", required=True,
+              help="read-only query returning dictionary_id, feature_idx: the features to ablate")
+@click.option("--ablation", type=Choices("compute.attribution.editing:EDIT_ABLATIONS"), default="mean", show_default=True,
+              help="value the features are set to (their mean over the measured prompts, or zero)")
+@click.option("--split", type=Choices("compute.tasks:SPLITS"), default="test", show_default=True)
+@click.option("--out", type=OutPath(), help="also draw the accuracies (PNG)")
+@ZOO
+@FORMAT
+@click.pass_obj
+def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: str, out: Path | None,
+         zoo_name: str, fmt: str):
+    """Ablate the features a SQL query chooses and measure a task again, per case (SHIFT)."""
+    import catalog
+    from compute.attribution.editing import worst_group
+    from compute.jobs.edit import edit_job
+
+    cat = catalog.open(path)
+    cat.sql(features_sql)  # a bad query fails here, before the model is built
+    zoo, dicts = _zoo_and_dictionaries(zoo_name)
+    if task_name not in zoo.tasks:
+        raise UserError(f"unknown task {task_name!r}; {zoo_name} zoo tasks: {', '.join(sorted(zoo.tasks))}")
+    edit_id, measures = edit_job(cat, zoo.handle, dicts, zoo.tasks[task_name], features_sql, ablation, split)
+    _output(cat.sql("SELECT * FROM edit_summary(?)", [edit_id]), fmt)
+    before, after = worst_group(measures)
+    click.echo(f"worst-group accuracy: {before.accuracy_before:.3f} ({before.subset}) -> "
+               f"{after.accuracy_after:.3f} ({after.subset})", err=True)
+    if out:
+        from catalog.plots import edit_plot
+
+        click.echo(edit_plot(cat, edit_id, out), err=True)
+
+
+# ---- the query layer: compare, diff, paths, pictures, exports ----------------------------------
 
 @main.command()
 @_circuit_selection
@@ -520,7 +509,7 @@ def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matr
 @main.command()
 @click.argument("a")
 @click.argument("b")
-@click.option("--match", type=click.Choice(["auto", "key", "decoder"]), default="auto", show_default=True,
+@click.option("--match", type=Choices("catalog.diff:MATCHES"), default="auto", show_default=True,
               help="how nodes correspond: structural key, decoder-direction cosine (other dictionaries or "
                    "models), or auto")
 @click.option("--min-similarity", default=0.7, show_default=True, type=click.FloatRange(-1, 1),
@@ -566,7 +555,7 @@ def paths(path: Path, circuit_id: str, target: int | None, k: int, fmt: str):
 @main.command()
 @click.argument("circuit_id")
 @click.argument("node", type=int)
-@click.option("--direction", type=click.Choice(["ancestors", "descendants"]), default="ancestors",
+@click.option("--direction", type=Choices("catalog.graph:DIRECTIONS"), default="ancestors",
               show_default=True)
 @click.option("--hops", default=2, show_default=True, type=POSITIVE, help="at most this many edges away")
 @FORMAT
@@ -599,7 +588,7 @@ def render(path: Path, circuit_id: str, other: str | None, out: Path, max_per_ro
 
 @main.command()
 @click.argument("circuit_id")
-@click.option("--to", "kind", type=click.Choice(["circuit-tracer", "graphml"]), default="circuit-tracer",
+@click.option("--to", "kind", type=Choices("catalog.graph:EXPORTS"), default="circuit-tracer",
               show_default=True, help="graph JSON for circuit-tracer's and Neuronpedia's viewers, or GraphML")
 @click.option("--out", type=OutPath(), required=True)
 @click.pass_obj
@@ -615,16 +604,6 @@ def export(path: Path, circuit_id: str, kind: str, out: Path):
 
 # ---- dictionaries -------------------------------------------------------------------------------
 
-DICTIONARIES_SQL = """
-SELECT dictionary_id, hook_name, kind, architecture, d_in, d_sae,
-       round(metrics.mse::DOUBLE, 4) AS mse, round(metrics.fraction_variance_explained::DOUBLE, 4) AS fve,
-       round(metrics.l0::DOUBLE, 2) AS l0, round(metrics.dead_fraction::DOUBLE, 4) AS dead,
-       round(metrics.dense_fraction::DOUBLE, 4) AS dense, round(metrics.loss_clean::DOUBLE, 4) AS loss_clean,
-       round(metrics.loss_spliced::DOUBLE, 4) AS loss_spliced, round(metrics.loss_recovered::DOUBLE, 4) AS loss_recovered
-FROM dictionaries ORDER BY kind, architecture, layer, hook_name
-"""
-
-
 @main.group(invoke_without_command=True)
 @FORMAT
 @click.pass_context
@@ -633,11 +612,11 @@ def dictionaries(ctx, fmt: str):
     if ctx.invoked_subcommand is None:
         import catalog
 
-        _output(catalog.open(ctx.obj).sql(DICTIONARIES_SQL), fmt)
+        _output(catalog.open(ctx.obj).sql("SELECT * FROM dictionary_quality()"), fmt)
 
 
 @dictionaries.command("train")
-@click.option("--architecture", type=click.Choice(["standard", "topk", "jumprelu", "transcoder"]),
+@click.option("--architecture", type=Choices("compute.dictionaries.training:TRAINABLE"),
               default="standard", show_default=True)
 @click.option("--submodule", "only", multiple=True,
               help="embed, attn_0, mlp_0, resid_0, ... (repeatable; default: all; transcoders: mlp_L)")
@@ -677,16 +656,16 @@ def dictionaries_import(path: Path, source: Path, hook: str | None, zoo_name: st
     catalog.init(path)
     zoo = build_zoo(zoo_config(zoo_name))
     d = import_dictionary(zoo, source, hook)
-    _register(path, zoo, {d.sub.name: d}, {"imported_from": str(source)})
+    _register(path, zoo, {d.site.name: d}, {"imported_from": str(source)})
 
 
 def _register(path: Path, zoo, dicts, params: dict) -> None:
     import catalog
-    from compute.jobs.lifecycle import dictionary_job
+    from compute.jobs.register import dictionary_job
 
     cat = catalog.init(path)
     _print_dictionaries(dicts)
-    run_id, n_rows = dictionary_job(cat, zoo, dicts, params=params)
+    run_id, n_rows = dictionary_job(cat, zoo.handle, dicts, params=params)
     ids = ", ".join(d.dictionary_id for d in dicts.values())
     click.echo(f"registered {len(dicts)} dictionaries ({ids}) with {n_rows} dashboard activations in run {run_id}")
 
@@ -744,7 +723,7 @@ def toy(path: Path, l1s, sizes, d: int, n_features: int, steps: int, seed: int, 
     import catalog
     from catalog.plots import sweep_heatmaps
     from compute.dictionaries.toy_benchmark import ToyData, ToySweep
-    from compute.jobs.lifecycle import toy_benchmark_job
+    from compute.jobs.benchmark import toy_benchmark_job
 
     sweep = ToySweep(steps=steps, **({"l1_coefficients": tuple(sorted(l1s))} if l1s else {}),
                      **({"sizes": tuple(sorted(sizes))} if sizes else {}))

@@ -32,20 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from compute.attribution.atp import node_effects  # noqa: E402
 from compute.attribution.discovery import DiscoveryParams  # noqa: E402
-from compute.attribution.edges import ERROR, edge_pairs, edge_weights, edge_weights_looped  # noqa: E402
+from compute.attribution.edges import edge_pairs, edge_weights, edge_weights_looped  # noqa: E402
 from compute.attribution.ig import ig_grads  # noqa: E402
 from compute.attribution.spliced import (  # noqa: E402
     clean_and_patch,
-    node_effects,
     output_grads,
     spliced_pass,
     states,
 )
 from compute.dictionaries.building import build_dictionaries  # noqa: E402
-from compute.dictionaries.kinds import submodules  # noqa: E402
 from compute.models.zoo import build_zoo  # noqa: E402
 from compute.tasks import encode  # noqa: E402
+from schema.sites import ERROR, sites  # noqa: E402
 
 STEPS = 10
 PAIR = "resid_0->mlp_1"  # the edge type of the headline row
@@ -54,7 +54,7 @@ PAIR = "resid_0->mlp_1"  # the edge type of the headline row
 def setup(n_examples: int):
     zoo = build_zoo(progress=False)
     saes = {k: d.sae for k, d in build_dictionaries(zoo, progress=False).items()}
-    subs = submodules(zoo.model)
+    subs = sites(zoo.model.cfg.n_layers)
     batch = max(encode(zoo.model, zoo.tasks["sva_across_pp"], "train", n_examples).batches, key=len)
     clean = states(zoo.model, subs, saes, batch.clean)
     patch = states(zoo.model, subs, saes, batch.patch)

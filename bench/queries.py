@@ -36,7 +36,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import catalog  # noqa: E402
-from catalog.synthetic import write_circuit  # noqa: E402
+from tests.synthetic import write_circuit  # noqa: E402
 
 SUBS = [("embed", -1)] + [(c, i) for i in range(6) for c in ("attn", "mlp", "resid")]
 

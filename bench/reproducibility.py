@@ -40,9 +40,8 @@ def run_demo(capability: str, work: Path) -> dict:
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     probe = f"""
 import json, catalog, torch
-from cli import FEATURES_VS_NEURONS
 cat = catalog.open({str(work / 'catalog')!r})
-t = cat.sql(FEATURES_VS_NEURONS)
+t = cat.sql("SELECT * FROM nodes_for_faithfulness(0.8)")
 m = cat.sql("SELECT model_id, weights_hash FROM models").iloc[0]
 d = sorted(cat.sql("SELECT dictionary_id FROM dictionaries").dictionary_id)
 print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(), "model_id": m.model_id,

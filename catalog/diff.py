@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from catalog.errors import UserError
-from catalog.graph import check_circuit, node_name
+from catalog.graph import check_circuit, node_name, signed
 from catalog.store import Catalog
 
 MATCHES = ("auto", "key", "decoder")
@@ -89,7 +89,7 @@ class Diff:
         if len(moved):
             lines.append("largest node changes (B - A):")
             for r in moved.itertuples():
-                lines.append(f"  {r.status:8} {node_name(r)}  {_num(r.effect_a)} -> {_num(r.effect_b)}  "
+                lines.append(f"  {r.status:8} {node_name(r)}  {signed(r.effect_a)} -> {signed(r.effect_b)}  "
                              f"(delta {r.delta:+.3f})")
         return "\n".join(lines) + "\n"
 
@@ -103,10 +103,6 @@ class Diff:
             df.to_csv(out / f"{name}.csv", index=False)
             files.append(out / f"{name}.csv")
         return files
-
-
-def _num(x) -> str:
-    return "-" if pd.isna(x) else f"{x:+.3f}"
 
 
 def diff(cat: Catalog, a: str, b: str, match: str = "auto", min_similarity: float = 0.7,

@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C, so that a job removes what it staged."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (a library's error can span many)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

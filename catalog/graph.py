@@ -15,6 +15,10 @@ import pandas as pd
 
 from catalog.errors import UserError
 from catalog.store import Catalog
+from schema.sites import METRIC, site_name, stream_index
+
+DIRECTIONS = ("ancestors", "descendants")
+EXPORTS = ("circuit-tracer", "graphml")
 
 NODES_SQL = """
 SELECT n.*, f.label, f.density, f.max_activation, d.kind AS dictionary_kind
@@ -40,12 +44,17 @@ def circuit_nodes(cat: Catalog, circuit_id: str, in_circuit_only: bool = True) -
 def node_name(r) -> str:
     """attn_0/123, resid_1/err, embed/7@3, metric: a node as a reader sees it (any row with
     component, layer, is_error, feature_idx and position)."""
-    if r.component == "metric":
-        return "metric"
-    where = r.component if r.component == "embed" else f"{r.component}_{r.layer}"
+    if r.component == METRIC:
+        return METRIC
+    where = site_name(r.component, r.layer)
     what = "err" if r.is_error else str(r.feature_idx)
     pos = "" if pd.isna(r.position) else f"@{int(r.position)}"
     return f"{where}/{what}{pos}"
+
+
+def signed(x) -> str:
+    """A number as +0.123, or '-' when missing."""
+    return "-" if x is None or pd.isna(x) else f"{x:+.3f}"
 
 
 def first_example(cat: Catalog, task_id: str) -> tuple[list[str], str]:
@@ -78,8 +87,8 @@ def paths(cat: Catalog, circuit_id: str, k: int = 5, to: int | None = None) -> p
 def neighbours(cat: Catalog, circuit_id: str, node: int, hops: int = 2, direction: str = "ancestors") -> pd.DataFrame:
     """Ancestors (nodes with a path into node) or descendants within `hops` edges, with the distance."""
     check_circuit(cat, circuit_id)
-    if direction not in ("ancestors", "descendants"):
-        raise UserError("direction must be ancestors or descendants")
+    if direction not in DIRECTIONS:
+        raise UserError(f"direction must be one of {', '.join(DIRECTIONS)}")
     _check_node(cat, circuit_id, node)
     df = cat.sql(f"SELECT * FROM {direction}(?, ?, hops := ?)", [circuit_id, node, hops])
     df.insert(1, "name", [node_name(r) for r in df.itertuples()])
@@ -141,22 +150,21 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
     nodes = circuit_nodes(cat, circuit_id)
     tokens, prompt = first_example(cat, row.task_id)
     last = max(len(tokens) - 1, 0)
-    order = {"embed": 0, "attn": 1, "mlp": 2, "resid": 3}
     n_layers = int(nodes.layer.max()) if len(nodes) else 0
     ids, out_nodes = {}, []
     for r in nodes.itertuples():
         pos = last if pd.isna(r.position) else int(r.position)
-        if r.component == "metric":
-            layer, feature, ftype = str(3 * n_layers + 1), -1, "logit"
+        layer = str(stream_index(r.component, r.layer, n_layers))
+        if r.component == METRIC:
+            feature, ftype = -1, "logit"
         else:
-            layer = str(0 if r.component == "embed" else 3 * int(r.layer) + order[r.component])
             feature = -1 if r.is_error else int(r.feature_idx)
             ftype = f"{r.component} reconstruction error" if r.is_error else "sparse autoencoder feature"
         node_id = f"{layer}_{feature}_{pos}"
         ids[int(r.node_idx)] = node_id
         out_nodes.append({
             "node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": ftype,
-            "token_prob": 0.0, "is_target_logit": r.component == "metric", "run_idx": 0,
+            "token_prob": 0.0, "is_target_logit": r.component == METRIC, "run_idx": 0,
             "reverse_ctx_idx": last - pos, "jsNodeId": f"{layer}_{feature}-{pos}",
             "clerp": (r.label if isinstance(r.label, str) and r.label else node_name(r)),
             "influence": float(abs(r.effect)), "activation": None})

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from schema.sites import NODE_KEY_COLUMNS
+
 
 @dataclass(frozen=True)
 class NamedQuery:
@@ -32,9 +34,10 @@ class NamedQuery:
 
 # The node key that names a node across circuits: NULLs become sentinels so that plain
 # equality joins work (the metric node has no dictionary, aggregated nodes no position).
-_KEY = ("component, layer, coalesce(dictionary_id, '') AS dict_key, coalesce(feature_idx, -1) AS feat_key, "
-        "is_error, coalesce(position, -1) AS pos_key")
-_KEY_COLUMNS = "component, layer, dict_key, feat_key, is_error, pos_key"
+_SENTINELS = {"dictionary_id": ("''", "dict_key"), "feature_idx": ("-1", "feat_key"), "position": ("-1", "pos_key")}
+_KEY = ", ".join(f"coalesce({c}, {_SENTINELS[c][0]}) AS {_SENTINELS[c][1]}" if c in _SENTINELS else c
+                 for c in NODE_KEY_COLUMNS)
+_KEY_COLUMNS = ", ".join(_SENTINELS[c][1] if c in _SENTINELS else c for c in NODE_KEY_COLUMNS)
 
 # A circuit's features (errors and the metric left out), effects summed over positions, ranked
 # by |effect|; k = NULL keeps the features in the circuit, k = N the N strongest nodes.
@@ -242,6 +245,46 @@ WHERE c.task_id = task AND circuit_basis(c.circuit_id) = basis
 ORDER BY c.created_at DESC LIMIT 1)
 """
 
+# What `cli.py circuits` lists: one row per circuit, newest last.
+_CIRCUIT_LIST = """
+SELECT circuit_id, task_id, method, circuit_basis(circuit_id) AS basis, n_examples, n_nodes, n_edges,
+       round(metric_patch - metric_clean, 3) AS total_effect, round(faithfulness, 3) AS faithfulness,
+       round(completeness, 3) AS completeness, round(accuracy, 3) AS accuracy, created_at
+FROM circuits ORDER BY created_at, task_id
+"""
+
+# The Sparse Feature Circuits paper's headline comparison: per task, the fewest nodes whose circuit
+# reaches the faithfulness level, over features (SAEs) and over neurons (identity dictionaries).
+_NODES_FOR_FAITHFULNESS = """
+SELECT task_id,
+       min(e.n_nodes) FILTER (WHERE basis = 'sae') AS features,
+       min(e.n_nodes) FILTER (WHERE basis = 'identity') AS neurons
+FROM evaluations e JOIN circuits USING (circuit_id)
+JOIN (SELECT DISTINCT circuit_id, d.kind AS basis
+      FROM nodes JOIN dictionaries d USING (dictionary_id)) USING (circuit_id)
+WHERE kind = 'faithfulness' AND e.ablation = under AND errors = 'node' AND value >= level
+GROUP BY task_id ORDER BY task_id
+"""
+
+# What `cli.py dictionaries` lists: every dictionary with its held-out quality.
+_DICTIONARY_QUALITY = """
+SELECT dictionary_id, hook_name, kind, architecture, d_in, d_sae,
+       round(metrics.mse::DOUBLE, 4) AS mse, round(metrics.fraction_variance_explained::DOUBLE, 4) AS fve,
+       round(metrics.l0::DOUBLE, 2) AS l0, round(metrics.dead_fraction::DOUBLE, 4) AS dead,
+       round(metrics.dense_fraction::DOUBLE, 4) AS dense, round(metrics.loss_clean::DOUBLE, 4) AS loss_clean,
+       round(metrics.loss_spliced::DOUBLE, 4) AS loss_spliced,
+       round(metrics.loss_recovered::DOUBLE, 4) AS loss_recovered
+FROM dictionaries ORDER BY kind, architecture, layer, hook_name
+"""
+
+# What `cli.py edit` prints: an edit's measures, all examples first, then each case.
+_EDIT_SUMMARY = """
+SELECT edit_id, subset, n_examples, n_features, round(metric_before, 3) AS metric_before,
+       round(metric_after, 3) AS metric_after, round(accuracy_before, 3) AS accuracy_before,
+       round(accuracy_after, 3) AS accuracy_after
+FROM edits WHERE edit_id = eid ORDER BY subset <> 'all', subset
+"""
+
 NAMED_QUERIES = [
     NamedQuery("circuit_basis", "cid", "(scalar) 'features' or 'neurons' (identity dictionaries)",
                _CIRCUIT_BASIS, scalar=True),
@@ -284,6 +327,16 @@ NAMED_QUERIES = [
                _NEIGHBOURS.format(frm="src_idx", to="dst_idx")),
     NamedQuery("top_examples", "dict, feature, n := 10",
                "a feature's top activating examples: the prompt, its strongest token in [brackets]", _TOP_EXAMPLES),
+    NamedQuery("circuit_list", "", "every circuit with its basis, size, total effect, faithfulness and accuracy",
+               _CIRCUIT_LIST),
+    NamedQuery("nodes_for_faithfulness", "level := 0.8, under := 'mean'",
+               "per task, the fewest nodes reaching faithfulness >= level (under that ablation), over features "
+               "and over neurons",
+               _NODES_FOR_FAITHFULNESS),
+    NamedQuery("dictionary_quality", "", "every dictionary with its held-out quality (MSE, FVE, L0, dead, dense, "
+               "loss recovered)", _DICTIONARY_QUALITY),
+    NamedQuery("edit_summary", "eid", "an edit's measures before and after, all examples and each case",
+               _EDIT_SUMMARY),
 ]
 
 # Internal helpers: created in the catalogue but not listed (they back the public ones).

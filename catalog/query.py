@@ -12,7 +12,7 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
-from catalog.errors import UserError
+from catalog.errors import UserError, first_line
 
 FORMATS = ("table", "csv", "json")
 
@@ -30,7 +30,7 @@ def _statements(sql: str) -> list:
     try:
         return duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise UserError(f"SQL error: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"SQL error: {first_line(e)}") from None
 
 
 def _check_statement(s) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from catalog.diff import diff
-from catalog.graph import check_circuit, circuit_nodes, first_example, node_name
+from catalog.graph import check_circuit, circuit_nodes, first_example, node_name, signed
 from catalog.store import Catalog
+from schema.sites import METRIC, row_names, site_name
 
 STATUS_COLOURS = {"added": "#1a9850", "removed": "#d73027", "changed": "#f29e0c", "same": "#9e9e9e"}
 POSITIVE, NEGATIVE = "#c0392b", "#2f6db5"
@@ -72,11 +73,7 @@ def _end_key(r, end: str) -> tuple:
 
 
 def _row(r) -> str:
-    return r.component if r.component in ("embed", "metric") else f"{r.component}_{int(r.layer)}"
-
-
-def _rows(n_layers: int) -> list[str]:
-    return ["embed", *(f"{c}_{i}" for i in range(n_layers) for c in ("attn", "mlp", "resid")), "metric"]
+    return site_name(r.component, r.layer)
 
 
 def _effect_colour(v: float, lim: float) -> str:
@@ -128,10 +125,10 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
     c = check_circuit(cat, circuit_id)
     nodes = circuit_nodes(cat, circuit_id)
     nodes, hidden = _keep_strongest(nodes, nodes.effect, max_per_row)
-    lim = float(nodes[nodes.component != "metric"].effect.abs().max() or 1.0) if len(nodes) else 1.0
+    lim = float(nodes[nodes.component != METRIC].effect.abs().max() or 1.0) if len(nodes) else 1.0
     examples = _examples(cat, nodes)
     draw = [DrawNode(_key(r), _row(r), None if pd.isna(r.position) else int(r.position),
-                     "#444444" if r.component == "metric" else _effect_colour(r.effect, lim), bool(r.is_error),
+                     "#444444" if r.component == METRIC else _effect_colour(r.effect, lim), bool(r.is_error),
                      _node_title(r, examples, f"  effect {r.effect:+.3f}")) for r in nodes.itertuples()]
     by_idx = {int(r.node_idx): _key(r) for r in nodes.itertuples()}
     edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ?", [circuit_id])
@@ -144,8 +141,8 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
     return Picture(
         title=f"{c.task_id}: circuit {circuit_id}",
         subtitle=f"{c.method}, {c.aggregation} aggregation, model {c.model_id}; {len(draw)} nodes, "
-                 f"{len(draw_edges)} edges; faithfulness {_fmt(c.faithfulness)}",
-        rows=_rows(_n_layers(nodes)), tokens=first_example(cat, c.task_id)[0] if per_position else [],
+                 f"{len(draw_edges)} edges; faithfulness {signed(c.faithfulness)}",
+        rows=row_names(_n_layers(nodes)), tokens=first_example(cat, c.task_id)[0] if per_position else [],
         nodes=draw, edges=draw_edges, hidden=hidden,
         legend=[(POSITIVE, "positive effect / weight"), (NEGATIVE, "negative effect / weight")])
 
@@ -161,8 +158,8 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_arg
     nodes, hidden = _keep_strongest(nodes, strength, max_per_row)
     examples = _examples(cat, nodes)
     draw = [DrawNode(_key(r), _row(r), None if pd.isna(r.position) else int(r.position), STATUS_COLOURS[r.status],
-                     bool(r.is_error), _node_title(r, examples, f"  {r.status}: {_fmt(r.effect_a)} -> "
-                                                                 f"{_fmt(r.effect_b)}"), css=r.status)
+                     bool(r.is_error), _node_title(r, examples, f"  {r.status}: {signed(r.effect_a)} -> "
+                                                                 f"{signed(r.effect_b)}"), css=r.status)
             for r in nodes.itertuples()]
     keys = {n.key for n in draw}
     edges = d.edges
@@ -171,25 +168,21 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_arg
     w = edges.weight_a.abs().fillna(0).combine(edges.weight_b.abs().fillna(0), max)
     wmax = float(w.max()) if len(w) else 1.0
     draw_edges = [DrawEdge(s, t, 0.4 + 5.6 * ww / wmax, STATUS_COLOURS[r.status],
-                           f"{r.status}: {_fmt(r.weight_a)} -> {_fmt(r.weight_b)}")
+                           f"{r.status}: {signed(r.weight_a)} -> {signed(r.weight_b)}")
                   for s, t, ww, r in zip(src, dst, w, edges.itertuples(), strict=True) if s in keys and t in keys]
     counts = {s: int((d.nodes.status == s).sum()) for s in STATUS_COLOURS}
     per_position = nodes.position.notna().any()
     return Picture(
         title=f"diff: {ca.task_id} ({ca.method}) -> {cb.task_id} ({cb.method})",
         subtitle=f"A = {a}, B = {b}; nodes matched by {d.match}; " + ", ".join(f"{v} {k}" for k, v in counts.items()),
-        rows=_rows(_n_layers(nodes)), tokens=first_example(cat, cb.task_id)[0] if per_position else [],
+        rows=row_names(_n_layers(nodes)), tokens=first_example(cat, cb.task_id)[0] if per_position else [],
         nodes=draw, edges=draw_edges, hidden=hidden,
         legend=[(c, s) for s, c in STATUS_COLOURS.items()])
 
 
 def _n_layers(nodes: pd.DataFrame) -> int:
-    m = nodes[nodes.component == "metric"]
+    m = nodes[nodes.component == METRIC]
     return int(m.layer.iloc[0]) if len(m) else int(nodes.layer.max()) + 1 if len(nodes) else 0
-
-
-def _fmt(x) -> str:
-    return "-" if x is None or pd.isna(x) else f"{x:+.3f}"
 
 
 def layout(p: Picture) -> tuple[int, int, dict[int, tuple[float, float]]]:

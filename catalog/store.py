@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.errors import UserError
+from catalog.errors import UserError, first_line
 from catalog.macros import create_macros, macros_hash
 from catalog.query import check_read_only
 from catalog.shards import MANIFEST, RunWriter, release_owner
@@ -182,7 +182,7 @@ class Catalog:
             try:
                 return con.execute(query, params or []).df()
             except duckdb.Error as e:
-                raise UserError(f"SQL error: {_first_line(e)}") from None
+                raise UserError(f"SQL error: {first_line(e)}") from None
 
     def circuits(self) -> pd.DataFrame:
         return self.sql("SELECT * FROM circuits ORDER BY created_at, task_id")
@@ -190,9 +190,6 @@ class Catalog:
     def nodes(self, circuit_id: str, in_circuit_only: bool = False) -> pd.DataFrame:
         cond = "AND in_circuit" if in_circuit_only else ""
         return self.sql(f"SELECT * FROM nodes WHERE circuit_id = ? {cond} ORDER BY node_idx", [circuit_id])
-
-    def edges(self, circuit_id: str) -> pd.DataFrame:
-        return self.sql("SELECT * FROM edges WHERE circuit_id = ? ORDER BY src_idx, dst_idx", [circuit_id])
 
     def check_task(self, task_id: str, content_hash: str) -> None:
         """Refuse a task whose name the catalogue already holds with other examples."""
@@ -354,10 +351,10 @@ def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:
             break
         except duckdb.IOException as e:  # a writer holds the file's lock for a moment
             if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                raise UserError(f"cannot open catalogue {path.parent}: {_first_line(e)}") from None
+                raise UserError(f"cannot open catalogue {path.parent}: {first_line(e)}") from None
             time.sleep(0.2)
         except duckdb.Error as e:
-            raise UserError(f"{path} is not a circuit catalogue ({_first_line(e)})") from None
+            raise UserError(f"{path} is not a circuit catalogue ({first_line(e)})") from None
     try:
         info = dict(con.execute("SELECT key, value FROM _catalog").fetchall())
     except duckdb.Error:
@@ -371,6 +368,3 @@ def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:
 def new_id(prefix: str) -> str:
     return f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

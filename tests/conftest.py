@@ -38,9 +38,9 @@ def saes(dicts):
 
 @pytest.fixture(scope="session")
 def subs(zoo):
-    from compute.dictionaries.kinds import submodules
+    from schema.sites import sites
 
-    return submodules(zoo.model)
+    return sites(zoo.model.cfg.n_layers)
 
 
 def run_cli(*args: str, catalog: Path | None = None, **kw) -> subprocess.CompletedProcess:

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from compute.attribution import edges
-from compute.attribution.atp import atp_grads
+from compute.attribution.atp import node_effects
 from compute.attribution.discovery import DiscoveryParams, discover
-from compute.attribution.edges import ERROR, EdgePair, edge_pairs, edge_weights, edge_weights_looped
+from compute.attribution.edges import EdgePair, edge_pairs, edge_weights, edge_weights_looped
 from compute.attribution.patching import patch_effects
-from compute.attribution.spliced import batch_metric, node_effects, states
+from compute.attribution.spliced import batch_metric, output_grads, states
 from compute.models import grammar
 from compute.tasks import encode
+from schema.sites import ERROR
 
 
 def _exact_effects(zoo, subs, saes, data, keys) -> np.ndarray:
@@ -138,7 +139,7 @@ def _batch_inputs(zoo, subs, saes, task):
     metric's gradient at every submodule's output."""
     b = encode(zoo.model, zoo.tasks[task], "train", 16).batches[0]
     clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
-    return b, clean, patch, atp_grads(zoo.model, subs, saes, b, clean, patch)
+    return b, clean, patch, output_grads(zoo.model, subs, b)[1]
 
 
 def _active_nodes(state, limit=None) -> torch.Tensor:
@@ -227,9 +228,9 @@ def test_circuit_keeps_edges_only_between_kept_nodes(zoo, subs, saes):
     assert c.edges and all(s in kept and d in kept for s, d, _ in c.edges)
     assert all(abs(w) > c.params.edge_threshold for *_, w in c.edges)
     metric = len(c.nodes) - 1
-    assert c.nodes[metric].sub is None and c.nodes[metric].effect == pytest.approx(c.total_effect)
+    assert c.nodes[metric].site is None and c.nodes[metric].effect == pytest.approx(c.total_effect)
     into_metric = [s for s, d, _ in c.edges if d == metric]
-    assert into_metric and all(c.nodes[s].sub.name == subs[-1].name for s in into_metric)
+    assert into_metric and all(c.nodes[s].site.name == subs[-1].name for s in into_metric)
 
 
 def test_per_position_exact_patching_matches_a_direct_hook(zoo, subs, saes):
@@ -241,11 +242,11 @@ def test_per_position_exact_patching_matches_a_direct_hook(zoo, subs, saes):
                  progress=False)
     by = {s.name: s for s in subs}
     clean, patch = states(zoo.model, subs, saes, b.clean), states(zoo.model, subs, saes, b.patch)
-    feats = sorted((n for n in c.nodes if n.sub is not None and n.feature is not None), key=lambda n: -abs(n.effect))
+    feats = sorted((n for n in c.nodes if n.site is not None and n.feature is not None), key=lambda n: -abs(n.effect))
     with torch.no_grad():
         base = batch_metric(zoo.model(b.clean), b)
         for n in feats[:6]:
-            s, i, t = by[n.sub.name], n.feature, n.position
+            s, i, t = by[n.site.name], n.feature, n.position
             delta = (patch[s.name].f[:, t, i] - clean[s.name].f[:, t, i])[:, None] * saes[s.name].W_dec[i]
 
             def hook(x, hook, t=t, delta=delta):

@@ -187,7 +187,6 @@ def test_per_position_aggregation_keeps_the_shortest_prompts(tmp_path, dicts):
 
 def test_demo_evaluates_every_circuit_and_features_beat_neurons(demo_catalog):
     import catalog
-    from cli import FEATURES_VS_NEURONS
 
     cat = catalog.open(demo_catalog)
     c = cat.sql("SELECT faithfulness, completeness FROM circuits")
@@ -195,7 +194,7 @@ def test_demo_evaluates_every_circuit_and_features_beat_neurons(demo_catalog):
     points = cat.sql("SELECT circuit_id, ablation, count(*) AS n FROM evaluations "
                      "WHERE kind = 'faithfulness' GROUP BY ALL")
     assert len(points) == 3 * 2 * len(grammar.TASKS) and (points.n >= 5).all()
-    table = cat.sql(FEATURES_VS_NEURONS)
+    table = cat.sql("SELECT * FROM nodes_for_faithfulness(0.8)")
     assert set(table.task_id) == set(grammar.TASKS)
     assert (table.features < table.neurons).all(), table
 

@@ -273,7 +273,7 @@ def test_toy_benchmark_recovers_true_features_and_pca_does_not(tmp_path):
     """32 dimensions, 64 true features: the best SAE of a small sweep finds them (MMCS >= 0.95),
     PCA cannot (MMCS < 0.6); every row reports its dead features."""
     import catalog
-    from compute.jobs.lifecycle import toy_benchmark_job
+    from compute.jobs.benchmark import toy_benchmark_job
 
     cat = catalog.init(tmp_path / "cat")
     run_id, rows = toy_benchmark_job(cat, ToyData(d=32, n_features=64),

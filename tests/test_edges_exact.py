@@ -9,12 +9,13 @@ next submodules' features: the edges out of a node sum to its effect.
 import pytest
 import torch
 
-from compute.attribution.atp import atp_grads
+from compute.attribution.atp import node_effects
 from compute.attribution.discovery import DiscoveryParams, discover
-from compute.attribution.edges import ERROR, edge_pairs, edge_weights
-from compute.attribution.spliced import node_effects, states
-from compute.dictionaries.kinds import SAE, submodules
+from compute.attribution.edges import edge_pairs, edge_weights
+from compute.attribution.spliced import output_grads, states
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Batch, Encoded
+from schema.sites import ERROR, sites
 
 D_MODEL, VOCAB, LENGTH, N = 8, 11, 6, 5
 
@@ -39,7 +40,7 @@ def tiny(request):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    subs = submodules(model)
+    subs = sites(model.cfg.n_layers)
     dicts = {}
     for s in subs:
         q, _ = torch.linalg.qr(torch.randn(D_MODEL, D_MODEL, dtype=torch.float64))
@@ -71,7 +72,7 @@ def test_edges_out_of_every_node_sum_to_its_effect(tiny):
     add up to the feature's (AtP) effect; edges into and out of error terms are zero."""
     model, subs, dicts, batch = tiny
     clean, patch = states(model, subs, dicts, batch.clean), states(model, subs, dicts, batch.patch)
-    grads = atp_grads(model, subs, dicts, batch, clean, patch)
+    grads = output_grads(model, subs, batch)[1]
     every = {s.name: torch.tensor(list(range(2 * D_MODEL)) + [ERROR]) for s in subs}
     out = {s.name: torch.zeros(2 * D_MODEL + 1, dtype=torch.float64) for s in subs}
     into_errors = 0.0
@@ -104,9 +105,9 @@ def test_discovered_circuit_edges_sum_to_node_effects(tiny):
         out[src] += w
     checked = 0
     for i, node in enumerate(c.nodes):
-        if node.sub is None or abs(node.effect) < 1e-6 * max(abs(n.effect) for n in c.nodes):
+        if node.site is None or abs(node.effect) < 1e-6 * max(abs(n.effect) for n in c.nodes):
             continue
-        assert out[i] == pytest.approx(node.effect, rel=1e-4), (node.sub.name, node.feature)
+        assert out[i] == pytest.approx(node.effect, rel=1e-4), (node.site.name, node.feature)
         checked += 1
     assert checked > 20
 
@@ -120,17 +121,17 @@ def test_per_position_edges_sum_to_node_effects(tiny):
     c = discover(model, subs, dicts, Encoded([batch]), params, progress=False)
     summed = discover(model, subs, dicts, Encoded([batch]), DiscoveryParams(method="atp", ablations=()),
                       progress=False).effects()
-    assert {n.position for n in c.nodes if n.sub is not None} == set(range(2, LENGTH))  # from the patch on
+    assert {n.position for n in c.nodes if n.site is not None} == set(range(2, LENGTH))  # from the patch on
     out = [0.0] * len(c.nodes)
     for src, dst, w in c.edges:
         out[src] += w
-        if c.nodes[dst].sub is not None:
+        if c.nodes[dst].site is not None:
             assert c.nodes[dst].position >= c.nodes[src].position  # causal attention
     top = max(abs(n.effect) for n in c.nodes)
     checked = 0
     for i, node in enumerate(c.nodes):
-        if node.sub is not None and abs(node.effect) > 1e-6 * top:
-            assert out[i] == pytest.approx(node.effect, rel=1e-4), (node.sub.name, node.feature, node.position)
+        if node.site is not None and abs(node.effect) > 1e-6 * top:
+            assert out[i] == pytest.approx(node.effect, rel=1e-4), (node.site.name, node.feature, node.position)
             checked += 1
     assert checked > 40
     over_positions: dict = {}

@@ -87,6 +87,18 @@ def test_removing_the_spurious_cue_raises_worst_group_accuracy(shift):
     assert (here / "shift.png").stat().st_size > 10_000
 
 
+def test_the_readme_queries_of_the_editing_section_return_rows(shift):
+    from test_readme import SHIFT_SECTION, _blocks
+
+    import catalog
+
+    here, _ = shift
+    blocks = _blocks("sql", SHIFT_SECTION)
+    assert blocks
+    for sql in blocks:
+        assert len(catalog.open(here / "shift").sql(sql)) > 0, sql
+
+
 @pytest.mark.parametrize("sql,needle", [
     ("SELECT 1 AS feature_idx", "must return dictionary_id and feature_idx"),
     ("SELECT dictionary_id, feature_idx FROM features WHERE false", "chose no features"),

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from compute.attribution.discovery import DiscoveryParams, discover
-from compute.attribution.edges import ERROR
 from compute.attribution.faithfulness import (
     ERROR_MODES,
     NodeSet,
@@ -18,6 +17,7 @@ from compute.attribution.faithfulness import (
 )
 from compute.attribution.spliced import batch_metric, states
 from compute.tasks import encode
+from schema.sites import ERROR
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from catalog.compare import compare, select_circuits
 from catalog.diff import diff
 from catalog.graph import circuit_tracer_json, neighbours, paths, to_networkx, write_graphml
 from catalog.macros import listed
-from catalog.synthetic import layered_circuit, save_decoder, write_circuit
 from tests.conftest import run_cli
+from tests.synthetic import layered_circuit, save_decoder, write_circuit
 
 
 def _nodes(rows):

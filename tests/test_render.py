@@ -14,8 +14,8 @@ import numpy as np
 
 import catalog
 from catalog.render import render_circuit, render_diff
-from catalog.synthetic import write_circuit
 from tests.conftest import run_cli
+from tests.synthetic import write_circuit
 from tests.test_queries import A_EDGES, A_NODES, B_EDGES, B_NODES, _edges, _nodes
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

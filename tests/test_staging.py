@@ -132,7 +132,7 @@ def test_clean_commits_finished_runs_removes_broken_ones_and_leaves_live_ones(tm
 
 def test_a_commit_that_fails_leaves_no_staging_and_records_a_failed_run(tmp_path, zoo, dicts, monkeypatch):
     from compute.attribution.discovery import DiscoveryParams
-    from compute.jobs.lifecycle import discovery_job
+    from compute.jobs.discover import discovery_job
 
     cat = catalog.init(tmp_path / "c")
     real, calls = cat.commit, []
@@ -145,7 +145,7 @@ def test_a_commit_that_fails_leaves_no_staging_and_records_a_failed_run(tmp_path
 
     monkeypatch.setattr(cat, "commit", broken)
     with pytest.raises(UserError, match="damaged"):
-        discovery_job(cat, zoo, dicts, zoo.tasks["sva_simple"], DiscoveryParams(n_examples=4, ablations=()),
+        discovery_job(cat, zoo.handle, dicts, zoo.tasks["sva_simple"], DiscoveryParams(n_examples=4, ablations=()),
                       progress=False)
     monkeypatch.undo()
     assert _staging(cat.root) == []

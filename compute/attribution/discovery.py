@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
-from compute.attribution.edges import ERROR, edge_pairs, edge_weights
+from compute.attribution.atp import node_effects
+from compute.attribution.edges import edge_pairs, edge_weights
 from compute.attribution.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
 from compute.attribution.ig import ig_grads
 from compute.attribution.patching import patch_effects
@@ -34,12 +35,12 @@ from compute.attribution.spliced import (
     batch_metric,
     clean_and_patch,
     logits_with_output,
-    node_effects,
     spliced_pass,
     zero_states,
 )
-from compute.dictionaries.kinds import SAE, Submodule
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Encoded
+from schema.sites import ERROR, Site
 
 METHODS = ("ig", "atp", "exact")
 AGGREGATIONS = ("sum", "none")
@@ -81,7 +82,7 @@ class DiscoveryParams:
 
 @dataclass
 class Node:
-    sub: Submodule | None  # None for the metric node
+    site: Site | None  # None for the metric node
     feature: int | None  # None for error terms and the metric node
     effect: float
     in_circuit: bool
@@ -109,8 +110,8 @@ class Circuit:
     def effects(self) -> dict[tuple[str, int, int | None], float]:
         """(submodule name, feature index or ERROR, position or None) -> effect, for every node
         but the metric."""
-        return {(n.sub.name, ERROR if n.feature is None else n.feature, n.position): n.effect
-                for n in self.nodes if n.sub is not None}
+        return {(n.site.name, ERROR if n.feature is None else n.feature, n.position): n.effect
+                for n in self.nodes if n.site is not None}
 
     def at_threshold(self, ablation: str = "mean") -> tuple[float, float] | None:
         """(faithfulness, completeness) at the circuit's own node threshold, if evaluated."""
@@ -127,7 +128,7 @@ class Circuit:
         return "; ".join(notes) if notes else None
 
 
-def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
+def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
              params: DiscoveryParams, progress: bool = True) -> Circuit:
     n = data.n_examples
     if n == 0:
@@ -207,7 +208,7 @@ def discover(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
     return circuit
 
 
-def _exact(model, s: Submodule, sae: SAE, batch, clean, patch, per_position: bool,
+def _exact(model, s: Site, sae: SAE, batch, clean, patch, per_position: bool,
            feat_eff: torch.Tensor, err_eff: torch.Tensor) -> None:
     """Add the exact patching effect of every node whose clean and patch values differ."""
     moved = (patch.f != clean.f).any(0)  # [T, d_sae]

@@ -30,10 +30,10 @@ import torch
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from compute.attribution.spliced import State
-from compute.dictionaries.kinds import SAE, Submodule
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Batch
+from schema.sites import ERROR, Site, site_name
 
-ERROR = -1  # node index of a submodule's error term in edge computations
 PIECE_BUDGET = 2**24  # cotangent values per backward pass (64 MiB in float32), to bound memory
 
 
@@ -41,12 +41,12 @@ PIECE_BUDGET = 2**24  # cotangent values per backward pass (64 MiB in float32), 
 class EdgePair:
     """Upstream and downstream submodule of one edge type, and what is frozen between them."""
 
-    up: Submodule
-    down: Submodule
-    frozen: tuple[Submodule, ...] = ()
+    up: Site
+    down: Site
+    frozen: tuple[Site, ...] = ()
 
 
-def edge_pairs(subs: list[Submodule], parallel: bool = False) -> list[EdgePair]:
+def edge_pairs(subs: list[Site], parallel: bool = False) -> list[EdgePair]:
     """Edge types of a GPT-2 style block, layer by layer.
 
     prev -> attn, prev -> mlp (not through attn), attn -> mlp (unless attention and MLP are
@@ -57,8 +57,8 @@ def edge_pairs(subs: list[Submodule], parallel: bool = False) -> list[EdgePair]:
     layers = sorted({s.layer for s in subs if s.layer >= 0})
     pairs = []
     for layer in layers:
-        prev = by["embed"] if layer == 0 else by[f"resid_{layer - 1}"]
-        attn, mlp, resid = by[f"attn_{layer}"], by[f"mlp_{layer}"], by[f"resid_{layer}"]
+        prev = by[_block_input_site(layer)]
+        attn, mlp, resid = (by[site_name(c, layer)] for c in ("attn", "mlp", "resid"))
         pairs += [EdgePair(prev, attn), EdgePair(prev, mlp, (attn,))]
         if not parallel:
             pairs.append(EdgePair(attn, mlp))
@@ -234,11 +234,11 @@ def _block_forward(model, pair: EdgePair, clean: dict[str, State]) -> Callable |
     """Upstream output -> downstream output within the downstream block, or None where the
     clean states lack what it starts from. An mlp is run from its input (the residual stream
     after attention, or before it in parallel blocks), the attention output frozen or clean;
-    an attn output runs the block from its input and stops at hook_attn_out."""
+    an attn output runs the block from its input and stops at the attn site's output hook."""
     layer, cfg = pair.down.layer, model.cfg
     block = model.blocks[layer]
-    start = "embed" if layer == 0 else f"resid_{layer - 1}"  # the block's input (see `submodules`)
-    attn = f"attn_{layer}"
+    start = _block_input_site(layer)
+    attn = site_name("attn", layer)
     up_is_input = pair.up.name == start
     parallel = cfg.parallel_attn_mlp  # the MLP reads the block's input, as attention does
     if pair.down.component == "mlp" and (up_is_input or pair.up.name == attn and not parallel):
@@ -255,8 +255,13 @@ def _block_forward(model, pair: EdgePair, clean: dict[str, State]) -> Callable |
             return block.apply_mlp(mlp_in if post_norm else block.ln2(mlp_in))
         return forward
     if pair.down.component == "attn" and up_is_input:
-        return lambda x_up, take: _run_until(block.hook_attn_out, lambda: block(x_up))
+        return lambda x_up, take: _run_until(model.hook_dict[pair.down.hook_out], lambda: block(x_up))
     return None
+
+
+def _block_input_site(layer: int) -> str:
+    """The site whose output is block `layer`'s input: the embedding, or the previous resid."""
+    return site_name("embed", -1) if layer == 0 else site_name("resid", layer - 1)
 
 
 def _model_forward(model, pair: EdgePair, batch: Batch) -> Callable:

@@ -17,8 +17,9 @@ import torch
 
 from compute.attribution.faithfulness import ablated_states, ablation_hooks, node_set
 from compute.attribution.spliced import metric, prompts_right, states
-from compute.dictionaries.kinds import SAE, Submodule
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Batch, Task, encode
+from schema.sites import Site
 
 EDIT_ABLATIONS = ("mean", "zero")
 ALL = "all"
@@ -37,7 +38,7 @@ class Measure:
 
 
 @torch.no_grad()
-def edit_and_measure(model, subs: list[Submodule], dicts: dict[str, SAE], task: Task,
+def edit_and_measure(model, subs: list[Site], dicts: dict[str, SAE], task: Task,
                      features: dict[str, list[int]], ablation: str = "mean", split: str = "test") -> list[Measure]:
     """Measure `task` on `split` with and without the features (submodule name -> indices) ablated.
 

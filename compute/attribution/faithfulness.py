@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from compute.attribution.edges import ERROR
 from compute.attribution.spliced import State, batch_metric, states, zero_states
-from compute.dictionaries.kinds import SAE, Submodule
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Encoded
+from schema.sites import ERROR, Site
 
 ABLATIONS = ("mean", "zero", "resample")
 ERROR_MODES = ("node", "kept", "ablated", "removed")
@@ -56,7 +56,7 @@ class NodeSet:
         return sum(int(v.sum()) for v in self.features.values()) + sum(int(v.sum()) for v in self.errors.values())
 
 
-def node_set(subs: list[Submodule], dicts: dict[str, SAE], nodes, length: int | None = None) -> NodeSet:
+def node_set(subs: list[Site], dicts: dict[str, SAE], nodes, length: int | None = None) -> NodeSet:
     """A NodeSet from (submodule name, feature index or ERROR[, position]) keys; per-position
     keys (position not None) need the prompts' `length`."""
     shape = () if length is None else (length,)
@@ -73,7 +73,7 @@ def node_set(subs: list[Submodule], dicts: dict[str, SAE], nodes, length: int | 
     return NodeSet(feats, errs)
 
 
-def everything(subs: list[Submodule], dicts: dict[str, SAE]) -> NodeSet:
+def everything(subs: list[Site], dicts: dict[str, SAE]) -> NodeSet:
     return node_set(subs, dicts, []).complement()
 
 
@@ -92,14 +92,14 @@ def ablated_states(clean: dict[str, State], ablation: str, dicts: dict[str, SAE]
     return out
 
 
-def ablation_hooks(subs: list[Submodule], dicts: dict[str, SAE], keep: NodeSet, ablated: dict[str, State],
+def ablation_hooks(subs: list[Site], dicts: dict[str, SAE], keep: NodeSet, ablated: dict[str, State],
                    errors: str = "node") -> list:
     """Forward hooks that splice each dictionary in and set the nodes outside `keep` to their
     ablated value (features and error terms recomputed from the already modified input)."""
     if errors not in ERROR_MODES:
         raise ValueError(f"unknown error mode {errors!r}; choose from {', '.join(ERROR_MODES)}")
 
-    def splice(x, hook, s: Submodule):
+    def splice(x, hook, s: Site):
         sae, abl, keep_err = dicts[s.name], ablated[s.name], keep.errors[s.name]
         f = sae.encode(x)
         kept = torch.where(keep.features[s.name], f, abl.f)
@@ -118,7 +118,7 @@ def ablation_hooks(subs: list[Submodule], dicts: dict[str, SAE], keep: NodeSet, 
 
 
 @torch.no_grad()
-def ablated_metric(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor, batch,
+def ablated_metric(model, subs: list[Site], dicts: dict[str, SAE], tokens: torch.Tensor, batch,
                    keep: NodeSet, ablated: dict[str, State], errors: str = "node") -> torch.Tensor:
     """Metric per example with the nodes outside `keep` ablated."""
     hooks = ablation_hooks(subs, dicts, keep, ablated, errors)
@@ -189,7 +189,7 @@ def sweep_thresholds(effects: dict[tuple, float], chosen: float) -> list[float]:
 
 
 @torch.no_grad()
-def curves(model, subs: list[Submodule], dicts: dict[str, SAE], data: Encoded,
+def curves(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
            effects: dict[tuple, float], thresholds: list[float],
            ablations: tuple[str, ...] = ABLATIONS, errors: str = "node",
            random_draws: int = 3, progress: bool = False) -> list[Curve]:

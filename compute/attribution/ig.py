@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from compute.attribution.spliced import State, batch_metric, logits_with_output
-from compute.dictionaries.kinds import SAE, Submodule
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Batch
+from schema.sites import Site
 
 
-def ig_grads(model, subs: list[Submodule], dicts: dict[str, SAE], batch: Batch,
+def ig_grads(model, subs: list[Site], dicts: dict[str, SAE], batch: Batch,
              clean: dict[str, State], patch: dict[str, State], steps: int = 10) -> dict[str, torch.Tensor]:
     """Mean gradient of the metric at each submodule's output along the clean->patch line."""
     alphas = torch.arange(steps, dtype=torch.float32) / steps

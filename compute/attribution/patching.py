@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from compute.attribution.spliced import State, batch_metric, last_logits, logits_with_output
-from compute.dictionaries.kinds import SAE, Submodule
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Batch
+from schema.sites import Site
 
 
 @torch.no_grad()
-def patch_effects(model, sub: Submodule, sae: SAE, batch: Batch, clean: State, patch: State,
+def patch_effects(model, sub: Site, sae: SAE, batch: Batch, clean: State, patch: State,
                   nodes: list[int | None], positions: list[int | None] | None = None,
                   chunk: int = 32) -> torch.Tensor:
     """Exact effect of each node of one submodule (feature index, or None for the error term),

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compute.dictionaries.kinds import SAE, Submodule
+from compute.dictionaries.kinds import SAE
 from compute.tasks import Batch
+from schema.sites import Site, enters_block
 
 
 class State:
@@ -92,7 +93,7 @@ def last_logits(model, x: torch.Tensor, start_at_layer: int | None = None) -> to
     return apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 
-def spliced_pass(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor,
+def spliced_pass(model, subs: list[Site], dicts: dict[str, SAE], tokens: torch.Tensor,
                  batch: Batch | None = None, grads: bool = False, grad_rows: int | None = None) -> Pass:
     """One forward pass of the spliced model: every submodule's features and error term and,
     given the batch, the metric per row; with `grads`, one backward pass too, for the gradient
@@ -124,7 +125,7 @@ def spliced_pass(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: to
     return Pass(None if m is None else m.detach(), held, g)
 
 
-def clean_and_patch(model, subs: list[Submodule], dicts: dict[str, SAE], batch: Batch,
+def clean_and_patch(model, subs: list[Site], dicts: dict[str, SAE], batch: Batch,
                     grads: bool = False) -> tuple[Pass, Pass]:
     """The spliced pass on the clean prompts and on the patch prompts, run as one batch (the
     two have one length), so the model's per-call cost is paid once; gradients, on request,
@@ -139,41 +140,29 @@ def clean_and_patch(model, subs: list[Submodule], dicts: dict[str, SAE], batch: 
     return part(slice(0, n), clean_grads), part(slice(n, None), None)
 
 
-def states(model, subs: list[Submodule], dicts: dict[str, SAE], tokens: torch.Tensor) -> dict[str, State]:
+def states(model, subs: list[Site], dicts: dict[str, SAE], tokens: torch.Tensor) -> dict[str, State]:
     """Features and error terms of every submodule on a batch of prompts."""
     return spliced_pass(model, subs, dicts, tokens).states
 
 
-def output_grads(model, subs: list[Submodule], batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def output_grads(model, subs: list[Site], batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Metric on the clean prompts and its gradient at every submodule's output."""
     p = spliced_pass(model, subs, {}, batch.clean, batch, grads=True)
     return p.metric, p.grads
 
 
-def logits_with_output(model, s: Submodule, value: torch.Tensor, subs: list[Submodule],
+def logits_with_output(model, s: Site, value: torch.Tensor, subs: list[Site],
                        clean: dict[str, State], tokens: torch.Tensor, repeat: int) -> torch.Tensor:
     """Last-position logits with submodule `s` set to `value` ([repeat * B, T, d]) on the
     prompts `tokens` repeated. Everything upstream of `s` is as on the clean prompts, so only
     the blocks from its own on run: a resid submodule's value is the next block's input, and
     attn or mlp start from the clean residual stream entering their block when `clean` holds it."""
     if model.cfg.positional_embedding_type != "shortformer":
-        if s.hook_name in (f"blocks.{s.layer + 1}.hook_resid_pre", f"blocks.{s.layer}.hook_resid_post"):
+        if enters_block(s.hook_name, s.layer + 1):
             return last_logits(model, value, start_at_layer=s.layer + 1)
-        hooks = {f"blocks.{s.layer}.hook_resid_pre", f"blocks.{s.layer - 1}.hook_resid_post"}
-        start = next((clean[u.name].x for u in subs if u.hook_name in hooks and u.name in clean), None)
+        start = next((clean[u.name].x for u in subs if enters_block(u.hook_name, s.layer) and u.name in clean), None)
         if start is not None:
             with model.hooks(fwd_hooks=[(s.hook_name, lambda x, hook: value)]):
                 return last_logits(model, start.repeat(repeat, 1, 1), start_at_layer=s.layer)
     with model.hooks(fwd_hooks=[(s.hook_name, lambda x, hook: value)]):
         return last_logits(model, tokens.repeat(repeat, 1))
-
-
-def node_effects(sae: SAE, clean: State, patch: State, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-order effects (patch - clean) . gradient of every feature and of the error term.
-
-    Returns feature effects [B, T, d_sae] and error effects [B, T]. Because x = decode(f) + err
-    with decode affine, the error term moves by dx - (df) W_dec, so its effect is dx . g minus
-    the features' effects: no decoder product is needed.
-    """
-    feature_effects = (patch.f - clean.f) * (grad @ sae.W_dec.T)
-    return feature_effects, ((patch.x - clean.x) * grad).sum(-1) - feature_effects.sum(-1)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from catalog.errors import UserError
+from catalog.errors import UserError, first_line
 from compute.dictionaries.kinds import (
     ARCHITECTURES,
     SAE,
@@ -27,6 +27,7 @@ from compute.dictionaries.kinds import (
     TopKSAE,
     Transcoder,
 )
+from schema.sites import guess_site
 
 
 def save_dictionary(sae: SAE, path: Path, extra: dict | None = None) -> None:
@@ -70,7 +71,7 @@ def load_dictionary(path: Path) -> SAE:
     try:
         state = {k: v.float() for k, v in load_file(str(weights)).items()}
     except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise UserError(f"{weights}: not a readable safetensors file ({_first_line(e)})") from None
+        raise UserError(f"{weights}: not a readable safetensors file ({first_line(e)})") from None
     w_enc = state.get("W_enc")
     if w_enc is None or tuple(w_enc.shape) != (d_in, d_sae):  # checked before anything is allocated
         have = "no W_enc" if w_enc is None else f"W_enc of shape {tuple(w_enc.shape)}"
@@ -97,7 +98,7 @@ def load_dictionary(path: Path) -> SAE:
     try:
         sae.load_state_dict(state)
     except RuntimeError as e:
-        raise UserError(f"{weights}: weights do not fit cfg.json ({_first_line(e)})") from None
+        raise UserError(f"{weights}: weights do not fit cfg.json ({first_line(e)})") from None
     for p in sae.parameters():
         p.requires_grad_(False)
     return sae
@@ -110,17 +111,10 @@ def check_finite(state: dict[str, torch.Tensor], where: Path) -> None:
         raise UserError(f"{where}: weights {', '.join(sorted(bad))} hold NaN or infinite values")
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
 
 # ---- dictionary_learning ---------------------------------------------------------------------
 
 DICTIONARY_LEARNING_CLASSES = ("AutoEncoder", "AutoEncoderTopK", "JumpReluAutoEncoder", "BatchTopKSAE")
-
-_SUBMODULE_HOOKS = (("embed", "blocks.0.hook_resid_pre"), ("resid", "blocks.{layer}.hook_resid_post"),
-                    ("attn", "blocks.{layer}.hook_attn_out"), ("mlp", "blocks.{layer}.hook_mlp_out"))
-
 
 def import_dictionary_learning(path: Path, hook_name: str | None = None, model_name: str = "") -> SAE:
     """Read a dictionary_learning directory (`ae.pt` + `config.json`) as one of our dictionaries.
@@ -136,7 +130,7 @@ def import_dictionary_learning(path: Path, hook_name: str | None = None, model_n
     except FileNotFoundError as e:
         raise UserError(f"{path}: not a dictionary_learning directory ({Path(e.filename).name} missing)") from None
     except Exception as e:  # torch.load's errors on a damaged file are of many types (pickle, zip, EOF)
-        raise UserError(f"{path}: cannot read the dictionary_learning files ({_first_line(e)})") from None
+        raise UserError(f"{path}: cannot read the dictionary_learning files ({first_line(e)})") from None
     if not isinstance(trainer, dict) or not isinstance(state, dict):
         raise UserError(f"{path}: config.json's trainer and ae.pt's state must both be dictionaries")
     cls = trainer.get("dict_class")
@@ -191,7 +185,10 @@ def import_dictionary_learning(path: Path, hook_name: str | None = None, model_n
 
 def _guess_hook(trainer: dict, path: Path) -> str:
     name, layer = str(trainer.get("submodule_name") or ""), trainer.get("layer")
-    for key, template in _SUBMODULE_HOOKS:
-        if key in name and (layer is not None or key == "embed"):
-            return template.format(layer=layer)
-    raise UserError(f"{path}: cannot tell which hook submodule {name!r} (layer {layer}) is; pass --hook")
+    try:
+        found = guess_site(name, layer)
+    except (TypeError, ValueError):
+        found = None
+    if found is None:
+        raise UserError(f"{path}: cannot tell which hook submodule {name!r} (layer {layer}) is; pass --hook")
+    return found.hook_out

@@ -19,34 +19,7 @@ import torch
 
 from catalog.errors import UserError
 from compute.cache import config_hash, file_hash
-
-
-@dataclass(frozen=True)
-class Submodule:
-    """A place in the model where a dictionary is spliced in."""
-
-    component: str  # embed | attn | mlp | resid
-    layer: int  # -1 for the embedding
-    hook_name: str
-
-    @property
-    def name(self) -> str:
-        return "embed" if self.component == "embed" else f"{self.component}_{self.layer}"
-
-
-def submodules(model) -> list[Submodule]:
-    """The embedding and attn_out, mlp_out, resid_post of every layer, in forward order."""
-    subs = [Submodule("embed", -1, "blocks.0.hook_resid_pre")]
-    for layer in range(model.cfg.n_layers):
-        subs += [Submodule("attn", layer, f"blocks.{layer}.hook_attn_out"),
-                 Submodule("mlp", layer, f"blocks.{layer}.hook_mlp_out"),
-                 Submodule("resid", layer, f"blocks.{layer}.hook_resid_post")]
-    return subs
-
-
-def transcoder_hooks(layer: int) -> tuple[str, str]:
-    """(input, output) hooks of an MLP transcoder: the normalised MLP input and mlp_out."""
-    return f"blocks.{layer}.ln2.hook_normalized", f"blocks.{layer}.hook_mlp_out"
+from schema.sites import Site, is_mlp_neurons
 
 
 class SAE(torch.nn.Module):
@@ -179,13 +152,12 @@ ARCHITECTURES: dict[str, type[SAE]] = {c.architecture: c for c in (SAE, TopKSAE,
 
 def hook_width(model, hook_name: str) -> int:
     """Width of a TransformerLens hook's activation (d_model, or d_mlp for MLP neurons)."""
-    return model.cfg.d_mlp if ("hook_post" in hook_name or "hook_pre" in hook_name) and "mlp" in hook_name \
-        else model.cfg.d_model
+    return model.cfg.d_mlp if is_mlp_neurons(hook_name) else model.cfg.d_model
 
 
-def check_fits(sae: SAE, model, sub: Submodule | None = None) -> None:
+def check_fits(sae: SAE, model) -> None:
     """Refuse a dictionary whose width does not match its hook (or its output hook)."""
-    hook = sub.hook_name if sub is not None else sae.hook_name
+    hook = sae.hook_name
     if hook not in model.hook_dict:
         raise UserError(f"dictionary reads hook {hook!r}, which the model does not have")
     width = hook_width(model, hook)
@@ -199,15 +171,17 @@ def check_fits(sae: SAE, model, sub: Submodule | None = None) -> None:
 
 @dataclass
 class TrainedDictionary:
-    sub: Submodule
+    """A dictionary at its site, with where its files are and its measured quality."""
+
+    site: Site
     sae: SAE
     path: Path
     metrics: dict
 
     @property
     def hook_in(self) -> str:
-        """The hook the dictionary reads (a transcoder's differs from its submodule's)."""
-        return self.sae.hook_name or self.sub.hook_name
+        """The hook the dictionary reads (a transcoder's differs from its site's output)."""
+        return self.sae.hook_name or self.site.reads
 
     @property
     def dictionary_id(self) -> str:

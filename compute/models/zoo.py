@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from compute.cache import cached_dir, config_hash, file_hash
 from compute.models import grammar
+from compute.models.handle import ModelHandle
 from compute.tasks import Task, load_task_file, write_task_file
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>"]
@@ -73,6 +75,12 @@ class Zoo:
     @property
     def weights_hash(self) -> str:
         return file_hash(self.path / "model.safetensors")[:16]
+
+    @cached_property
+    def handle(self) -> ModelHandle:
+        """The zoo model as jobs take any model (see `compute.models.handle`)."""
+        return ModelHandle(self.model, self.model_id, self.name, str(self.path),
+                           json.loads((self.path / "config.json").read_text()), self.weights_hash)
 
 
 def build_tokenizer(out_dir: Path):

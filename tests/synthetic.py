@@ -1,4 +1,5 @@
-"""Circuits written straight into a catalogue, with structure known by construction.
+"""Circuits written straight into a catalogue, with structure known by construction (a test and
+bench fixture, not part of the package).
 
 The query layer's tests build circuits whose diff, overlap and paths are known exactly, and
 `bench/queries.py` builds circuits of millions of edges; neither needs a model. Columns are
@@ -15,6 +16,7 @@ import pyarrow as pa
 
 from catalog.store import Catalog, new_id
 from schema.derive import arrow_schema
+from schema.sites import METRIC, sites
 
 
 def _table(name: str, columns: dict, n: int) -> pa.Table:
@@ -73,7 +75,7 @@ def layered_circuit(rng: np.random.Generator, n_layers: int, width: int, n_edges
     """A random circuit in the zoo's shape: rows embed, (attn, mlp, resid) per layer, metric; `width`
     nodes per row drawn from `feature_pool` features (one error node each), about n_edges edges
     between consecutive rows and into the metric. Returns (nodes, edges) column dicts."""
-    rows = [("embed", -1)] + [(c, i) for i in range(n_layers) for c in ("attn", "mlp", "resid")]
+    rows = [(s.component, s.layer) for s in sites(n_layers)]
     comp, layer, dict_id, feat, err, row_of = [], [], [], [], [], []
     for r, (c, lyr) in enumerate(rows):
         f = rng.choice(feature_pool, size=width - 1, replace=False)
@@ -83,7 +85,7 @@ def layered_circuit(rng: np.random.Generator, n_layers: int, width: int, n_edges
         feat += [*f.tolist(), None]
         err += [False] * (width - 1) + [True]
         row_of += [r] * width
-    comp.append("metric")
+    comp.append(METRIC)
     layer.append(n_layers)
     dict_id.append(None)
     feat.append(None)

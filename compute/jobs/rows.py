@@ -1,0 +1,104 @@
+"""The rows jobs write: a model and its dictionaries, a task and its examples, activations, a circuit."""
+
+from __future__ import annotations
+
+from catalog.shards import RunWriter
+from catalog.store import Catalog
+from compute.attribution.discovery import Circuit
+from compute.dictionaries.kinds import TrainedDictionary
+from compute.dictionaries.metrics import METRIC_KEYS
+from compute.models.handle import ModelHandle
+from compute.tasks import Task, str_tokens
+from schema.sites import METRIC
+
+EDGE_ROWS = 50_000  # edges per batch written (a circuit's edges are streamed, never one big list of rows)
+
+
+def write_context(w: RunWriter, handle: ModelHandle, dicts: dict[str, TrainedDictionary], task: Task) -> None:
+    """The model, its dictionaries and the task a run worked on."""
+    write_model_and_dictionaries(w, handle, dicts)
+    write_task(w, handle, task)
+
+
+def write_model_and_dictionaries(w: RunWriter, handle: ModelHandle, dicts: dict[str, TrainedDictionary]) -> None:
+    w.write("models", [handle.row()])
+    w.write("dictionaries", [{
+        "dictionary_id": d.dictionary_id, "model_id": handle.model_id, "hook_name": d.hook_in,
+        "hook_name_out": getattr(d.sae, "hook_name_out", "") or d.site.hook_out,
+        "component": d.site.component, "layer": d.site.layer, "kind": d.sae.kind, "architecture": d.sae.architecture,
+        "d_in": d.sae.d_in, "d_sae": d.sae.d_sae, "path": str(d.path),
+        "metrics": {k: d.metrics[k] for k in METRIC_KEYS if k in d.metrics}} for d in dicts.values()])
+    for d in dicts.values():
+        w.write("features", [{"dictionary_id": d.dictionary_id, "feature_idx": i, "density": dens,
+                              "max_activation": mx}
+                             for i, (dens, mx) in enumerate(zip(d.metrics["density"], d.metrics["max_activation"],
+                                                                strict=True))])
+
+
+def write_task(w: RunWriter, handle: ModelHandle, task: Task) -> None:
+    w.write("tasks", [{"task_id": task.name, "name": task.name, "source": task.source,
+                       "description": task.description, "content_hash": task.content_hash,
+                       "n_examples": len(task.examples)}])
+    w.write("examples", [{"task_id": task.name, "example_idx": i, "split": e.get("split", "train"),
+                          "case": e.get("case"), "clean_prefix": e["clean_prefix"],
+                          "patch_prefix": e.get("patch_prefix"), "clean_answer": e["clean_answer"],
+                          "patch_answer": e.get("patch_answer"), "clean_tokens": str_tokens(handle.model, e["clean_prefix"])}
+                         for i, e in enumerate(task.examples)])
+
+
+def dictionaries_with_activations(cat: Catalog, task_id: str) -> set[str]:
+    """Dictionaries whose activations on this task the catalogue already holds (not written again;
+    concurrent runs may both write them, and the view keeps one row per key)."""
+    return set(cat.sql("SELECT DISTINCT dictionary_id FROM activations WHERE task_id = ?", [task_id])["dictionary_id"])
+
+
+def write_activations(cat: Catalog, w: RunWriter, task: Task, dicts: dict[str, TrainedDictionary],
+                      circuit: Circuit) -> None:
+    """Nonzero clean feature values of the examples used, unless the catalogue already has them."""
+    have = dictionaries_with_activations(cat, task.name)
+    table = w.table("activations")
+    for example_idx, site_name, f in circuit.clean_features:
+        d = dicts[site_name]
+        if d.dictionary_id in have:
+            continue
+        b, t, i = (f != 0).nonzero(as_tuple=True)
+        table.write([{"task_id": task.name, "example_idx": int(example_idx[bb]), "dictionary_id": d.dictionary_id,
+                      "feature_idx": int(ii), "position": int(tt), "value": float(v)}
+                     for bb, tt, ii, v in zip(b.tolist(), t.tolist(), i.tolist(), f[b, t, i].tolist(), strict=True)])
+
+
+def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, task: Task, c: Circuit,
+                  acc: float | None, dicts: dict[str, TrainedDictionary], created_at) -> None:
+    """A circuit's row, its nodes, its edges (streamed) and its evaluation curves."""
+    p = c.params
+    chosen = (c.at_threshold(p.ablations[0]) if p.ablations else None) or (None, None)
+    n_layers = max(n.site.layer for n in c.nodes if n.site is not None) + 1
+    rows = []
+    for idx, n in enumerate(c.nodes):
+        if n.site is None:
+            rows.append({"component": METRIC, "layer": n_layers, "is_error": False})
+        else:
+            rows.append({"component": n.site.component, "layer": n.site.layer, "hook_name": n.site.hook_out,
+                         "dictionary_id": dicts[n.site.name].dictionary_id, "feature_idx": n.feature,
+                         "is_error": n.feature is None})
+        rows[-1].update(circuit_id=circuit_id, node_idx=idx, position=n.position, effect=n.effect, in_circuit=n.in_circuit)
+    w.write("nodes", rows)
+    edges = w.table("edges")
+    for i in range(0, len(c.edges), EDGE_ROWS):
+        edges.write([{"circuit_id": circuit_id, "src_idx": s, "dst_idx": d, "kind": "attribution", "weight": wt}
+                     for s, d, wt in c.edges[i : i + EDGE_ROWS]])
+    w.write("circuits", [{
+        "circuit_id": circuit_id, "run_id": run_id, "model_id": model_id, "task_id": task.name,
+        "method": p.method, "ig_steps": p.ig_steps if p.method == "ig" else None, "aggregation": p.aggregation,
+        "metric": "logit_diff" if task.has_patch else "neg_logit", "node_threshold": p.node_threshold,
+        "edge_threshold": p.edge_threshold, "n_examples": c.n_examples, "n_dropped": sum(c.dropped.values()),
+        "metric_clean": c.metric_clean, "metric_patch": c.metric_patch, "accuracy": acc,
+        "n_nodes": sum(n.in_circuit for n in c.nodes), "n_edges": len(c.edges), "faithfulness": chosen[0],
+        "completeness": chosen[1], "evaluation_note": c.evaluation_note, "created_at": created_at}])
+    w.write("evaluations", [
+        {"circuit_id": circuit_id, "kind": kind, "ablation": cv.ablation, "errors": cv.errors,
+         "threshold": t, "n_nodes": n, "value": v}
+        for cv in c.curves if cv.computed
+        for kind, values in (("faithfulness", cv.faithfulness), ("completeness", cv.completeness),
+                             ("faithfulness_random", cv.random))
+        for t, n, v in zip(cv.thresholds, cv.n_nodes, values, strict=True)])
