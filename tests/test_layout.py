@@ -1,0 +1,91 @@
+"""The code's layout: layers import only downward, no import cycles, one home for hook names,
+and every CLI command documented."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("schema", "catalog", "compute")
+LAYER = {"schema": 0, "catalog": 1, "compute": 2, "cli": 3}  # a module may import its layer and those below
+
+
+def _modules() -> dict[str, Path]:
+    mods = {"cli": ROOT / "cli.py"}
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            name = ".".join(f.relative_to(ROOT).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = f
+    return mods
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules a file imports (at any depth in the file, lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for n in names:
+            while n and n not in known:
+                n = n.rpartition(".")[0]
+            if n:
+                found.add(n)
+    return found
+
+
+def test_layers_import_only_downward():
+    mods = _modules()
+    for name, path in mods.items():
+        mine = LAYER[name.split(".")[0]]
+        for other in _imports(path, set(mods)):
+            assert LAYER[other.split(".")[0]] <= mine, f"{name} imports {other}, a layer above it"
+
+
+def test_no_import_cycles():
+    mods = _modules()
+    graph = {name: _imports(path, set(mods)) - {name} for name, path in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(n: str, trail: list[str]) -> None:
+        state[n] = 1
+        for m in graph[n]:
+            if m.startswith(n + "."):  # a package imports its own submodules: not a cycle
+                continue
+            assert state.get(m) != 1, "import cycle: " + " -> ".join([*trail, n, m])
+            if m not in state:
+                visit(m, [*trail, n])
+        state[n] = 2
+
+    for n in graph:
+        if n not in state:
+            visit(n, [])
+
+
+def test_hook_names_are_spelled_out_in_one_module():
+    templates = re.compile(r"hook_resid_pre|hook_resid_post|hook_attn_out|hook_mlp_out|hook_normalized")
+    homes = sorted(name for name, path in _modules().items() if templates.search(path.read_text()))
+    assert homes == ["schema.sites"]
+
+
+def test_every_command_is_documented():
+    """Every CLI command and subcommand has a row in the README's command table."""
+    import click
+
+    from cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## The command line")[1].split("\n## ")[0]
+
+    def commands(group: click.Group, prefix: str):
+        for name, cmd in group.commands.items():
+            yield f"{prefix} {name}"
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, f"{prefix} {name}")
+
+    for path in commands(main, "cli.py"):
+        assert f"`{path}" in table, f"{path} has no row in the README's command table"
