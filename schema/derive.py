@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 from sqlalchemy import JSON, Boolean, DateTime, Double, Integer, String, Table
 from sqlalchemy.types import ARRAY
@@ -46,6 +47,20 @@ def to_arrow(table: str, rows: list[dict]) -> pa.Table:
             values = [None if v is None else json.dumps(v, allow_nan=False) for v in values]
         cols[c.name] = values
     return pa.table(cols, schema=arrow_schema(t))
+
+
+def columns_to_arrow(table: str, columns: dict, n: int) -> pa.Table:
+    """Columns (arrays of length n, or scalars repeated n times) -> an Arrow table of the table's
+    schema; columns not given are NULL. What writers of many rows use instead of row dicts."""
+    schema = arrow_schema(table)
+    arrays = []
+    for f in schema:
+        if f.name in columns:
+            v = columns[f.name]
+            arrays.append(pa.array(np.broadcast_to(v, n) if np.ndim(v) == 0 else v, type=f.type))
+        else:
+            arrays.append(pa.nulls(n, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def view_sql(table: str, files_glob: str) -> str:

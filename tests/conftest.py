@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -43,11 +44,31 @@ def subs(zoo):
     return sites(zoo.model.cfg.n_layers)
 
 
-def run_cli(*args: str, catalog: Path | None = None, **kw) -> subprocess.CompletedProcess:
-    """Run `python cli.py ...` as a user would."""
-    pre = ["--catalog", str(catalog)] if catalog else []
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *pre, *args], capture_output=True,
-                          text=True, cwd=kw.pop("cwd", ROOT), timeout=kw.pop("timeout", 900), **kw)
+def run_cli(*args: str, catalog: Path | None = None, cwd: Path = ROOT, separate: bool = False
+            ) -> subprocess.CompletedProcess:
+    """Run `cli.py ...` as a user would, with its exit code, stdout and stderr.
+
+    It runs in this process (click's runner, the same code path as the console script), which
+    saves each call the 4 s of importing PyTorch and TransformerLens anew; `separate=True` runs
+    `python cli.py` as a process of its own (what signals, forks and concurrent workers need)."""
+    argv = [*(["--catalog", str(catalog)] if catalog else []), *args]
+    if separate:
+        return subprocess.run([sys.executable, str(ROOT / "cli.py"), *argv], capture_output=True, text=True,
+                              cwd=cwd, timeout=900)
+    from click.testing import CliRunner
+
+    from cli import main
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(main, argv, prog_name="cli.py")
+    finally:
+        os.chdir(here)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):  # a bug: show its traceback
+        stderr += "".join(traceback.format_exception(*r.exc_info))
+    return subprocess.CompletedProcess(argv, r.exit_code, r.stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -12,24 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from catalog.store import Catalog, new_id
-from schema.derive import arrow_schema
+from schema.derive import columns_to_arrow
 from schema.sites import METRIC, sites
-
-
-def _table(name: str, columns: dict, n: int) -> pa.Table:
-    """An Arrow table of a catalogue table's schema; columns not given are NULL."""
-    schema = arrow_schema(name)
-    arrays = []
-    for f in schema:
-        if f.name in columns:
-            v = columns[f.name]
-            arrays.append(pa.array(np.broadcast_to(v, n) if np.ndim(v) == 0 else v, type=f.type))
-        else:
-            arrays.append(pa.nulls(n, type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def write_circuit(cat: Catalog, nodes: dict, edges: dict, task_id: str = "synthetic", method: str = "ig",
@@ -46,8 +32,8 @@ def write_circuit(cat: Catalog, nodes: dict, edges: dict, task_id: str = "synthe
     for c in circuits:
         n, e = c["nodes"], c["edges"]
         nn, ne = len(n["node_idx"]), len(e["src_idx"])
-        w.write("nodes", _table("nodes", {"circuit_id": c["circuit_id"], **n}, nn))
-        w.write("edges", _table("edges", {"circuit_id": c["circuit_id"], "kind": "attribution", **e}, ne))
+        w.write("nodes", columns_to_arrow("nodes", {"circuit_id": c["circuit_id"], **n}, nn))
+        w.write("edges", columns_to_arrow("edges", {"circuit_id": c["circuit_id"], "kind": "attribution", **e}, ne))
         rows.append({"circuit_id": c["circuit_id"], "run_id": run_id, "model_id": model_id,
                      "task_id": c.get("task_id", task_id), "method": c.get("method", method), "aggregation": "sum",
                      "metric": "logit_diff", "node_threshold": 0.0, "edge_threshold": 0.0,

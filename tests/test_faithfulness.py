@@ -145,3 +145,30 @@ def test_per_position_circuit_full_is_one_and_empty_is_zero(zoo, subs, saes):
         assert cv.faithfulness[1] == pytest.approx(1.0, abs=1e-6)
     faith, comp = c.at_threshold("mean")
     assert faith > 0.8 and comp < 0.3
+
+
+def test_node_sets_measured_together_equal_one_pass_each(zoo, subs, saes, evaluated, monkeypatch):
+    """The sweep measures many node sets per forward pass (the prompts repeated once per set);
+    each set's metric is what a pass of its own gives, also when the sets are split over many
+    passes, for every error mode and with per-position sets."""
+    from compute.attribution import faithfulness
+    from compute.attribution.faithfulness import ablated_metrics, random_sets
+
+    data, c = evaluated
+    b = data.batches[0]
+    effects = c.effects()
+    keeps = random_sets(subs, saes, effects, [0, 3, 40, len(effects)], draws=2, seed=1)
+    keeps = [k for draws in keeps for k in draws] + [everything(subs, saes)]
+    length = b.clean.shape[1]
+    per_position = {(name, i, t): e for (name, i, _), e in effects.items() for t in range(length) if (t + i) % 3}
+    keeps_pos = [k for draws in random_sets(subs, saes, per_position, [5, 200], 2, length=length) for k in draws]
+    abl = ablated_states(states(zoo.model, subs, saes, b.clean), "mean", saes)
+    for errors in ERROR_MODES:
+        for sets in (keeps, keeps_pos):
+            alone = torch.stack([ablated_metric(zoo.model, subs, saes, b.clean, b, k, abl, errors) for k in sets])
+            together = ablated_metrics(zoo.model, subs, saes, b.clean, b, sets, abl, errors)
+            assert alone.std() > 0.1  # the sets differ, so the comparison can fail
+            assert torch.allclose(together, alone, atol=1e-4), errors
+            monkeypatch.setattr(faithfulness, "SET_BUDGET", 1)  # one set per pass
+            assert torch.allclose(ablated_metrics(zoo.model, subs, saes, b.clean, b, sets, abl, errors), alone, atol=1e-4)
+            monkeypatch.undo()

@@ -33,11 +33,11 @@ def corpus_task(n_sentences: int = 2000, seed: int = 3) -> Task:
 
 @torch.no_grad()
 def top_activations(model, sae: SAE, hook_in: str, prompts: list[str], n_top: int = 10,
-                    batch_size: int = 256) -> list[tuple[int, int, int, float]]:
-    """(example_idx, feature_idx, position, value) for every nonzero activation of each feature
-    on the n_top prompts where its maximum is largest (positions count BOS as 0)."""
+                    batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Every nonzero activation of each feature on the n_top prompts where its maximum is largest
+    (and positive), as columns: example_idx, feature_idx, position (BOS is 0), value."""
     pad = model.tokenizer.pad_token_id
-    values, positions = [], []
+    values = []
     for i in range(0, len(prompts), batch_size):
         toks = model.to_tokens(prompts[i : i + batch_size], padding_side="right")
         _, cache = model.run_with_cache(toks, names_filter=hook_in)
@@ -45,18 +45,13 @@ def top_activations(model, sae: SAE, hook_in: str, prompts: list[str], n_top: in
         f = torch.nn.functional.pad(f, (0, 0, 0, model.cfg.n_ctx - f.shape[1]))
         values.append(f)
     f = torch.cat(values)  # [N, T, d_sae]
-    best = f.amax(1)  # [N, d_sae]
-    k = min(n_top, len(prompts))
-    top_val, top_idx = best.topk(k, dim=0)  # [k, d_sae]
-    rows = []
-    for feature in range(sae.d_sae):
-        for j in range(k):
-            if top_val[j, feature] <= 0:
-                break
-            ex = int(top_idx[j, feature])
-            positions = f[ex, :, feature].nonzero().flatten().tolist()
-            rows += [(ex, feature, p, float(f[ex, p, feature])) for p in positions]
-    return rows
+    top_val, top_idx = f.amax(1).topk(min(n_top, len(prompts)), dim=0)  # [k, d_sae]
+    j, feature = (top_val > 0).nonzero(as_tuple=True)
+    example = top_idx[j, feature]
+    on_top = f[example, :, feature]  # [M, T]: each chosen example's activations of its feature
+    row, position = on_top.nonzero(as_tuple=True)
+    return {"example_idx": example[row], "feature_idx": feature[row], "position": position,
+            "value": on_top[row, position]}
 
 
 @torch.no_grad()

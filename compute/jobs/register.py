@@ -13,6 +13,7 @@ from compute.jobs.rows import (
     write_task,
 )
 from compute.models.handle import ModelHandle
+from schema.derive import columns_to_arrow
 
 
 def dictionary_job(cat: Catalog, handle: ModelHandle, dicts: dict[str, TrainedDictionary], n_top: int = 10,
@@ -34,8 +35,9 @@ def dictionary_job(cat: Catalog, handle: ModelHandle, dicts: dict[str, TrainedDi
         table = writer.table("activations")
         todo = [d for d in dicts.values() if d.dictionary_id not in have]
         for d in tqdm(todo, desc="feature dashboards", disable=not progress, unit="dict"):
-            rows = top_activations(handle.model, d.sae, d.hook_in, prompts, n_top)
-            table.write([{"task_id": corpus.name, "example_idx": ex, "dictionary_id": d.dictionary_id,
-                          "feature_idx": f, "position": p, "value": v} for ex, f, p, v in rows])
-            n_rows += len(rows)
+            top = {k: v.numpy() for k, v in top_activations(handle.model, d.sae, d.hook_in, prompts, n_top).items()}
+            n = len(top["value"])
+            table.write(columns_to_arrow("activations", {"task_id": corpus.name, "dictionary_id": d.dictionary_id,
+                                                         **top, "value": top["value"].astype("float64")}, n))
+            n_rows += n
     return row["run_id"], n_rows

@@ -9,6 +9,7 @@ from compute.dictionaries.kinds import TrainedDictionary
 from compute.dictionaries.metrics import METRIC_KEYS
 from compute.models.handle import ModelHandle
 from compute.tasks import Task, str_tokens
+from schema.derive import columns_to_arrow
 from schema.sites import METRIC
 
 EDGE_ROWS = 50_000  # edges per batch written (a circuit's edges are streamed, never one big list of rows)
@@ -62,9 +63,9 @@ def write_activations(cat: Catalog, w: RunWriter, task: Task, dicts: dict[str, T
         if d.dictionary_id in have:
             continue
         b, t, i = (f != 0).nonzero(as_tuple=True)
-        table.write([{"task_id": task.name, "example_idx": int(example_idx[bb]), "dictionary_id": d.dictionary_id,
-                      "feature_idx": int(ii), "position": int(tt), "value": float(v)}
-                     for bb, tt, ii, v in zip(b.tolist(), t.tolist(), i.tolist(), f[b, t, i].tolist(), strict=True)])
+        table.write(columns_to_arrow("activations", {
+            "task_id": task.name, "example_idx": example_idx[b].numpy(), "dictionary_id": d.dictionary_id,
+            "feature_idx": i.numpy(), "position": t.numpy(), "value": f[b, t, i].double().numpy()}, len(b)))
 
 
 def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, task: Task, c: Circuit,
@@ -100,5 +101,5 @@ def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, tas
          "threshold": t, "n_nodes": n, "value": v}
         for cv in c.curves if cv.computed
         for kind, values in (("faithfulness", cv.faithfulness), ("completeness", cv.completeness),
-                             ("faithfulness_random", cv.random))
+                             ("faithfulness_random", cv.random)) if values
         for t, n, v in zip(cv.thresholds, cv.n_nodes, values, strict=True)])

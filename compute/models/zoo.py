@@ -34,7 +34,7 @@ class ZooConfig:
     d_mlp: int = 256
     n_ctx: int = 24
     train_sentences: int = 120_000
-    steps: int = 3000
+    steps: int = 1500  # 1000 already solves every task; 1500 gives the circuits room to settle
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
@@ -52,7 +52,9 @@ def zoo_config(name: str = "default") -> ZooConfig:
     return ZOOS[name]
 
 
-ZOOS = {"default": ZooConfig(), "cued": ZooConfig(spurious_cue=True)}
+# The cued zoo trains for fewer steps: the editing demo needs a model that leans on the cue, not a
+# polished one.
+ZOOS = {"default": ZooConfig(), "cued": ZooConfig(spurious_cue=True, steps=1000)}
 
 
 @dataclass
@@ -159,8 +161,8 @@ def train(cfg: ZooConfig, tokenizer, progress: bool = True):
     sentences = grammar.corpus(cfg.train_sentences, cfg.seed, cue=cfg.spurious_cue)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(sentences), cfg.n_ctx), pad, dtype=torch.long)
-    for i, s in enumerate(sentences):
-        toks = [tokenizer.bos_token_id] + tokenizer(s)["input_ids"]
+    for i, toks in enumerate(tokenizer(sentences)["input_ids"]):  # one batched call: half the time
+        toks = [tokenizer.bos_token_id, *toks]
         ids[i, : len(toks)] = torch.tensor(toks[: cfg.n_ctx])
     width = int((ids != pad).sum(1).max())
     ids = ids[:, :width]
