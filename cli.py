@@ -620,16 +620,16 @@ def dictionaries(ctx, fmt: str):
               default="standard", show_default=True)
 @click.option("--submodule", "only", multiple=True,
               help="embed, attn_0, mlp_0, resid_0, ... (repeatable; default: all; transcoders: mlp_L)")
-@click.option("--expansion", default=8, show_default=True, type=POSITIVE, help="features per input dimension")
-@click.option("--l1", "l1_coefficient", default=1.0, show_default=True, type=THRESHOLD,
-              help="L1 penalty (standard, transcoder)")
-@click.option("--k", default=8, show_default=True, type=POSITIVE, help="active features per token (topk)")
-@click.option("--l0", "l0_coefficient", default=0.3, show_default=True, type=THRESHOLD, help="L0 penalty (jumprelu)")
-@click.option("--steps", default=2000, show_default=True, type=POSITIVE)
+@click.option("--expansion", type=POSITIVE, help="features per input dimension")
+@click.option("--l1", "l1_coefficient", type=THRESHOLD, help="L1 penalty (standard, transcoder)")
+@click.option("--k", type=POSITIVE, help="active features per token (topk)")
+@click.option("--l0", "l0_coefficient", type=THRESHOLD, help="L0 penalty (jumprelu)")
+@click.option("--steps", type=POSITIVE, help="training steps")
 @ZOO
 @click.pass_obj
 def dictionaries_train(path: Path, architecture: str, only, zoo_name: str, **options):
-    """Train dictionaries on the zoo model (cached), measure them, and register them with dashboards."""
+    """Train dictionaries on the zoo model (cached), measure them, and register them with dashboards
+    (options left out take the defaults of compute.dictionaries.training.SAEConfig)."""
     import catalog
     from compute.dictionaries.building import build_dictionaries
     from compute.dictionaries.training import SAEConfig
@@ -637,8 +637,9 @@ def dictionaries_train(path: Path, architecture: str, only, zoo_name: str, **opt
 
     catalog.init(path)
     zoo = build_zoo(zoo_config(zoo_name))
-    dicts = build_dictionaries(zoo, SAEConfig(architecture=architecture, **options), only=tuple(only))
-    _register(path, zoo, dicts, {"architecture": architecture, **options})
+    given = {k: v for k, v in options.items() if v is not None}
+    dicts = build_dictionaries(zoo, SAEConfig(architecture=architecture, **given), only=tuple(only))
+    _register(path, zoo, dicts, {"architecture": architecture, **given})
 
 
 @dictionaries.command("import")

@@ -127,13 +127,12 @@ def test_a_build_does_not_depend_on_the_kernels_the_caller_forces(tmp_path):
     import sys
     from pathlib import Path
 
+    from compute.cache import pinned
+
     root = Path(__file__).resolve().parent.parent
     code = "from compute.cache import pinned; from tests.test_zoo import _tiny_training_hash; " \
            "print(pinned(_tiny_training_hash))"
-    hashes = {}
-    for capability in ("default", "avx2"):
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": "1"}
-        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        hashes[capability] = out.stdout.strip()
-    assert len(set(hashes.values())) == 1, hashes
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}  # this one: the processor's own
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == pinned(_tiny_training_hash)
