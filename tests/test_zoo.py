@@ -81,42 +81,16 @@ def test_training_is_bit_reproducible_at_any_thread_count(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
 
 
-def _kernels() -> tuple:
-    """What a pinned build sees (runs in the build's child process)."""
-    import os
-
-    import torch
-
-    return (torch.backends.cpu.get_cpu_capability().lower(), os.environ.get("MKL_CBWR"), torch.get_num_threads(),
-            torch.are_deterministic_algorithms_enabled())
-
-
-def _tiny_training_hash() -> str:
-    import hashlib
-    import tempfile
-    from pathlib import Path
-
-    from compute.models.zoo import ZooConfig, build_tokenizer, train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        model = train(ZooConfig(steps=30, train_sentences=1000, batch_size=32), build_tokenizer(Path(tmp)), False)
-    return hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-
-
-def _fail():
-    from catalog.errors import UserError
-
-    raise UserError("raised in the build")
-
-
 def test_builds_run_on_the_pinned_kernels():
+    from builds import fail, kernels
+
     from catalog.errors import UserError
     from compute.cache import KERNEL_PATHS, kernel_path, pinned
 
     env = KERNEL_PATHS[kernel_path()]
-    assert pinned(_kernels) == (env["ATEN_CPU_CAPABILITY"], env["MKL_CBWR"], 2, True)
+    assert pinned(kernels) == (env["ATEN_CPU_CAPABILITY"], env["MKL_CBWR"], 2, True)
     with pytest.raises(UserError, match="raised in the build"):
-        pinned(_fail)
+        pinned(fail)
 
 
 def test_a_build_does_not_depend_on_the_kernels_the_caller_forces(tmp_path):
@@ -127,12 +101,14 @@ def test_a_build_does_not_depend_on_the_kernels_the_caller_forces(tmp_path):
     import sys
     from pathlib import Path
 
+    from builds import tiny_training_hash
+
     from compute.cache import pinned
 
     root = Path(__file__).resolve().parent.parent
-    code = "from compute.cache import pinned; from tests.test_zoo import _tiny_training_hash; " \
-           "print(pinned(_tiny_training_hash))"
+    code = "from compute.cache import pinned; from tests.builds import tiny_training_hash; " \
+           "print(pinned(tiny_training_hash))"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}  # this one: the processor's own
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == pinned(_tiny_training_hash)
+    assert out.stdout.strip() == pinned(tiny_training_hash)

@@ -37,8 +37,9 @@ def dictionary_sites(model, architecture: str, only: tuple[str, ...] = ()) -> li
 def build_dictionaries(zoo, cfg: SAEConfig | None = None, progress: bool = True,
                        only: tuple[str, ...] = ()) -> dict[str, TrainedDictionary]:
     """Train (or load from the cache) one dictionary per submodule of the zoo model (per MLP for
-    transcoders), with held-out quality metrics and loss recovered."""
-    cfg = cfg or SAEConfig()
+    transcoders), with held-out quality metrics and loss recovered. Without a configuration: the
+    zoo's own standard SAEs, trained as its configuration says."""
+    cfg = cfg or SAEConfig(steps=zoo.config.dictionary_steps, lr=zoo.config.dictionary_lr)
     sites = dictionary_sites(zoo.model, cfg.architecture, tuple(only))
     key = config_hash({"sae": asdict(cfg), "model": zoo.path.name, **({"only": sorted(only)} if only else {})})
     folder = "dictionaries" if cfg.architecture == "standard" else f"dictionaries-{cfg.architecture}"
