@@ -286,14 +286,12 @@ def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, *
     cat = catalog.init(path)
     for task in tasks:
         cat.check_task(task.name, task.content_hash)
-    zoo, dicts = _zoo_and_dictionaries(zoo_name)
+    zoo, dicts, identity = _zoo_and_dictionaries(zoo_name, neurons)
     for name in task_names:
         if name not in zoo.tasks:
             raise UserError(f"unknown task {name!r}; zoo tasks: {', '.join(sorted(zoo.tasks))}")
         tasks.append(zoo.tasks[name])
-    if neurons:
-        dicts = _neurons(zoo)
-    _run_tasks(path, zoo, dicts, tasks, params)
+    _run_tasks(path, zoo, identity if neurons else dicts, tasks, params)
 
 
 def _params(options: dict):
@@ -302,13 +300,6 @@ def _params(options: dict):
     no_eval = options.pop("no_eval")
     ablations = () if no_eval else tuple(options.pop("ablations")) or ("mean", "zero", "resample")
     return DiscoveryParams(**{**options, "ablations": ablations})
-
-
-def _neurons(zoo):
-    from compute.dictionaries.building import identity_dictionaries
-
-    click.echo("identity dictionaries (neurons as features) ...", err=True)
-    return identity_dictionaries(zoo)
 
 
 @main.command()
@@ -323,11 +314,11 @@ def demo(path: Path, neurons: bool, **params):
     start = time.monotonic()
     params = _params(params)
     catalog.init(path)  # a bad --catalog is refused before any training
-    zoo, dicts = _zoo_and_dictionaries()
+    zoo, dicts, identity = _zoo_and_dictionaries(identity=neurons)
     _register(path, zoo, dicts, {"architecture": "standard"})
     _run_tasks(path, zoo, dicts, list(zoo.tasks.values()), params)
     if neurons:
-        _run_tasks(path, zoo, _neurons(zoo), list(zoo.tasks.values()), params, basis="neurons")
+        _run_tasks(path, zoo, identity, list(zoo.tasks.values()), params, basis="neurons")
         if params.ablations:
             _print_features_vs_neurons(path)
     click.echo(f"\ndone in {time.monotonic() - start:.0f}s. Try:\n"
@@ -335,14 +326,12 @@ def demo(path: Path, neurons: bool, **params):
                f"FROM circuits JOIN nodes USING (circuit_id) WHERE in_circuit GROUP BY ALL\"")
 
 
-def _zoo_and_dictionaries(name: str = "default"):
-    from compute.dictionaries.building import build_dictionaries
-    from compute.models.zoo import build_zoo, zoo_config
+def _zoo_and_dictionaries(name: str = "default", identity: bool = False):
+    from compute.dictionaries.building import zoo_with_dictionaries
+    from compute.models.zoo import zoo_config
 
-    click.echo(f"zoo model {name!r} (cached after the first build) ...", err=True)
-    zoo = build_zoo(zoo_config(name))
-    click.echo("dictionaries (cached after the first build) ...", err=True)
-    return zoo, build_dictionaries(zoo)
+    click.echo(f"zoo model {name!r} and its dictionaries (cached after the first build) ...", err=True)
+    return zoo_with_dictionaries(zoo_config(name), identity)
 
 
 def _console():
@@ -458,7 +447,7 @@ def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: st
 
     cat = catalog.open(path)
     cat.sql(features_sql)  # a bad query fails here, before the model is built
-    zoo, dicts = _zoo_and_dictionaries(zoo_name)
+    zoo, dicts, _ = _zoo_and_dictionaries(zoo_name)
     if task_name not in zoo.tasks:
         raise UserError(f"unknown task {task_name!r}; {zoo_name} zoo tasks: {', '.join(sorted(zoo.tasks))}")
     edit_id, measures = edit_job(cat, zoo.handle, dicts, zoo.tasks[task_name], features_sql, ablation, split)

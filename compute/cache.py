@@ -42,6 +42,9 @@ KERNEL_PATHS = {
 }
 
 
+_INSIDE = "CIRCUIT_PINNED_BUILD"  # set in a pinned build's process, to the kernel path it runs on
+
+
 @cache
 def kernel_path() -> str:
     """'avx2' where the processor has AVX2 and FMA, else 'baseline' (see the module docstring)."""
@@ -94,7 +97,7 @@ def cached_dir(kind: str, key: str, build: Callable[..., None], *args) -> Path:
     returns, so an interrupted build never leaves a half-written entry. The key is suffixed
     with the kernel path.
     """
-    final = cache_root() / kind / f"{key}-{kernel_path()}"
+    final = cache_path(kind, key)
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +115,19 @@ def cached_dir(kind: str, key: str, build: Callable[..., None], *args) -> Path:
     return final
 
 
+def cache_path(kind: str, key: str) -> Path:
+    """Where a build of this kind and key lives (built or not): the key suffixed with the kernel path."""
+    return cache_root() / kind / f"{key}-{kernel_path()}"
+
+
 def pinned(fn: Callable, *args):
     """Run `fn(*args)` in a fresh Python process on this machine's pinned kernel path and with
     PyTorch's deterministic algorithms; its exception, if any, is raised here. An interrupt here
     stops it."""
-    env = KERNEL_PATHS[kernel_path()]
+    if os.environ.get(_INSIDE) == kernel_path():  # already in a pinned build: nested builds run here
+        with deterministic():
+            return fn(*args)
+    env = {**KERNEL_PATHS[kernel_path()], _INSIDE: kernel_path()}
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     saved = {k: os.environ.get(k) for k in env}

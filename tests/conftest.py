@@ -19,17 +19,22 @@ os.environ.setdefault("CIRCUIT_CACHE", str(ROOT / ".cache"))
 
 
 @pytest.fixture(scope="session")
-def zoo():
-    from compute.models.zoo import build_zoo
+def zoo_and_dicts():
+    """The zoo and its dictionaries, built together (one build process) when not cached."""
+    from compute.dictionaries.building import zoo_with_dictionaries
+    from compute.models.zoo import ZooConfig
 
-    return build_zoo(progress=False)
+    return zoo_with_dictionaries(ZooConfig(), progress=False)[:2]
 
 
 @pytest.fixture(scope="session")
-def dicts(zoo):
-    from compute.dictionaries.building import build_dictionaries
+def zoo(zoo_and_dicts):
+    return zoo_and_dicts[0]
 
-    return build_dictionaries(zoo, progress=False)
+
+@pytest.fixture(scope="session")
+def dicts(zoo_and_dicts):
+    return zoo_and_dicts[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
-from compute.cache import cached_dir, config_hash
+from compute.cache import cache_path, cached_dir, config_hash, pinned
 from compute.dictionaries.formats import load_dictionary, save_dictionary
 from compute.dictionaries.kinds import IdentityDictionary, TrainedDictionary, check_fits
 from compute.dictionaries.metrics import collect_activations, evaluate, loss_recovered
@@ -39,12 +39,46 @@ def build_dictionaries(zoo, cfg: SAEConfig | None = None, progress: bool = True,
     """Train (or load from the cache) one dictionary per submodule of the zoo model (per MLP for
     transcoders), with held-out quality metrics and loss recovered. Without a configuration: the
     zoo's own standard SAEs, trained as its configuration says."""
-    cfg = cfg or SAEConfig(steps=zoo.config.dictionary_steps, lr=zoo.config.dictionary_lr)
+    cfg = cfg or zoo_dictionaries(zoo.config)
     sites = dictionary_sites(zoo.model, cfg.architecture, tuple(only))
-    key = config_hash({"sae": asdict(cfg), "model": zoo.path.name, **({"only": sorted(only)} if only else {})})
-    folder = "dictionaries" if cfg.architecture == "standard" else f"dictionaries-{cfg.architecture}"
+    folder, key = _dictionaries_key(zoo.path, cfg, tuple(only))
     path = cached_dir(folder, key, _train_all, zoo.path, zoo.model_id, cfg, tuple(only), progress)
     return load_all(zoo.model, sites, path)
+
+
+def zoo_dictionaries(config) -> SAEConfig:
+    """How a zoo's own dictionaries (the demo's SAEs) train, as its configuration says."""
+    return SAEConfig(steps=config.dictionary_steps, lr=config.dictionary_lr)
+
+
+def _dictionaries_key(zoo_path: Path, cfg: SAEConfig, only: tuple[str, ...]) -> tuple[str, str]:
+    """(cache kind, key) of a set of dictionaries of one zoo."""
+    key = config_hash({"sae": asdict(cfg), "model": zoo_path.name, **({"only": sorted(only)} if only else {})})
+    return ("dictionaries" if cfg.architecture == "standard" else f"dictionaries-{cfg.architecture}"), key
+
+
+def _identity_key(zoo_path: Path) -> str:
+    return config_hash([zoo_path.name, 2])
+
+
+def zoo_with_dictionaries(config, identity: bool = False, progress: bool = True) -> tuple:
+    """The zoo of a configuration with its own dictionaries (and, with `identity`, its identity
+    dictionaries): (zoo, dictionaries, identity dictionaries or None). What is not cached yet is
+    built in one pinned process, not one per artefact (each costs seconds to start)."""
+    from compute.models.zoo import build_zoo, zoo_path
+
+    where = zoo_path(config)
+    wanted = [where, cache_path(*_dictionaries_key(where, zoo_dictionaries(config), ()))]
+    if identity:
+        wanted.append(cache_path("identity", _identity_key(where)))
+    if not all(p.exists() for p in wanted):
+        pinned(_build_zoo_with_dictionaries, config, identity, progress)
+    zoo = build_zoo(config, progress)
+    return zoo, build_dictionaries(zoo, progress=progress), identity_dictionaries(zoo, progress) if identity else None
+
+
+def _build_zoo_with_dictionaries(config, identity: bool, progress: bool) -> None:
+    zoo_with_dictionaries(config, identity, progress)  # inside a pinned build, each part builds here
 
 
 def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only: tuple[str, ...],
@@ -72,8 +106,7 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
 
 def identity_dictionaries(zoo, progress: bool = True) -> dict[str, TrainedDictionary]:
     """Identity dictionaries (neurons as features) for every submodule, with their metrics."""
-    path = cached_dir("identity", config_hash([zoo.path.name, 2]), _measure_identity, zoo.path, zoo.model_id,
-                      progress)
+    path = cached_dir("identity", _identity_key(zoo.path), _measure_identity, zoo.path, zoo.model_id, progress)
     return load_all(zoo.model, sites(zoo.model.cfg.n_layers), path)
 
 
