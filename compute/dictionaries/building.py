@@ -78,7 +78,13 @@ def zoo_with_dictionaries(config, identity: bool = False, progress: bool = True)
 
 
 def _build_zoo_with_dictionaries(config, identity: bool, progress: bool) -> None:
-    zoo_with_dictionaries(config, identity, progress)  # inside a pinned build, each part builds here
+    """Inside a pinned build: each part's own (nested) build runs here, in this process."""
+    from compute.models.zoo import build_zoo
+
+    zoo = build_zoo(config, progress)
+    build_dictionaries(zoo, progress=progress)
+    if identity:
+        identity_dictionaries(zoo, progress)
 
 
 def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only: tuple[str, ...],
