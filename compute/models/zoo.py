@@ -34,7 +34,8 @@ class ZooConfig:
     d_mlp: int = 256
     n_ctx: int = 24
     train_sentences: int = 120_000
-    steps: int = 1000  # solves every task (all test prompts right); 3000 steps gave no better circuits
+    steps: int = 1500  # 1000 already gets every test prompt right, but IG then agrees less with single-node
+    # patching (pooled r 0.888 on sva_simple, under the test's 0.9)
     batch_size: int = 128
     lr: float = 3e-3
     seed: int = 0
