@@ -67,11 +67,11 @@ def edit_plot(cat: Catalog, edit_id: str, out: Path) -> Path:
     df = cat.sql("SELECT * FROM edits WHERE edit_id = ? ORDER BY subset <> 'all', subset", [edit_id])
     if df.empty:
         raise UserError(f"unknown edit {edit_id!r}")
-    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 2.4 * len(df), 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 2.4 * len(df), 3.8), layout="constrained")
     x = list(range(len(df)))
     ticks = [f"{s}\n(n={n})" for s, n in zip(df["subset"], df["n_examples"], strict=True)]
     after = f"after (ablating {df['n_features'][0]} features, {df['ablation'][0]})"
-    for ax, col, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "metric", "mean metric on clean prompts (lower: more right)")):
+    for ax, col, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "metric", "mean metric, clean prompts (lower: more right)")):
         ax.bar([i - 0.2 for i in x], df[f"{col}_before"], 0.4, label="before")
         ax.bar([i + 0.2 for i in x], df[f"{col}_after"], 0.4, label=after)
         ax.set_xticks(x, ticks)
@@ -81,7 +81,6 @@ def edit_plot(cat: Catalog, edit_id: str, out: Path) -> Path:
     axes[0].axhline(0.5, color="grey", lw=0.5, ls=":")
     axes[0].legend(fontsize=7, loc="upper center", ncol=2)
     fig.suptitle(f"{df['task_id'][0]}: before and after the edit", fontsize=10)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
