@@ -187,6 +187,15 @@ def test_overlap_shared_unique_and_matrix_are_exact(three):
     assert top.overlap.set_index(["circuit_a", "circuit_b"]).jaccard.loc[("c1", "c2")] == 0.0
 
 
+def test_circuit_filters_combine_with_and(three):
+    """`compare` and `plot` choose circuits with this one function: every filter given must hold."""
+    cat = three
+    assert select_circuits(cat, tasks=["task_c1", "task_c2"]) == ["c1", "c2"]
+    assert select_circuits(cat, tasks=["task_c1", "task_c2"], sql="SELECT 'c2' AS circuit_id") == ["c2"]
+    assert select_circuits(cat, ids=["c3"], tasks=["task_c1"]) == []
+    assert select_circuits(cat, tasks=["task_c1"], methods=["no-such-method"]) == []
+
+
 def test_compare_cli_writes_matrix_and_heatmap(three, tmp_path):
     out, csv = tmp_path / "cmp.png", tmp_path / "m.csv"
     r = run_cli("compare", "--matrix", str(csv), "--out", str(out), "--format", "csv", catalog=three.root)
