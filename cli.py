@@ -240,8 +240,11 @@ def _discovery_options(f):
     for opt in reversed([
         click.option("--method", type=Choices("compute.attribution.discovery:METHODS"), default="ig", show_default=True,
                      help="node effects: integrated gradients, attribution patching or exact patching"),
-        click.option("--steps", "ig_steps", default=10, show_default=True, type=POSITIVE,
-                     help="integrated-gradients steps"),
+        click.option("--steps", "ig_steps", type=POSITIVE,
+                     help="integrated-gradients steps (default 20)"),
+        click.option("--ig-rule", type=Choices("compute.attribution.ig:RULES"),
+                     help="integrated-gradients quadrature (default midpoint; left is Sparse Feature Circuits' "
+                          "left Riemann sum)"),
         click.option("--aggregation", type=Choices("compute.attribution.discovery:AGGREGATIONS"), default="sum",
                      show_default=True,
                      help="sum effects over positions, or keep a node per position (none: keeps only "
@@ -299,7 +302,8 @@ def _params(options: dict):
 
     no_eval = options.pop("no_eval")
     ablations = () if no_eval else tuple(options.pop("ablations")) or ("mean", "zero", "resample")
-    return DiscoveryParams(**{**options, "ablations": ablations})
+    given = {k: v for k, v in options.items() if v is not None}  # the rest: DiscoveryParams' defaults
+    return DiscoveryParams(**{**given, "ablations": ablations})
 
 
 @main.command()

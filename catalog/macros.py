@@ -278,6 +278,16 @@ FROM dictionaries ORDER BY kind, architecture, layer, hook_name
 """
 
 # What `cli.py edit` prints: an edit's measures, all examples first, then each case.
+# How far each circuit's effects over a submodule are from the effect of patching it whole: IG's
+# quadrature error, AtP's first-order error, exact patching's (single-node) superadditivity.
+_COMPLETENESS_ERRORS = """
+SELECT circuit_id, task_id, method, ig_steps, ig_rule, p.site, p.n_nodes, p.predicted, p.measured,
+       (p.predicted - p.measured) / nullif(abs(p.measured), 0) AS relative_error
+FROM predictions p JOIN circuits USING (circuit_id)
+WHERE p.all_nodes
+ORDER BY created_at, task_id, circuit_id, p.site
+"""
+
 _EDIT_SUMMARY = """
 SELECT edit_id, subset, n_examples, n_features, round(metric_before, 3) AS metric_before,
        round(metric_after, 3) AS metric_after, round(accuracy_before, 3) AS accuracy_before,
@@ -335,6 +345,9 @@ NAMED_QUERIES = [
                _NODES_FOR_FAITHFULNESS),
     NamedQuery("dictionary_quality", "", "every dictionary with its held-out quality (MSE, FVE, L0, dead, dense, "
                "loss recovered)", _DICTIONARY_QUALITY),
+    NamedQuery("completeness_errors", "",
+               "per circuit and submodule, the sum of its node effects beside the effect of patching the "
+               "submodule whole, and their relative difference", _COMPLETENESS_ERRORS),
     NamedQuery("edit_summary", "eid", "an edit's measures before and after, all examples and each case",
                _EDIT_SUMMARY),
 ]

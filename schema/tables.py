@@ -18,8 +18,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 5  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
-# 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note
+SCHEMA_VERSION = 6  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
+# 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note;
+# 6: circuits.ig_rule, predictions
 
 metadata = MetaData()
 
@@ -103,7 +104,9 @@ circuits = Table(
     Column("model_id", String, comment='model it was discovered in'),
     Column("task_id", String, comment='task it explains'),
     Column("method", String, comment="ig or atp"),
-    Column("ig_steps", Integer, comment='integrated-gradients steps (NULL for atp)'),
+    Column("ig_steps", Integer, comment='integrated-gradients steps (NULL for other methods)'),
+    Column("ig_rule", String, comment="integrated-gradients quadrature: gauss, midpoint or left (NULL for other "
+                                      "methods; circuits older than schema 6 used left)"),
     Column("aggregation", String, comment="sum (over positions) or none"),
     Column("metric", String, comment="logit_diff = logit(patch answer) - logit(clean answer); neg_logit = -logit(clean answer) "
                    "for tasks without patch prompts (patch state: zero ablation)"),
@@ -193,6 +196,18 @@ edit_features = Table(
     Column("edit_id", String, primary_key=True, comment="edit that ablated the feature"),
     Column("dictionary_id", String, primary_key=True, comment="dictionary of the feature"),
     Column("feature_idx", Integer, primary_key=True, comment="index in the dictionary"),
+)
+
+predictions = Table(
+    "predictions", metadata,
+    Column("circuit_id", String, primary_key=True, comment="circuit whose node effects are summed"),
+    Column("site", String, primary_key=True, comment="submodule of the node set (embed, attn_0, ...)"),
+    Column("n_nodes", Integer, primary_key=True, comment="nodes in the set (features and error terms)"),
+    Column("all_nodes", Boolean, comment="the set is every node of the submodule: predicted - measured is the "
+                                         "method's completeness error there"),
+    Column("predicted", Double, comment="the sum of the method's effects over the set"),
+    Column("measured", Double, comment="the metric's change when the whole set is patched at once (mean over "
+                                       "examples)"),
 )
 
 dictionary_sweeps = Table(

@@ -36,8 +36,11 @@ def test_demo_fills_every_table(demo_catalog):
     metrics = json.loads(cat.sql("SELECT metrics FROM dictionaries LIMIT 1").metrics[0])
     assert {"mse", "fraction_variance_explained", "l0", "dead_fraction"} <= set(metrics)
     c = cat.sql("SELECT * FROM circuits WHERE task_id = 'sva_simple' ORDER BY created_at").iloc[0]
-    assert c.method == "ig" and c.ig_steps == 10 and c.accuracy >= 0.95 and c.n_examples == 64
+    assert c.method == "ig" and (c.ig_steps, c.ig_rule) == (20, "midpoint") and c.accuracy >= 0.95 and c.n_examples == 64
     assert c.node_threshold == 0.1 and c.edge_threshold == 0.01
+    # every circuit's completeness check: one row per submodule, IG's effects within 1% of the joint effect
+    checks = cat.sql("SELECT count(*) AS n, max(abs(relative_error)) AS worst FROM completeness_errors()")
+    assert checks.n[0] == 7 * counts["circuits"] and checks.worst[0] <= 0.01, checks
     # structured node keys: every feature node names its dictionary and index, errors have none
     bad = cat.sql("SELECT count(*) AS n FROM nodes WHERE component <> 'metric' AND "
                   "(dictionary_id IS NULL OR (is_error = (feature_idx IS NOT NULL)))").n[0]
@@ -149,11 +152,16 @@ def test_discover_options_reach_the_catalogue(tmp_path, dicts):
     assert (row["basis"], row["method"], row["n_examples"]) == ("neurons", "exact", 16)
     r = run_cli("query", "SELECT DISTINCT ablation, errors FROM evaluations", "--format", "json", catalog=cat)
     assert json.loads(r.stdout) == [{"ablation": "zero", "errors": "kept"}]
-    r = run_cli("discover", "--task", "sva_simple", "--no-eval", "--examples", "8", catalog=cat)
+    r = run_cli("discover", "--task", "sva_simple", "--no-eval", "--examples", "8", "--steps", "4",
+                "--ig-rule", "midpoint", catalog=cat)
     assert r.returncode == 0, r.stderr
-    r = run_cli("query", "SELECT count(*) AS n FROM circuits WHERE faithfulness IS NULL", "--format", "json",
+    r = run_cli("query", "SELECT method, ig_steps, ig_rule FROM circuits WHERE faithfulness IS NULL "
+                "UNION ALL SELECT method, ig_steps, ig_rule FROM circuits WHERE method = 'exact'", "--format", "json",
                 catalog=cat)
-    assert json.loads(r.stdout) == [{"n": 1}]
+    assert json.loads(r.stdout) == [{"method": "ig", "ig_steps": 4, "ig_rule": "midpoint"},
+                                    {"method": "exact", "ig_steps": None, "ig_rule": None}]
+    r = run_cli("query", "SELECT DISTINCT method FROM completeness_errors()", "--format", "json", catalog=cat)
+    assert json.loads(r.stdout) == [{"method": "exact"}]  # the --no-eval circuit has no completeness check
 
 
 def test_per_position_aggregation_keeps_the_shortest_prompts(tmp_path, dicts):

@@ -39,6 +39,21 @@ def patch_effects(model, sub: Site, sae: SAE, batch: Batch, clean: State, patch:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def joint_effects(model, subs: list[Site], batch: Batch, clean: dict[str, State],
+                  patch: dict[str, State]) -> dict[str, float]:
+    """The effect of patching each submodule whole (its output set to the patch value at every
+    position, features and error term at once), summed over the batch's examples: what a
+    method's effects over the submodule's nodes should add up to when they are complete, as
+    integrated gradients' are up to its quadrature error."""
+    base = batch_metric(last_logits(model, batch.clean), batch)
+    out = {}
+    for s in subs:
+        logits = logits_with_output(model, s, patch[s.name].x, subs, clean, batch.clean, 1)
+        out[s.name] = (batch_metric(logits, batch) - base).sum().item()
+    return out
+
+
 def _delta(sae: SAE, clean: State, patch: State, node: int | None, position: int | None) -> torch.Tensor:
     if node is None:
         d = patch.err - clean.err

@@ -90,7 +90,8 @@ def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, tas
                      for s, d, wt in c.edges[i : i + EDGE_ROWS]])
     w.write("circuits", [{
         "circuit_id": circuit_id, "run_id": run_id, "model_id": model_id, "task_id": task.name,
-        "method": p.method, "ig_steps": p.ig_steps if p.method == "ig" else None, "aggregation": p.aggregation,
+        "method": p.method, "ig_steps": p.ig_steps if p.method == "ig" else None,
+        "ig_rule": p.ig_rule if p.method == "ig" else None, "aggregation": p.aggregation,
         "metric": "logit_diff" if task.has_patch else "neg_logit", "node_threshold": p.node_threshold,
         "edge_threshold": p.edge_threshold, "n_examples": c.n_examples, "n_dropped": sum(c.dropped.values()),
         "metric_clean": c.metric_clean, "metric_patch": c.metric_patch, "accuracy": acc,
@@ -103,3 +104,6 @@ def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, tas
         for kind, values in (("faithfulness", cv.faithfulness), ("completeness", cv.completeness),
                              ("faithfulness_random", cv.random)) if values
         for t, n, v in zip(cv.thresholds, cv.n_nodes, values, strict=True)])
+    w.write("predictions", [{"circuit_id": circuit_id, "site": site, "n_nodes": n, "all_nodes": True,
+                             "predicted": predicted, "measured": measured}
+                            for site, n, predicted, measured in c.completeness_checks()])
