@@ -277,7 +277,6 @@ SELECT dictionary_id, hook_name, kind, architecture, d_in, d_sae,
 FROM dictionaries ORDER BY kind, architecture, layer, hook_name
 """
 
-# What `cli.py edit` prints: an edit's measures, all examples first, then each case.
 # How far each circuit's effects over a submodule are from the effect of patching it whole: IG's
 # quadrature error, AtP's first-order error, exact patching's (single-node) superadditivity.
 _COMPLETENESS_ERRORS = """
@@ -288,6 +287,7 @@ WHERE p.all_nodes
 ORDER BY created_at, task_id, circuit_id, p.site
 """
 
+# What `cli.py edit` prints: an edit's measures, all examples first, then each case.
 _EDIT_SUMMARY = """
 SELECT edit_id, subset, n_examples, n_features, round(metric_before, 3) AS metric_before,
        round(metric_after, 3) AS metric_after, round(accuracy_before, 3) AS accuracy_before,
