@@ -300,10 +300,11 @@ def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, *
 def _params(options: dict):
     from compute.attribution.discovery import DiscoveryParams
 
-    no_eval = options.pop("no_eval")
-    ablations = () if no_eval else tuple(options.pop("ablations")) or ("mean", "zero", "resample")
+    no_eval, chosen = options.pop("no_eval"), tuple(options.pop("ablations"))
     given = {k: v for k, v in options.items() if v is not None}  # the rest: DiscoveryParams' defaults
-    return DiscoveryParams(**{**given, "ablations": ablations})
+    if no_eval or chosen:
+        given["ablations"] = () if no_eval else chosen
+    return DiscoveryParams(**given)
 
 
 @main.command()
