@@ -681,15 +681,70 @@ def feature(path: Path, dictionary: str, feature: int, n: int, fmt: str):
     if fmt != "table":
         _output(dash.examples.assign(dictionary_id=dash.dictionary_id, feature_idx=feature), fmt)
         return
+    value = "curvature" if dash.kind == "parameter" else "activation"
     click.echo(f"{dash.dictionary_id} feature {feature} ({dash.hook_name}): density {dash.density:.4f}, "
-               f"max activation {dash.max_activation:.3f}{f', label {dash.label!r}' if dash.label else ''}")
+               f"max {value} {dash.max_activation:.3f}{f', label {dash.label!r}' if dash.label else ''}")
     click.echo("\ntop activating examples:")
     for r in dash.examples.itertuples():
         click.echo(f"  {r.value:8.3f}  {r.text}")
     if dash.examples.empty:
         click.echo("  (none: the feature never fired on the dashboard corpus)")
-    click.echo("\npromoted tokens (W_dec · W_U):")
-    click.echo("  " + "  ".join(f"{t} {v:+.2f}" for t, v in dash.promoted))
+    if dash.kind != "parameter":
+        click.echo("\npromoted tokens (W_dec · W_U):")
+        click.echo("  " + "  ".join(f"{t} {v:+.2f}" for t, v in dash.promoted))
+
+
+# ---- parameter-space features -------------------------------------------------------------------
+
+@main.command()
+@click.option("--model", "model_name", type=Choices("compute.jobs.decompose:MODELS"), default="zoo", show_default=True,
+              help="xor, tms (the toy models of seed 002) or zoo")
+@click.option("--params", "params", multiple=True,
+              help="parameter to decompose, as the model names it, e.g. W, b, blocks.0.attn.W_K or blocks.0.attn.W_K[2] "
+                   "(one head); repeatable (default: xor W b, tms W, zoo blocks.0.attn.W_K[0])")
+@click.option("--features", "n_features", type=POSITIVE, help="directions to find (default: xor 3, tms 5, zoo 8)")
+@click.option("--steps", type=POSITIVE, help="optimisation steps per restart")
+@click.option("--interference", type=THRESHOLD, help="weight of the low-interference loss (λ)")
+@click.option("--restarts", type=POSITIVE, help="seeded restarts; the lowest loss is kept")
+@click.option("--seed", type=click.IntRange(min=0), help="seed of the initial directions")
+@click.option("--task", "task_names", multiple=True,
+              help="zoo task: a circuit of the directions' curvature at its answer position (repeatable)")
+@click.option("-n", "n", default=3, show_default=True, type=POSITIVE, help="top examples shown per direction")
+@ZOO
+@FORMAT
+@click.pass_obj
+def decompose(path: Path, model_name: str, params, n_features, steps, interference, restarts, seed, task_names,
+              n: int, zoo_name: str, fmt: str):
+    """Features in parameter space (sparse Hessian eigendecomposition): directions in weight space along
+    which some inputs' outputs change sharply, registered as a dictionary of kind parameter."""
+    from dataclasses import replace
+
+    import catalog
+    from compute.jobs.decompose import DEFAULT_CONFIGS, DecomposeSpec, decomposition_job
+
+    given = {k: v for k, v in {"n_features": n_features, "steps": steps, "interference": interference,
+                               "restarts": restarts, "seed": seed}.items() if v is not None}
+    tasks = []
+    if task_names:
+        if model_name != "zoo":
+            raise UserError("--task needs --model zoo")
+        from compute.models.zoo import build_zoo, zoo_config
+
+        zoo_tasks = build_zoo(zoo_config(zoo_name)).tasks
+        for name in task_names:
+            if name not in zoo_tasks:
+                raise UserError(f"unknown task {name!r}; zoo tasks: {', '.join(sorted(zoo_tasks))}")
+            tasks.append(zoo_tasks[name])
+    spec = DecomposeSpec(model_name, tuple(params), replace(DEFAULT_CONFIGS[model_name], **given), zoo_name)
+    cat = catalog.init(path)
+    run_id, found, circuit_ids = decomposition_job(cat, spec, tasks)
+    top = cat.sql("SELECT f.feature_idx, round(f.max_activation, 4) AS max_curvature, round(f.density, 4) AS density, "
+                  "t.value, t.text FROM features f, LATERAL (SELECT * FROM top_examples(f.dictionary_id, f.feature_idx, ?)) t "
+                  "WHERE f.dictionary_id = ? ORDER BY f.feature_idx, t.value DESC", [n, found.dictionary_id])
+    _output(top.assign(value=top.value.round(4)), fmt)
+    click.echo(f"run {run_id}: dictionary {found.dictionary_id} ({len(found.directions)} directions over "
+               f"{found.directions.shape[1]} parameters: {', '.join(found.params)})"
+               + (f"; circuits {', '.join(circuit_ids)} (method curvature)" if circuit_ids else ""), err=True)
 
 
 # ---- benchmarks ---------------------------------------------------------------------------------
@@ -726,6 +781,30 @@ def toy(path: Path, l1s, sizes, d: int, n_features: int, steps: int, seed: int, 
     _output(pd.DataFrame(rows)[["method", "l1_coefficient", "d_sae", "mse", "l0", "mmcs_truth", "mmcs_larger",
                                 "dead_features"]].round(4), fmt)
     click.echo(f"run {run_id}: rows in dictionary_sweeps; heat maps in {sweep_heatmaps(rows, out)}", err=True)
+
+
+@benchmark.command()
+@click.option("--out", type=OutPath(), default=Path("parameters.png"), show_default=True,
+              help="each toy input's curvature along each direction (PNG)")
+@FORMAT
+@click.pass_obj
+def parameters(path: Path, out: Path, fmt: str):
+    """Parameter-space features on the toys of seed 002: XOR's three directions and TMS's five, checked
+    (top inputs) and scored against TMS's true components (MMCS, ML2R) beside APD's and SPD's."""
+    import pandas as pd
+
+    import catalog
+    from catalog.plots import curvature_heatmaps
+    from compute.jobs.decompose import PUBLISHED, parameter_benchmark_job
+
+    run_id, rows = parameter_benchmark_job(catalog.init(path))
+    table = pd.DataFrame(rows)[["toy", "passed", "top_inputs", "mmcs", "ml2r", "dictionary_id"]]
+    _output(table.assign(top_inputs=table.top_inputs.map("; ".join)), fmt)
+    published = "; ".join(f"{k} MMCS {m:.3f}, ML2R {r:.3f}" for k, (m, r) in PUBLISHED.items())
+    click.echo(f"run {run_id}: rows in parameter_benchmarks (published on TMS 5-2: {published}); "
+               f"curvatures drawn in {curvature_heatmaps(rows, out)}", err=True)
+    if not all(r["passed"] for r in rows):
+        raise UserError("a check did not hold: " + "; ".join(r["check"] for r in rows if not r["passed"]))
 
 
 if __name__ == "__main__":

@@ -233,9 +233,10 @@ QUALIFY row_number() OVER (PARTITION BY a.task_id, a.example_idx ORDER BY a.valu
 ORDER BY a.value DESC, a.task_id, a.example_idx LIMIT n
 """
 
-# A circuit's basis: 'neurons' when its dictionaries are identity dictionaries, else 'features'.
+# A circuit's basis: 'neurons' over identity dictionaries, 'parameters' over parameter-space
+# directions, else 'features'.
 _CIRCUIT_BASIS = """(
-SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' ELSE 'features' END
+SELECT CASE any_value(d.kind) WHEN 'identity' THEN 'neurons' WHEN 'parameter' THEN 'parameters' ELSE 'features' END
 FROM nodes n JOIN dictionaries d USING (dictionary_id) WHERE n.circuit_id = cid)
 """
 
@@ -296,7 +297,7 @@ FROM edits WHERE edit_id = eid ORDER BY subset <> 'all', subset
 """
 
 NAMED_QUERIES = [
-    NamedQuery("circuit_basis", "cid", "(scalar) 'features' or 'neurons' (identity dictionaries)",
+    NamedQuery("circuit_basis", "cid", "(scalar) 'features', 'neurons' (identity dictionaries) or 'parameters'",
                _CIRCUIT_BASIS, scalar=True),
     NamedQuery("circuit_of", "task, basis := 'features'",
                "(scalar) the newest circuit of a task over features or neurons, for the other queries' arguments",

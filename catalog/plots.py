@@ -125,6 +125,36 @@ def sweep_heatmaps(rows, out: Path) -> Path:
     return out
 
 
+def curvature_heatmaps(rows: list[dict], out: Path) -> Path:
+    """One panel per toy of `benchmark parameters`: each input's curvature along each direction, every
+    column scaled to its largest (the top input of a direction is its brightest cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 + 1.1 * sum(len(r["curvature"][0]) for r in rows), 3.6))
+    for ax, r in zip(np.atleast_1d(axes), rows, strict=True):
+        c = np.asarray(r["curvature"], dtype=float)
+        scaled = c / np.maximum(c.max(0, keepdims=True), 1e-30)
+        ax.imshow(scaled, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(c.shape[1]), [f"u{k}" for k in range(c.shape[1])])
+        ax.set_yticks(range(c.shape[0]), r["inputs"], fontsize=8)
+        ax.set_xlabel("direction")
+        extra = f", MMCS {r['mmcs']:.3f}" if r.get("mmcs") is not None else ""
+        ax.set_title(f"{r['toy']}: {'passed' if r['passed'] else 'FAILED'}{extra}", fontsize=10)
+        for (i, j), v in np.ndenumerate(c):
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color=_ink(plt.cm.viridis(scaled[i, j])))
+    fig.suptitle("curvature of each input along each direction (columns scaled to their maximum)", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _ink(rgb) -> str:
     """Black on light cells, white on dark ones."""
     return "black" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 0.5 else "white"

@@ -18,9 +18,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 6  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
+SCHEMA_VERSION = 7  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
 # 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note;
-# 6: circuits.ig_rule, predictions
+# 6: circuits.ig_rule, predictions; 7: parameter_benchmarks (and dictionaries of kind parameter)
 
 metadata = MetaData()
 
@@ -40,13 +40,15 @@ dictionaries = Table(
     "dictionaries", metadata,
     Column("dictionary_id", String, primary_key=True, comment="sae-<hash> or identity-<hash> of the weights and config"),
     Column("model_id", String, comment='model whose activations it reads'),
-    Column("hook_name", String, comment="TransformerLens hook the dictionary reads"),
+    Column("hook_name", String, comment="TransformerLens hook the dictionary reads (parameter dictionaries: the "
+                                        "parameters decomposed, comma-separated)"),
     Column("hook_name_out", String, comment="hook it reconstructs (a transcoder's differs from hook_name)"),
     Column("component", String, comment="embed, attn, mlp or resid"),
     Column("layer", Integer, comment="block index; -1 for the embedding"),
-    Column("kind", String, comment="sae, transcoder or identity"),
-    Column("architecture", String, comment="standard (ReLU + L1), topk, jumprelu, transcoder or identity"),
-    Column("d_in", Integer, comment='input width (must equal the hook width)'),
+    Column("kind", String, comment="sae, transcoder, identity or parameter (directions in weight space)"),
+    Column("architecture", String, comment="standard (ReLU + L1), topk, jumprelu, transcoder, identity, or hessian "
+                                           "(sparse Hessian eigendecomposition)"),
+    Column("d_in", Integer, comment='input width (must equal the hook width; parameter dictionaries: parameters)'),
     Column("d_sae", Integer, comment='number of features'),
     Column("path", String, comment="where the SAELens-format files are"),
     Column("metrics", JSON, comment="held-out mse, fraction_variance_explained, l0, dead_fraction, dense_fraction, "
@@ -103,11 +105,12 @@ circuits = Table(
     Column("run_id", String, comment='run that produced it'),
     Column("model_id", String, comment='model it was discovered in'),
     Column("task_id", String, comment='task it explains'),
-    Column("method", String, comment="ig or atp"),
+    Column("method", String, comment="ig, atp or exact; curvature for parameter features (nodes: directions, "
+                                      "effect: mean curvature at the answer position)"),
     Column("ig_steps", Integer, comment='integrated-gradients steps (NULL for other methods)'),
     Column("ig_rule", String, comment="integrated-gradients quadrature: gauss, midpoint or left (NULL for other "
                                       "methods; circuits older than schema 6 used left)"),
-    Column("aggregation", String, comment="sum (over positions) or none"),
+    Column("aggregation", String, comment="sum (over positions), none, or last (the answer position)"),
     Column("metric", String, comment="logit_diff = logit(patch answer) - logit(clean answer); neg_logit = -logit(clean answer) "
                    "for tasks without patch prompts (patch state: zero ablation)"),
     Column("node_threshold", Double, comment='nodes kept when |effect| exceeds it'),
@@ -208,6 +211,24 @@ predictions = Table(
     Column("predicted", Double, comment="the sum of the method's effects over the set"),
     Column("measured", Double, comment="the metric's change when the whole set is patched at once (mean over "
                                        "examples)"),
+)
+
+parameter_benchmarks = Table(
+    "parameter_benchmarks", metadata,
+    Column("run_id", String, primary_key=True, comment="run of `cli.py benchmark parameters`"),
+    Column("toy", String, primary_key=True, comment="xor or tms"),
+    Column("dictionary_id", String, comment="the decomposition (a dictionary of kind parameter)"),
+    Column("n_features", Integer, comment="directions"),
+    Column("n_parameters", Integer, comment="parameters decomposed"),
+    Column("check", String, comment="what must hold"),
+    Column("passed", Boolean, comment="whether it held"),
+    Column("top_inputs", ARRAY(String), comment="each direction's input of largest curvature, in direction order"),
+    Column("mmcs", Double, comment="tms: mean over features of the best |cosine| between a direction and the "
+                                   "feature's true parameter component (its column of W)"),
+    Column("ml2r", Double, comment="tms: mean over features of |u·w0| / the true component's norm, for the "
+                                   "best-matching direction u"),
+    Column("high", Double, comment="the decomposition's mean sum of squared curvatures"),
+    Column("interference", Double, comment="its mean interference (see compute/parameters/decomposition.py)"),
 )
 
 dictionary_sweeps = Table(

@@ -73,6 +73,7 @@ class Dashboard:
     label: str | None
     examples: pd.DataFrame  # top_examples rows: task_id, example_idx, position, token, value, text
     promoted: list[tuple[str, float]]
+    kind: str = "sae"  # the dictionary's kind: a parameter dictionary's values are curvatures and it promotes nothing
 
 
 def feature_dashboard(cat, dictionary: str, feature: int, n: int = 10) -> Dashboard:
@@ -94,7 +95,8 @@ def feature_dashboard(cat, dictionary: str, feature: int, n: int = 10) -> Dashbo
                    [d.dictionary_id, feature]).iloc[0]
     examples = cat.sql("SELECT * FROM top_examples(?, ?, ?)", [d.dictionary_id, feature, n])
     promoted = []
-    if d.source and Path(d.source, "model.safetensors").is_file() and Path(d.path, "cfg.json").is_file():
+    if (d.kind != "parameter" and d.source and Path(d.source, "model.safetensors").is_file()
+            and Path(d.path, "cfg.json").is_file()):
         promoted = promoted_tokens(load_model(Path(d.source)), load_dictionary(Path(d.path)), feature, n)
     return Dashboard(d.dictionary_id, d.hook_name, feature, float(feat.density), float(feat.max_activation),
-                     feat.label if isinstance(feat.label, str) else None, examples, promoted)
+                     feat.label if isinstance(feat.label, str) else None, examples, promoted, d.kind)
