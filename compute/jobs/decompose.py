@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from catalog.errors import UserError
 from catalog.store import Catalog, new_id
-from compute.cache import cached_dir, config_hash
+from compute.cache import cache_path, cached_dir, config_hash, pinned
 from compute.jobs.lifecycle import now, run, run_row
 from compute.parameters.decomposition import DecompositionConfig
 from compute.parameters.storage import ParameterDictionary, load
@@ -98,13 +98,38 @@ def _build(folder: Path, spec: DecomposeSpec) -> None:
         "high": d.high, "interference": d.interference, "restart": d.restart, "losses": d.losses})
 
 
-def build_decomposition(spec: DecomposeSpec) -> ParameterDictionary:
-    """The decomposition of a spec, computed once on the pinned kernels and cached by its settings and
-    the model's weights."""
-    spec = spec.resolved()
-    _, target, _, _, model_row = _subject(spec)  # refuses unknown parameters before any work
-    key = config_hash({"spec": asdict(spec), "weights": model_row["weights_hash"], "version": 2})
-    return load(cached_dir("decompositions", f"{spec.model}-{key}", _build, spec))
+def _key(spec: DecomposeSpec) -> str:
+    """A spec's cache key: its settings and the model (the zoo's id, or the toy's configuration). Names
+    that are not the model's parameters are refused here, before any work."""
+    from compute.parameters.targets import lm_target, make_target
+    from compute.parameters.toys import blank_params, toy_key
+
+    if spec.model == "zoo":
+        from compute.models.zoo import build_zoo, zoo_config
+
+        zoo = build_zoo(zoo_config(spec.zoo))
+        lm_target(zoo.model, spec.params)
+        model = zoo.model_id
+    else:
+        make_target(blank_params(spec.model), spec.params, lambda p, x: x, "mse")
+        model = toy_key(spec.model)
+    return f"{spec.model}-{config_hash({'spec': asdict(spec), 'model': model, 'version': 3})}"
+
+
+def _build_missing(items: list[tuple[str, DecomposeSpec]]) -> None:
+    for key, spec in items:
+        cached_dir("decompositions", key, _build, spec)
+
+
+def build_decompositions(specs: list[DecomposeSpec]) -> list[ParameterDictionary]:
+    """The decompositions of these specs, each computed once on the pinned kernels (the missing ones
+    in one build process) and cached by its settings and model."""
+    specs = [s.resolved() for s in specs]
+    keys = [_key(s) for s in specs]
+    missing = [(k, s) for k, s in zip(keys, specs, strict=True) if not cache_path("decompositions", k).exists()]
+    if missing:
+        pinned(_build_missing, missing)
+    return [load(cache_path("decompositions", k)) for k in keys]
 
 
 N_EVAL = 300  # zoo: dashboard-corpus sentences each direction's curvature is stored for
@@ -153,7 +178,7 @@ def decomposition_job(cat: Catalog, spec: DecomposeSpec, tasks: list[Task] = (),
         raise UserError("tasks need a language model: use --model zoo")
     for task in tasks:
         cat.check_task(task.name, task.content_hash)
-    pd_ = build_decomposition(spec)
+    pd_ = build_decompositions([spec])[0]
     subject, target, _, _, model_row = _subject(spec)
     u = pd_.directions.to(target.w0.dtype)
     dict_id = pd_.dictionary_id
@@ -279,6 +304,7 @@ def parameter_benchmark_job(cat: Catalog, progress: bool = True) -> tuple[str, l
     from compute.parameters.toys import build_toy, component_scores, true_components
 
     results = []
+    build_decompositions([DecomposeSpec("xor"), DecomposeSpec("tms")])  # one build process for both
     for name in ("xor", "tms"):
         spec = DecomposeSpec(name).resolved()
         _, pd_, _ = decomposition_job(cat, spec, progress=progress)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compute.cache import cached_dir, config_hash
+from compute.cache import cache_path, cached_dir, config_hash, pinned
 
 TOYS = ("xor", "tms")
 
@@ -133,14 +133,33 @@ def _train(folder: Path, cfg: ToyConfig) -> None:
     (folder / "config.json").write_text(json.dumps({**asdict(cfg), "loss": loss.item(), "attempts": attempt + 1}))
 
 
-def build_toy(name: str) -> Toy:
-    """The trained toy model of this name (cached)."""
+def toy_key(name: str) -> str:
+    """The cache key of a toy: its name and the hash of its configuration."""
     if name not in CONFIGS:
         raise ValueError(f"unknown toy {name!r}; choose from {', '.join(TOYS)}")
-    cfg = CONFIGS[name]
-    path = cached_dir("toys", f"{name}-{config_hash(cfg)}", _train, cfg)
+    return f"{name}-{config_hash(CONFIGS[name])}"
+
+
+def _build_all() -> None:
+    for name in TOYS:
+        cached_dir("toys", toy_key(name), _train, CONFIGS[name])
+
+
+def build_toy(name: str) -> Toy:
+    """The trained toy model of this name (cached; a missing one is trained with every other missing
+    toy in one pinned process, since starting one costs more than training them)."""
+    if not cache_path("toys", toy_key(name)).exists():
+        pinned(_build_all)
+    path = cached_dir("toys", toy_key(name), _train, CONFIGS[name])
     saved = json.loads((path / "config.json").read_text())
-    return Toy(cfg, load_file(str(path / "model.safetensors")), path, saved["loss"])
+    return Toy(CONFIGS[name], load_file(str(path / "model.safetensors")), path, saved["loss"])
+
+
+def blank_params(name: str) -> dict[str, torch.Tensor]:
+    """A toy's parameters as zeros of their shapes: enough to check parameter names without training."""
+    cfg = CONFIGS[name]
+    n_in = 2 if name == "xor" else cfg.n_features
+    return {"W": torch.zeros(cfg.n_hidden, n_in), "b": torch.zeros(cfg.n_hidden if name == "xor" else n_in)}
 
 
 def true_components(toy: Toy) -> torch.Tensor:
