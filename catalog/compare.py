@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from catalog.errors import UserError
+from catalog.plots import save_figure
 from catalog.store import Catalog
 
 
@@ -109,11 +110,7 @@ class Comparison:
         ax2.set_title("Jaccard overlap", fontsize=9)
         fig.colorbar(im2, ax=ax2, fraction=0.04)
         fig.tight_layout()
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=130)
-        plt.close(fig)
-        return out
+        return save_figure(fig, out, dpi=130)
 
 
 CIRCUITS_SQL = """

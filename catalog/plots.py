@@ -17,6 +17,17 @@ ORDER BY c.task_id, e.circuit_id, e.n_nodes
 """
 
 
+def save_figure(fig, out: Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure to out (its folder made if needed), close it, return the path."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def faithfulness_plot(cat: Catalog, circuit_ids: list[str], out: Path, errors: str = "node") -> Path:
     """One panel per ablation: faithfulness (solid), completeness (dashed) and random node
     sets of the same size (dotted) against the number of nodes, per circuit."""
@@ -51,10 +62,7 @@ def faithfulness_plot(cat: Catalog, circuit_ids: list[str], out: Path, errors: s
     axes[0][0].set_ylabel("faithfulness (—), completeness (--), random (···)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def edit_plot(cat: Catalog, edit_id: str, out: Path) -> Path:
@@ -81,10 +89,7 @@ def edit_plot(cat: Catalog, edit_id: str, out: Path) -> Path:
     axes[0].axhline(0.5, color="grey", lw=0.5, ls=":")
     axes[0].legend(fontsize=7, loc="upper center", ncol=2)
     fig.suptitle(f"{df['task_id'][0]}: before and after the edit", fontsize=10)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 SWEEP_PANELS = (("mse", "reconstruction loss (MSE)", "viridis_r"), ("mmcs_truth", "MMCS with the true features", "viridis"),
@@ -119,10 +124,7 @@ def sweep_heatmaps(rows, out: Path) -> Path:
     d, n = int(df["d_in"].iloc[0]), int(df["n_true_features"].iloc[0])
     fig.suptitle(f"toy benchmark: {n} true features in {d} dimensions{pca_note}")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def curvature_heatmaps(rows: list[dict], out: Path) -> Path:
@@ -148,11 +150,7 @@ def curvature_heatmaps(rows: list[dict], out: Path) -> Path:
             ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color=_ink(plt.cm.viridis(scaled[i, j])))
     fig.suptitle("curvature of each input along each direction (columns scaled to their maximum)", fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def _ink(rgb) -> str:
