@@ -418,18 +418,22 @@ def _circuit_selection(f):
 @_circuit_selection
 @click.option("--errors", type=Choices("compute.attribution.faithfulness:ERROR_MODES"), default="node",
               show_default=True)
+@click.option("--predictions", is_flag=True,
+              help="draw each submodule's nested node sets instead: the method's predicted change against the "
+                   "measured one")
 @click.option("--out", type=OutPath(), default=Path("faithfulness.png"), show_default=True)
 @click.pass_obj
-def plot(path: Path, circuit_ids, tasks, methods, models, select_sql, errors: str, out: Path):
+def plot(path: Path, circuit_ids, tasks, methods, models, select_sql, errors: str, predictions: bool, out: Path):
     """Faithfulness and completeness curves (PNG) for circuits chosen as `compare` chooses them
-    (by id, --task, --method, --model, --sql; default all)."""
+    (by id, --task, --method, --model, --sql; default all); --predictions: nested node sets,
+    predicted against measured."""
     import catalog
     from catalog.compare import select_circuits
-    from catalog.plots import faithfulness_plot
+    from catalog.plots import faithfulness_plot, predictions_plot
 
     cat = catalog.open(path)
     ids = select_circuits(cat, circuit_ids, tasks, methods, models, select_sql)
-    click.echo(faithfulness_plot(cat, ids, out, errors))
+    click.echo(predictions_plot(cat, ids, out) if predictions else faithfulness_plot(cat, ids, out, errors))
 
 
 @main.command()

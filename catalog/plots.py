@@ -65,6 +65,53 @@ def faithfulness_plot(cat: Catalog, circuit_ids: list[str], out: Path, errors: s
     return save_figure(fig, out)
 
 
+PREDICTIONS_SQL = """
+SELECT p.*, c.task_id, c.method, circuit_basis(c.circuit_id) AS basis
+FROM predictions p JOIN circuits c USING (circuit_id)
+WHERE list_contains(?, p.circuit_id) ORDER BY c.task_id, c.method, p.site, p.n_nodes
+"""
+
+
+def predictions_plot(cat: Catalog, circuit_ids: list[str], out: Path) -> Path:
+    """One panel per task and basis: each submodule's nested node sets (top 1, 2, 4, ... in the method's
+    ranking, and the whole submodule, ringed), the method's predicted change (the sum of its effects)
+    against the change measured by patching the set at once, a colour per method, with the diagonal
+    and each method's Pearson r."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    df = cat.sql(PREDICTIONS_SQL, [circuit_ids])
+    if df.empty:
+        raise UserError("no predictions for those circuits (discover them with evaluation on)")
+    panels = list(df.groupby(["task_id", "basis"], sort=True))
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.9 * rows), squeeze=False)
+    colors = dict(zip(sorted(df["method"].unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, ((task, basis), g) in zip(axes.flat, panels, strict=False):
+        for method, m in g.groupby("method"):
+            r = np.corrcoef(m["predicted"], m["measured"])[0, 1] if len(m) > 1 else float("nan")
+            part = m[~m["all_nodes"]]
+            ax.scatter(part["predicted"], part["measured"], s=12, color=colors[method], label=f"{method} (r {r:.3f})")
+            whole = m[m["all_nodes"]]
+            ax.scatter(whole["predicted"], whole["measured"], s=40, facecolors="none", edgecolors=colors[method])
+        lo, hi = min(g["predicted"].min(), g["measured"].min()), max(g["predicted"].max(), g["measured"].max())
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.6)
+        ax.set_title(f"{task} · {basis}", fontsize=9)
+        ax.set_xlabel("predicted (sum of effects)", fontsize=8)
+        ax.set_ylabel("measured (set patched at once)", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("nested node sets per submodule: predicted vs measured change of the metric (rings: whole "
+                 "submodule)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
 def edit_plot(cat: Catalog, edit_id: str, out: Path) -> Path:
     """Accuracy and mean metric per case before and after an edit, as grouped bars."""
     import matplotlib

@@ -205,7 +205,9 @@ predictions = Table(
     "predictions", metadata,
     Column("circuit_id", String, primary_key=True, comment="circuit whose node effects are summed"),
     Column("site", String, primary_key=True, comment="submodule of the node set (embed, attn_0, ...)"),
-    Column("n_nodes", Integer, primary_key=True, comment="nodes in the set (features and error terms)"),
+    Column("n_nodes", Integer, primary_key=True, comment="nodes in the set (features and error terms): the "
+                                                         "submodule's n strongest in the method's ranking (n = 1, 2, "
+                                                         "4, ...), or all of them"),
     Column("all_nodes", Boolean, comment="the set is every node of the submodule: predicted - measured is the "
                                          "method's completeness error there"),
     Column("predicted", Double, comment="the sum of the method's effects over the set"),

@@ -9,7 +9,7 @@ from compute.attribution.atp import node_effects
 from compute.attribution.discovery import DiscoveryParams, discover
 from compute.attribution.edges import EdgePair, edge_pairs, edge_weights, edge_weights_looped
 from compute.attribution.ig import RULES, ig_grads, quadrature
-from compute.attribution.patching import joint_effects, patch_effects
+from compute.attribution.patching import joint_effects, patch_effects, set_effects
 from compute.attribution.spliced import batch_metric, output_grads, states
 from compute.models import grammar
 from compute.tasks import encode
@@ -332,3 +332,33 @@ def test_a_circuit_stores_its_completeness_check(zoo, subs, saes):
         assert n == len(effects) and predicted == pytest.approx(sum(effects))
         assert predicted == pytest.approx(measured, rel=0.01)
     assert checks[subs[-1].name][2] == pytest.approx(c.total_effect, rel=1e-4)  # the last one carries everything
+
+
+def test_a_set_patched_at_once_is_exact_patching(zoo, subs, saes):
+    """set_effects of one node is patch_effects of it; of every feature and the error term, the joint effect
+    of patching the submodule whole."""
+    b, clean, patch, _ = _batch_inputs(zoo, subs, saes, "sva_simple")
+    joint = joint_effects(zoo.model, subs, b, clean, patch)
+    for s in (subs[0], subs[2]):
+        nodes = _active_nodes(clean[s.name], limit=6).tolist()
+        features = [n for n in nodes if n != ERROR]
+        single = patch_effects(zoo.model, s, saes[s.name], b, clean[s.name], patch[s.name],
+                               [None if n == ERROR else n for n in nodes])
+        sets = [([n], False) for n in features] + [([], True), (list(range(saes[s.name].d_sae)), True)]
+        got = set_effects(zoo.model, s, saes[s.name], b, clean[s.name], patch[s.name], sets, chunk=3)
+        assert torch.allclose(got[: len(nodes)], single, rtol=1e-4, atol=1e-4)
+        assert got[-1].item() == pytest.approx(joint[s.name], rel=1e-4, abs=1e-4)
+
+
+def test_a_circuit_measures_its_nested_sets(zoo, subs, saes):
+    """Evaluated circuits carry, per submodule, the top 1, 2, 4, ... nodes in their own ranking: the sum of
+    their effects and the measured effect of patching them at once."""
+    data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 16)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(ablations=("mean",), random_draws=0), progress=False)
+    for s in subs:
+        sizes = [k for site, k in c.nested if site == s.name]
+        count = sum(1 for n in c.nodes if n.site is not None and n.site.name == s.name)
+        assert sizes == [2**i for i in range(len(sizes))] and sizes[-1] < count <= 2 * sizes[-1]
+        top = sorted((n.effect for n in c.nodes if n.site is not None and n.site.name == s.name), key=abs,
+                     reverse=True)
+        assert c.nested[(s.name, 2)][0] == pytest.approx(sum(top[:2]))

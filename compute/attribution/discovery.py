@@ -30,7 +30,7 @@ from compute.attribution.atp import node_effects
 from compute.attribution.edges import edge_pairs, edge_weights
 from compute.attribution.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
 from compute.attribution.ig import RULES, ig_grads
-from compute.attribution.patching import joint_effects, patch_effects
+from compute.attribution.patching import joint_effects, patch_effects, set_effects
 from compute.attribution.spliced import (
     batch_metric,
     clean_and_patch,
@@ -104,6 +104,9 @@ class Circuit:
     clean_features: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     joint_effects: dict[str, float] = field(default_factory=dict)  # submodule -> effect of patching it whole
+    # (submodule, n) -> (sum of the method's effects over the submodule's n strongest nodes, the effect of
+    # patching those n at once), for n = 1, 2, 4, ... below the submodule's node count
+    nested: dict[tuple[str, int], tuple[float, float]] = field(default_factory=dict)
 
     @property
     def total_effect(self) -> float:
@@ -131,6 +134,14 @@ class Circuit:
             effects = [n.effect for n in self.nodes if n.site is not None and n.site.name == name]
             out.append((name, len(effects), sum(effects), joint))
         return out
+
+    def ranked_sets(self, site: str) -> list[tuple[int, list[Node]]]:
+        """The nested sets of a submodule in the method's own ranking (|effect|, strongest first): the top
+        1, 2, 4, ... nodes, below the submodule's node count (the whole is the completeness check)."""
+        ranked = sorted((n for n in self.nodes if n.site is not None and n.site.name == site),
+                        key=lambda n: -abs(n.effect))
+        sizes = [2**k for k in range(max(len(ranked) - 1, 1).bit_length()) if 2**k < len(ranked)]
+        return [(k, ranked[:k]) for k in sizes]
 
     @property
     def evaluation_note(self) -> str | None:
@@ -215,11 +226,28 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
         for batch, clean, patch, _ in per_batch:
             for name, v in joint_effects(model, subs, batch, clean, patch).items():
                 circuit.joint_effects[name] = circuit.joint_effects.get(name, 0.0) + v / n
+        if not per_position:  # nested sets of sum-aggregated nodes (a per-position set would mix positions)
+            _nested(model, subs, dicts, per_batch, circuit, n)
         effects = circuit.effects()
         circuit.curves = curves(model, subs, dicts, data, effects,
                                 sweep_thresholds(effects, params.node_threshold), params.ablations,
                                 params.errors, params.random_draws, progress)
     return circuit
+
+
+def _nested(model, subs: list[Site], dicts: dict[str, SAE], per_batch, circuit: Circuit, n: int) -> None:
+    """Measure every submodule's nested sets patched at once, beside the method's predicted change."""
+    for s in subs:
+        ranked = circuit.ranked_sets(s.name)
+        if not ranked:
+            continue
+        sets = [([m.feature for m in nodes if m.feature is not None], any(m.feature is None for m in nodes))
+                for _, nodes in ranked]
+        measured = torch.zeros(len(sets), dtype=torch.float64)
+        for batch, clean, patch, _ in per_batch:
+            measured += set_effects(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], sets)
+        for (k, nodes), m in zip(ranked, (measured / n).tolist(), strict=True):
+            circuit.nested[(s.name, k)] = (sum(x.effect for x in nodes), m)
 
 
 def _exact(model, s: Site, sae: SAE, batch, clean, patch, per_position: bool,

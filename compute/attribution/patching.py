@@ -54,6 +54,32 @@ def joint_effects(model, subs: list[Site], batch: Batch, clean: dict[str, State]
     return out
 
 
+@torch.no_grad()
+def set_effects(model, sub: Site, sae: SAE, batch: Batch, clean: State, patch: State,
+                sets: list[tuple[list[int], bool]], chunk: int = 16) -> torch.Tensor:
+    """Exact effect of patching each node set of one submodule at once, at every position: a set is
+    (feature indices, whether the error term is in it). Returns [len(sets)], the metric change summed
+    over the batch's examples."""
+    base = batch_metric(last_logits(model, batch.clean), batch)
+    out = []
+    for i in range(0, len(sets), chunk):
+        part = sets[i : i + chunk]
+        deltas = torch.stack([_set_delta(sae, clean, patch, features, error) for features, error in part])
+        patched = (clean.x[None] + deltas).reshape(-1, *clean.x.shape[1:])
+        logits = logits_with_output(model, sub, patched, [sub], {sub.name: clean}, batch.clean, len(part))
+        m = batch_metric(logits, batch, repeat=len(part)).view(len(part), -1)
+        out.append((m - base).sum(1))
+    return torch.cat(out)
+
+
+def _set_delta(sae: SAE, clean: State, patch: State, features: list[int], error: bool) -> torch.Tensor:
+    """The change of the submodule's output when these features (and the error term) take their patch
+    values: decoding is affine, so it is the features' change times their decoder rows."""
+    idx = torch.tensor(features, dtype=torch.long)
+    d = (patch.f[..., idx] - clean.f[..., idx]) @ sae.W_dec[idx]
+    return d + (patch.err - clean.err) if error else d
+
+
 def _delta(sae: SAE, clean: State, patch: State, node: int | None, position: int | None) -> torch.Tensor:
     if node is None:
         d = patch.err - clean.err

@@ -106,4 +106,6 @@ def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, tas
         for t, n, v in zip(cv.thresholds, cv.n_nodes, values, strict=True)])
     w.write("predictions", [{"circuit_id": circuit_id, "site": site, "n_nodes": n, "all_nodes": True,
                              "predicted": predicted, "measured": measured}
-                            for site, n, predicted, measured in c.completeness_checks()])
+                            for site, n, predicted, measured in c.completeness_checks()]
+            + [{"circuit_id": circuit_id, "site": site, "n_nodes": n, "all_nodes": False, "predicted": predicted,
+                "measured": measured} for (site, n), (predicted, measured) in c.nested.items()])
