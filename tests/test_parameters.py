@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,15 @@ from conftest import run_cli
 from compute.jobs.decompose import top_inputs_hold
 from compute.parameters.decomposition import DecompositionConfig, decompose, losses
 from compute.parameters.targets import lm_target, toy_target
-from compute.parameters.toys import build_toy
+from compute.parameters.toys import CONFIGS, Toy, blank_params
 
 
-def _double(toy):
-    return replace(toy, params={k: v.double() for k, v in toy.params.items()})
+def _untrained(name: str, seed: int = 0, dtype=torch.float32) -> Toy:
+    """A toy with seeded random parameters: the identities below hold at any weights, and no build
+    process has to start for them."""
+    g = torch.Generator().manual_seed(seed)
+    params = {k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in blank_params(name).items()}
+    return Toy(CONFIGS[name], params, Path("untrained"), float("nan"))
 
 
 def _unit(k: int, p: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -29,8 +34,10 @@ def _unit(k: int, p: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
 @pytest.mark.parametrize("name, params", [("xor", ["W", "b"]), ("tms", ["W", "b"])])
 def test_curvature_is_the_explicit_hessians_quadratic_form(name, params):
     """On models small enough to form every sample's Hessian (torch.func.hessian), uᵀH(x)u equals both
-    ways of computing the curvature (a JVP of a JVP; one JVP and D's Hessian in the outputs)."""
-    toy = _double(build_toy(name))
+    ways of computing the curvature (a JVP of a JVP; one JVP and D's Hessian in the outputs), at
+    random weights (the output-Hessian form needs only D's zero gradient at the reference, not a
+    trained model)."""
+    toy = _untrained(name, dtype=torch.float64)
     target = toy_target(toy, params)
     x = toy.examples(n_sampled=20).double()
     u = _unit(4, target.w0.numel())
@@ -70,7 +77,7 @@ def test_losses_by_hand():
 
 
 def test_decomposition_is_seeded_and_canonical():
-    toy = build_toy("xor")
+    toy = _untrained("xor")
     target = toy_target(toy, ["W", "b"])
     cfg = DecompositionConfig(n_features=3, steps=40, restarts=2)
     a = decompose(target, toy.training_inputs(), cfg, progress=False)
