@@ -7,6 +7,9 @@ model forward once; its effect is the change in the metric, averaged over exampl
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 
 from compute.attribution.spliced import State, batch_metric, last_logits, logits_with_output
@@ -25,18 +28,9 @@ def patch_effects(model, sub: Site, sae: SAE, batch: Batch, clean: State, patch:
     Returns [len(nodes)], the metric change summed over the batch's examples.
     Many nodes share one forward pass: the batch is repeated once per node.
     """
-    base = batch_metric(last_logits(model, batch.clean), batch)
     positions = positions or [None] * len(nodes)
-    out = []
-    for i in range(0, len(nodes), chunk):
-        part = nodes[i : i + chunk]
-        deltas = torch.stack([_delta(sae, clean, patch, n, t)
-                              for n, t in zip(part, positions[i : i + chunk], strict=True)])  # [K, B, T, d]
-        patched = (clean.x[None] + deltas).reshape(-1, *clean.x.shape[1:])
-        logits = logits_with_output(model, sub, patched, [sub], {sub.name: clean}, batch.clean, len(part))
-        m = batch_metric(logits, batch, repeat=len(part)).view(len(part), -1)
-        out.append((m - base).sum(1))
-    return torch.cat(out)
+    return _measure(model, sub, batch, clean, [partial(_delta, sae, clean, patch, n, t)
+                                               for n, t in zip(nodes, positions, strict=True)], chunk)
 
 
 @torch.no_grad()
@@ -60,12 +54,20 @@ def set_effects(model, sub: Site, sae: SAE, batch: Batch, clean: State, patch: S
     """Exact effect of patching each node set of one submodule at once, at every position: a set is
     (feature indices, whether the error term is in it). Returns [len(sets)], the metric change summed
     over the batch's examples."""
+    return _measure(model, sub, batch, clean, [partial(_set_delta, sae, clean, patch, features, error)
+                                               for features, error in sets], chunk)
+
+
+def _measure(model, sub: Site, batch: Batch, clean: State, deltas: list[Callable[[], torch.Tensor]],
+             chunk: int) -> torch.Tensor:
+    """The metric change, summed over the batch, when the submodule's clean output moves by each delta
+    ([B, T, d], made when its chunk runs, so memory holds one chunk): `chunk` deltas share one forward
+    pass, the batch repeated once per delta."""
     base = batch_metric(last_logits(model, batch.clean), batch)
     out = []
-    for i in range(0, len(sets), chunk):
-        part = sets[i : i + chunk]
-        deltas = torch.stack([_set_delta(sae, clean, patch, features, error) for features, error in part])
-        patched = (clean.x[None] + deltas).reshape(-1, *clean.x.shape[1:])
+    for i in range(0, len(deltas), chunk):
+        part = torch.stack([make() for make in deltas[i : i + chunk]])  # [K, B, T, d]
+        patched = (clean.x[None] + part).reshape(-1, *clean.x.shape[1:])
         logits = logits_with_output(model, sub, patched, [sub], {sub.name: clean}, batch.clean, len(part))
         m = batch_metric(logits, batch, repeat=len(part)).view(len(part), -1)
         out.append((m - base).sum(1))
