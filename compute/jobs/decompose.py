@@ -54,22 +54,30 @@ class DecomposeSpec:
 TRAIN_CORPUS_SEED = 5  # the zoo's decompositions train on grammar sentences the dashboards (seed 3) do not show
 
 
-def _subject(spec: DecomposeSpec):
-    """(model object, target, training inputs, mask, model row) of a spec."""
+def _model_and_target(spec: DecomposeSpec):
+    """(the zoo or toy, the target over the spec's parameters, the model's row) of a spec."""
     from compute.parameters.targets import lm_target, toy_target
 
     if spec.model == "zoo":
-        from compute.models import grammar
         from compute.models.zoo import build_zoo, zoo_config
 
         zoo = build_zoo(zoo_config(spec.zoo))
-        model = zoo.model
-        toks = model.to_tokens(grammar.corpus(spec.n_train, TRAIN_CORPUS_SEED), padding_side="right")
-        return zoo, lm_target(model, spec.params), toks, trained_positions(model, toks, True), zoo.handle.row()
+        return zoo, lm_target(zoo.model, spec.params), zoo.handle.row()
     from compute.parameters.toys import build_toy
 
     toy = build_toy(spec.model)
-    return toy, toy_target(toy, spec.params), toy.training_inputs(), None, toy.row()
+    return toy, toy_target(toy, spec.params), toy.row()
+
+
+def _training_data(spec: DecomposeSpec, subject) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs, mask of the positions that count) a decomposition trains on."""
+    if spec.model == "zoo":
+        from compute.models import grammar
+
+        model = subject.model
+        toks = model.to_tokens(grammar.corpus(spec.n_train, TRAIN_CORPUS_SEED), padding_side="right")
+        return toks, trained_positions(model, toks, True)
+    return subject.training_inputs(), None
 
 
 def trained_positions(model, toks: torch.Tensor, whole_sentences: bool) -> torch.Tensor:
@@ -87,7 +95,8 @@ def _build(folder: Path, spec: DecomposeSpec) -> None:
     from compute.parameters.decomposition import decompose
     from compute.parameters.storage import save
 
-    _, target, inputs, mask, model_row = _subject(spec)
+    subject, target, model_row = _model_and_target(spec)
+    inputs, mask = _training_data(spec, subject)
     d = decompose(target, inputs, spec.config, mask, progress=True)
     save(folder, d.directions, target.w0, {
         "model": spec.model, "model_id": model_row["model_id"], "parameters": target.layout(),
@@ -101,16 +110,12 @@ def _build(folder: Path, spec: DecomposeSpec) -> None:
 def _key(spec: DecomposeSpec) -> str:
     """A spec's cache key: its settings and the model (the zoo's id, or the toy's configuration). Names
     that are not the model's parameters are refused here, before any work."""
-    from compute.parameters.targets import lm_target, make_target
+    from compute.parameters.targets import make_target
     from compute.parameters.toys import blank_params, toy_key
 
     if spec.model == "zoo":
-        from compute.models.zoo import build_zoo, zoo_config
-
-        zoo = build_zoo(zoo_config(spec.zoo))
-        lm_target(zoo.model, spec.params)
-        model = zoo.model_id
-    else:
+        model = _model_and_target(spec)[0].model_id
+    else:  # a toy is not trained just to check names: its parameters' shapes are enough
         make_target(blank_params(spec.model), spec.params, lambda p, x: x, "mse")
         model = toy_key(spec.model)
     return f"{spec.model}-{config_hash({'spec': asdict(spec), 'model': model, 'version': 3})}"
@@ -179,7 +184,7 @@ def decomposition_job(cat: Catalog, spec: DecomposeSpec, tasks: list[Task] = (),
     for task in tasks:
         cat.check_task(task.name, task.content_hash)
     pd_ = build_decompositions([spec])[0]
-    subject, target, _, _, model_row = _subject(spec)
+    subject, target, model_row = _model_and_target(spec)
     u = pd_.directions.to(target.w0.dtype)
     dict_id = pd_.dictionary_id
     row = run_row("decompose", {"model": spec.model, "params": list(spec.params), "zoo": spec.zoo,
@@ -301,15 +306,14 @@ def parameter_benchmark_job(cat: Catalog, progress: bool = True) -> tuple[str, l
     check what seed 002 reports, score TMS against its true components, and commit the rows of
     `parameter_benchmarks` as one run. Each returned row also holds the inputs checked and their
     curvature along each direction ([inputs][directions]), for the picture."""
-    from compute.parameters.toys import build_toy, component_scores, true_components
+    from compute.parameters.toys import component_scores, true_components
 
     results = []
     build_decompositions([DecomposeSpec("xor"), DecomposeSpec("tms")])  # one build process for both
     for name in ("xor", "tms"):
         spec = DecomposeSpec(name).resolved()
         _, pd_, _ = decomposition_job(cat, spec, progress=progress)
-        toy = build_toy(name)
-        _, target, _, _, _ = _subject(spec)
+        toy, target, _ = _model_and_target(spec)
         shown = toy.examples()[: 4 if name == "xor" else toy.config.n_features]  # XOR's inputs; TMS's one-hots
         with torch.no_grad():
             c = target.curvature(shown, pd_.directions.to(target.w0.dtype))  # [inputs, K]
