@@ -209,13 +209,7 @@ def decomposition_job(cat: Catalog, spec: DecomposeSpec, tasks: list[Task] = (),
             with torch.no_grad():
                 c = target.curvature(inputs, u)[:, None, :]  # one "token" per input
             c = torch.nn.functional.pad(c, (0, 0, 1, 0))  # the input at position 1, as after a BOS
-            writer.write("tasks", [{"task_id": evaluation.name, "name": evaluation.name, "source": evaluation.source,
-                                    "description": evaluation.description, "content_hash": evaluation.content_hash,
-                                    "n_examples": len(evaluation.examples)}])
-            writer.write("examples", [{"task_id": evaluation.name, "example_idx": i, "split": "corpus",
-                                       "clean_prefix": e["clean_prefix"], "clean_answer": "",
-                                       "clean_tokens": ["<input>", e["clean_prefix"]]}
-                                      for i, e in enumerate(evaluation.examples)])
+            write_task(writer, None, evaluation, tokens=lambda text: ["<input>", text])
         flat = c.reshape(-1, c.shape[-1])
         largest = flat.max(0).values
         writer.write("dictionaries", [_dictionary_row(pd_, spec, model_row["model_id"], target)])

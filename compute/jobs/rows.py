@@ -36,14 +36,17 @@ def write_model_and_dictionaries(w: RunWriter, handle: ModelHandle, dicts: dict[
                                                                 strict=True))])
 
 
-def write_task(w: RunWriter, handle: ModelHandle, task: Task) -> None:
+def write_task(w: RunWriter, handle: ModelHandle | None, task: Task, tokens=None) -> None:
+    """A task's row and its examples, each with its clean prompt's tokens: the model's tokenizer's, or
+    `tokens(prompt)` for a model without one (a toy's input is one token)."""
+    tokens = tokens or (lambda text: str_tokens(handle.model, text))
     w.write("tasks", [{"task_id": task.name, "name": task.name, "source": task.source,
                        "description": task.description, "content_hash": task.content_hash,
                        "n_examples": len(task.examples)}])
     w.write("examples", [{"task_id": task.name, "example_idx": i, "split": e.get("split", "train"),
                           "case": e.get("case"), "clean_prefix": e["clean_prefix"],
                           "patch_prefix": e.get("patch_prefix"), "clean_answer": e["clean_answer"],
-                          "patch_answer": e.get("patch_answer"), "clean_tokens": str_tokens(handle.model, e["clean_prefix"])}
+                          "patch_answer": e.get("patch_answer"), "clean_tokens": tokens(e["clean_prefix"])}
                          for i, e in enumerate(task.examples)])
 
 
