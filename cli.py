@@ -811,5 +811,35 @@ def parameters(path: Path, out: Path, fmt: str):
         raise UserError("a check did not hold: " + "; ".join(r["check"] for r in rows if not r["passed"]))
 
 
+@benchmark.command("ground-truth")
+@click.option("--model", "names", multiple=True, type=Choices("compute.groundtruth.planted:MODELS"),
+              help="planted models (repeatable; default all)")
+@click.option("--method", "methods", multiple=True, type=Choices("compute.jobs.ground_truth:METHODS"),
+              help="discovery methods (repeatable; default all)")
+@FORMAT
+@click.pass_obj
+def ground_truth(path: Path, names, methods, fmt: str):
+    """Every discovery method on the planted-circuit models (hand-set weights; strict interchange
+    intervention training): node, edge and component precision, recall and AUROC against the planted
+    circuit, and the planted circuits' own faithfulness."""
+    import catalog
+    from compute.groundtruth.planted import MODELS
+    from compute.jobs.ground_truth import METHODS, failed_checks, ground_truth_job
+
+    cat = catalog.init(path)
+    run_id, scored, models = ground_truth_job(cat, tuple(names) or MODELS, tuple(methods) or METHODS)
+    _output(cat.sql("SELECT model, task_id, method, level, n_true, round(precision, 3) AS precision, "
+                    "round(recall, 3) AS recall, round(auroc, 3) AS auroc, circuit_id FROM ground_truth_scores() "
+                    "WHERE list_contains(?, circuit_id)", [[r["circuit_id"] for r in scored]]), fmt)
+    for m in models:
+        click.echo(f"{m['name']}: accuracy {m['accuracy']:.0%}; planted circuit faithfulness {m['faithfulness']:.3f}, "
+                   f"its complement's {m['completeness']:.3f}", err=True)
+    click.echo(f"run {run_id}: the truth in planted, the models in planted_models, the scores in evaluations "
+               "(named query ground_truth_scores)", err=True)
+    failed = failed_checks(scored, models)
+    if failed:
+        raise UserError("a check did not hold: " + "; ".join(failed))
+
+
 if __name__ == "__main__":
     main()

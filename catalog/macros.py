@@ -288,6 +288,23 @@ WHERE p.all_nodes
 ORDER BY created_at, task_id, circuit_id, p.site
 """
 
+# What `cli.py benchmark ground-truth` prints: each discovered circuit of a planted model, scored.
+_GROUND_TRUTH_SCORES = """
+WITH scores AS (
+    SELECT circuit_id, split_part(kind, '_', 1) AS level, split_part(kind, '_', 2) AS measure, n_nodes, value
+    FROM evaluations
+    WHERE ablation = 'none' AND split_part(kind, '_', 1) IN ('node', 'edge', 'component'))
+SELECT p.name AS model, c.task_id, c.method, s.level, max(s.n_nodes) AS n_true,
+       max(s.value) FILTER (WHERE s.measure = 'precision') AS precision,
+       max(s.value) FILTER (WHERE s.measure = 'recall') AS recall,
+       max(s.value) FILTER (WHERE s.measure = 'auroc') AS auroc,
+       c.circuit_id
+FROM scores s JOIN circuits c USING (circuit_id)
+     JOIN (SELECT DISTINCT model_id, name FROM planted_models) p USING (model_id)
+GROUP BY p.name, c.task_id, c.method, s.level, c.circuit_id, c.created_at
+ORDER BY model, c.task_id, c.method, array_position(['node', 'edge', 'component'], s.level), c.created_at
+"""
+
 # What `cli.py edit` prints: an edit's measures, all examples first, then each case.
 _EDIT_SUMMARY = """
 SELECT edit_id, subset, n_examples, n_features, round(metric_before, 3) AS metric_before,
@@ -349,6 +366,10 @@ NAMED_QUERIES = [
     NamedQuery("completeness_errors", "",
                "per circuit and submodule, the sum of its node effects beside the effect of patching the "
                "submodule whole, and their relative difference", _COMPLETENESS_ERRORS),
+    NamedQuery("ground_truth_scores", "",
+               "each circuit discovered in a planted model, scored against the planted circuit: node, edge and "
+               "component precision and recall at its thresholds, and AUROC over every candidate",
+               _GROUND_TRUTH_SCORES),
     NamedQuery("edit_summary", "eid", "an edit's measures before and after, all examples and each case",
                _EDIT_SUMMARY),
 ]

@@ -18,9 +18,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 7  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
+SCHEMA_VERSION = 8  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
 # 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note;
-# 6: circuits.ig_rule, predictions; 7: parameter_benchmarks (and dictionaries of kind parameter)
+# 6: circuits.ig_rule, predictions; 7: parameter_benchmarks (and dictionaries of kind parameter);
+# 8: planted, planted_models (ground truth), evaluations of kind <level>_<precision|recall|auroc>
 
 metadata = MetaData()
 
@@ -166,12 +167,15 @@ evaluations = Table(
     "evaluations", metadata,
     Column("circuit_id", String, primary_key=True, comment='circuit evaluated'),
     Column("kind", String, primary_key=True,
-           comment="faithfulness, completeness, or faithfulness_random (random node sets of the same size)"),
-    Column("ablation", String, primary_key=True, comment="mean, zero or resample"),
+           comment="faithfulness, completeness, or faithfulness_random (random node sets of the same size); "
+                   "against a planted circuit (`cli.py benchmark ground-truth`): node_, edge_ or component_ "
+                   "precision, recall or auroc"),
+    Column("ablation", String, primary_key=True, comment="mean, zero or resample ('none' for ground-truth scores)"),
     Column("errors", String, primary_key=True,
-           comment="error terms: node (kept by threshold), kept, ablated or removed"),
-    Column("threshold", Double, primary_key=True, comment='node threshold of this point'),
-    Column("n_nodes", Integer, comment='nodes kept at this point (features and error terms)'),
+           comment="error terms: node (kept by threshold), kept, ablated or removed ('none' for ground-truth scores)"),
+    Column("threshold", Double, primary_key=True, comment='node threshold of this point (edge threshold for edge_ scores)'),
+    Column("n_nodes", Integer, comment='nodes kept at this point (features and error terms); for ground-truth '
+                                       'scores, the true candidates'),
     Column("value", Double, comment='the measured value'),
 )
 
@@ -231,6 +235,36 @@ parameter_benchmarks = Table(
                                    "best-matching direction u"),
     Column("high", Double, comment="the decomposition's mean sum of squared curvatures"),
     Column("interference", Double, comment="its mean interference (see compute/parameters/decomposition.py)"),
+)
+
+planted = Table(
+    "planted", metadata,
+    Column("model_id", String, primary_key=True, comment="a planted model (compute/groundtruth/planted.py)"),
+    Column("task_id", String, primary_key=True, comment="the task whose circuit is planted"),
+    Column("level", String, primary_key=True, comment="component, node or edge"),
+    Column("name", String, primary_key=True, comment="component: 'attn_0 head 0', 'mlp_1'; node: site/neuron; "
+                                                     "edge: source -> destination"),
+    Column("site", String, comment="the submodule (site name) it writes; an edge's destination ('metric' for the "
+                                   "metric)"),
+    Column("features", ARRAY(Integer), comment="its neurons there (identity dictionary); NULL: every neuron of the "
+                                               "site"),
+    Column("src_site", String, comment="edge: the source's submodule"),
+    Column("src_feature", Integer, comment="edge: the source's neuron"),
+    Column("in_circuit", Boolean, comment="whether the task's circuit runs through it"),
+    Column("role", String, comment="what it carries"),
+)
+
+planted_models = Table(
+    "planted_models", metadata,
+    Column("run_id", String, primary_key=True, comment="run of `cli.py benchmark ground-truth`"),
+    Column("model_id", String, primary_key=True, comment="the planted model"),
+    Column("task_id", String, comment="its task"),
+    Column("name", String, comment="handset (weights set by hand) or siit (strict interchange intervention "
+                                   "training)"),
+    Column("accuracy", Double, comment="the model's accuracy on the task"),
+    Column("faithfulness", Double, comment="faithfulness of the planted circuit (mean ablation of every other node)"),
+    Column("completeness", Double, comment="faithfulness of its complement (mean ablation of the planted nodes)"),
+    Column("training", JSON, comment="siit: its settings and interchange accuracies on every pair of prompts"),
 )
 
 dictionary_sweeps = Table(

@@ -237,11 +237,7 @@ def curves(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
     every = [empty, *sets, *(x.complement() for x in sets), *(r for draws in rand for r in draws)]
     out = []
     for ablation in tqdm(ablations, desc="faithfulness", disable=not progress, leave=False):
-        f_model, totals = 0.0, np.zeros(len(every))
-        for b in data.batches:
-            abl = ablated_states(states(model, subs, dicts, b.clean), ablation, dicts)
-            f_model += batch_metric(model(b.clean), b).sum().item()
-            totals += ablated_metrics(model, subs, dicts, b.clean, b, every, abl, errors).sum(1).double().numpy()
+        f_model, totals = _summed_metrics(model, subs, dicts, data, every, ablation, errors)
         n, k = data.n_examples, len(sets)
         fm, fe = f_model / n, totals[0] / n
         faith, comp = totals[1 : 1 + k], totals[1 + k : 1 + 2 * k]
@@ -257,6 +253,30 @@ def curves(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
 
         out.append(Curve(ablation, errors, list(thresholds), sizes, norm(faith), norm(comp), norm(rnd), fm, fe))
     return out
+
+
+def _summed_metrics(model, subs, dicts, data: Encoded, sets: list[NodeSet], ablation: str,
+                    errors: str) -> tuple[float, np.ndarray]:
+    """(the model's metric, the metric with each set kept and the rest ablated), summed over examples."""
+    f_model, totals = 0.0, np.zeros(len(sets))
+    for b in data.batches:
+        abl = ablated_states(states(model, subs, dicts, b.clean), ablation, dicts)
+        f_model += batch_metric(model(b.clean), b).sum().item()
+        totals += ablated_metrics(model, subs, dicts, b.clean, b, sets, abl, errors).sum(1).double().numpy()
+    return f_model, totals
+
+
+@torch.no_grad()
+def set_faithfulness(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded, keep: NodeSet,
+                     ablation: str = "mean", errors: str = "node") -> tuple[float, float]:
+    """(faithfulness of one node set, faithfulness of its complement): (F(set) - F(empty)) / (F(model) -
+    F(empty)) with the nodes outside the set ablated, as the curves measure each threshold's set."""
+    f_model, totals = _summed_metrics(model, subs, dicts, data, [node_set(subs, dicts, []), keep, keep.complement()],
+                                      ablation, errors)
+    fm, (fe, f_set, f_rest) = f_model / data.n_examples, totals / data.n_examples
+    if abs(fm - fe) <= SAME * max(1.0, abs(fm)):
+        raise ValueError(_unchanged(ablation, data))
+    return float((f_set - fe) / (fm - fe)), float((f_rest - fe) / (fm - fe))
 
 
 def _unchanged(ablation: str, data: Encoded) -> str:

@@ -61,6 +61,11 @@ def _identity_key(zoo_path: Path) -> str:
     return config_hash([zoo_path.name, 2])
 
 
+def identity_path(model_path: Path) -> Path:
+    """Where the identity dictionaries of the model saved at `model_path` are cached (built or not)."""
+    return cache_path("identity", _identity_key(model_path))
+
+
 def zoo_with_dictionaries(config, identity: bool = False, progress: bool = True) -> tuple:
     """The zoo of a configuration with its own dictionaries (and, with `identity`, its identity
     dictionaries): (zoo, dictionaries, identity dictionaries or None). What is not cached yet is
@@ -70,7 +75,7 @@ def zoo_with_dictionaries(config, identity: bool = False, progress: bool = True)
     where = zoo_path(config)
     wanted = [where, cache_path(*_dictionaries_key(where, zoo_dictionaries(config), ()))]
     if identity:
-        wanted.append(cache_path("identity", _identity_key(where)))
+        wanted.append(identity_path(where))
     if not all(p.exists() for p in wanted):
         pinned(_build_zoo_with_dictionaries, config, identity, progress)
     zoo = build_zoo(config, progress)
@@ -110,20 +115,24 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
                        held_sentences)
 
 
-def identity_dictionaries(zoo, progress: bool = True) -> dict[str, TrainedDictionary]:
-    """Identity dictionaries (neurons as features) for every submodule, with their metrics."""
-    path = cached_dir("identity", _identity_key(zoo.path), _measure_identity, zoo.path, zoo.model_id, progress)
+def identity_dictionaries(zoo, progress: bool = True, corpus: list[str] | None = None) -> dict[str, TrainedDictionary]:
+    """Identity dictionaries (neurons as features) for every submodule of a zoo (or any model saved
+    like one, with `path`, `model` and `model_id`), with their metrics measured on the grammar's
+    sentences or on `corpus` (a model of another vocabulary: its prompts)."""
+    path = cached_dir("identity", _identity_key(zoo.path), _measure_identity, zoo.path, zoo.model_id, progress,
+                      corpus)
     return load_all(zoo.model, sites(zoo.model.cfg.n_layers), path)
 
 
-def _measure_identity(out: Path, model_path: Path, model_id: str, progress: bool) -> None:
+def _measure_identity(out: Path, model_path: Path, model_id: str, progress: bool,
+                      corpus: list[str] | None = None) -> None:
     from compute.models import grammar
     from compute.models.zoo import load_model
 
     model = load_model(model_path)
     every = sites(model.cfg.n_layers)
-    acts = collect_activations(model, [s.hook_out for s in every], grammar.corpus(2000, seed=1))
-    held_sentences = grammar.corpus(LOSS_SENTENCES, seed=2)
+    acts = collect_activations(model, [s.hook_out for s in every], corpus or grammar.corpus(2000, seed=1))
+    held_sentences = corpus or grammar.corpus(LOSS_SENTENCES, seed=2)
     for s in tqdm(every, desc="identity dictionaries", disable=not progress, unit="hook"):
         d = IdentityDictionary(model.cfg.d_model, s.hook_out, model_id)
         _save_measured(model, out, s, d, acts[s.hook_out], None, held_sentences)

@@ -89,8 +89,8 @@ class Zoo:
                            json.loads((self.path / "config.json").read_text()), self.weights_hash)
 
 
-def build_tokenizer(out_dir: Path):
-    """A word-level tokenizer over the grammar's vocabulary, saved and loaded back.
+def build_tokenizer(out_dir: Path, vocabulary: list[str] | None = None):
+    """A word-level tokenizer over a vocabulary (default: the grammar's), saved and loaded back.
 
     TransformerLens wants a Hugging Face tokenizer with a `name_or_path`, which a
     `save_pretrained` round trip provides.
@@ -98,7 +98,7 @@ def build_tokenizer(out_dir: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = SPECIAL_TOKENS + grammar.vocabulary()
+    words = SPECIAL_TOKENS + (vocabulary or grammar.vocabulary())
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>",

@@ -1,0 +1,1 @@
+"""Ground truth: models whose circuit is known by construction, and scores of discovered circuits against it."""
