@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import catalog
-from compute.groundtruth.planted import DIMS, GAIN, build_planted
+from compute.groundtruth.build import build_planted
+from compute.groundtruth.planted import DIMS, GAIN
 from compute.groundtruth.scoring import Score, auroc, score_circuit
 from tests.conftest import run_cli
 

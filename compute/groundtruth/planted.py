@@ -16,22 +16,18 @@ perhaps the other animal). Two models:
   position must carry the subject's number, mlp_1 there the answer, and mlp_0 and attn_1 must not
   matter. Its circuit is known at the level of components (whole submodules), not neurons.
 
-Each model is saved like the zoo (`compute.models.zoo.save_model`), so jobs take its handle as
-they take the zoo's; its truth is a `Truth`.
+Each model is saved like the zoo (`compute.models.zoo.save_model`) and built, cached and loaded by
+`compute.groundtruth.build`, so jobs take its handle as they take the zoo's; its truth is a `Truth`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from compute.cache import cache_path, config_hash, file_hash, pinned
-from compute.models.handle import ModelHandle
 from compute.tasks import Task
 
 TASK = "sva_planted"
@@ -181,7 +177,7 @@ def handset_weights(model, tokenizer) -> None:
     model.load_state_dict(sd)
 
 
-def _build_handset(out: Path) -> None:
+def build_handset(out: Path) -> None:
     from transformer_lens import HookedTransformer
 
     from compute.models.zoo import build_tokenizer, save_model
@@ -190,89 +186,3 @@ def _build_handset(out: Path) -> None:
     model = HookedTransformer(handset_config(len(tokenizer)), tokenizer=tokenizer)
     handset_weights(model, tokenizer)
     save_model(model, out)
-
-
-# ---- loading and caching ---------------------------------------------------------------------------
-
-@dataclass
-class PlantedModel:
-    """A built planted model: the model, where it lives, its task and its truth."""
-
-    name: str  # handset or siit
-    model: object  # HookedTransformer
-    path: Path
-    task: Task
-    truth: Truth
-    trained: dict = field(default_factory=dict)  # siit: its training's settings and measured accuracies
-
-    @property
-    def model_id(self) -> str:
-        return f"planted-{self.name}-{self.path.name}"
-
-    @cached_property
-    def handle(self) -> ModelHandle:
-        return ModelHandle(self.model, self.model_id, f"planted-{self.name}", str(self.path),
-                           json.loads((self.path / "config.json").read_text()),
-                           file_hash(self.path / "model.safetensors")[:16])
-
-
-VERSION = 1  # bump when a planted model's construction or training changes
-
-
-def _key(name: str) -> str:
-    from compute.groundtruth.siit import SIITConfig
-
-    return config_hash({"model": name, "version": VERSION, "vocabulary": VOCABULARY, "dims": DIMS,
-                        **({"siit": asdict(SIITConfig())} if name == "siit" else {})})
-
-
-def _build(out: Path, name: str) -> None:
-    """Build one planted model into `out` (in a pinned build process), with its identity dictionaries."""
-    from compute.groundtruth.siit import train_siit
-
-    if name == "handset":
-        _build_handset(out)
-    else:
-        train_siit(out)
-
-
-def _build_missing(names: list[str], progress: bool) -> None:
-    from compute.cache import cached_dir
-    from compute.dictionaries.building import identity_dictionaries
-
-    for name in names:
-        cached_dir("planted", _key(name), _build, name)
-        identity_dictionaries(load_planted(name), progress, corpus=prompts())
-
-
-def build_planted(names: tuple[str, ...] = MODELS, progress: bool = True) -> dict[str, tuple[PlantedModel, dict]]:
-    """{name: (planted model, its identity dictionaries)}, what is missing built in one pinned process."""
-    from compute.dictionaries.building import identity_dictionaries
-
-    unknown = set(names) - set(MODELS)
-    if unknown:
-        raise ValueError(f"unknown planted model {sorted(unknown)[0]!r}; choose from {', '.join(MODELS)}")
-    if not all(cache_path("planted", _key(n)).exists() for n in names) or not all(
-            _identity_built(n) for n in names):
-        pinned(_build_missing, list(names), progress)
-    out = {}
-    for n in names:
-        pm = load_planted(n)
-        out[n] = (pm, identity_dictionaries(pm, progress, corpus=prompts()))
-    return out
-
-
-def _identity_built(name: str) -> bool:
-    from compute.dictionaries.building import identity_path
-
-    return identity_path(cache_path("planted", _key(name))).exists()
-
-
-def load_planted(name: str) -> PlantedModel:
-    from compute.groundtruth.siit import siit_truth
-    from compute.models.zoo import load_model
-
-    path = cache_path("planted", _key(name))
-    trained = json.loads((path / "siit.json").read_text()) if (path / "siit.json").exists() else {}
-    truth = handset_truth() if name == "handset" else siit_truth()
-    return PlantedModel(name, load_model(path), path, planted_task(), truth, trained)

@@ -16,7 +16,8 @@ from catalog.store import Catalog
 from compute.attribution.discovery import DiscoveryParams
 from compute.attribution.edges import edge_pairs
 from compute.attribution.faithfulness import node_set, set_faithfulness
-from compute.groundtruth.planted import MODELS, PlantedModel, Truth, build_planted
+from compute.groundtruth.build import PlantedModel, build_planted
+from compute.groundtruth.planted import MODELS, Truth
 from compute.groundtruth.scoring import Score, score_circuit
 from compute.jobs.discover import discovery_job
 from compute.jobs.lifecycle import run, run_row
