@@ -181,6 +181,8 @@ class Catalog:
         with self.connect() as con:
             try:
                 return con.execute(query, params or []).df()
+            except duckdb.InterruptException:  # Ctrl-C or SIGINT while DuckDB ran: an interrupt, not an SQL error
+                raise KeyboardInterrupt from None
             except duckdb.Error as e:
                 raise UserError(f"SQL error: {first_line(e)}") from None
 
@@ -349,6 +351,8 @@ def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:
         try:
             con = duckdb.connect(key, read_only=True)
             break
+        except duckdb.InterruptException:
+            raise KeyboardInterrupt from None
         except duckdb.IOException as e:  # a writer holds the file's lock for a moment
             if "lock" not in str(e).lower() or time.monotonic() > deadline:
                 raise UserError(f"cannot open catalogue {path.parent}: {first_line(e)}") from None
@@ -357,6 +361,8 @@ def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:
             raise UserError(f"{path} is not a circuit catalogue ({first_line(e)})") from None
     try:
         info = dict(con.execute("SELECT key, value FROM _catalog").fetchall())
+    except duckdb.InterruptException:  # never read as "no information": the catalogue is not at fault
+        raise KeyboardInterrupt from None
     except duckdb.Error:
         info = {}
     finally:

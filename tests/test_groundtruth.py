@@ -103,3 +103,7 @@ def test_ground_truth_benchmark_scores_every_method(tmp_path):
     # the scores are evaluations of the discovered circuits, readable through the named query
     named = cat.sql("SELECT * FROM ground_truth_scores()")
     assert len(named) == len(rows) and set(named.circuit_id) <= set(cat.sql("SELECT circuit_id FROM circuits").circuit_id)
+    from tests.test_readme import GROUND_TRUTH_SECTION, _blocks
+
+    for sql in _blocks("sql", GROUND_TRUTH_SECTION):  # the README's queries run on this catalogue
+        assert len(cat.sql(sql)) == len(rows)

@@ -51,11 +51,11 @@ VERSION = 1  # bump when a planted model's construction or training changes
 
 def _key(name: str) -> str:
     return config_hash({"model": name, "version": VERSION, "vocabulary": VOCABULARY, "dims": DIMS,
-                        **({"siit": asdict(SIITConfig())} if name == "siit" else {})})
+                        "task": planted_task().content_hash, **({"siit": asdict(SIITConfig())} if name == "siit" else {})})
 
 
 def _build(out: Path, name: str) -> None:
-    """Build one planted model into `out` (in a pinned build process), with its identity dictionaries."""
+    """Build one planted model into `out` (in a pinned build process)."""
     if name == "handset":
         build_handset(out)
     else:
