@@ -45,14 +45,38 @@ def _discover(cat: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
-def _wait_for_a_staged_run(cat: Path, proc: subprocess.Popen, marker: str = "*") -> None:
-    """Until the worker's staged run holds a file matching `marker` (`*`: the run's folder exists;
+def _staged(cat: Path, marker: str) -> bool:
+    """Whether a staged run holds a file matching `marker` (`*`: the run's folder exists;
     `*.parquet.tmp`: it is writing its shards, at the end of the job)."""
+    return bool(list((cat / "staging").glob(f"run-*/{marker}" if marker != "*" else "run-*/")))
+
+
+def _wait_for_a_staged_run(cat: Path, proc: subprocess.Popen, marker: str = "*") -> None:
+    """Until the worker's staged run holds a file matching `marker`."""
     deadline = time.monotonic() + 120
-    while not list((cat / "staging").glob(f"run-*/{marker}" if marker != "*" else "run-*/")):
+    while not _staged(cat, marker):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.002)
+
+
+def _worker_stopped_while_staged(tmp_path: Path, marker: str, attempts: int = 5):
+    """(catalogue, its committed files before, the process) of a discovery worker frozen by SIGSTOP while
+    its staged run holds `marker`. A signal sent to it then acts on a run in progress, never on one that
+    committed while this process was slow to notice the marker (under load the run's last second can
+    pass unseen); a worker found past the marker is let finish and another started."""
+    for attempt in range(attempts):
+        cat = tmp_path / f"cat{attempt}"
+        catalog.init(cat)
+        before = _committed(cat)
+        proc = _discover(cat, "--task", "sva_simple")
+        _wait_for_a_staged_run(cat, proc, marker)
+        proc.send_signal(signal.SIGSTOP)
+        if _staged(cat, marker):
+            return cat, before, proc
+        proc.send_signal(signal.SIGCONT)
+        proc.communicate(timeout=120)
+    pytest.fail(f"no worker was caught with a staged run holding {marker!r} in {attempts} tries")
 
 
 def _keys_unique(cat) -> dict[str, int]:
@@ -67,12 +91,9 @@ def _keys_unique(cat) -> dict[str, int]:
 
 @pytest.mark.parametrize("sig,marker", [(signal.SIGTERM, "*.parquet.tmp"), (signal.SIGINT, "*")])
 def test_a_stopped_worker_removes_what_it_staged(tmp_path, dicts, sig, marker):
-    cat = tmp_path / "cat"
-    catalog.init(cat)
-    before = _committed(cat)
-    proc = _discover(cat, "--task", "sva_simple")
-    _wait_for_a_staged_run(cat, proc, marker)
+    cat, before, proc = _worker_stopped_while_staged(tmp_path, marker)
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)  # the signal acts as the worker resumes, in the middle of its run
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == (143 if sig == signal.SIGTERM else 130), err
     assert "nothing partial was committed" in err and "Traceback" not in err
@@ -82,11 +103,7 @@ def test_a_stopped_worker_removes_what_it_staged(tmp_path, dicts, sig, marker):
 
 @pytest.mark.parametrize("marker", ["*", "*.parquet.tmp"])  # as soon as it stages, and while it writes shards
 def test_a_killed_worker_leaves_a_stale_run_that_staging_lists_and_cleans(tmp_path, dicts, marker):
-    cat = tmp_path / "cat"
-    catalog.init(cat)
-    before = _committed(cat)
-    proc = _discover(cat, "--task", "sva_simple")
-    _wait_for_a_staged_run(cat, proc, marker)
+    cat, before, proc = _worker_stopped_while_staged(tmp_path, marker)
     proc.kill()
     proc.communicate(timeout=60)
     (run,) = staged_runs(cat)
