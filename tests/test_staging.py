@@ -40,9 +40,17 @@ def _task_file(path: Path, verb: str = "runs", n: int = 12) -> Path:
     return path
 
 
+def _interruptible() -> None:
+    """In the worker before it starts: SIGINT's default action, as a worker started from a terminal has. A
+    suite run as a shell's background job (`.ci/run &`) inherits SIGINT ignored, and Python then leaves it
+    ignored, so Ctrl-C could not reach the worker whatever the CLI does."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _discover(cat: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(cat), "discover", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=_interruptible)
 
 
 def _staged(cat: Path, marker: str) -> bool:

@@ -46,7 +46,7 @@ class PlantedModel:
                            file_hash(self.path / "model.safetensors")[:16])
 
 
-VERSION = 1  # bump when a planted model's construction or training changes
+VERSION = 2  # bump when a planted model's construction or training changes
 
 
 def _key(name: str) -> str:

@@ -4,9 +4,13 @@ Both models solve one task, `sva_planted`: after "the cat near the dogs" the ver
 subject ("is"), not with the attractor; the patch prompt gives the subject the other number (and
 perhaps the other animal). Two models:
 
-- `handset`: every weight set by hand (no LayerNorm, ReLU MLPs, 16 named residual dimensions, one
-  per signal; see `DIMS`). Head 0.0 moves the subject's number to the last position, MLP 1 turns it
-  into the answer direction the unembedding reads. Head 0.1 attends to the same subject but copies
+- `handset`: every weight set by hand (no LayerNorm, ReLU MLPs, 18 named residual dimensions, one
+  per signal; see `DIMS`). Two paths carry the subject's number to the verb. Head 0.0 moves it to
+  the last position and MLP 1 turns it into the answer direction. Head 0.2 moves it too, for head
+  1.2's query: head 1.2 attends to the subject when it is plural and to BOS when it is singular, with
+  a saturated pattern, and what it reads there says which (the "gated" dimension, read as is/are).
+  That head's pattern flips between clean and patch prompts while its gradient at either is nearly 0:
+  the case where a first-order estimate (AtP) fails. Head 0.1 attends to the same subject but copies
   which animal it is; MLP 0 computes the animal's kind; heads 1.0 and 1.1 and a third MLP-1 neuron
   pass those on. They change between clean and patch prompts but never reach the verb's logits.
   Because every signal has its own dimension, the circuit is known down to its neurons (nodes of
@@ -100,25 +104,36 @@ def prompts() -> list[str]:
 
 # The hand-set model's residual dimensions, one per signal.
 DIMS = {"number": 0, "cat": 1, "dog": 2, **{f"pos{p}": 3 + p for p in range(N_CTX)}, "subject number": 9,
-        "misc": 10, "kind": 11, "answer": 12, "copied cat": 13, "copied dog": 14, "echo": 15}
+        "misc": 10, "kind": 11, "answer": 12, "copied cat": 13, "copied dog": 14, "echo": 15, "gate number": 16,
+        "gated": 17}
 SHARP = 40.0  # query-key product of a head's one attended position: attention there is 1 - 5e-9
-GAIN = 2.0  # logit(are) - logit(is) = 2 GAIN x the answer dimension
+GAIN = 2.0  # logit(are) - logit(is) = 2 GAIN x (the answer dimension + the gated dimension)
+GATE = 9.0  # head 1.2's query-key product: attention 0.9995 on its chosen position, a derivative of 0.005 there
 
 
 def handset_truth() -> Truth:
     d = DIMS
     number, subj, answer = d["number"], d["subject number"], d["answer"]
-    nodes = {("embed", number), ("attn_0", subj), ("resid_0", subj), ("mlp_1", answer), ("resid_1", answer)}
+    gate, gated = d["gate number"], d["gated"]
+    nodes = {("embed", number), ("attn_0", subj), ("resid_0", subj), ("mlp_1", answer), ("resid_1", answer),
+             ("attn_0", gate), ("resid_0", gate), ("attn_1", gated), ("resid_1", gated)}
     edges = {(("embed", number), ("attn_0", subj)), (("attn_0", subj), ("resid_0", subj)),
              (("resid_0", subj), ("mlp_1", answer)), (("mlp_1", answer), ("resid_1", answer)),
-             (("resid_1", answer), ("metric", 0))}
+             (("resid_1", answer), ("metric", 0)),
+             (("embed", number), ("attn_0", gate)), (("attn_0", gate), ("resid_0", gate)),
+             (("resid_0", gate), ("attn_1", gated)), (("attn_1", gated), ("resid_1", gated)),
+             (("resid_1", gated), ("metric", 0))}
     components = (
         Component("attn_0 head 0", "attn_0", True, "moves the subject's number to the last position", (subj,)),
         Component("attn_0 head 1", "attn_0", False, "copies which animal the subject is",
                   (d["copied cat"], d["copied dog"])),
+        Component("attn_0 head 2", "attn_0", True, "moves the subject's number to the last position, for head "
+                  "1.2's query", (gate,)),
         Component("mlp_0", "mlp_0", False, "computes each noun's kind (cat - dog)", (d["kind"],)),
         Component("attn_1 head 0", "attn_1", False, "echoes the last noun's kind", (d["echo"],)),
         Component("attn_1 head 1", "attn_1", False, "reads the copied animal at the subject", (d["misc"],)),
+        Component("attn_1 head 2", "attn_1", True, "attends to the subject if it is plural, to BOS if not "
+                  "(a saturated pattern), and writes which", (gated,)),
         Component("mlp_1", "mlp_1", True, "turns the subject's number into the answer direction",
                   (answer, d["misc"])),
     )
@@ -129,7 +144,7 @@ def handset_config(d_vocab: int):
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=2, d_model=len(DIMS), n_heads=2, d_head=4, d_mlp=4, n_ctx=N_CTX, d_vocab=d_vocab, act_fn="relu",
+        n_layers=2, d_model=len(DIMS), n_heads=3, d_head=4, d_mlp=4, n_ctx=N_CTX, d_vocab=d_vocab, act_fn="relu",
         normalization_type=None, positional_embedding_type="standard", default_prepend_bos=True, seed=0,
         model_name="planted-handset")
 
@@ -158,6 +173,16 @@ def handset_weights(model, tokenizer) -> None:
     head(0, 1, LAST, SUBJECT, [d["cat"], d["dog"]], [d["copied cat"], d["copied dog"]])
     head(1, 0, LAST, LAST, [d["kind"]], [d["echo"]])
     head(1, 1, LAST, SUBJECT, [d["copied cat"], d["copied dog"]], [d["misc"], d["misc"]], signs=[1.0, -1.0])
+    head(0, 2, LAST, SUBJECT, [d["number"]], [d["gate number"]])
+    # head 1.2: its query is the gate number g, its keys +GATE at the subject and -GATE at BOS, so it attends
+    # to the subject when g = +1 and to BOS when g = -1; its value is +1 at the subject, -1 at BOS
+    a, scale = "blocks.1.attn.", model.cfg.d_head ** 0.5
+    sd[a + "W_Q"][2, d["gate number"], 0] = 1.0
+    sd[a + "W_K"][2, d[f"pos{SUBJECT}"], 0] = GATE * scale
+    sd[a + "W_K"][2, d["pos0"], 0] = -GATE * scale
+    sd[a + "W_V"][2, d[f"pos{SUBJECT}"], 0] = 1.0
+    sd[a + "W_V"][2, d["pos0"], 0] = -1.0
+    sd[a + "W_O"][2, 0, d["gated"]] = 1.0
 
     def neuron(layer: int, i: int, reads: dict[int, float], writes: dict[int, float]):
         for r, w in reads.items():
@@ -170,8 +195,9 @@ def handset_weights(model, tokenizer) -> None:
     neuron(1, 0, {d["subject number"]: 1.0}, {d["answer"]: 1.0})
     neuron(1, 1, {d["subject number"]: -1.0}, {d["answer"]: -1.0})
     neuron(1, 2, {d["echo"]: 1.0}, {d["misc"]: 1.0})
-    sd["unembed.W_U"][d["answer"], tok("are")] = GAIN
-    sd["unembed.W_U"][d["answer"], tok("is")] = -GAIN
+    for dim in (d["answer"], d["gated"]):
+        sd["unembed.W_U"][dim, tok("are")] = GAIN
+        sd["unembed.W_U"][dim, tok("is")] = -GAIN
     for noun, (_, animal) in NOUNS.items():  # the animals' dimensions predict nouns (unrelated to the verb)
         sd["unembed.W_U"][d[animal], tok(noun)] = 1.0
     model.load_state_dict(sd)
