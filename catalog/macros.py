@@ -379,8 +379,13 @@ HIDDEN = {"circuit_basis", "node_diff_matched", "edge_diff_matched", "diff_summa
 
 
 def macros_hash() -> str:
-    """Fingerprint of every macro definition: a catalogue whose stored one differs gets them anew."""
-    return hashlib.sha256("\n".join(q.create_sql() for q in NAMED_QUERIES).encode()).hexdigest()[:16]
+    """Fingerprint of every macro and view definition: a catalogue whose stored one differs gets them
+    anew (a view that starts keeping one row per key reaches catalogues made before it did)."""
+    from schema.derive import view_sql
+    from schema.tables import TABLES
+
+    views = [view_sql(name, f"runs/*/{name}.parquet") for name in TABLES]
+    return hashlib.sha256("\n".join([q.create_sql() for q in NAMED_QUERIES] + views).encode()).hexdigest()[:16]
 
 
 def create_macros(con) -> None:

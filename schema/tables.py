@@ -285,5 +285,6 @@ dictionary_sweeps = Table(
 
 TABLES = {t.name: t for t in metadata.sorted_tables}
 # Tables many runs may write the same rows to (concurrent runs of one new task both write its
-# examples and activations); their views keep one row per key.
-DIMENSIONS = ("models", "dictionaries", "features", "tasks", "examples", "activations")
+# examples and activations; every ground-truth benchmark writes its planted truth); their views keep one
+# row per key.
+DIMENSIONS = ("models", "dictionaries", "features", "tasks", "examples", "activations", "planted")

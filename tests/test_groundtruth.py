@@ -124,3 +124,8 @@ def test_ground_truth_benchmark_scores_every_method(tmp_path):
 
     for sql in _blocks("sql", GROUND_TRUTH_SECTION):  # the README's queries run on this catalogue
         assert len(cat.sql(sql)) == len(rows)
+    # a second benchmark writes the same truth again: the catalogue keeps one row per key
+    r = run_cli("benchmark", "ground-truth", "--model", "handset", "--method", "ig", catalog=path)
+    assert r.returncode == 0, r.stderr
+    again = cat.sql("SELECT level, count(*) AS n FROM planted GROUP BY level").set_index("level").n
+    assert dict(again) == dict(truth)
