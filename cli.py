@@ -236,6 +236,37 @@ def staging(path: Path, clean: bool, discard: bool, fmt: str):
     _output(df, fmt)
 
 
+@main.command()
+@click.option("--quarantine", "move", is_flag=True,
+              help="move each damaged run to quarantine/, out of every query, so the rest stays queryable")
+@FORMAT
+@click.pass_obj
+def check(path: Path, move: bool, fmt: str):
+    """Verify every committed run: each shard present, of the size and checksum its manifest recorded.
+    Names each damaged shard and its run; exit 1 if any is damaged."""
+    import pandas as pd
+
+    import catalog
+    from catalog import integrity
+    from catalog.integrity import QUARANTINE
+
+    cat = catalog.open(path)
+    report = integrity.check(cat.root)
+    moved = integrity.quarantine(cat.root, report.damaged_runs) if move and report.damage else []
+    df = pd.DataFrame([{"run_id": d.run_id, "shard": d.shard, "problem": d.problem,
+                        "action": f"moved to {QUARANTINE}/" if moved else ""} for d in report.damage],
+                      columns=["run_id", "shard", "problem", "action"])
+    if not df.empty or fmt != "table":
+        _output(df, fmt)
+    unverified = f", {report.unverified} without a checksum (written before manifests held one)" \
+        if report.unverified else ""
+    click.echo(f"checked {report.runs} runs, {report.shards} shards{unverified}: "
+               f"{len(report.damage)} damaged in {len(report.damaged_runs)} runs"
+               + (f"; {len(moved)} moved to {cat.root / QUARANTINE}" if moved else ""), err=True)
+    if report.damage:
+        sys.exit(1)
+
+
 def _discovery_options(f):
     for opt in reversed([
         click.option("--method", type=Choices("compute.attribution.discovery:METHODS"), default="ig", show_default=True,

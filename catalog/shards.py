@@ -14,6 +14,7 @@ ends, however it ends, so a staged run whose owner file is not locked is stale:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,15 @@ MANIFEST = "manifest.json"
 # Rows per Parquet row group: DuckDB reads a file in parallel by row group, and skips row groups
 # by their statistics, so one big circuit must not be one row group (pyarrow's default is 1M rows).
 ROW_GROUP = 128 * 1024
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class TableWriter:
@@ -135,14 +145,16 @@ class RunWriter:
         self.table(name).write(rows)
 
     def finish(self) -> Path:
-        """Close every shard and write the manifest (last, atomically)."""
+        """Close every shard and write the manifest (last, atomically), with each shard's rows, size and
+        sha256 (what `catalog.integrity` checks)."""
         for name, w in self._open.items():
             w.close()
             self._done[name] = w.rows
         self._open.clear()
         manifest = {"run_id": self.run_id, "schema_version": SCHEMA_VERSION,
                     "written_at": datetime.now(UTC).isoformat(),
-                    "tables": {n: {"file": f"{n}.parquet", "rows": r} for n, r in self._done.items()}}
+                    "tables": {n: {"file": f"{n}.parquet", "rows": r, "bytes": (self.dir / f"{n}.parquet").stat().st_size,
+                                   "sha256": file_hash(self.dir / f"{n}.parquet")} for n, r in self._done.items()}}
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.dir / MANIFEST)

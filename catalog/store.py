@@ -184,7 +184,7 @@ class Catalog:
             except duckdb.InterruptException:  # Ctrl-C or SIGINT while DuckDB ran: an interrupt, not an SQL error
                 raise KeyboardInterrupt from None
             except duckdb.Error as e:
-                raise UserError(f"SQL error: {first_line(e)}") from None
+                raise UserError(f"SQL error: {first_line(e)}{_damage_note(self.root)}") from None
 
     def circuits(self) -> pd.DataFrame:
         return self.sql("SELECT * FROM circuits ORDER BY created_at, task_id")
@@ -374,3 +374,18 @@ def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:
 def new_id(prefix: str) -> str:
     return f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
+
+def _damage_note(root: Path) -> str:
+    """When a query fails, whether damaged shards may be why (a truncated or corrupted shard makes DuckDB
+    fail with a message that names neither): the damaged runs, and what to do."""
+    from catalog.integrity import check
+
+    try:
+        damage = check(root).damage
+    except OSError:
+        return ""
+    if not damage:
+        return ""
+    named = "; ".join(f"run {d.run_id}: {d.shard} {d.problem}" for d in damage[:3])
+    more = f"; and {len(damage) - 3} more" if len(damage) > 3 else ""
+    return f" (the catalogue has damaged shards: {named}{more}; `cli.py check --quarantine` moves those runs aside)"

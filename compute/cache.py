@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from catalog.shards import file_hash  # noqa: F401  (compute's builds hash files the way manifests do)
+
 # The environment of each kernel path's builds: set before PyTorch starts (it reads these once).
 # Two threads: two or more threads give one result, one thread another.
 KERNEL_PATHS = {
@@ -69,13 +71,6 @@ def config_hash(config: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager

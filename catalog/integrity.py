@@ -1,0 +1,88 @@
+"""Integrity of committed runs: every shard as its run's manifest recorded it.
+
+A run's manifest records each shard's size and sha256 when the run is written (`RunWriter.finish`).
+`check` reads every committed run and names each shard that is missing, of another size or of
+other content, and each run whose manifest cannot be read; `quarantine` moves damaged runs to
+`<catalog>/quarantine/`, out of every view, so the rest stays queryable. Runs written before
+manifests held checksums are checked for presence only, and counted as such.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from catalog.shards import MANIFEST, file_hash
+
+QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class Damage:
+    run_id: str
+    shard: str  # the shard's file name, or the manifest's
+    problem: str
+
+
+@dataclass
+class Report:
+    runs: int
+    shards: int
+    unverified: int  # shards whose manifest holds no checksum (older runs): checked for presence only
+    damage: list[Damage]
+
+    @property
+    def damaged_runs(self) -> list[str]:
+        return sorted({d.run_id for d in self.damage})
+
+
+def check_run(run: Path) -> tuple[int, int, list[Damage]]:
+    """(shards, unverified shards, damage) of one committed run folder."""
+    try:
+        manifest = json.loads((run / MANIFEST).read_text())
+        tables = manifest["tables"]
+    except FileNotFoundError:
+        return 0, 0, [Damage(run.name, MANIFEST, "missing")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0, [Damage(run.name, MANIFEST, "cannot be read")]
+    damage, unverified = [], 0
+    for info in tables.values():
+        shard = run / info["file"]
+        if not shard.is_file():
+            damage.append(Damage(run.name, info["file"], "missing"))
+            continue
+        if "sha256" not in info:
+            unverified += 1
+            continue
+        size = shard.stat().st_size
+        if size != info["bytes"]:
+            damage.append(Damage(run.name, info["file"], f"{size} bytes, the manifest says {info['bytes']}"))
+        elif file_hash(shard) != info["sha256"]:
+            damage.append(Damage(run.name, info["file"], "its content differs from the manifest's checksum"))
+    return len(tables), unverified, damage
+
+
+def check(root: Path) -> Report:
+    """Check every committed run of the catalogue at `root`."""
+    runs = sorted(p for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
+    report = Report(len(runs), 0, 0, [])
+    for run in runs:
+        shards, unverified, damage = check_run(run)
+        report.shards += shards
+        report.unverified += unverified
+        report.damage += damage
+    return report
+
+
+def quarantine(root: Path, run_ids: list[str]) -> list[Path]:
+    """Move these committed runs to `<catalog>/quarantine/` (one rename each: a reader sees a run whole
+    or not at all). Returns where they went."""
+    (root / QUARANTINE).mkdir(exist_ok=True)
+    moved = []
+    for run_id in run_ids:
+        target = root / QUARANTINE / run_id
+        os.replace(root / "runs" / run_id, target)
+        moved.append(target)
+    return moved
