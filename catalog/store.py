@@ -184,7 +184,7 @@ class Catalog:
             except duckdb.InterruptException:  # Ctrl-C or SIGINT while DuckDB ran: an interrupt, not an SQL error
                 raise KeyboardInterrupt from None
             except duckdb.Error as e:
-                raise UserError(f"SQL error: {first_line(e)}{_damage_note(self.root)}") from None
+                raise UserError(f"SQL error: {first_line(e)}{_damage_note(self.root, e)}") from None
 
     def circuits(self) -> pd.DataFrame:
         return self.sql("SELECT * FROM circuits ORDER BY created_at, task_id")
@@ -375,10 +375,18 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def _damage_note(root: Path) -> str:
-    """When a query fails, whether damaged shards may be why (a truncated or corrupted shard makes DuckDB
-    fail with a message that names neither): the damaged runs, and what to do."""
+# Errors raised before a query reads any shard: the query's own mistakes, never a damaged shard's.
+_QUERY_MISTAKES = (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)
+
+
+def _damage_note(root: Path, error: duckdb.Error) -> str:
+    """When a query fails reading, whether damaged shards may be why (a truncated or corrupted shard makes
+    DuckDB fail with a message that names neither): the damaged runs, and what to do. A mistake in the
+    query itself is answered at once, without checking every shard."""
     from catalog.integrity import check
+
+    if isinstance(error, _QUERY_MISTAKES):
+        return ""
 
     try:
         damage = check(root).damage

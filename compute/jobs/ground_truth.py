@@ -52,7 +52,7 @@ def circuit_rows(cat: Catalog, circuit_id: str):
     return nodes, edges
 
 
-def truth_rows(pm: PlantedModel, widths: dict[str, int]) -> list[dict]:
+def truth_rows(pm: PlantedModel) -> list[dict]:
     """The `planted` rows of a model's truth: components, and nodes and edges where defined."""
     t: Truth = pm.truth
     base = {"model_id": pm.model_id, "task_id": pm.task.name}
@@ -94,7 +94,7 @@ def ground_truth_job(cat: Catalog, names: tuple[str, ...] = MODELS, methods: tup
         models.append({"model_id": pm.model_id, "task_id": pm.task.name, "name": name,
                        "accuracy": accuracy(pm.model, pm.task, "train"), "faithfulness": faithfulness,
                        "completeness": completeness, "training": pm.trained or None})
-        truth += truth_rows(pm, widths)
+        truth += truth_rows(pm)
         for method in methods:
             params = DiscoveryParams(method=method)
             circuit_id, _, _ = discovery_job(cat, pm.handle, dicts, pm.task, params, progress)
