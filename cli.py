@@ -306,26 +306,69 @@ ZOO = click.option("--zoo", "zoo_name", type=Choices("compute.models.zoo:ZOOS"),
               help="JSONL task file in the Sparse Feature Circuits format (repeatable)")
 @click.option("--neurons", is_flag=True, help="use identity dictionaries (neurons as features) instead of SAEs")
 @ZOO
+@click.option("--model", "model_name", metavar="PATH_OR_NAME",
+              help="a Hugging Face checkpoint directory, or a TransformerLens model name in the local Hugging Face "
+                   "cache, instead of the zoo (with --task-file)")
+@click.option("--dictionaries", "dictionary_set", type=click.Path(path_type=Path),
+              help="with --model: a directory of its dictionaries (SAELens or dictionary_learning layout)")
+@click.option("--dictionary-spec", type=click.Path(path_type=Path),
+              help="JSON file mapping the set's folders to submodules, for layouts that cannot be guessed")
+@click.option("--fill/--no-fill", default=True, show_default=True,
+              help="with --dictionaries: neurons (identity dictionaries) where the set has no dictionary")
+@click.option("--device", type=Choices("compute.models.checkpoints:DEVICES"), default="cpu", show_default=True,
+              help="with --model: where it runs")
+@click.option("--dtype", type=Choices("compute.models.checkpoints:DTYPES"), default="float32", show_default=True,
+              help="with --model: its weights' type")
 @_discovery_options
 @click.pass_obj
-def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, **params):
-    """Discover circuits on the zoo model for zoo tasks or task files."""
+def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, model_name: str | None,
+             dictionary_set: Path | None, dictionary_spec: Path | None, fill: bool, device: str, dtype: str,
+             **params):
+    """Discover circuits on the zoo model (or a checkpoint: --model) for zoo tasks or task files."""
     import catalog
     from compute.tasks import load_task_file
 
     if not task_names and not task_files:
         raise UserError("give at least one --task or --task-file")
+    if model_name is None and (dictionary_set or dictionary_spec):
+        raise UserError("--dictionaries and --dictionary-spec go with --model")
+    if model_name is not None and task_names:
+        raise UserError("--task names zoo tasks; with --model give --task-file")
+    if model_name is not None and not dictionary_set and not neurons:
+        raise UserError("--model needs --dictionaries DIR (or --neurons)")
     params = _params(params)
     tasks = [load_task_file(f) for f in task_files]  # validate files before any heavy work
     cat = catalog.init(path)
     for task in tasks:
         cat.check_task(task.name, task.content_hash)
+    if model_name is not None:
+        handle, dicts = _checkpoint_and_dictionaries(model_name, device, dtype, dictionary_set, dictionary_spec,
+                                                     fill, tasks)
+        _run_tasks(path, handle, dicts, tasks, params, basis="neurons" if neurons else "features")
+        return
     zoo, dicts, identity = _zoo_and_dictionaries(zoo_name, neurons)
     for name in task_names:
         if name not in zoo.tasks:
             raise UserError(f"unknown task {name!r}; zoo tasks: {', '.join(sorted(zoo.tasks))}")
         tasks.append(zoo.tasks[name])
-    _run_tasks(path, zoo, identity if neurons else dicts, tasks, params)
+    _run_tasks(path, zoo.handle, identity if neurons else dicts, tasks, params)
+
+
+def _checkpoint_and_dictionaries(model_name: str, device: str, dtype: str, dictionary_set: Path | None,
+                                 spec: Path | None, fill: bool, tasks):
+    """A checkpoint's handle and its dictionaries (identity ones without a set), measured on the tasks' prompts."""
+    from compute.dictionaries.sets import identity_set, load_set
+    from compute.models.checkpoints import load_checkpoint
+
+    click.echo(f"loading {model_name} ...", err=True)
+    handle = load_checkpoint(model_name, device, dtype)
+    prompts = [e[k] for t in tasks for e in t.examples for k in ("clean_prefix", "patch_prefix") if e.get(k)][:2000]
+    if dictionary_set is None:
+        return handle, identity_set(handle, prompts)
+    dicts, filled = load_set(dictionary_set, handle, prompts, spec, fill)
+    if filled:
+        click.echo(f"no dictionary for {', '.join(filled)}: neurons (identity dictionaries) there", err=True)
+    return handle, dicts
 
 
 def _params(options: dict):
@@ -352,9 +395,9 @@ def demo(path: Path, neurons: bool, **params):
     catalog.init(path)  # a bad --catalog is refused before any training
     zoo, dicts, identity = _zoo_and_dictionaries(identity=neurons)
     _register(path, zoo, dicts, {"architecture": "standard"})
-    _run_tasks(path, zoo, dicts, list(zoo.tasks.values()), params)
+    _run_tasks(path, zoo.handle, dicts, list(zoo.tasks.values()), params)
     if neurons:
-        _run_tasks(path, zoo, identity, list(zoo.tasks.values()), params, basis="neurons")
+        _run_tasks(path, zoo.handle, identity, list(zoo.tasks.values()), params, basis="neurons")
         if params.ablations:
             _print_features_vs_neurons(path)
     click.echo(f"\ndone in {time.monotonic() - start:.0f}s. Try:\n"
@@ -392,7 +435,7 @@ def _print_dictionaries(dicts) -> None:
     _console().print(t)
 
 
-def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -> None:
+def _run_tasks(path: Path, handle, dicts, tasks, params, basis: str = "features") -> None:
     from rich.table import Table
 
     import catalog
@@ -405,7 +448,7 @@ def _run_tasks(path: Path, zoo, dicts, tasks, params, basis: str = "features") -
                 "top nodes"):
         t.add_column(col)
     for task in tasks:
-        circuit_id, c, acc = discovery_job(cat, zoo.handle, dicts, task, params)
+        circuit_id, c, acc = discovery_job(cat, handle, dicts, task, params)
         kept = sum(n.in_circuit for n in c.nodes)
         note = f" ({sum(c.dropped.values())} dropped)" if c.dropped else ""
         for reason, count in c.dropped.items():

@@ -84,13 +84,14 @@ def deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
-def cached_dir(kind: str, key: str, build: Callable[..., None], *args) -> Path:
+def cached_dir(kind: str, key: str, build: Callable[..., None], *args, pin: bool = True) -> Path:
     """Return `<cache>/<kind>/<key>`, building it first if absent.
 
     `build(folder, *args)` (a module-level function: it runs in a child process, see
     `pinned`) fills a temporary directory that is renamed into place only when it
     returns, so an interrupted build never leaves a half-written entry. The key is suffixed
-    with the kernel path.
+    with the kernel path. With `pin=False` the build runs in this process (a measurement of a
+    model already loaded here, which no training makes processor-dependent).
     """
     final = cache_path(kind, key)
     if final.exists():
@@ -98,7 +99,10 @@ def cached_dir(kind: str, key: str, build: Callable[..., None], *args) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
-        pinned(build, tmp, *args)
+        if pin:
+            pinned(build, tmp, *args)
+        else:
+            build(tmp, *args)
         os.replace(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ catalog/ (which names and orders nodes) use it, and catalog/ may not import comp
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -110,6 +111,31 @@ def is_mlp_neurons(hook: str) -> bool:
 def site_of_hook(hook: str, n_layers: int) -> Site | None:
     """The site whose output hook this is, if any."""
     return next((s for s in sites(n_layers) if s.hook_out == hook), None)
+
+
+def site_of_equivalent_hook(hook: str, n_layers: int, positional_embedding: bool = True) -> Site | None:
+    """The site whose output holds the same activation as `hook`: its own, or a block's resid_pre
+    (the previous block's resid_post, or the embedding's for block 0), or hook_embed in a model
+    with no positional embedding added to it (rotary models: Pythia, Llama)."""
+    found = site_of_hook(hook, n_layers)
+    if found is not None:
+        return found
+    if hook == "hook_embed" and not positional_embedding:
+        return site("embed", -1)
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook)
+    if m and 1 <= int(m.group(1)) <= n_layers:
+        return site("resid", int(m.group(1)) - 1)
+    return None
+
+
+def site_of_folder(name: str) -> Site | None:
+    """A site from a dictionary folder's name, as dictionary sets lay them out: Sparse Feature
+    Circuits' embed, attn_out_layer3, mlp_out_layer0, resid_out_layer5 (also attn_3, resid_post_layer_3,
+    or a site name such as mlp_1)."""
+    if name == "embed":
+        return site("embed", -1)
+    m = re.fullmatch(r"(attn|mlp|resid)(?:_out|_post)?_(?:layer_?)?(\d+)", name)
+    return site(m.group(1), int(m.group(2))) if m else None
 
 
 def guess_site(submodule_name: str, layer: int | None) -> Site | None:

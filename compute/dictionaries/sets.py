@@ -1,0 +1,171 @@
+"""Dictionary sets: a directory of dictionaries for one model, found, mapped to sites and checked.
+
+A set holds dictionaries in the SAELens layout (`cfg.json` + `sae_weights.safetensors`,
+whose config names the hook) or the dictionary_learning one (`ae.pt` + `config.json`),
+at any depth. Each is placed at a site by, in order: the set's spec file
+(`dictionaries.json`: {"relative/folder": "site name or hook name"}), the hook its own
+config names, or its folder's name — which is how the Sparse Feature Circuits Pythia
+layout (`embed`, `attn_out_layer{i}`, `mlp_out_layer{i}`, `resid_out_layer{i}`, each with
+`<size>/ae.pt`) is mapped with no spec. A hook holding the same activation as a site's
+(a block's resid_pre, a rotary model's hook_embed) places the dictionary at that site.
+
+Every dictionary is checked against the model (its width must fit the hook) and kept
+as an SAELens copy in the cache with its metrics, measured on the given prompts the first
+time it is used. Sites the set does not cover can be filled with identity dictionaries
+(neurons as features), so that a circuit spans every submodule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from catalog.errors import UserError
+from compute.cache import cached_dir, config_hash, file_hash
+from compute.dictionaries.formats import import_dictionary_learning, load_dictionary
+from compute.dictionaries.kinds import SAE, IdentityDictionary, TrainedDictionary, check_fits
+from compute.models.handle import ModelHandle
+from schema.sites import Site, site_of_equivalent_hook, site_of_folder, sites
+
+SPEC_FILE = "dictionaries.json"
+
+
+@dataclass(frozen=True)
+class Found:
+    """A dictionary found in a set: its folder, its format and the site it is placed at."""
+
+    folder: Path
+    format: str  # saelens | dictionary_learning
+    site: Site
+    how: str  # spec | config | folder
+
+
+def find(root: Path, model, spec: Path | None = None) -> list[Found]:
+    """Every dictionary under `root`, placed at a site (see the module docstring). A dictionary that
+    cannot be placed, or two for one site, is refused by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no dictionary set there (a directory of dictionaries is expected)")
+    n_layers = model.cfg.n_layers
+    rotary = model.cfg.positional_embedding_type != "standard"
+    given = _read_spec(spec or root / SPEC_FILE, root, n_layers) if spec or (root / SPEC_FILE).is_file() else {}
+    found: dict[str, Found] = {}
+    folders = sorted({p.parent for name in ("cfg.json", "ae.pt") for p in root.rglob(name)})
+    for folder in folders:
+        fmt = "saelens" if (folder / "cfg.json").is_file() else "dictionary_learning"
+        rel = folder.relative_to(root).as_posix()
+        at, how = given.get(rel), "spec"
+        if at is None:
+            at, how = _from_config(folder, fmt, n_layers, rotary), "config"
+        if at is None:
+            at, how = next((s for s in map(site_of_folder, reversed(folder.relative_to(root).parts)) if s), None), \
+                "folder"
+        if at is None:
+            raise UserError(f"{folder}: cannot tell which submodule this dictionary is for; name it in "
+                            f"{root / SPEC_FILE} as {{\"{rel}\": \"resid_0\"}}")
+        if at.layer >= n_layers:
+            raise UserError(f"{folder}: for {at.name}, but the model has {n_layers} layers")
+        if at.name in found:
+            raise UserError(f"two dictionaries for {at.name}: {found[at.name].folder} and {folder}; "
+                            f"choose one in {root / SPEC_FILE}")
+        found[at.name] = Found(folder, fmt, at, how)
+    if not found:
+        raise UserError(f"{root}: no dictionaries (SAELens cfg.json or dictionary_learning ae.pt) found")
+    order = [s.name for s in sites(n_layers)]
+    return sorted(found.values(), key=lambda f: order.index(f.site.name))
+
+
+def _read_spec(path: Path, root: Path, n_layers: int) -> dict[str, Site]:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON spec ({e})") from None
+    if not isinstance(spec, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in spec.items()):
+        raise UserError(f"{path}: the spec maps folders to sites, e.g. {{\"layer3\": \"resid_3\"}}")
+    out = {}
+    for folder, where in spec.items():
+        at = site_of_folder(where) or site_of_equivalent_hook(where, n_layers)
+        if at is None:
+            known = ", ".join(s.name for s in sites(n_layers))
+            raise UserError(f"{path}: {where!r} is neither a submodule ({known}) nor a hook of one")
+        out[Path(folder).as_posix().strip("/")] = at
+    return out
+
+
+def _from_config(folder: Path, fmt: str, n_layers: int, rotary: bool) -> Site | None:
+    """The site a dictionary's own config names (SAELens hook_name; dictionary_learning's submodule)."""
+    try:
+        if fmt == "saelens":
+            cfg = json.loads((folder / "cfg.json").read_text())
+            hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
+            return site_of_equivalent_hook(hook, n_layers, not rotary)
+        trainer = json.loads((folder / "config.json").read_text()).get("trainer", {})
+        name, layer = str(trainer.get("submodule_name") or ""), trainer.get("layer")
+        return site_of_folder(name if layer is None or name == "embed" else f"{name.split('_')[0]}_{int(layer)}")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # an unreadable config is reported when the dictionary is loaded
+
+
+def load_set(root: Path, handle: ModelHandle, prompts: list[str], spec: Path | None = None,
+             fill: bool = True, progress: bool = True) -> tuple[dict[str, TrainedDictionary], list[str]]:
+    """The set's dictionaries by site name, checked against the model and measured on `prompts`;
+    with `fill`, identity dictionaries at the sites the set lacks. Returns (dictionaries, filled sites)."""
+    model = handle.model
+    found = find(root, model, spec)
+    out: dict[str, TrainedDictionary] = {}
+    for f in tqdm(found, desc="dictionaries", disable=not progress, unit="dict", leave=False):
+        sae = _read(f, handle.model_id)
+        sae.hook_name = f.site.hook_out  # placed at its site (an equivalent hook holds the same values)
+        try:
+            check_fits(sae, model)
+        except UserError as e:
+            raise UserError(f"{f.folder}: {e}") from None
+        files = [f.folder / n for n in (("cfg.json", "sae_weights.safetensors") if f.format == "saelens"
+                                        else ("config.json", "ae.pt"))]
+        key = config_hash([file_hash(p) for p in files] + [f.site.name, handle.model_id])
+        path = cached_dir("imported", key, _measure, handle, sae, f.site, prompts, str(f.folder), pin=False)
+        out[f.site.name] = _loaded(model, f.site, path)
+    filled = [s for s in sites(model.cfg.n_layers) if s.name not in out] if fill else []
+    for s in filled:
+        out[s.name] = _identity(handle, s, prompts)
+    return {s.name: out[s.name] for s in sites(model.cfg.n_layers) if s.name in out}, [s.name for s in filled]
+
+
+def identity_set(handle: ModelHandle, prompts: list[str]) -> dict[str, TrainedDictionary]:
+    """Identity dictionaries (neurons as features) at every site of a loaded checkpoint."""
+    return {s.name: _identity(handle, s, prompts) for s in sites(handle.model.cfg.n_layers)}
+
+
+def _identity(handle: ModelHandle, s: Site, prompts: list[str]) -> TrainedDictionary:
+    sae = IdentityDictionary(handle.model.cfg.d_model, s.hook_out, handle.model_id)
+    key = config_hash(["identity", s.name, handle.model_id])
+    return _loaded(handle.model, s, cached_dir("identity", key, _measure, handle, sae, s, prompts, "", pin=False))
+
+
+def _read(f: Found, model_id: str) -> SAE:
+    if f.format == "saelens":
+        return load_dictionary(f.folder)
+    return import_dictionary_learning(f.folder, f.site.hook_out, model_id)
+
+
+def _loaded(model, s: Site, built: Path) -> TrainedDictionary:
+    path = built / s.name  # where _save_measured put it
+    sae = load_dictionary(path).to(device=model.cfg.device, dtype=model.cfg.dtype)
+    return TrainedDictionary(s, sae, path, json.loads((path / "metrics.json").read_text()))
+
+
+@torch.no_grad()
+def _measure(out: Path, handle: ModelHandle, sae: SAE, s: Site, prompts: list[str], source: str) -> None:
+    """Save `sae` as SAELens files with its metrics on the prompts' tokens (a cached build)."""
+    from compute.dictionaries.building import _save_measured
+    from compute.dictionaries.metrics import collect_activations
+
+    model = handle.model
+    sae = sae.to(device=model.cfg.device, dtype=model.cfg.dtype)
+    acts = collect_activations(model, [s.hook_out], prompts)[s.hook_out]
+    _save_measured(model, out, s, sae, acts, None, prompts, **({"imported_from": source} if source else {}))
+

@@ -1,0 +1,112 @@
+"""Tiny random checkpoints, dictionary sets and a task file, written as a user would have them on
+disk (a test and bench fixture, not part of the package).
+
+Checkpoints are Hugging Face directories made by `transformers` itself (GPT-2, GPT-NeoX and Llama
+configurations, 2 layers, d_model 32) with a saved word-level tokenizer; dictionary sets hold
+random dictionaries in the SAELens layout or in the Sparse Feature Circuits Pythia layout
+(dictionary_learning files under `embed`, `attn_out_layer{i}`, `mlp_out_layer{i}`, `resid_out_layer{i}`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = "the a cat cats dog dogs near by is are runs run".split()
+FAMILIES = ("gpt2", "neox", "llama")
+D_MODEL, N_LAYERS = 32, 2
+
+
+def write_checkpoint(out: Path, family: str, seed: int = 0, d_model: int = D_MODEL, n_layers: int = N_LAYERS,
+                     tokenizer: bool = True) -> Path:
+    """A random checkpoint of a family in `out` (config.json, model.safetensors and tokenizer files)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    from compute.models.zoo import SPECIAL_TOKENS, build_tokenizer
+
+    vocab = len(SPECIAL_TOKENS) + len(WORDS)
+    heads = 4
+    if family == "gpt2":
+        cfg, cls = GPT2Config(vocab_size=vocab, n_positions=32, n_ctx=32, n_embd=d_model, n_layer=n_layers,
+                              n_head=heads, bos_token_id=1, eos_token_id=1), GPT2LMHeadModel
+    elif family == "neox":  # parallel attention and MLP, rotary on a quarter of each head, as Pythia
+        cfg, cls = GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=32, hidden_size=d_model,
+                                 num_hidden_layers=n_layers, num_attention_heads=heads, intermediate_size=4 * d_model,
+                                 rotary_pct=0.25, bos_token_id=1, eos_token_id=1), GPTNeoXForCausalLM
+    elif family == "llama":  # RMSNorm, gated MLP, rotary, grouped-query attention
+        cfg, cls = LlamaConfig(vocab_size=vocab, max_position_embeddings=32, hidden_size=d_model,
+                               num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=2,
+                               intermediate_size=3 * d_model, bos_token_id=1, eos_token_id=1), LlamaForCausalLM
+    else:
+        raise ValueError(family)
+    cfg.initializer_range = 0.2  # larger than the 0.02 of real training, so that a patch moves the metric
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    model.save_pretrained(str(out))
+    if tokenizer:
+        build_tokenizer(out, WORDS)
+    return out
+
+
+def write_task(path: Path, n: int = 12) -> Path:
+    """A subject-verb agreement task in the Sparse Feature Circuits format (answers with their space),
+    with one example whose answer is two tokens and one whose prompts differ in length."""
+    rows = []
+    nouns = [("cat", "cats"), ("dog", "dogs")]
+    for i in range(n):
+        (s, p), (o, _) = nouns[i % 2], nouns[(i // 2) % 2]
+        prep = ("near", "by")[(i // 4) % 2]
+        rows.append({"clean_prefix": f"the {s} {prep} the {o}", "patch_prefix": f"the {p} {prep} the {o}",
+                     "clean_answer": " is", "patch_answer": " are", "case": "pp"})
+    rows.append({"clean_prefix": "the cat near the dog", "patch_prefix": "the cats near the dog",
+                 "clean_answer": " runs is", "patch_answer": " are", "case": "two-token answer"})
+    rows.append({"clean_prefix": "the cat near the dog", "patch_prefix": "a the cats near the dog",
+                 "clean_answer": " is", "patch_answer": " are", "case": "unequal lengths"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _random_weights(d: int, d_sae: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(d_sae, d, generator=g)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    return W_dec.T.clone(), torch.randn(d_sae, generator=g) * 0.1, W_dec, torch.randn(d, generator=g) * 0.1
+
+
+def write_sfc_set(root: Path, n_layers: int = N_LAYERS, d: int = D_MODEL, d_sae: int = 64,
+                  skip: tuple[str, ...] = ()) -> Path:
+    """Random dictionary_learning AutoEncoders in the Sparse Feature Circuits Pythia layout."""
+    folders = ["embed"] + [f"{c}_out_layer{i}" for i in range(n_layers) for c in ("attn", "mlp", "resid")]
+    for k, name in enumerate(f for f in folders if f not in skip):
+        out = root / name / f"10_{d_sae}"
+        out.mkdir(parents=True)
+        W_enc, b_enc, W_dec, b_dec = _random_weights(d, d_sae, k)
+        torch.save({"encoder.weight": W_enc.T.contiguous(), "encoder.bias": b_enc,
+                    "decoder.weight": W_dec.T.contiguous(), "bias": b_dec}, out / "ae.pt")
+        (out / "config.json").write_text(json.dumps({"trainer": {
+            "dict_class": "AutoEncoder", "activation_dim": d, "dict_size": d_sae, "lm_name": "tiny"}}))
+    return root
+
+
+def write_saelens_set(root: Path, hooks: dict[str, str], d: int = D_MODEL, d_sae: int = 64) -> Path:
+    """Random standard SAEs in the SAELens layout, one folder per entry (folder -> hook name)."""
+    from compute.dictionaries.formats import save_dictionary
+    from compute.dictionaries.kinds import SAE
+
+    for k, (folder, hook) in enumerate(hooks.items()):
+        sae = SAE(d, d_sae, hook, "tiny")
+        with torch.no_grad():
+            for name, value in zip(("W_enc", "b_enc", "W_dec", "b_dec"), _random_weights(d, d_sae, 100 + k),
+                                   strict=True):
+                getattr(sae, name).copy_(value)
+        save_dictionary(sae, root / folder)
+    return root
