@@ -113,6 +113,20 @@ class Threshold(click.ParamType):
         return v
 
 
+class Size(click.ParamType):
+    """A memory size: 8G, 512M, 2.5GiB or bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from compute.attribution.budget import parse_size
+
+        try:
+            return value if isinstance(value, float) else parse_size(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 class Choices(click.Choice):
     """The choices a module constant lists ("module:NAME"), read when a command first uses them, so
     that the CLI imports a pipeline stage (and PyTorch) only for the commands that need it."""
@@ -287,7 +301,13 @@ def _discovery_options(f):
         click.option("--examples", "n_examples", default=64, show_default=True, type=POSITIVE,
                      help="train examples used"),
         click.option("--ablation", "ablations", multiple=True, type=Choices("compute.attribution.faithfulness:ABLATIONS"),
-                     help="ablations for the faithfulness sweep (repeatable; default all three)"),
+                     help="ablations for the faithfulness sweep (repeatable; default mean)"),
+        click.option("--full-eval", is_flag=True,
+                     help="the full faithfulness sweep: mean, zero and resample ablation, three random node sets "
+                          "per size (the default, mean and one draw, costs less than discovery)"),
+        click.option("--max-memory", type=Size(),
+                     help="memory budget for discovery (e.g. 8G): batches sized to it, and the states of all "
+                          "examples never held at once beyond it"),
         click.option("--errors", type=Choices("compute.attribution.faithfulness:ERROR_MODES"), default="node",
                      show_default=True, help="error terms in the faithfulness sweep"),
         click.option("--no-eval", is_flag=True, help="skip the faithfulness/completeness sweep"),
@@ -372,10 +392,12 @@ def _checkpoint_and_dictionaries(model_name: str, device: str, dtype: str, dicti
 
 
 def _params(options: dict):
-    from compute.attribution.discovery import DiscoveryParams
+    from compute.attribution.discovery import FULL_EVALUATION, DiscoveryParams
 
-    no_eval, chosen = options.pop("no_eval"), tuple(options.pop("ablations"))
+    no_eval, chosen, full = options.pop("no_eval"), tuple(options.pop("ablations")), options.pop("full_eval")
     given = {k: v for k, v in options.items() if v is not None}  # the rest: DiscoveryParams' defaults
+    if full:
+        given.update(FULL_EVALUATION)
     if no_eval or chosen:
         given["ablations"] = () if no_eval else chosen
     return DiscoveryParams(**given)
@@ -391,6 +413,7 @@ def demo(path: Path, neurons: bool, **params):
     import catalog
 
     start = time.monotonic()
+    params["full_eval"] = params["full_eval"] or not params["ablations"]  # the zoo is small: its demo sweeps fully
     params = _params(params)
     catalog.init(path)  # a bad --catalog is refused before any training
     zoo, dicts, identity = _zoo_and_dictionaries(identity=neurons)

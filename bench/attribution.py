@@ -1,6 +1,10 @@
-"""Attribution cost on the zoo, side by side in one run.
+"""Attribution cost on the zoo (or any loadable checkpoint), side by side in one run.
 
     python bench/attribution.py [--examples 32] [--repeat 5]
+    python bench/attribution.py --model PATH --task-file FILE [--dictionaries DIR]
+
+With --model, the checkpoint (a Hugging Face directory or a name in the local cache) runs with
+its dictionary set (neurons where it has none) on the task file's longest batch.
 
 Node effects by AtP and IG (the default quadrature, and Sparse Feature Circuits' left
 Riemann sum of the same steps, with the completeness error of each: how far a
@@ -15,7 +19,9 @@ for the headline edge type and for every edge type of the zoo model, with the la
 relative difference between the two; and the peak memory of each, measured in
 a fresh child process: resident memory sampled every millisecond while the step
 runs, above the resident memory just before it (after returning freed memory to
-the system).
+the system). Last, a whole discovery run (IG, as `cli.py discover` runs it) against its
+evaluation: the default (mean ablation, one random draw) and the full sweep (`--full-eval`),
+each as a multiple of discovery without evaluation (goal: the default <= 1x).
 """
 
 from __future__ import annotations
@@ -54,16 +60,46 @@ STEPS = DiscoveryParams().ig_steps
 RULE = DiscoveryParams().ig_rule
 SFC = ("left", 10)  # Sparse Feature Circuits' IG: 10 steps of the left Riemann sum
 PAIR = "resid_0->mlp_1"  # the edge type of the headline row
+ARGS = None  # the command line, for the memory-measuring child processes
 
 
-def setup(n_examples: int):
-    zoo = build_zoo(progress=False)
-    saes = {k: d.sae for k, d in build_dictionaries(zoo, progress=False).items()}
-    subs = sites(zoo.model.cfg.n_layers)
-    batch = max(encode(zoo.model, zoo.tasks["sva_across_pp"], "train", n_examples).batches, key=len)
-    clean = states(zoo.model, subs, saes, batch.clean)
-    patch = states(zoo.model, subs, saes, batch.patch)
-    return zoo.model, subs, saes, batch, clean, patch
+def setup(args):
+    """(model, sites, dictionaries, the longest batch, its clean and patch states, the whole encoded task)."""
+    if args.model:
+        from compute.dictionaries.sets import identity_set, load_set
+        from compute.models.checkpoints import load_checkpoint
+        from compute.tasks import load_task_file
+
+        if not args.task_file:
+            sys.exit("--model needs --task-file")
+        handle, task = load_checkpoint(args.model, progress=False), load_task_file(args.task_file)
+        prompts = [e["clean_prefix"] for e in task.examples]
+        found = load_set(args.dictionaries, handle, prompts, progress=False)[0] if args.dictionaries \
+            else identity_set(handle, prompts)
+        model, saes = handle.model, {k: d.sae for k, d in found.items()}
+    else:
+        zoo = build_zoo(progress=False)
+        model, task = zoo.model, zoo.tasks["sva_across_pp"]
+        saes = {k: d.sae for k, d in build_dictionaries(zoo, progress=False).items()}
+    subs = sites(model.cfg.n_layers)
+    data = encode(model, task, "train", args.examples)
+    batch = max(data.batches, key=len)
+    clean = states(model, subs, saes, batch.clean)
+    patch = states(model, subs, saes, batch.patch)
+    return model, subs, saes, batch, clean, patch, data
+
+
+def evaluation_cost(model, subs, saes, data) -> list[tuple[str, float]]:
+    """Seconds of discovery without evaluation, with the default evaluation, and with the full sweep."""
+    from compute.attribution.discovery import FULL_EVALUATION, discover
+
+    out = []
+    for name, params in (("discovery", DiscoveryParams(ablations=())), ("default", DiscoveryParams()),
+                         ("full", DiscoveryParams(**FULL_EVALUATION))):
+        t = time.perf_counter()
+        discover(model, subs, saes, data, params, progress=False)
+        out.append((name, time.perf_counter() - t))
+    return out
 
 
 def timed(fns: dict, repeat: int) -> dict[str, float]:
@@ -107,7 +143,9 @@ def sampled_peak_mb(fn) -> float:
 
 def peak_mb(step: str, examples: int) -> float:
     """Peak resident memory (MiB) that one step adds, measured in a fresh process."""
-    r = subprocess.run([sys.executable, __file__, "--examples", str(examples), "--measure", step],
+    given = [a for k in ("model", "task_file", "dictionaries") if getattr(ARGS, k)
+             for a in (f"--{k.replace('_', '-')}", str(getattr(ARGS, k)))]
+    r = subprocess.run([sys.executable, __file__, "--examples", str(examples), "--measure", step, *given],
                        capture_output=True, text=True)
     return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
@@ -120,10 +158,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--model", help="a checkpoint directory or a name in the local Hugging Face cache")
+    ap.add_argument("--task-file", help="with --model: its task (JSONL)")
+    ap.add_argument("--dictionaries", help="with --model: its dictionary set (default: neurons)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: peak memory of one step
     args = ap.parse_args()
+    global ARGS, PAIR
+    ARGS = args
     torch.set_grad_enabled(False)
-    model, subs, saes, batch, clean, patch = setup(args.examples)
+    model, subs, saes, batch, clean, patch, data = setup(args)
 
     def plain():
         output_grads(model, subs, batch)
@@ -159,6 +202,7 @@ def main() -> None:
         return torch.tensor(clean[name].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
 
     pairs = {f"{p.up.name}->{p.down.name}": p for p in edge_pairs(subs, model.cfg.parallel_attn_mlp)}
+    PAIR = PAIR if PAIR in pairs else next(iter(pairs))
     edge_args = {k: (model, p, saes, batch, clean, patch, grads[p.down.name], nodes(p.up.name), nodes(p.down.name))
                  for k, p in pairs.items()}
 
@@ -182,7 +226,7 @@ def main() -> None:
     t_single_all = sum(v for (_, b), v in per_pair.items() if not b)
     rel = {k: _max_rel_diff(edges(k, True), edges(k, False)) for k in pairs}
 
-    print(f"zoo model, {len(batch)} examples of length {batch.clean.shape[1]}, {len(subs)} submodules, "
+    print(f"{ARGS.model or 'zoo model'}, {len(batch)} examples of length {batch.clean.shape[1]}, {len(subs)} submodules, "
           f"{sum(s.d_sae for s in saes.values())} features; median of {args.repeat}")
     n_up, n_down = len(edge_args[PAIR][7]), len(edge_args[PAIR][8])
     rows = [
@@ -219,6 +263,12 @@ def main() -> None:
     print(f"batched edges are {t_single / t_batched:.1f}x faster than one backward per node on {PAIR}, "
           f"{t_single_all / t_batched_all:.1f}x over all {len(pairs)} edge types (goal >= 10x); "
           f"max relative difference {max(rel.values()):.2e} (must be <= 1e-5)")
+    cost = dict(evaluation_cost(model, subs, saes, data))
+    print(f"\nwhole discovery (IG, {data.n_examples} examples): {cost['discovery']:.2f} s without evaluation; "
+          f"default evaluation adds {cost['default'] - cost['discovery']:.2f} s = "
+          f"{(cost['default'] - cost['discovery']) / cost['discovery']:.2f}x discovery (goal <= 1x); the full sweep "
+          f"(--full-eval) adds {cost['full'] - cost['discovery']:.2f} s = "
+          f"{(cost['full'] - cost['discovery']) / cost['discovery']:.2f}x")
     if max(rel.values()) > 1e-5:
         sys.exit("batched and single-node edge weights differ")
 

@@ -122,6 +122,16 @@ class Encoded:
     def n_examples(self) -> int:
         return sum(len(b) for b in self.batches)
 
+    def rebatched(self, size_of) -> Encoded:
+        """The same examples in batches of at most `size_of(length)` examples each."""
+        out = []
+        for b in self.batches:
+            k = max(1, int(size_of(b.clean.shape[1])))
+            for i in range(0, len(b), k):
+                out.append(Batch(*(None if t is None else t[i : i + k] for t in
+                                   (b.example_idx, b.clean, b.patch, b.clean_answer, b.patch_answer))))
+        return Encoded(out, self.dropped)
+
 
 def tokenize(model, text: str, bos: bool = True) -> list[int]:
     """Token ids of a text, never cut to the model's context (TransformerLens cuts by default)."""

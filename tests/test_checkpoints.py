@@ -4,6 +4,7 @@ dictionary sets (SAELens and the Sparse Feature Circuits layout) and a task file
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -162,3 +163,36 @@ def test_what_cannot_be_used_is_refused_in_one_line(disk, tmp_path):
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert str(narrow / "embed") in run_cli("discover", *cases[0][0], "--task-file", task, catalog=path).stderr
     assert catalog.open(path).sql("SELECT count(*) AS n FROM runs").n[0] == before
+
+
+@pytest.mark.parametrize("method", ["atp", "ig"])
+def test_a_memory_budget_gives_the_same_circuit(disk, handles, method):
+    """Under a budget of one example per batch (and, for AtP, too little to keep any batch's states for
+    the edge pass: they are computed again) the circuit is the one found without a budget."""
+    from compute.attribution.budget import examples_per_batch, kept_bytes
+    from compute.attribution.discovery import DiscoveryParams, discover
+    from compute.dictionaries.sets import load_set
+    from compute.tasks import encode, load_task_file
+    from schema.sites import sites
+
+    handle, task = handles["gpt2"], load_task_file(disk / "task.jsonl")
+    model, subs = handle.model, sites(handle.model.cfg.n_layers)
+    prompts = [e["clean_prefix"] for e in task.examples]
+    dicts = {k: d.sae for k, d in load_set(disk / "sfc", handle, prompts, progress=False)[0].items()}
+    data = encode(model, task)
+    length = data.batches[0].clean.shape[1]
+    steps = 20 if method == "ig" else 1
+    budget = 1.5 * length * 1e9 / examples_per_batch(model.cfg, dicts, length, steps, length * 1e9)  # 1.5 examples
+    assert examples_per_batch(model.cfg, dicts, length, steps, budget) == 1
+    streamed = kept_bytes(dicts, model.cfg.d_model, data.n_examples * length) > budget / 2
+    assert streamed == (method == "atp")
+    params = DiscoveryParams(method=method, node_threshold=0.02, edge_threshold=0.0, ablations=("mean",))
+    whole = discover(model, subs, dicts, data, params, progress=False)
+    budgeted = discover(model, subs, dicts, data, replace(params, max_memory=budget), progress=False)
+    assert len(whole.edges) > 10 and [e[:2] for e in budgeted.edges] == [e[:2] for e in whole.edges]
+    assert torch.allclose(torch.tensor([e[2] for e in budgeted.edges]), torch.tensor([e[2] for e in whole.edges]),
+                          rtol=1e-4, atol=1e-7)
+    assert [n.effect for n in budgeted.nodes] == pytest.approx([n.effect for n in whole.nodes], rel=1e-4, abs=1e-7)
+    assert budgeted.curves[0].faithfulness == pytest.approx(whole.curves[0].faithfulness, abs=1e-6)
+    assert sum(int((f.to_dense() if f.is_sparse else f).count_nonzero()) for _, _, f in budgeted.clean_features) \
+        == sum(int(f.count_nonzero()) for _, _, f in whole.clean_features)

@@ -251,7 +251,8 @@ def test_a_one_example_task_is_stored_without_nan(tmp_path, dicts):
     f.write_text(json.dumps({"clean_prefix": "the cat", "patch_prefix": "the cats", "clean_answer": " runs",
                              "patch_answer": " run"}) + "\n")
     cat = tmp_path / "cat"
-    r = CliRunner().invoke(__import__("cli").main, ["--catalog", str(cat), "discover", "--task-file", str(f)])
+    r = CliRunner().invoke(__import__("cli").main, ["--catalog", str(cat), "discover", "--task-file", str(f),
+                                                    "--full-eval"])
     assert r.exit_code == 0, r.output
     assert "not evaluated: mean ablation of every node leaves the metric unchanged" in r.stderr
     c = catalog.open(cat)

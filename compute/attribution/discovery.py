@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from catalog.errors import UserError
 from compute.attribution.atp import node_effects
+from compute.attribution.budget import examples_per_batch, kept_bytes
 from compute.attribution.edges import edge_pairs, edge_weights
 from compute.attribution.faithfulness import ABLATIONS, ERROR_MODES, Curve, curves, sweep_thresholds
 from compute.attribution.ig import RULES, ig_grads
@@ -43,6 +44,7 @@ from compute.tasks import Encoded
 from schema.sites import ERROR, Site
 
 METHODS = ("ig", "atp", "exact")
+FULL_EVALUATION = {"ablations": ABLATIONS, "random_draws": 3, "sweep_factor": 2}
 AGGREGATIONS = ("sum", "none")
 
 
@@ -56,9 +58,13 @@ class DiscoveryParams:
     aggregation: str = "sum"
     n_examples: int = 64
     edge_chunk: int = 64  # downstream nodes per edge pass (memory is bounded by edges.PIECE_BUDGET)
-    ablations: tuple[str, ...] = ABLATIONS  # evaluation; () skips it
+    # evaluation: mean ablation and one random draw per size by default, which costs less than discovery
+    # (bench/attribution.py); FULL_EVALUATION is all three ablations and three draws. () skips it.
+    ablations: tuple[str, ...] = ("mean",)
     errors: str = "node"  # error terms in the evaluation: node, kept, ablated or removed
-    random_draws: int = 3
+    random_draws: int = 1
+    sweep_factor: int = 4  # the sweep keeps 1, 4, 16, ... nodes (FULL_EVALUATION: 1, 2, 4, ...)
+    max_memory: float | None = None  # bytes: batches sized to it, states recomputed for edges beyond it
 
     def __post_init__(self):
         """Refuse settings that would silently give wrong numbers (NaN effects from 0 steps, a
@@ -70,9 +76,13 @@ class DiscoveryParams:
         bad = sorted(set(self.ablations) - set(ABLATIONS))
         if bad:
             raise UserError(f"unknown ablation {bad[0]!r}; choose from {', '.join(ABLATIONS)}")
+        if not isinstance(self.sweep_factor, int) or self.sweep_factor < 2:
+            raise UserError(f"sweep_factor must be a whole number >= 2, not {self.sweep_factor!r}")
         for name in ("ig_steps", "n_examples", "edge_chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a whole number >= 1, not {getattr(self, name)!r}")
+        if self.max_memory is not None and not (isinstance(self.max_memory, int | float) and self.max_memory > 0):
+            raise UserError(f"max_memory must be a number of bytes above 0, not {self.max_memory!r}")
         if not isinstance(self.random_draws, int) or self.random_draws < 0:
             raise UserError(f"random_draws must be a whole number >= 0, not {self.random_draws!r}")
         for name in ("node_threshold", "edge_threshold"):
@@ -167,27 +177,19 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
     feat_eff = {s.name: torch.zeros(*shape, dicts[s.name].d_sae, dtype=torch.float64) for s in subs}
     err_eff = {s.name: torch.zeros(shape, dtype=torch.float64) for s in subs}
     summed = (0,) if per_position else (0, 1)  # over examples (and positions)
+    evaluated, keep = data, True
+    if params.max_memory is not None:  # batches sized to the budget; states kept for the edges only if they fit
+        steps = params.ig_steps if params.method == "ig" else 1
+        data = data.rebatched(lambda length: examples_per_batch(model.cfg, dicts, length, steps, params.max_memory))
+        tokens = sum(b.clean.numel() for b in data.batches)
+        keep = kept_bytes(dicts, model.cfg.d_model, tokens) <= params.max_memory / 2
     per_batch = []
     m_clean = m_patch = 0.0
     clean_features = []
-    for batch in tqdm(data.batches, desc=f"{params.method} node effects", disable=not progress, leave=False):
-        # one spliced pass over both prompt sets: states and metric (and, except for IG, gradients)
-        with_grads = params.method != "ig"
-        if batch.patch is not None:
-            run, on_patch = clean_and_patch(model, subs, dicts, batch, grads=with_grads)
-            clean, patch = run.states, on_patch.states
-            m_patch += on_patch.metric.sum().item()
-        else:  # zero ablation: the last submodule outputs decode(0), so nothing else matters
-            run = spliced_pass(model, subs, dicts, batch.clean, batch, grads=with_grads)
-            clean, patch = run.states, zero_states(run.states, dicts)
-            with torch.no_grad():
-                logits = logits_with_output(model, subs[-1], patch[subs[-1].name].x, subs, clean, batch.clean, 1)
-            m_patch += batch_metric(logits, batch).sum().item()
-        m_clean += run.metric.sum().item()
-        if params.method == "ig":
-            grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps, params.ig_rule)
-        else:  # AtP's gradients, from the clean pass; exact patching measures nodes directly,
-            grads = run.grads  # and its edges use these gradients
+    bar = tqdm(total=n, desc=f"{params.method} node effects", unit="example", disable=not progress, leave=False)
+    for batch in data.batches:
+        clean, patch, grads, mc, mp = _batch_pass(model, subs, dicts, batch, params)
+        m_clean, m_patch = m_clean + mc, m_patch + mp
         for s in subs:
             if params.method == "exact":
                 _exact(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], per_position,
@@ -196,8 +198,16 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
                 fe, ee = node_effects(dicts[s.name], clean[s.name], patch[s.name], grads[s.name])
                 feat_eff[s.name] += fe.sum(summed)
                 err_eff[s.name] += ee.sum(summed)
-            clean_features.append((batch.example_idx, s.name, clean[s.name].f))
-        per_batch.append((batch, clean, patch, grads))
+            # beyond the budget only the nonzero values are kept (the catalogue stores no more)
+            clean_features.append((batch.example_idx, s.name, clean[s.name].f if keep else clean[s.name].f.to_sparse()))
+        per_batch.append((batch, clean, patch, grads) if keep else (batch,))
+        bar.update(len(batch))
+    bar.close()
+
+    def replay() -> Iterator[tuple]:
+        """Every batch with its states: kept from the node pass, or computed again (beyond the budget)."""
+        for item in per_batch:
+            yield item if len(item) == 4 else (item[0], *_batch_pass(model, subs, dicts, item[0], params)[:3])
 
     nodes: list[Node] = []
     index: dict[tuple, int] = {}  # (submodule name, feature or ERROR, position) -> node index
@@ -216,26 +226,47 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
     metric_idx = len(nodes)
     nodes.append(Node(None, None, (m_patch - m_clean) / n, True))
 
-    edges = list(_edges(model, subs, dicts, per_batch, kept, index, n, params, progress))
+    edges = list(_edges(model, subs, dicts, replay, kept, index, n, params, progress))
     last = subs[-1].name
     for key in kept[last]:
         i = index[(last, *key)]
         edges.append((i, metric_idx, nodes[i].effect))
     circuit = Circuit(params, nodes, edges, n, m_clean / n, m_patch / n, dict(data.dropped), clean_features)
     if params.ablations:
-        for batch, clean, patch, _ in per_batch:
+        for batch, clean, patch, _ in replay():
             for name, v in joint_effects(model, subs, batch, clean, patch).items():
                 circuit.joint_effects[name] = circuit.joint_effects.get(name, 0.0) + v / n
         if not per_position:  # nested sets of sum-aggregated nodes (a per-position set would mix positions)
-            _nested(model, subs, dicts, per_batch, circuit, n)
+            _nested(model, subs, dicts, replay, circuit, n)
         effects = circuit.effects()
-        circuit.curves = curves(model, subs, dicts, data, effects,
-                                sweep_thresholds(effects, params.node_threshold), params.ablations,
+        circuit.curves = curves(model, subs, dicts, evaluated, effects,
+                                sweep_thresholds(effects, params.node_threshold, params.sweep_factor), params.ablations,
                                 params.errors, params.random_draws, progress)
     return circuit
 
 
-def _nested(model, subs: list[Site], dicts: dict[str, SAE], per_batch, circuit: Circuit, n: int) -> None:
+def _batch_pass(model, subs: list[Site], dicts: dict[str, SAE], batch, params: DiscoveryParams):
+    """One batch's clean and patch states, the gradients the method uses, and the summed clean and
+    patch metrics: one spliced pass over both prompt sets (and, for IG, its integration steps)."""
+    with_grads = params.method != "ig"
+    if batch.patch is not None:
+        run, on_patch = clean_and_patch(model, subs, dicts, batch, grads=with_grads)
+        clean, patch = run.states, on_patch.states
+        m_patch = on_patch.metric.sum().item()
+    else:  # zero ablation: the last submodule outputs decode(0), so nothing else matters
+        run = spliced_pass(model, subs, dicts, batch.clean, batch, grads=with_grads)
+        clean, patch = run.states, zero_states(run.states, dicts)
+        with torch.no_grad():
+            logits = logits_with_output(model, subs[-1], patch[subs[-1].name].x, subs, clean, batch.clean, 1)
+        m_patch = batch_metric(logits, batch).sum().item()
+    if params.method == "ig":
+        grads = ig_grads(model, subs, dicts, batch, clean, patch, params.ig_steps, params.ig_rule)
+    else:  # AtP's gradients, from the clean pass; exact patching measures nodes directly,
+        grads = run.grads  # and its edges use these gradients
+    return clean, patch, grads, run.metric.sum().item(), m_patch
+
+
+def _nested(model, subs: list[Site], dicts: dict[str, SAE], replay, circuit: Circuit, n: int) -> None:
     """Measure every submodule's nested sets patched at once, beside the method's predicted change."""
     for s in subs:
         ranked = circuit.ranked_sets(s.name)
@@ -244,7 +275,7 @@ def _nested(model, subs: list[Site], dicts: dict[str, SAE], per_batch, circuit: 
         sets = [([m.feature for m in nodes if m.feature is not None], any(m.feature is None for m in nodes))
                 for _, nodes in ranked]
         measured = torch.zeros(len(sets), dtype=torch.float64)
-        for batch, clean, patch, _ in per_batch:
+        for batch, clean, patch, _ in replay():
             measured += set_effects(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], sets)
         for (k, nodes), m in zip(ranked, (measured / n).tolist(), strict=True):
             circuit.nested[(s.name, k)] = (sum(x.effect for x in nodes), m)
@@ -269,22 +300,29 @@ def _exact(model, s: Site, sae: SAE, batch, clean, patch, per_position: bool,
         err_eff += eff[-1]
 
 
-def _edges(model, subs, dicts, per_batch, kept, index, n, params: DiscoveryParams,
+def _edges(model, subs, dicts, replay, kept, index, n, params: DiscoveryParams,
            progress: bool) -> Iterator[tuple[int, int, float]]:
+    """Edge weights among kept nodes of every edge type, summed batch by batch (each batch's states
+    used once, so a batch recomputed under a memory budget is computed once)."""
     per_position = params.aggregation == "none"
     pairs = [p for p in edge_pairs(subs, model.cfg.parallel_attn_mlp) if kept[p.up.name] and kept[p.down.name]]
-    for pair in tqdm(pairs, desc="edges", disable=not progress, leave=False):
-        up, down = kept[pair.up.name], kept[pair.down.name]
-        up_ids, down_ids = torch.tensor([i for i, _ in up]), torch.tensor([i for i, _ in down])
-        up_pos = torch.tensor([t for _, t in up]) if per_position else None
-        down_pos = torch.tensor([t for _, t in down]) if per_position else None
-        total = torch.zeros(len(down), len(up), dtype=torch.float64)
-        for batch, clean, patch, grads in per_batch:
+    totals = [torch.zeros(len(kept[p.down.name]), len(kept[p.up.name]), dtype=torch.float64) for p in pairs]
+    bar = tqdm(total=len(pairs) * n, desc="edges", unit="example", disable=not progress or not pairs, leave=False)
+    for batch, clean, patch, grads in replay():
+        for pair, total in zip(pairs, totals, strict=True):
+            up, down = kept[pair.up.name], kept[pair.down.name]
+            up_ids, down_ids = torch.tensor([i for i, _ in up]), torch.tensor([i for i, _ in down])
+            up_pos = torch.tensor([t for _, t in up]) if per_position else None
+            down_pos = torch.tensor([t for _, t in down]) if per_position else None
             row = 0
             for ids, w in edge_weights(model, pair, dicts, batch, clean, patch, grads[pair.down.name], up_ids,
                                        down_ids, params.edge_chunk, up_pos, down_pos):
                 total[row : row + len(ids)] += w
                 row += len(ids)
+            bar.update(len(batch))
+    bar.close()
+    for pair, total in zip(pairs, totals, strict=True):
+        up, down = kept[pair.up.name], kept[pair.down.name]
         total /= n
         rows, cols = (total.abs() > params.edge_threshold).nonzero(as_tuple=True)
         for r, c in zip(rows.tolist(), cols.tolist(), strict=True):

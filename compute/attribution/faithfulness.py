@@ -206,8 +206,9 @@ def prompt_length(effects: dict[tuple, float], data: Encoded) -> int | None:
     return lengths.pop()
 
 
-def sweep_thresholds(effects: dict[tuple, float], chosen: float) -> list[float]:
-    """Thresholds that keep 0, 1, 2, 4, ... and all nodes, plus the chosen one (descending)."""
+def sweep_thresholds(effects: dict[tuple, float], chosen: float, factor: int = 2) -> list[float]:
+    """Thresholds that keep 0, 1, 2, 4, ... (`factor` 4: 1, 4, 16, ...) and all nodes, plus the chosen
+    one (descending)."""
     mags = sorted((abs(e) for e in effects.values()), reverse=True)
     points = {chosen, 0.0}
     if mags:
@@ -215,7 +216,7 @@ def sweep_thresholds(effects: dict[tuple, float], chosen: float) -> list[float]:
     k = 1
     while k < len(mags):
         points.add((mags[k - 1] + mags[k]) / 2)
-        k *= 2
+        k *= factor
     return sorted(points, reverse=True)
 
 

@@ -65,10 +65,15 @@ def write_activations(cat: Catalog, w: RunWriter, task: Task, dicts: dict[str, T
         d = dicts[site_name]
         if d.dictionary_id in have:
             continue
-        b, t, i = (f != 0).nonzero(as_tuple=True)
+        if f.is_sparse:  # kept sparse by discovery under a memory budget
+            f = f.coalesce()
+            (b, t, i), values = f.indices(), f.values()
+        else:
+            b, t, i = (f != 0).nonzero(as_tuple=True)
+            values = f[b, t, i]
         table.write(columns_to_arrow("activations", {
             "task_id": task.name, "example_idx": example_idx[b].numpy(), "dictionary_id": d.dictionary_id,
-            "feature_idx": i.numpy(), "position": t.numpy(), "value": f[b, t, i].double().numpy()}, len(b)))
+            "feature_idx": i.numpy(), "position": t.numpy(), "value": values.double().numpy()}, len(b)))
 
 
 def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, task: Task, c: Circuit,
