@@ -5,6 +5,7 @@ import torch
 
 from compute.attribution.discovery import DiscoveryParams, discover
 from compute.attribution.faithfulness import (
+    ABLATIONS,
     ERROR_MODES,
     NodeSet,
     ablated_metric,
@@ -23,7 +24,8 @@ from schema.sites import ERROR
 @pytest.fixture(scope="module")
 def evaluated(zoo, subs, saes):
     data = encode(zoo.model, zoo.tasks["sva_simple"], "train", 32)
-    c = discover(zoo.model, subs, saes, data, DiscoveryParams(n_examples=32, random_draws=2), progress=False)
+    c = discover(zoo.model, subs, saes, data, DiscoveryParams(n_examples=32, ablations=ABLATIONS, random_draws=2),
+                 progress=False)
     return data, c
 
 
@@ -126,6 +128,9 @@ def test_sweep_thresholds_keep_powers_of_two():
     t = sweep_thresholds(effects, 0.1)
     kept = [sum(abs(e) > x for e in effects.values()) for x in t]
     assert kept == [0, 1, 2, 4, 6, 6] and t == sorted(t, reverse=True) and 0.1 in t
+    t = sweep_thresholds(effects, 0.1, factor=4)  # the default evaluation's sweep
+    assert [sum(abs(e) > x for e in effects.values()) for x in t] == [0, 1, 4, 6, 6]
+    assert DiscoveryParams().sweep_factor == 4 and DiscoveryParams().ablations == ("mean",)
 
 
 def test_per_position_circuit_full_is_one_and_empty_is_zero(zoo, subs, saes):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from catalog.errors import UserError, first_line
-from compute.models.handle import ModelHandle
+from compute.models.handle import ModelHandle, jsonable
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "mps")
@@ -123,7 +123,7 @@ def load_checkpoint(name_or_path: str, device: str = "cpu", dtype: str = "float3
     config_digest = hashlib.sha256(json.dumps(hf_config, sort_keys=True).encode()).hexdigest()
     model_id = f"{family}-{hashlib.sha256((w_hash + config_digest).encode()).hexdigest()[:12]}"
     config = {"architecture": architecture, "hf_config": hf_config, "dtype": dtype,
-              "tl_config": {k: v for k, v in model.cfg.to_dict().items() if _jsonable(v)}}
+              "tl_config": {k: v for k, v in model.cfg.to_dict().items() if jsonable(v)}}
     return ModelHandle(model, model_id, path.name if path.name not in ("", ".") else family, str(path.resolve()),
                        config, w_hash)
 
@@ -154,10 +154,3 @@ def _tl_model(path: Path, cfg, hf_model, tokenizer, dtype: torch.dtype):
     model.move_model_modules_to_device()
     return model
 
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False

@@ -7,7 +7,17 @@ configuration and the hash of its weights (the `models` table's row).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+
+
+def jsonable(v) -> bool:
+    """Whether a configuration value can be stored as JSON (TransformerLens configs hold dtypes, devices)."""
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
 
 
 @dataclass(frozen=True)

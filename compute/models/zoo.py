@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from compute.cache import cache_path, cached_dir, config_hash, file_hash
 from compute.models import grammar
-from compute.models.handle import ModelHandle
+from compute.models.handle import ModelHandle, jsonable
 from compute.tasks import Task, load_task_file, write_task_file
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>"]
@@ -127,7 +127,7 @@ def model_config(cfg: ZooConfig, d_vocab: int):
 def save_model(model, out_dir: Path) -> None:
     """Model directory: config.json, model.safetensors, tokenizer files."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = {k: v for k, v in model.cfg.to_dict().items() if _jsonable(v)}
+    cfg = {k: v for k, v in model.cfg.to_dict().items() if jsonable(v)}
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
     model.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
@@ -147,13 +147,6 @@ def load_model(path: Path):
         p.requires_grad_(False)
     return model
 
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False
 
 
 def train(cfg: ZooConfig, tokenizer, progress: bool = True):
