@@ -117,20 +117,24 @@ def test_spliced_checkpoint_is_exact(disk, handles, family):
         assert full == pytest.approx(1.0, abs=1e-4) and empty == pytest.approx(0.0, abs=1e-4), (name, full, empty)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_discover_on_a_checkpoint(disk, tmp_path, family):
+@pytest.mark.parametrize("family,layout", [(f, x) for f in FAMILIES for x in ("sfc", "saelens")])
+def test_discover_on_a_checkpoint(disk, tmp_path, family, layout):
+    """Each family with each format: the SFC set (dictionary_learning files at every submodule) and the
+    SAELens set (resid_0 and resid_1; neurons elsewhere, which discover reports)."""
     import catalog
 
     path = tmp_path / "cat"
-    r = run_cli("discover", "--model", str(disk / family), "--dictionaries", str(disk / "sfc"), "--task-file",
+    r = run_cli("discover", "--model", str(disk / family), "--dictionaries", str(disk / layout), "--task-file",
                 str(disk / "task.jsonl"), "--ablation", "mean", "--examples", "8", catalog=path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dropped 1 examples: answer is not a single known token" in r.stderr
+    assert ("no dictionary for embed, attn_0, mlp_0, attn_1, mlp_1: neurons" in r.stderr) == (layout == "saelens")
     cat = catalog.open(path)
     c = cat.sql("SELECT c.*, m.source, m.weights_hash FROM circuits c JOIN models m USING (model_id)").iloc[0]
     assert c.model_id.startswith({"gpt2": "gpt2-", "neox": "gptneox-", "llama": "llama-"}[family])
     assert c.n_examples == 8 and c.source == str((disk / family).resolve())
-    assert cat.sql("SELECT count(*) AS n FROM dictionaries").n[0] == 7
+    kinds = cat.sql("SELECT kind, count(*) AS n FROM dictionaries GROUP BY kind ORDER BY kind")
+    assert dict(zip(kinds.kind, kinds.n, strict=True)) == ({"sae": 7} if layout == "sfc" else {"identity": 5, "sae": 2})
     f = cat.sql("SELECT n_nodes, value FROM evaluations WHERE circuit_id = ? AND kind = 'faithfulness' "
                 "AND ablation = 'mean' ORDER BY n_nodes", [c.circuit_id])
     assert f.value.iloc[0] == pytest.approx(0.0, abs=1e-6)  # the empty set
