@@ -233,11 +233,7 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
         edges.append((i, metric_idx, nodes[i].effect))
     circuit = Circuit(params, nodes, edges, n, m_clean / n, m_patch / n, dict(data.dropped), clean_features)
     if params.ablations:
-        for batch, clean, patch, _ in replay():
-            for name, v in joint_effects(model, subs, batch, clean, patch).items():
-                circuit.joint_effects[name] = circuit.joint_effects.get(name, 0.0) + v / n
-        if not per_position:  # nested sets of sum-aggregated nodes (a per-position set would mix positions)
-            _nested(model, subs, dicts, replay, circuit, n)
+        _joint_and_nested(model, subs, dicts, replay, circuit, n, per_position)
         effects = circuit.effects()
         circuit.curves = curves(model, subs, dicts, evaluated, effects,
                                 sweep_thresholds(effects, params.node_threshold, params.sweep_factor), params.ablations,
@@ -266,19 +262,25 @@ def _batch_pass(model, subs: list[Site], dicts: dict[str, SAE], batch, params: D
     return clean, patch, grads, run.metric.sum().item(), m_patch
 
 
-def _nested(model, subs: list[Site], dicts: dict[str, SAE], replay, circuit: Circuit, n: int) -> None:
-    """Measure every submodule's nested sets patched at once, beside the method's predicted change."""
-    for s in subs:
-        ranked = circuit.ranked_sets(s.name)
-        if not ranked:
-            continue
-        sets = [([m.feature for m in nodes if m.feature is not None], any(m.feature is None for m in nodes))
-                for _, nodes in ranked]
-        measured = torch.zeros(len(sets), dtype=torch.float64)
-        for batch, clean, patch, _ in replay():
-            measured += set_effects(model, s, dicts[s.name], batch, clean[s.name], patch[s.name], sets)
-        for (k, nodes), m in zip(ranked, (measured / n).tolist(), strict=True):
-            circuit.nested[(s.name, k)] = (sum(x.effect for x in nodes), m)
+def _joint_and_nested(model, subs: list[Site], dicts: dict[str, SAE], replay, circuit: Circuit, n: int,
+                      per_position: bool) -> None:
+    """Measure every submodule patched whole (the completeness check) and, for sum-aggregated nodes, its
+    nested sets patched at once beside the method's predicted change (a per-position set would mix
+    positions). One pass over the batches, so a batch recomputed under a memory budget is computed once."""
+    ranked = {} if per_position else {s.name: r for s in subs if (r := circuit.ranked_sets(s.name))}
+    sets = {name: [([m.feature for m in nodes if m.feature is not None], any(m.feature is None for m in nodes))
+                   for _, nodes in r] for name, r in ranked.items()}
+    measured = {name: torch.zeros(len(v), dtype=torch.float64) for name, v in sets.items()}
+    for batch, clean, patch, _ in replay():
+        for name, v in joint_effects(model, subs, batch, clean, patch).items():
+            circuit.joint_effects[name] = circuit.joint_effects.get(name, 0.0) + v / n
+        for s in subs:
+            if s.name in sets:
+                measured[s.name] += set_effects(model, s, dicts[s.name], batch, clean[s.name], patch[s.name],
+                                                sets[s.name])
+    for name, r in ranked.items():
+        for (k, nodes), m in zip(r, (measured[name] / n).tolist(), strict=True):
+            circuit.nested[(name, k)] = (sum(x.effect for x in nodes), m)
 
 
 def _exact(model, s: Site, sae: SAE, batch, clean, patch, per_position: bool,
@@ -307,13 +309,14 @@ def _edges(model, subs, dicts, replay, kept, index, n, params: DiscoveryParams,
     per_position = params.aggregation == "none"
     pairs = [p for p in edge_pairs(subs, model.cfg.parallel_attn_mlp) if kept[p.up.name] and kept[p.down.name]]
     totals = [torch.zeros(len(kept[p.down.name]), len(kept[p.up.name]), dtype=torch.float64) for p in pairs]
+
+    def ids_and_positions(nodes: list[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.tensor([i for i, _ in nodes]), torch.tensor([t for _, t in nodes]) if per_position else None
+
+    ends = [(ids_and_positions(kept[p.up.name]), ids_and_positions(kept[p.down.name])) for p in pairs]
     bar = tqdm(total=len(pairs) * n, desc="edges", unit="example", disable=not progress or not pairs, leave=False)
     for batch, clean, patch, grads in replay():
-        for pair, total in zip(pairs, totals, strict=True):
-            up, down = kept[pair.up.name], kept[pair.down.name]
-            up_ids, down_ids = torch.tensor([i for i, _ in up]), torch.tensor([i for i, _ in down])
-            up_pos = torch.tensor([t for _, t in up]) if per_position else None
-            down_pos = torch.tensor([t for _, t in down]) if per_position else None
+        for pair, total, ((up_ids, up_pos), (down_ids, down_pos)) in zip(pairs, totals, ends, strict=True):
             row = 0
             for ids, w in edge_weights(model, pair, dicts, batch, clean, patch, grads[pair.down.name], up_ids,
                                        down_ids, params.edge_chunk, up_pos, down_pos):
