@@ -42,9 +42,9 @@ def parse_size(text: str) -> float:
     """Bytes of a size such as 8G, 512M, 2.5GiB or a plain number of bytes."""
     units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    unit = t[-1] if t and t[-1] in units else ""
     try:
-        value = float(t[: len(t) - len(unit)] if unit else t) * units[unit]
+        value = float(t.removesuffix(unit)) * units[unit]
     except ValueError:
         raise ValueError(f"not a size: {text!r} (e.g. 8G, 512M)") from None
     if not math.isfinite(value) or value <= 0:

@@ -12,7 +12,6 @@ wherever it lies.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from catalog.errors import UserError, first_line
+from compute.cache import config_hash, file_hash
 from compute.models.handle import ModelHandle, jsonable
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,17 +61,11 @@ def hf_cache() -> str:
 
 
 def weights_hash(path: Path) -> str:
-    """sha256 of the checkpoint's weight files (names and contents), 16 hex digits."""
+    """A hash of the checkpoint's weight files (their names and sha256s), 12 hex digits."""
     files = sorted({f for pattern in WEIGHT_FILES for f in path.glob(pattern)})
     if not files:
         raise UserError(f"{path}: no weights (model.safetensors or pytorch_model.bin)")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return config_hash([(f.name, file_hash(f)) for f in files])
 
 
 def load_checkpoint(name_or_path: str, device: str = "cpu", dtype: str = "float32",
@@ -99,8 +93,10 @@ def load_checkpoint(name_or_path: str, device: str = "cpu", dtype: str = "float3
         raise UserError(f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)} expected)")
     w_hash = weights_hash(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # tokenizers fail in many ways on a damaged or partial set of files
@@ -116,12 +112,13 @@ def load_checkpoint(name_or_path: str, device: str = "cpu", dtype: str = "float3
         raise UserError(f"{path}: cannot load the checkpoint ({first_line(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     family = str(hf_config.get("model_type") or architecture).lower().replace("_", "")
-    config_digest = hashlib.sha256(json.dumps(hf_config, sort_keys=True).encode()).hexdigest()
-    model_id = f"{family}-{hashlib.sha256((w_hash + config_digest).encode()).hexdigest()[:12]}"
+    model_id = f"{family}-{config_hash([w_hash, hf_config])}"
     config = {"architecture": architecture, "hf_config": hf_config, "dtype": dtype,
               "tl_config": {k: v for k, v in model.cfg.to_dict().items() if jsonable(v)}}
     return ModelHandle(model, model_id, path.name if path.name not in ("", ".") else family, str(path.resolve()),
