@@ -356,6 +356,8 @@ def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, m
         raise UserError("--task names zoo tasks; with --model give --task-file")
     if model_name is not None and not dictionary_set and not neurons:
         raise UserError("--model needs --dictionaries DIR (or --neurons)")
+    if neurons and dictionary_set:
+        raise UserError("--neurons and --dictionaries: give one (neurons are what --fill puts where a set has none)")
     params = _params(params)
     tasks = [load_task_file(f) for f in task_files]  # validate files before any heavy work
     cat = catalog.init(path)

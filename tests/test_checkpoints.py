@@ -159,6 +159,7 @@ def test_what_cannot_be_used_is_refused_in_one_line(disk, tmp_path):
         (["--model", str(alien), "--neurons"], "FooForCausalLM cannot be converted by TransformerLens"),
         (["--model", str(tmp_path / "nowhere"), "--neurons"], "no TransformerLens model of that name"),
         (["--model", str(disk / "gpt2")], "--model needs --dictionaries"),
+        (["--model", str(disk / "gpt2"), "--neurons", "--dictionaries", str(disk / "sfc")], "give one"),
     ]
     for args, message in cases:
         r = run_cli("discover", *args, "--task-file", task, "--no-eval", catalog=path)
