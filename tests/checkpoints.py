@@ -110,3 +110,30 @@ def write_saelens_set(root: Path, hooks: dict[str, str], d: int = D_MODEL, d_sae
                 getattr(sae, name).copy_(value)
         save_dictionary(sae, root / folder)
     return root
+
+
+def random_local_dictionaries(model, d_sae: int, seed: int = 0, active: float = 0.3) -> tuple[dict, dict]:
+    """Random MLP transcoders and attention-output SAEs for every layer of a model (the local
+    replacement model's dictionaries), with encoder biases set so that about `active` of the
+    features fire: ({layer: transcoder}, {layer: attention SAE})."""
+    from compute.dictionaries.kinds import SAE, TrainedDictionary, Transcoder
+    from schema.sites import site, transcoder_site
+
+    g = torch.Generator().manual_seed(seed)
+    d = model.cfg.d_model
+
+    def randomised(sae):
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=g) / d ** 0.5)
+            sae.W_dec.copy_(torch.randn(sae.W_dec.shape, generator=g) / d ** 0.5)
+            sae.b_dec.copy_(0.1 * torch.randn(sae.b_dec.shape, generator=g))
+            # pre-activations are about N(0, |x|^2 / d): shift them so that a fraction `active` is positive
+            sae.b_enc.fill_(-torch.distributions.Normal(0, 1).icdf(torch.tensor(1 - active)).item() * 0.5)
+        return sae
+
+    transcoders = {i: TrainedDictionary(transcoder_site(i), randomised(Transcoder(
+        d, d_sae, transcoder_site(i).reads, "random", d_out=d, hook_name_out=transcoder_site(i).hook_out)), None, {})
+        for i in range(model.cfg.n_layers)}
+    attention = {i: TrainedDictionary(site("attn", i), randomised(SAE(d, d_sae, site("attn", i).hook_out, "random")),
+                                      None, {}) for i in range(model.cfg.n_layers)}
+    return transcoders, attention

@@ -1,0 +1,240 @@
+"""Local circuits: the frozen replacement model, direct and hierarchical attribution, OV and QK edges.
+
+Every check compares with an independent reference: the model's own logits and attention scores,
+the target evaluated with every node at 0 (the bias), a recursion over the direct-contribution
+matrix for hierarchical attribution, per-target backward passes, and a two-layer model whose
+weights and expected values are written here by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from checkpoints import random_local_dictionaries
+
+from catalog.errors import UserError
+from compute.local.attribution import DIRECT, attribute, feature_target, logit_target
+from compute.local.qk import BIAS, qk
+from compute.local.replacement import EMBED, Node, Replacement
+
+PROMPT = "the dogs near the cat run"
+
+
+@pytest.fixture(scope="module")
+def rep(zoo):
+    transcoders, attention = random_local_dictionaries(zoo.model, d_sae=96, seed=0)
+    return Replacement(zoo.model, transcoders, attention, zoo.model.to_tokens(PROMPT))
+
+
+def _targets(rep, per_site: int = 4):
+    """Some active features of every site (spread over positions) and a logit difference."""
+    found = []
+    for name in rep.order:
+        active = rep.active[name]
+        for i in torch.linspace(0, len(active) - 1, per_site).long().tolist():
+            found.append(feature_target(rep, name, int(active[i, 1]), int(active[i, 0])))
+    return found + [logit_target(rep, 5, minus=7)]
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_the_replacement_model_reproduces_the_model(rep):
+    t = rep.trace(2)
+    assert _rel(t.logits[1:], rep.logits) <= 1e-4
+    assert len(rep.nodes) == rep.n_pos + sum(len(a) + rep.n_pos for a in rep.active.values())
+    assert all(len(rep.active[n]) > rep.n_pos for n in rep.order)  # the random dictionaries are not idle
+
+
+def test_direct_contributions_sum_to_the_target(rep):
+    targets = _targets(rep)
+    a = attribute(rep, targets)
+    recon = a.scores.sum(1) + a.bias
+    assert ((recon - a.values).abs() / a.values.abs().clamp_min(1e-3)).max() <= 1e-4
+    # the bias is not a leftover: it is what the target is with every node at 0, and it is not 0
+    assert a.bias.abs().min() > 1e-3
+    # nothing downstream of a target, and nothing at another position for an MLP feature, contributes
+    for row, tg in enumerate(targets):
+        downstream = [i for i, n in enumerate(rep.nodes) if n.site != EMBED and
+                      rep.order.index(n.site) >= rep.order.index(tg.site if tg.site != "logit" else rep.order[-1]) + 1]
+        assert a.scores[row, downstream].abs().max() == 0 if downstream else True
+        if tg.site.startswith("mlp"):
+            elsewhere = [i for i, n in enumerate(rep.nodes) if n.position != tg.position]
+            assert a.scores[row, elsewhere].abs().max() == 0
+
+
+def test_ov_edges_split_attention_contributions_per_head(rep):
+    targets = [t for t in _targets(rep) if t.site.startswith("attn")]
+    a = attribute(rep, targets, ov=True)
+    # per node, the heads add up to its direct contribution; over nodes and heads, to the target less its bias
+    assert _rel(a.ov.sum(-1), a.scores) <= 1e-4
+    assert ((a.ov.sum((1, 2)) + a.bias - a.values).abs() / a.values.abs()).max() <= 1e-4
+    # a node sends into the target through each head by that head's attention to the node's position
+    tg = next(t for t in targets if t.site == "attn_1" and t.position > 2)
+    row = targets.index(tg)
+    pattern = rep.frozen["blocks.1.attn.hook_pattern"][0]
+    for h in range(rep.model.cfg.n_heads):
+        for s in range(tg.position + 1, rep.n_pos):  # positions the target cannot see
+            cols = [i for i, n in enumerate(rep.nodes) if n.position == s]
+            assert a.ov[row, cols, h].abs().max() == 0 and pattern[h, tg.position, s] == 0
+    assert (a.ov[row].abs().sum(0) > 0).sum() >= 2  # more than one head carries something
+
+
+@pytest.mark.parametrize("layer,head,query,key", [(0, 0, 5, 2), (1, 2, -1, 3), (1, 3, 4, 4), (1, 1, 6, 0)])
+def test_qk_pairs_sum_to_the_attention_score(rep, layer, head, query, key):
+    q = qk(rep, layer, head, query, key)
+    assert abs(q.pairs.sum().item() - q.score) <= 1e-4 * max(1.0, abs(q.score))
+    assert q.query_nodes[-1] == BIAS and q.key_nodes[-1] == BIAS
+    assert {n.position for n in q.query_nodes[:-1]} == {q.query} and {n.position for n in q.key_nodes[:-1]} == {q.key}
+    assert torch.allclose(q.query_marginals.sum(), q.pairs.sum())
+    assert len(q.query_nodes) > 5 if layer else len(q.query_nodes) == 2  # layer 0 reads only the embedding
+
+
+def _hierarchical_reference(rep, tg, threshold):
+    """Hierarchical attribution from direct contributions alone: a feature v's attribution divides
+    into what reaches it (direct[v, u] / a_v per unit of v) and flows on only if |attribution(v)|
+    reaches the threshold; nodes are visited from the top of the stream down."""
+    rows = [i for i, n in enumerate(rep.nodes) if n.site != EMBED and not n.is_error]
+    feature_targets = [feature_target(rep, rep.nodes[i].site, rep.nodes[i].feature, rep.nodes[i].position)
+                       for i in rows]
+    direct = attribute(rep, feature_targets + [tg], batch_size=64).scores  # [features + 1, nodes]
+    total = direct[-1].clone()
+    for r in reversed(range(len(rows))):  # nodes are in stream order: every v's upstream comes before it
+        v = rows[r]
+        if abs(total[v]) >= threshold and total[v] != 0:
+            value = rep.values[rep.nodes[v].site][rep.nodes[v].position, rep.nodes[v].feature]
+            total += total[v] / value * direct[r] * (torch.arange(len(rep.nodes)) < v)
+    return total
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, DIRECT])
+def test_hierarchical_attribution_matches_the_recursion_over_direct_contributions(rep, threshold):
+    tg = next(t for t in _targets(rep) if t.site == "mlp_1")
+    got = attribute(rep, [tg], threshold=threshold).scores[0]
+    want = _hierarchical_reference(rep, tg, threshold)
+    assert _rel(got, want) <= 1e-4
+
+
+def test_threshold_zero_and_infinity_bracket_the_pruned_attribution(rep):
+    tg = next(t for t in _targets(rep) if t.site == "attn_1")
+    direct = attribute(rep, [tg]).scores[0]
+    total = attribute(rep, [tg], threshold=0.0).scores[0]
+    threshold = total[total != 0].abs().quantile(0.9).item()  # keeps a tenth of the nodes
+    pruned = attribute(rep, [tg], threshold=threshold).scores[0]
+    assert not torch.allclose(direct, total)  # paths through upstream features matter on this prompt
+    assert torch.allclose(attribute(rep, [tg], threshold=1e9).scores[0], direct)
+    assert 0 < (pruned != total).sum() and 0 < (pruned != direct).sum()
+
+
+def test_batched_targets_give_the_same_attributions_as_one_backward_each(rep):
+    targets = _targets(rep, per_site=6)
+    for threshold in (DIRECT, 0.05):
+        batched = attribute(rep, targets, threshold=threshold, batch_size=8).scores
+        one = torch.cat([attribute(rep, [t], threshold=threshold, batch_size=1).scores for t in targets])
+        assert ((batched - one).abs().max() / one.abs().max()).item() <= 1e-5
+
+
+def hand_model():
+    """Two layers, d_model 2, one head, no LayerNorm, tokens e0 and e1. Layer 0's head attends
+    uniformly (W_Q = W_K = 0) and copies (W_V = W_O = I); layer 0's MLP is relu(x) @ [[2, 0], [0, 0]];
+    layer 1's attention writes nothing. Its dictionaries are exact: the attention SAE is the identity
+    with ReLU, the transcoder is the MLP itself; layer 1's transcoder has feature 0 reading (1, 2)
+    with b_enc 0.1."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from compute.dictionaries.kinds import SAE, TrainedDictionary, Transcoder
+    from schema.sites import Site, site
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=2, n_heads=1, d_head=2, d_mlp=2, n_ctx=4, d_vocab=2,
+                                  act_fn="relu", normalization_type=None, positional_embedding_type="standard")
+    model = HookedTransformer(cfg)
+    eye, dec = torch.eye(2), torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.W_E.copy_(eye)
+        model.W_U.copy_(eye)
+        model.blocks[0].attn.W_V.copy_(eye[None])
+        model.blocks[0].attn.W_O.copy_(eye[None])
+        model.blocks[0].mlp.W_in.copy_(eye)
+        model.blocks[0].mlp.W_out.copy_(dec)
+
+    def dictionary(cls, layer, w_enc, w_dec, b_enc, hook_in, hook_out):
+        kw = {"d_out": 2, "hook_name_out": hook_out} if cls is Transcoder else {}
+        d = cls(2, 2, hook_in, "hand", **kw)
+        with torch.no_grad():
+            d.W_enc.copy_(w_enc), d.W_dec.copy_(w_dec), d.b_enc.copy_(b_enc), d.b_dec.zero_()
+        component = "mlp" if cls is Transcoder else "attn"
+        at = Site(component, layer, hook_out, hook_in if hook_in != hook_out else "")
+        return TrainedDictionary(at if cls is Transcoder else site("attn", layer), d, None, {})
+
+    attention = {i: dictionary(SAE, i, eye, eye, torch.zeros(2), f"blocks.{i}.hook_attn_out",
+                               f"blocks.{i}.hook_attn_out") for i in (0, 1)}
+    transcoders = {0: dictionary(Transcoder, 0, eye, dec, torch.zeros(2), "blocks.0.hook_resid_mid",
+                                 "blocks.0.hook_mlp_out"),
+                   1: dictionary(Transcoder, 1, torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.zeros(2, 2),
+                                 torch.tensor([0.1, 0.0]), "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out")}
+    return Replacement(model, transcoders, attention, torch.tensor([[0, 1]]))
+
+
+def test_a_hand_computed_two_layer_example():
+    rep = hand_model()
+    target = feature_target(rep, "mlp_1", 0, 1)  # stream at position 1: (1.5, 1.5), so pre = 1.5 + 3 + 0.1
+    by_name = lambda a: {n: round(float(a[0, rep.index[n]]), 5) for n in wanted}  # noqa: E731
+    wanted = [Node(EMBED, 0, 0), Node(EMBED, 0, 1), Node("attn_0", 0, 1), Node("attn_0", 1, 1), Node("mlp_0", 0, 1),
+              Node("mlp_0", 1, 1)]
+    direct = attribute(rep, [target])
+    assert direct.values.tolist() == pytest.approx([4.6]) and direct.bias.tolist() == pytest.approx([0.1])
+    assert list(by_name(direct.scores).values()) == [0.0, 2.0, 0.5, 1.0, 1.0, 0.0]
+    # every path: attn_0/0 also reaches the target through mlp_0/0 (x2 per unit, 0.5 of it): 0.5 + 1.0;
+    # the embeddings through attention (pattern 0.5 each) and the attention features
+    total = attribute(rep, [target], threshold=0.0)
+    assert list(by_name(total.scores).values()) == [1.5, 3.0, 1.5, 1.0, 1.0, 0.0]
+    # threshold 1.1 detaches mlp_0/0 (1.0), then attn_0/0 (0.5 without it) and attn_0/1 (1.0)
+    pruned = attribute(rep, [target], threshold=1.1)
+    assert list(by_name(pruned.scores).values()) == [0.0, 2.0, 0.5, 1.0, 1.0, 0.0]
+    # attn_0/0 at position 1 reads half of e0 through the one head: an OV edge from embed@0 of 0.5
+    ov = attribute(rep, [feature_target(rep, "attn_0", 0, 1)], ov=True)
+    assert ov.ov[0, rep.index[Node(EMBED, 0, 0)], 0].item() == pytest.approx(0.5)
+    assert ov.values.item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("family", ["neox", "llama"])
+def test_exact_on_rotary_checkpoints(tmp_path, family):
+    """Parallel attention with partial rotary (GPT-NeoX); RMSNorm, gated MLP and grouped-query
+    attention (Llama): direct contributions, OV edges and QK pairs are exact there too."""
+    from checkpoints import write_checkpoint
+
+    from compute.models.checkpoints import load_checkpoint
+
+    model = load_checkpoint(str(write_checkpoint(tmp_path / family, family)), progress=False).model
+    transcoders, attention = random_local_dictionaries(model, d_sae=64, seed=1)
+    r = Replacement(model, transcoders, attention, model.to_tokens("the cat near the dogs runs"))
+    targets = _targets(r, per_site=2)
+    a = attribute(r, targets, ov=True)
+    assert ((a.scores.sum(1) + a.bias - a.values).abs() / a.values.abs().clamp_min(1e-3)).max() <= 1e-4
+    attn = [i for i, t in enumerate(targets) if t.site.startswith("attn")]
+    assert _rel(a.ov[attn].sum(-1), a.scores[attn]) <= 1e-4
+    for head in range(model.cfg.n_heads):
+        q = qk(r, 1, head, -1, 2)
+        assert abs(q.pairs.sum().item() - q.score) <= 1e-4 * max(1.0, abs(q.score))
+
+
+def test_refuses_what_it_cannot_make_linear(zoo):
+    transcoders, attention = random_local_dictionaries(zoo.model, d_sae=32, seed=0)
+    tokens = zoo.model.to_tokens(PROMPT)
+    with pytest.raises(UserError, match="missing: mlp_1"):
+        Replacement(zoo.model, {0: transcoders[0]}, attention, tokens)
+    with pytest.raises(UserError, match="not an MLP transcoder"):
+        Replacement(zoo.model, {0: transcoders[0], 1: attention[1]}, attention, tokens)
+    r = Replacement(zoo.model, transcoders, attention, tokens)
+    with pytest.raises(UserError, match="features 0..31"):
+        feature_target(r, "mlp_0", 32, 1)
+    with pytest.raises(UserError, match="outside the prompt"):
+        logit_target(r, 3, position=40)
+    with pytest.raises(UserError, match="attends to keys"):
+        qk(r, 1, 0, 2, 4)
+    assert math.isinf(DIRECT)
