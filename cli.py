@@ -393,6 +393,132 @@ def _checkpoint_and_dictionaries(model_name: str, device: str, dtype: str, dicti
     return handle, dicts
 
 
+def _local_options(f):
+    for opt in reversed([
+        ZOO,
+        click.option("--node-budget", default=48, show_default=True, type=POSITIVE,
+                     help="nodes kept (features, error terms, embeddings), by influence on the root"),
+        click.option("--edge-budget", default=256, show_default=True, type=POSITIVE,
+                     help="edges kept, by how much of the root flows along them"),
+        click.option("--threshold", default=0.0, show_default=True, type=THRESHOLD,
+                     help="hierarchical attribution: features whose attribution is under it pass nothing upstream "
+                          "(0: every path counts)"),
+        click.option("--qk-scores", default=4, show_default=True, type=click.IntRange(min=0),
+                     help="attention scores (the strongest head moves) decomposed into query x key pairs"),
+        FORMAT,
+    ]):
+        f = opt(f)
+    return f
+
+
+def _graph_params(node_budget: int, edge_budget: int, threshold: float, qk_scores: int):
+    from compute.local.graph import GraphParams
+
+    return GraphParams(node_budget=node_budget, edge_budget=edge_budget, threshold=threshold, qk_scores=qk_scores)
+
+
+def _zoo_local(zoo_name: str):
+    """The zoo (a handle) and its local replacement dictionaries: transcoders and attention SAEs."""
+    from compute.jobs.local import zoo_local_set
+
+    zoo, _, _ = _zoo_and_dictionaries(zoo_name)
+    click.echo("MLP transcoders and attention SAEs (trained on first use, then cached) ...", err=True)
+    return zoo, *zoo_local_set(zoo)
+
+
+@main.command()
+@click.option("--prompt", help="the prompt whose graph is computed")
+@click.option("--task", "task_name", help="instead of --prompt: a zoo task, the mean of its prompts' graphs")
+@click.option("--examples", "n_examples", default=8, show_default=True, type=POSITIVE,
+              help="with --task: train examples used")
+@click.option("--target", help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION; "
+                                "default the model's top next token")
+@_local_options
+@click.pass_obj
+def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples: int, target: str | None,
+              zoo_name: str, fmt: str, **options):
+    """Attribution graph of a prompt (or a task) in the local replacement model, committed as a circuit."""
+    import catalog
+    from compute.jobs.local import prompt_job, task_job
+
+    if (prompt is None) == (task_name is None):
+        raise UserError("give either --prompt or --task")
+    if task_name is not None and target is not None:
+        raise UserError("--target goes with --prompt (a task's root is each example's answer logit difference)")
+    params = _graph_params(**options)
+    cat = catalog.init(path)
+    zoo, transcoders, attention = _zoo_local(zoo_name)
+    if task_name is not None:
+        if task_name not in zoo.tasks:
+            raise UserError(f"unknown task {task_name!r}; zoo tasks: {', '.join(sorted(zoo.tasks))}")
+        circuit_id, graphs = task_job(cat, zoo.handle, transcoders, attention, zoo.tasks[task_name], n_examples, params)
+    else:
+        circuit_id, g = prompt_job(cat, zoo.handle, transcoders, attention, prompt, target, params)
+        graphs = [g]
+    kept = cat.sql("SELECT count(*) AS n FROM edges WHERE circuit_id = ? AND kind = 'attribution'", [circuit_id])
+    click.echo(f"circuit {circuit_id}: {len(graphs)} prompt(s), root {graphs[0].root.site} "
+               f"{sum(g.root_value for g in graphs) / len(graphs):+.3f} (mean), {int(kept.n[0])} edges", err=True)
+    _output(_local_nodes(cat, circuit_id), fmt)
+
+
+def _local_nodes(cat, circuit_id: str):
+    """A local circuit's nodes, strongest first, each with the token at its position (first example)."""
+    from catalog.graph import first_example, node_name
+
+    nodes = cat.sql("SELECT * FROM nodes WHERE circuit_id = ? AND in_circuit AND component <> 'metric' "
+                    "ORDER BY abs(effect) DESC", [circuit_id])
+    tokens, _ = first_example(cat, cat.sql("SELECT task_id FROM circuits WHERE circuit_id = ?", [circuit_id]).task_id[0])
+    return nodes.assign(node=[node_name(r) for r in nodes.itertuples()],
+                        token=[tokens[int(p)] if p == p and int(p) < len(tokens) else "" for p in nodes.position]
+                        )[["node_idx", "node", "token", "effect"]]
+
+
+@main.command()
+@click.argument("site_name", metavar="SITE")
+@click.argument("feature", type=click.IntRange(min=0))
+@click.option("--prompt", required=True, help="the prompt on which the feature fires")
+@click.option("--position", type=int, default=-1, show_default=True, help="token position (negative: from the end)")
+@_local_options
+@click.pass_obj
+def explain(path: Path, site_name: str, feature: int, prompt: str, position: int, zoo_name: str, fmt: str,
+            **options):
+    """Why a feature fires here: its local circuit (SITE is attn_LAYER or mlp_LAYER), committed as a circuit."""
+    import pandas as pd
+
+    import catalog
+    from compute.jobs.local import prompt_job
+    from compute.local.attribution import node_label
+
+    params = _graph_params(**options)
+    cat = catalog.init(path)
+    zoo, transcoders, attention = _zoo_local(zoo_name)
+    circuit_id, g = prompt_job(cat, zoo.handle, transcoders, attention, prompt, f"{site_name}/{feature}@{position}",
+                               params)
+    rep = g.rep
+    click.echo(f"circuit {circuit_id}: {node_label(rep, g.root_node)} has pre-activation {g.root_value:+.3f} "
+               f"(value {float(rep.values[g.root.site][g.root.position, g.root.feature]):.3f})", err=True)
+    into = {src: w for src, dst, w in g.edges if dst == g.root_node}
+    heads: dict[int, list] = {}
+    for src, dst, head, w in g.ov:
+        if dst == g.root_node:
+            heads.setdefault(src, []).append((abs(w), head, w))
+    layer, tokens = g.root.component_layer[1], rep.model.to_str_tokens(rep.tokens[0])
+    rows = [{"node": node_label(rep, i), "token": tokens[rep.nodes[i].position], "direct": into.get(i, 0.0),
+             "influence": float(g.influence[i]),
+             "top_head": (f"{layer}.{max(heads[i])[1]} ({max(heads[i])[2]:+.3f})" if i in heads else "")}
+            for i in g.kept]
+    rows.sort(key=lambda r: -abs(r["direct"]))
+    _output(pd.DataFrame(rows), fmt)
+    if fmt == "table":
+        for _, q in g.qk:
+            click.echo(f"\nhead {q.layer}.{q.head} attends from {q.query} to {q.key}: score {q.score:+.3f}")
+            top_q = sorted(zip(q.query_nodes, q.query_marginals.tolist(), strict=True), key=lambda t: -abs(t[1]))[:3]
+            top_k = sorted(zip(q.key_nodes, q.key_marginals.tolist(), strict=True), key=lambda t: -abs(t[1]))[:3]
+            label = lambda n: "bias" if n.site == "bias" else node_label(rep, rep.index[n])  # noqa: E731
+            click.echo("  query side: " + ", ".join(f"{label(n)} {m:+.3f}" for n, m in top_q))
+            click.echo("  key side:   " + ", ".join(f"{label(n)} {m:+.3f}" for n, m in top_k))
+
+
 def _params(options: dict):
     from compute.attribution.discovery import FULL_EVALUATION, DiscoveryParams
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import pandas as pd
 
 from catalog.errors import UserError
@@ -18,6 +19,7 @@ from catalog.store import Catalog
 from schema.sites import METRIC, site_name, stream_index
 
 DIRECTIONS = ("ancestors", "descendants")
+QK_KINDS = ("qk", "qk_query", "qk_key")  # a local circuit's attention-score decompositions
 EXPORTS = ("circuit-tracer", "graphml")
 
 NODES_SQL = """
@@ -119,7 +121,8 @@ def to_networkx(cat: Catalog, circuit_id: str, nodes: list[int] | None = None,
     for r in df.to_dict("records"):
         attrs = {k: _plain(v) for k, v in r.items() if k not in ("circuit_id", "node_idx") and not _missing(v)}
         g.add_node(int(r["node_idx"]), name=node_name(pd.Series(r)), **attrs)
-    edges = cat.sql("SELECT src_idx, dst_idx, kind, weight FROM edges WHERE circuit_id = ?", [circuit_id])
+    edges = cat.sql("SELECT src_idx, dst_idx, kind, weight FROM edges WHERE circuit_id = ? AND kind = 'attribution'",
+                    [circuit_id])  # the graph's edges (a local circuit's ov and qk rows annotate them)
     keep = set(g.nodes)
     for s, d, kind, w in edges.itertuples(index=False):
         if s in keep and d in keep:
@@ -147,7 +150,11 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
     then attn, mlp, resid of each block), the metric is the target logit node, and an
     aggregated node sits at the last prompt position."""
     row = check_circuit(cat, circuit_id)
-    nodes = circuit_nodes(cat, circuit_id)
+    edges = cat.sql("SELECT * FROM edges WHERE circuit_id = ?", [circuit_id])
+    qk = edges[edges.kind.isin(QK_KINDS)]
+    nodes = circuit_nodes(cat, circuit_id, in_circuit_only=False)
+    wanted = set(qk.src_idx) | set(qk.dst_idx)
+    nodes = nodes[nodes.in_circuit | nodes.node_idx.isin(wanted)]
     tokens, prompt = first_example(cat, row.task_id)
     last = max(len(tokens) - 1, 0)
     n_layers = int(nodes.layer.max()) if len(nodes) else 0
@@ -157,6 +164,8 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
         layer = str(stream_index(r.component, r.layer, n_layers))
         if r.component == METRIC:
             feature, ftype = -1, "logit"
+        elif r.component == "embed" and pd.isna(r.dictionary_id):  # a local circuit's token embedding
+            feature, ftype = int(r.feature_idx), "embedding"
         else:
             feature = -1 if r.is_error else int(r.feature_idx)
             ftype = f"{r.component} reconstruction error" if r.is_error else "sparse autoencoder feature"
@@ -167,10 +176,15 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
             "token_prob": 0.0, "is_target_logit": r.component == METRIC, "run_idx": 0,
             "reverse_ctx_idx": last - pos, "jsNodeId": f"{layer}_{feature}-{pos}",
             "clerp": (r.label if isinstance(r.label, str) and r.label else node_name(r)),
-            "influence": float(abs(r.effect)), "activation": None})
-    edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ?", [circuit_id])
+            "influence": float(abs(r.effect)), "activation": None, "is_from_qk_tracing": not r.in_circuit})
+    for idx, node in zip(ids, out_nodes, strict=True):  # Neuronpedia's fields for an attention feature whose
+        results = _qk_results(qk, ids, idx)  # score was decomposed
+        if results:
+            node["qk_tracing_results"] = results
+    attribution = edges[edges.kind == "attribution"]
     links = [{"source": ids[s], "target": ids[d], "weight": float(w)}
-             for s, d, w in edges.itertuples(index=False) if s in ids and d in ids]
+             for s, d, w in attribution[["src_idx", "dst_idx", "weight"]].itertuples(index=False)
+             if s in ids and d in ids]
     dicts = sorted(nodes.dictionary_id.dropna().unique().tolist())
     return {
         "metadata": {"slug": f"{row.task_id}-{circuit_id}", "scan": row.model_id, "transcoder_list": dicts,
@@ -182,6 +196,27 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
         "nodes": out_nodes,
         "links": links,
     }
+
+
+def _qk_results(qk: pd.DataFrame, ids: dict[int, str], node: int) -> dict | None:
+    """Neuronpedia's qk_tracing_results of an attention feature: the query x key pairs and each
+    side's marginal contributors of the scores decomposed for it, strongest first."""
+    mine = qk[(qk.dst_idx == node) & qk.kind.isin(("qk_query", "qk_key"))]  # pairs end at query-side nodes
+    if mine.empty:
+        return None
+    query = mine[mine.kind == "qk_query"].sort_values("weight", key=abs, ascending=False)
+    key = mine[mine.kind == "qk_key"].sort_values("weight", key=abs, ascending=False)
+    scores = set(zip(query.head_layer, query["head"], query.key_position, strict=True))
+    in_scores = [s in scores for s in zip(qk.head_layer, qk["head"], qk.key_position, strict=True)]
+    pairs = qk[(qk.kind == "qk").to_numpy() & np.array(in_scores, dtype=bool)]
+    pairs = pairs[pairs.dst_idx.isin(set(query.src_idx))].sort_values("weight", key=abs, ascending=False)
+    return {"pair_wise_contributors": [[ids[q], ids[k], float(w)] for k, q, w in
+                                       pairs[["src_idx", "dst_idx", "weight"]].itertuples(index=False)
+                                       if q in ids and k in ids],
+            "top_q_marginal_contributors": [[ids[i], float(w)] for i, w in query[["src_idx", "weight"]].itertuples(
+                index=False) if i in ids],
+            "top_k_marginal_contributors": [[ids[i], float(w)] for i, w in key[["src_idx", "weight"]].itertuples(
+                index=False) if i in ids]}
 
 
 def write_circuit_tracer_json(cat: Catalog, circuit_id: str, out: Path) -> Path:

@@ -142,11 +142,11 @@ kb AS (SELECT nb.node_idx, na.node_idx IS NULL AS only_b,
        FROM nb LEFT JOIN na USING ({_KEY_COLUMNS})),
 ea AS (SELECT src_idx AS src_kid, dst_idx AS dst_kid, kind, src_idx, dst_idx, weight,
               rank() OVER (ORDER BY abs(weight) DESC) AS rank
-       FROM edges WHERE circuit_id = a),
+       FROM edges WHERE circuit_id = a AND kind = 'attribution'),
 eb AS (SELECT s.kid AS src_kid, d.kid AS dst_kid, e.kind, e.src_idx, e.dst_idx, e.weight,
               rank() OVER (ORDER BY abs(e.weight) DESC) AS rank
        FROM edges e JOIN kb s ON s.node_idx = e.src_idx JOIN kb d ON d.node_idx = e.dst_idx
-       WHERE e.circuit_id = b),
+       WHERE e.circuit_id = b AND e.kind = 'attribution'),
 j AS (SELECT src_kid, dst_kid, kind, ea.src_idx AS src_a, ea.dst_idx AS dst_a, eb.src_idx AS src_b,
              eb.dst_idx AS dst_b, ea.weight AS weight_a, eb.weight AS weight_b, ea.rank AS rank_a, eb.rank AS rank_b
       FROM ea FULL JOIN eb USING (src_kid, dst_kid, kind))"""
@@ -184,7 +184,7 @@ ORDER BY element DESC, status
 # overwrites a rank's row when a better path arrives), and only changed rows form the next
 # frontier. Candidates are deduplicated by path each step.
 _CIRCUIT_PATHS = """
-WITH RECURSIVE g AS (SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = cid),
+WITH RECURSIVE g AS (SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = cid AND kind = 'attribution'),
 p(node_idx, rank, strength, path) USING KEY (node_idx, rank) AS (
   SELECT node_idx, 1::BIGINT, 1.0::DOUBLE, [node_idx]
   FROM nodes WHERE circuit_id = cid AND component = 'embed' AND node_idx IN (SELECT src_idx FROM g)
@@ -210,7 +210,7 @@ ORDER BY node_idx, rank
 # Nodes within `hops` edges of a node, each with its distance. Breadth first: every step
 # extends only the nodes reached for the first time (the frontier, deduplicated).
 _NEIGHBOURS = """
-WITH RECURSIVE g AS (SELECT src_idx, dst_idx FROM edges WHERE circuit_id = cid),
+WITH RECURSIVE g AS (SELECT src_idx, dst_idx FROM edges WHERE circuit_id = cid AND kind = 'attribution'),
 r(node_idx, hops) USING KEY (node_idx) AS (
   SELECT node::BIGINT, 0::BIGINT
   UNION

@@ -131,7 +131,8 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
                      "#444444" if r.component == METRIC else _effect_colour(r.effect, lim), bool(r.is_error),
                      _node_title(r, examples, f"  effect {r.effect:+.3f}")) for r in nodes.itertuples()]
     by_idx = {int(r.node_idx): _key(r) for r in nodes.itertuples()}
-    edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ?", [circuit_id])
+    edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ? AND kind = 'attribution'",
+                    [circuit_id])
     edges = edges[edges.src_idx.isin(by_idx.keys()) & edges.dst_idx.isin(by_idx.keys())]
     wmax = float(edges.weight.abs().max()) if len(edges) else 1.0
     names = {int(r.node_idx): node_name(r) for r in nodes.itertuples()}

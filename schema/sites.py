@@ -97,6 +97,22 @@ def block_input(layer: int) -> str:
     return _RESID_PRE.format(layer=layer)
 
 
+def attention_hook(layer: int, what: str) -> str:
+    """A hook inside block `layer`'s attention: pattern, z (each head's mixed values) or attn_scores."""
+    return f"blocks.{layer}.attn.hook_{what}"
+
+
+def ln_scale_hook(layer: int, norm: str = "ln1") -> str:
+    """The scale (the divisor) of block `layer`'s LayerNorm before attention (ln1) or the MLP (ln2)."""
+    return f"blocks.{layer}.{norm}.hook_scale"
+
+
+def is_frozen_by_local_circuits(hook: str) -> bool:
+    """Whether a local replacement model freezes this hook's value: every LayerNorm scale (the final
+    one included) and every attention pattern."""
+    return hook.endswith(".hook_scale") or hook.endswith(".attn.hook_pattern")
+
+
 def enters_block(hook: str, layer: int) -> bool:
     """Whether a hook's value is the residual stream entering block `layer` (that block's
     resid_pre, or the previous block's resid_post)."""

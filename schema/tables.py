@@ -18,10 +18,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 8  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
+SCHEMA_VERSION = 9  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
 # 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note;
 # 6: circuits.ig_rule, predictions; 7: parameter_benchmarks (and dictionaries of kind parameter);
-# 8: planted, planted_models (ground truth), evaluations of kind <level>_<precision|recall|auroc>
+# 8: planted, planted_models (ground truth), evaluations of kind <level>_<precision|recall|auroc>;
+# 9: edges.head_layer, head, key_position (local circuits' OV and QK edges)
 
 metadata = MetaData()
 
@@ -149,8 +150,19 @@ edges = Table(
     Column("circuit_id", String, primary_key=True, comment='circuit of the edge'),
     Column("src_idx", Integer, primary_key=True, comment='upstream node (nodes.node_idx)'),
     Column("dst_idx", Integer, primary_key=True, comment='downstream node (nodes.node_idx)'),
-    Column("kind", String, primary_key=True, comment="attribution, ov or qk"),
-    Column("weight", Double, comment='effect of src on the metric through dst, mean over examples'),
+    Column("kind", String, primary_key=True,
+           comment="attribution; for local circuits also ov (through one head), qk (a pair's part of an attention "
+                   "score), qk_query and qk_key (one side's part)"),
+    Column("weight", Double, comment="attribution: effect of src on the metric through dst, mean over examples "
+                                     "(local circuits: src's direct contribution to dst's pre-activation, or to the "
+                                     "root); ov: the part of it through `head`; qk: the part of head's attention "
+                                     "score from dst's position to key_position due to the pair (src on the key "
+                                     "side, dst on the query side); qk_query, qk_key: src's part on one side of the "
+                                     "score that attention feature dst reads through the head"),
+    Column("head_layer", Integer, comment="ov and qk edges: the layer of the attention head (NULL otherwise)"),
+    Column("head", Integer, comment="ov and qk edges: the attention head within head_layer"),
+    Column("key_position", Integer, comment="qk edges: the key position of the decomposed score (the query "
+                                            "position is dst's)"),
 )
 
 activations = Table(

@@ -18,6 +18,7 @@ from catalog.errors import UserError
 from compute.local.attribution import DIRECT, attribute, feature_target, logit_target
 from compute.local.qk import BIAS, qk
 from compute.local.replacement import EMBED, Node, Replacement
+from schema.sites import attention_hook
 
 PROMPT = "the dogs near the cat run"
 
@@ -75,7 +76,7 @@ def test_ov_edges_split_attention_contributions_per_head(rep):
     # a node sends into the target through each head by that head's attention to the node's position
     tg = next(t for t in targets if t.site == "attn_1" and t.position > 2)
     row = targets.index(tg)
-    pattern = rep.frozen["blocks.1.attn.hook_pattern"][0]
+    pattern = rep.frozen[attention_hook(1, "pattern")][0]
     for h in range(rep.model.cfg.n_heads):
         for s in range(tg.position + 1, rep.n_pos):  # positions the target cannot see
             cols = [i for i, n in enumerate(rep.nodes) if n.position == s]

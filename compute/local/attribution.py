@@ -29,6 +29,7 @@ import torch
 
 from catalog.errors import UserError
 from compute.local.replacement import EMBED, Replacement, Trace
+from schema.sites import attention_hook
 
 DIRECT = math.inf  # the threshold of direct contributions: every feature detached
 
@@ -43,11 +44,12 @@ class Target:
     position: int
     minus: int | None = None
 
-    def value(self, t: Trace, row: int) -> torch.Tensor:
+    def value(self, rep: Replacement, t: Trace, row: int) -> torch.Tensor:
+        """The target's value in row `row` of a trace."""
         if self.site == "logit":
             v = t.logits[row, self.position, self.feature]
             return v if self.minus is None else v - t.logits[row, self.position, self.minus]
-        return t.pre[self.site][row, self.position, self.feature]
+        return rep.pre_activation(self.site, t.inputs[self.site][row, self.position], self.feature)
 
     @property
     def component_layer(self) -> tuple[str, int]:
@@ -94,18 +96,44 @@ class Attribution:
 def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT, batch_size: int = 32,
               ov: bool = False, progress: bool = False) -> Attribution:
     """Attribute each target to every node (direct contributions by default; a finite threshold
-    gives hierarchical attribution), `batch_size` targets per backward pass. With `ov`, direct
-    contributions into attention features are also split per head."""
+    gives hierarchical attribution), `batch_size` targets per backward pass over one shared trace.
+    With `ov`, direct contributions into attention features are also split per head."""
     from tqdm.auto import tqdm
 
-    if ov and threshold != DIRECT:
+    direct = threshold == DIRECT
+    if ov and not direct:
         raise ValueError("OV edges are direct contributions: use threshold=DIRECT")
-    n_heads = rep.model.cfg.n_heads
     scores = torch.zeros(len(targets), len(rep.nodes))
-    per_head = torch.zeros(len(targets), len(rep.nodes), n_heads) if ov else None
+    per_head = torch.zeros(len(targets), len(rep.nodes), rep.model.cfg.n_heads) if ov else None
     values = torch.zeros(len(targets))
     batch = min(batch_size, max(1, len(targets)))
     recorded: dict[str, torch.Tensor] = {}
+    t = rep.trace(batch, "direct") if direct else rep.trace(batch, "live", _gate(rep, threshold, recorded))
+    sites = t.outputs if direct else t.errors
+    leaves = [t.embed, *(sites[n] for n in rep.order)]
+    z_layers = sorted(t.z) if ov else []
+    starts = range(0, len(targets), batch)
+    for start in tqdm(starts, desc="attributing", unit="batch", disable=not progress or len(starts) < 2):
+        chunk = targets[start:start + batch]
+        rows = slice(start, start + len(chunk))
+        recorded.clear()
+        value = torch.stack([tg.value(rep, t, row) for row, tg in enumerate(chunk)])
+        values[rows] = value.detach()
+        grads = torch.autograd.grad(value.sum(), leaves + [t.z[i] for i in z_layers], retain_graph=True,
+                                    allow_unused=True)
+        grads = [None if g is None else g[:len(chunk)] for g in grads]
+        scores[rows] = _node_scores(rep, grads[:len(leaves)], recorded, direct, len(chunk))
+        if ov:
+            z_grads = {i: torch.zeros_like(t.z[i][:len(chunk)]) if g is None else g
+                       for i, g in zip(z_layers, grads[len(leaves):], strict=True)}
+            per_head[rows] = _ov(rep, z_grads, chunk)
+    return Attribution(scores, values, _bias(rep, targets) if direct else None, per_head)
+
+
+def _gate(rep: Replacement, threshold: float, recorded: dict):
+    """The live trace's gate: a backward hook on each site's features that records their
+    attributions (gradient x value, per target row) and lets the gradient through only those
+    that reach `threshold` (all of them at threshold 0)."""
 
     def gate(name, f):
         value = rep.values[name].to(f.dtype)
@@ -120,36 +148,26 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
             f.register_hook(hook)
         return f
 
-    t = rep.trace(batch, gate)
-    leaves = [t.embed, *(t.errors[n] for n in rep.order)]
-    z_layers = sorted(t.z)
-    starts = range(0, len(targets), batch)
-    for start in tqdm(starts, desc="attributing", unit="batch", disable=not progress or len(starts) < 2):
-        chunk = targets[start:start + batch]
-        recorded.clear()
-        value = torch.stack([tg.value(t, row) for row, tg in enumerate(chunk)])
-        values[start:start + len(chunk)] = value.detach()
-        z_grads = [torch.zeros_like(t.z[i]) for i in z_layers]
-        wanted = leaves + ([t.z[i] for i in z_layers] if ov else [])
-        grads = torch.autograd.grad(value.sum(), wanted, retain_graph=True, allow_unused=True)
-        rows = slice(start, start + len(chunk))
-        scores[rows] = _node_scores(rep, recorded, grads[:len(leaves)], t, len(chunk))
-        if ov:
-            z_grads = [g if g is not None else z for g, z in zip(grads[len(leaves):], z_grads)]
-            per_head[rows] = _ov(rep, dict(zip(z_layers, z_grads)), chunk)
-    bias = _bias(rep, targets) if threshold == DIRECT else None
-    return Attribution(scores, values, bias, per_head)
+    return gate
 
 
-def _node_scores(rep: Replacement, recorded: dict, leaf_grads, t: Trace, n: int) -> torch.Tensor:
-    """One row per target of the chunk: embeddings, then per site its features and errors."""
-    embed_grad, *error_grads = leaf_grads
+def _node_scores(rep: Replacement, grads: list, recorded: dict, direct: bool, n: int) -> torch.Tensor:
+    """One row per target: embeddings, then per site its features and its error terms. A direct
+    trace's gradients are at the sites' outputs (a feature's contribution is its value x decoder
+    row . gradient); a live trace's are at the error terms, its features' were recorded by the gate."""
+    embed_grad, *site_grads = grads
     parts = [_dot(rep.embed_value, embed_grad, n)]
-    for name, g in zip(rep.order, error_grads):
-        features = recorded.get(name)
-        if features is None:
-            features = torch.zeros(t.features[name].shape[0], len(rep.active[name]))
-        parts += [features[:n].detach(), _dot(rep.error_values[name], g, n)]
+    for name, g in zip(rep.order, site_grads, strict=True):
+        act = rep.active[name]
+        if direct:
+            if g is None:
+                features = torch.zeros(n, len(act))
+            else:
+                decoder = rep.dicts[name].sae.W_dec[act[:, 1]]  # [active, d]
+                features = torch.einsum("bad,ad->ba", g[:, act[:, 0]], decoder) * rep.values[name][act[:, 0], act[:, 1]]
+        else:
+            features = recorded.get(name, torch.zeros(n, len(act)))[:n]
+        parts += [features.detach(), _dot(rep.error_values[name], g, n)]
     return torch.cat(parts, dim=1)
 
 
@@ -157,7 +175,7 @@ def _dot(vectors: torch.Tensor, grad: torch.Tensor | None, n: int) -> torch.Tens
     """Per target and position: a node's write vector [pos, d] . the target's gradient there."""
     if grad is None:
         return torch.zeros(n, vectors.shape[0])
-    return (grad[:n] * vectors).sum(-1).detach()
+    return (grad * vectors).sum(-1).detach()
 
 
 def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target]) -> torch.Tensor:
@@ -169,7 +187,7 @@ def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target])
         if not rows:
             continue
         block = model.blocks[layer]
-        pattern = rep.frozen[f"blocks.{layer}.attn.hook_pattern"][0]  # [heads, dst, src]
+        pattern = rep.frozen[attention_hook(layer, "pattern")][0]  # [heads, dst, src]
         # what each head's values at source s send to the targets: sum_d pattern[h, d, s] g_z[d, h]
         sent = torch.einsum("hds,bdhk->bhsk", pattern, g_z[rows])
         for name in [EMBED, *rep.upstream(layer, "attn")]:
@@ -188,8 +206,8 @@ def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target])
 @torch.no_grad()
 def _bias(rep: Replacement, targets: list[Target]) -> torch.Tensor:
     """Each target's value with every node at 0: the part of it no node accounts for."""
-    t = rep.trace(1, zero=True)
-    return torch.stack([tg.value(t, 0) for tg in targets]) if targets else torch.zeros(0)
+    t = rep.trace(1, "zero")
+    return torch.stack([tg.value(rep, t, 0) for tg in targets]) if targets else torch.zeros(0)
 
 
 def node_label(rep: Replacement, i: int) -> str:

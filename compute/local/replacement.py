@@ -21,7 +21,14 @@ import torch
 
 from catalog.errors import UserError
 from compute.dictionaries.kinds import TrainedDictionary
-from schema.sites import ERROR, site_name
+from schema.sites import (
+    ERROR,
+    attention_hook,
+    block_input,
+    is_frozen_by_local_circuits,
+    ln_scale_hook,
+    site_name,
+)
 
 EMBED = "embed"  # the embedding node's site name: one node per position (token + positional embedding)
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
@@ -43,17 +50,24 @@ class Node:
 
 @dataclass
 class Trace:
-    """One run of the replacement model on `batch` copies of the prompt. `pre` holds each
-    dictionary's pre-activations (connected to the nodes upstream: a target's value), `features`
-    the feature values that feed the stream (a backward hook on each sees its gradient), `errors`
-    and `embed` are leaves, `z` each attention layer's per-head mixed values, `logits` the output."""
+    """One run of the replacement model on `batch` copies of the prompt. `inputs` holds what each
+    dictionary reads (connected to the nodes upstream: a feature target's value derives from it),
+    `outputs` what each site writes into the stream, `z` each attention layer's per-head mixed
+    values, `logits` the output. In a direct trace the outputs and `embed` are the leaves; in a
+    live trace `features` feed the stream (a backward hook on each sees its gradient) and the
+    error terms `errors` and `embed` are the leaves."""
 
-    pre: dict[str, torch.Tensor] = field(default_factory=dict)
+    mode: str
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, torch.Tensor] = field(default_factory=dict)
     embed: torch.Tensor | None = None
     z: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
+
+
+TRACE_MODES = ("direct", "live", "zero")
 
 
 class Replacement:
@@ -88,18 +102,21 @@ class Replacement:
     def _freeze(self) -> None:
         """Run the real model once: keep every LayerNorm scale and attention pattern, and each
         dictionary's feature values and error term on the prompt."""
-        keep = lambda name: name.endswith("hook_scale") or name.endswith("hook_pattern")  # noqa: E731
-        reads = {d.hook_in for d in self.dicts.values()} | {d.site.hook_out for d in self.dicts.values()}
-        logits, cache = self.model.run_with_cache(self.tokens, names_filter=lambda n: keep(n) or n in reads
-                                                  or n == "blocks.0.hook_resid_pre" or n.endswith("hook_attn_scores"))
-        self.frozen = {k: v for k, v in cache.items() if keep(k)}
-        self.scores = [cache[f"blocks.{i}.attn.hook_attn_scores"][0] for i in range(self.model.cfg.n_layers)]
+        n_layers = self.model.cfg.n_layers
+        scores = [attention_hook(i, "attn_scores") for i in range(n_layers)]
+        wanted = {d.hook_in for d in self.dicts.values()} | {d.site.hook_out for d in self.dicts.values()} | \
+            {block_input(0), *scores}
+        logits, cache = self.model.run_with_cache(
+            self.tokens, names_filter=lambda n: is_frozen_by_local_circuits(n) or n in wanted)
+        self.frozen = {k: v for k, v in cache.items() if is_frozen_by_local_circuits(k)}
+        self.scores = [cache[h][0] for h in scores]
         self.logits = logits
-        self.embed_value = cache["blocks.0.hook_resid_pre"][0]
-        self.values, self.error_values, self.active = {}, {}, {}
+        self.embed_value = cache[block_input(0)][0]
+        self.values, self.output_values, self.error_values, self.active = {}, {}, {}, {}
         for name, d in self.dicts.items():
             f = d.sae.encode(cache[d.hook_in])
             self.values[name] = f[0]
+            self.output_values[name] = cache[d.site.hook_out][0]
             self.error_values[name] = (cache[d.site.hook_out] - d.sae.decode(f))[0]
             self.active[name] = (f[0] != 0).nonzero()  # [n, 2]: (position, feature), in position order
         self.nodes = [Node(EMBED, 0, p) for p in range(self.n_pos)]
@@ -110,41 +127,55 @@ class Replacement:
             self.nodes += [Node(name, ERROR, p) for p in range(self.n_pos)]
         self.index = {n: i for i, n in enumerate(self.nodes)}
 
-    def trace(self, batch: int, gate=None, zero: bool = False) -> Trace:
-        """Run the frozen replacement model on `batch` copies of the prompt. `gate(name, f)` is
-        called with each dictionary's feature values before they feed the stream (attribution
-        registers its backward hooks there). With `zero`, every node is set to 0: the targets then
-        hold their bias, the part no node accounts for."""
-        t = Trace()
+    def trace(self, batch: int, mode: str = "direct", gate=None) -> Trace:
+        """Run the frozen replacement model on `batch` copies of the prompt.
+
+        - direct: every site's output is a constant leaf (its value on the prompt): the gradient
+          stops at every node, and a node's direct contribution is its write vector . the
+          gradient at its site's output. Nothing is propagated through a dictionary's encoder.
+        - live: features are computed from their inputs and `gate(name, f)` is called with each
+          site's feature values before they feed the stream (hierarchical attribution registers
+          its backward hooks there); error terms are constant leaves.
+        - zero: every node is 0; each target then holds its bias, the part no node accounts for.
+        """
+        if mode not in TRACE_MODES:
+            raise ValueError(f"mode {mode!r}: choose from {', '.join(TRACE_MODES)}")
+        t = Trace(mode)
         model, frozen = self.model, self.frozen
         pending: dict[str, torch.Tensor] = {}
+
+        def leaf(value: torch.Tensor, like: torch.Tensor, when_zero: torch.Tensor | float = 0.0) -> torch.Tensor:
+            """A constant that the backward pass stops at: the node's value (`when_zero` in a zero trace)."""
+            value = torch.zeros_like(like) + when_zero if mode == "zero" else value.expand_as(like).clone()
+            return value.requires_grad_(True)
 
         def freeze(x, hook):
             return frozen[hook.name].expand_as(x)
 
         def embed(x, hook):
-            t.embed = torch.zeros_like(x) if zero else x.detach().expand(batch, -1, -1).clone()
-            t.embed.requires_grad_(True)
+            t.embed = leaf(self.embed_value, x.expand(batch, -1, -1))
             return t.embed
 
         def read(name):
             def fn(x, hook):
                 d = self.dicts[name]
-                t.pre[name] = pre = d.sae.pre_activation(x)
-                f = torch.zeros_like(pre) if zero else d.sae.activation(pre)
-                t.features[name] = f
-                pending[name] = f if gate is None or zero else gate(name, f)
-                if d.hook_in == d.site.hook_out:
-                    return write(name)(x, hook)
-                return x
+                t.inputs[name] = x
+                if mode == "live":
+                    f = d.sae.activation(d.sae.pre_activation(x))
+                    t.features[name] = f
+                    pending[name] = f if gate is None else gate(name, f)
+                return write(name)(x, hook) if d.hook_in == d.site.hook_out else x
             return fn
 
         def write(name):
             def fn(x, hook):
                 d = self.dicts[name]
-                err = torch.zeros_like(x) if zero else self.error_values[name].expand_as(x).clone()
-                t.errors[name] = err.requires_grad_(True)
-                return d.sae.decode(pending.pop(name)) + err
+                if mode == "live":
+                    t.errors[name] = leaf(self.error_values[name], x)
+                    t.outputs[name] = d.sae.decode(pending.pop(name)) + t.errors[name]
+                else:
+                    t.outputs[name] = leaf(self.output_values[name], x, when_zero=d.sae.b_dec.detach())
+                return t.outputs[name]
             return fn
 
         def keep_z(layer):
@@ -153,15 +184,23 @@ class Replacement:
                 return z
             return fn
 
-        hooks = [(n, freeze) for n in frozen] + [("blocks.0.hook_resid_pre", embed)]
+        hooks = [(n, freeze) for n in frozen] + [(block_input(0), embed)]
         for name, d in self.dicts.items():
             hooks.append((d.hook_in, read(name)))
             if d.hook_in != d.site.hook_out:
                 hooks.append((d.site.hook_out, write(name)))
-        hooks += [(f"blocks.{i}.attn.hook_z", keep_z(i)) for i in range(model.cfg.n_layers)]
+        hooks += [(attention_hook(i, "z"), keep_z(i)) for i in range(model.cfg.n_layers)]
         with torch.enable_grad():
             t.logits = model.run_with_hooks(self.tokens.expand(batch, -1), fwd_hooks=hooks)
         return t
+
+    def pre_activation(self, name: str, x: torch.Tensor, feature: int) -> torch.Tensor:
+        """One feature's pre-activation from its dictionary's input (one column of the encoder:
+        a target's backward never goes through the whole encoder)."""
+        sae = self.dicts[name].sae
+        if sae.apply_b_dec_to_input:
+            x = x - sae.b_dec
+        return x @ sae.W_enc[:, feature] + sae.b_enc[feature]
 
     def write_vectors(self, name: str) -> torch.Tensor:
         """What each node of a site writes into the residual stream on this prompt, in `nodes`
@@ -195,7 +234,7 @@ class Replacement:
 
     def ln_scale(self, layer: int, positions) -> torch.Tensor | float:
         """Block `layer`'s frozen attention-input LayerNorm scale at some positions (1 without one)."""
-        scale = self.frozen.get(f"blocks.{layer}.ln1.hook_scale")
+        scale = self.frozen.get(ln_scale_hook(layer))
         return 1.0 if scale is None else scale[0, positions]
 
     def ln_bias(self, ln) -> torch.Tensor | float:
