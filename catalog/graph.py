@@ -49,8 +49,10 @@ def node_name(r) -> str:
     if r.component == METRIC:
         return METRIC
     where = site_name(r.component, r.layer)
-    what = "err" if r.is_error else str(r.feature_idx)
     pos = "" if pd.isna(r.position) else f"@{int(r.position)}"
+    if not r.is_error and pd.isna(r.feature_idx):  # a local circuit's embedding of a position, over prompts
+        return f"{where}{pos}"
+    what = "err" if r.is_error else str(int(r.feature_idx))
     return f"{where}/{what}{pos}"
 
 
@@ -165,7 +167,7 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
         if r.component == METRIC:
             feature, ftype = -1, "logit"
         elif r.component == "embed" and pd.isna(r.dictionary_id):  # a local circuit's token embedding
-            feature, ftype = int(r.feature_idx), "embedding"
+            feature, ftype = -1 if pd.isna(r.feature_idx) else int(r.feature_idx), "embedding"
         else:
             feature = -1 if r.is_error else int(r.feature_idx)
             ftype = f"{r.component} reconstruction error" if r.is_error else "sparse autoencoder feature"

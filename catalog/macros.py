@@ -313,6 +313,29 @@ SELECT edit_id, subset, n_examples, n_features, round(metric_before, 3) AS metri
 FROM edits WHERE edit_id = eid ORDER BY subset <> 'all', subset
 """
 
+# A node named as the command line names it (catalog.graph.node_name): attn_1/356@14, mlp_0/err@3,
+# embed/80@4 (token 80), embed@4 (position 4 over a task's prompts), metric.
+_NODE_NAME = """CASE WHEN {n}.component = 'metric' THEN 'metric' ELSE
+  (CASE WHEN {n}.component = 'embed' THEN 'embed' ELSE {n}.component || '_' || {n}.layer END) ||
+  (CASE WHEN {n}.is_error THEN '/err' ELSE coalesce('/' || {n}.feature_idx, '') END) ||
+  coalesce('@' || {n}.position, '')
+END"""
+
+# Every edge of a circuit with its ends named and the (first) prompt's token at each position: a
+# local circuit's attribution, ov (per head) and qk (attention-score) edges read as they are.
+_CIRCUIT_EDGES = f"""
+SELECT e.kind, {_NODE_NAME.format(n="s")} AS src, x.clean_tokens[s.position + 1] AS src_token,
+       {_NODE_NAME.format(n="d")} AS dst, x.clean_tokens[d.position + 1] AS dst_token,
+       e.head_layer || '.' || e.head AS head, e.key_position, x.clean_tokens[e.key_position + 1] AS key_token,
+       e.weight, e.src_idx, e.dst_idx
+FROM edges e JOIN circuits c USING (circuit_id)
+     JOIN nodes s ON s.circuit_id = e.circuit_id AND s.node_idx = e.src_idx
+     JOIN nodes d ON d.circuit_id = e.circuit_id AND d.node_idx = e.dst_idx
+     LEFT JOIN examples x ON x.task_id = c.task_id AND x.example_idx = 0
+WHERE e.circuit_id = cid
+ORDER BY e.kind, abs(e.weight) DESC
+"""
+
 NAMED_QUERIES = [
     NamedQuery("circuit_basis", "cid", "(scalar) 'features', 'neurons' (identity dictionaries) or 'parameters'",
                _CIRCUIT_BASIS, scalar=True),
@@ -347,6 +370,9 @@ NAMED_QUERIES = [
                "SELECT * FROM diff_summary_matched(a, b, [], [], tol)"),
     NamedQuery("circuit_paths", "cid, k := 5",
                "the k strongest paths (|product of weights|) from the embedding to every node", _CIRCUIT_PATHS),
+    NamedQuery("circuit_edges", "cid",
+               "every edge of a circuit (attribution, and a local circuit's ov and qk) with its ends named "
+               "and the prompt's tokens", _CIRCUIT_EDGES),
     NamedQuery("ancestors", "cid, node, hops := 2",
                "nodes with a path of at most hops edges into node, with the distance",
                _NEIGHBOURS.format(frm="dst_idx", to="src_idx")),

@@ -154,8 +154,9 @@ edges = Table(
            comment="attribution; for local circuits also ov (through one head), qk (a pair's part of an attention "
                    "score), qk_query and qk_key (one side's part)"),
     Column("weight", Double, comment="attribution: effect of src on the metric through dst, mean over examples "
-                                     "(local circuits: src's direct contribution to dst's pre-activation, or to the "
-                                     "root); ov: the part of it through `head`; qk: the part of head's attention "
+                                     "(local circuits: src's direct contribution to dst's pre-activation times the "
+                                     "root's gradient there, the part of the root flowing along the edge); ov: the "
+                                     "part of it through `head`; qk: the part of head's attention "
                                      "score from dst's position to key_position due to the pair (src on the key "
                                      "side, dst on the query side); qk_query, qk_key: src's part on one side of the "
                                      "score that attention feature dst reads through the head"),

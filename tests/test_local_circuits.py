@@ -9,10 +9,13 @@ weights and expected values are written here by hand.
 from __future__ import annotations
 
 import math
+import re
+import shlex
 
 import pytest
 import torch
 from checkpoints import random_local_dictionaries
+from conftest import run_cli
 
 from catalog.errors import UserError
 from compute.local.attribution import DIRECT, attribute, feature_target, logit_target
@@ -239,3 +242,143 @@ def test_refuses_what_it_cannot_make_linear(zoo):
     with pytest.raises(UserError, match="attends to keys"):
         qk(r, 1, 0, 2, 4)
     assert math.isinf(DIRECT)
+
+
+# ---- the command line and the catalogue ------------------------------------------------------------
+
+def _readme_commands() -> list[list[str]]:
+    from test_readme import LOCAL_SECTION
+
+    block = re.search(r"```bash\n(python cli.py --catalog local .*?)```", LOCAL_SECTION, flags=re.S).group(1)
+    return [shlex.split(c)[2:] for c in block.strip().splitlines()]  # drop "python cli.py"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, dicts):
+    """The README's local-circuit commands, run as written in a fresh folder: (catalogue, outputs)."""
+    here = tmp_path_factory.mktemp("local")
+    outputs = []
+    for args in _readme_commands():
+        r = run_cli(*args, cwd=here)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outputs.append(r)
+    return here / "local", outputs
+
+
+def _sql(cat, sql, *params):
+    import catalog
+
+    return catalog.open(cat).sql(sql, list(params))
+
+
+def _circuit(cat, metric):
+    return _sql(cat, "SELECT * FROM circuits WHERE metric = ? ORDER BY created_at DESC LIMIT 1", metric).iloc[0]
+
+
+def test_attribute_commits_a_prompt_graph(local):
+    cat, (out, _, _) = local
+    c = _circuit(cat, "logit")
+    assert (c.method, c.aggregation, c.n_examples) == ("local", "none", 1)
+    nodes = _sql(cat, "SELECT * FROM nodes WHERE circuit_id = ?", c.circuit_id)
+    assert nodes.in_circuit.sum() == 48 + 1 and (nodes.component == "metric").sum() == 1
+    assert nodes[nodes.component == "metric"].effect.iloc[0] == pytest.approx(c.metric_clean)
+    kinds = _sql(cat, "SELECT kind, count(*) AS n FROM edges WHERE circuit_id = ? GROUP BY kind", c.circuit_id)
+    assert dict(zip(kinds.kind, kinds.n, strict=True))["attribution"] == c.n_edges == 256
+    assert {"ov", "qk", "qk_query", "qk_key"} <= set(kinds.kind)
+    # an edge into an attention feature is the sum of its per-head parts, each through a head of dst's layer
+    check = _sql(cat, """
+        SELECT a.weight, sum(o.weight) AS heads, bool_and(o.head_layer = d.layer) AS same_layer
+        FROM edges a JOIN edges o ON o.circuit_id = a.circuit_id AND o.src_idx = a.src_idx AND o.dst_idx = a.dst_idx
+        JOIN nodes d ON d.circuit_id = a.circuit_id AND d.node_idx = a.dst_idx
+        WHERE a.circuit_id = ? AND a.kind = 'attribution' AND o.kind = 'ov' GROUP BY a.src_idx, a.dst_idx, a.weight""",
+                 c.circuit_id)
+    assert len(check) > 20 and check.same_layer.all()
+    assert ((check.weight - check.heads).abs() <= 1e-4 * check.weight.abs().max()).all()
+    # the printed table is the circuit's nodes, strongest first, with their tokens
+    assert "mary" in out.stdout and "embed/" in out.stdout.splitlines()[1]
+
+
+def test_explain_keeps_the_feature_as_root_and_its_qk_story(local, zoo):
+    cat, (_, out, _) = local
+    c = _circuit(cat, "feature")
+    root = _sql(cat, "SELECT * FROM nodes WHERE circuit_id = ? AND node_idx = 0", c.circuit_id).iloc[0]
+    assert (root.component, root.layer, root.feature_idx, root.position) == ("attn", 1, 356, 14)
+    assert root.effect == pytest.approx(c.metric_clean) and "head 1.3 attends from 14 to 4" in out.stdout
+    # the stored marginals of head 1.3's score are those the decomposition gives on the prompt
+    from compute.jobs.local import zoo_local_set
+    from compute.local.replacement import Replacement
+
+    transcoders, attention = zoo_local_set(zoo, progress=False)
+    prompt = _sql(cat, "SELECT clean_prefix FROM examples JOIN circuits USING (task_id) WHERE circuit_id = ?",
+                  c.circuit_id).clean_prefix[0]
+    rep = Replacement(zoo.model, transcoders, attention, zoo.model.to_tokens(prompt))
+    q = qk(rep, 1, 3, 14, 4)
+    stored = _sql(cat, "SELECT src, weight FROM circuit_edges(?) WHERE kind = 'qk_key' AND head = '1.3' "
+                  "AND key_position = 4 AND dst = 'attn_1/356@14'", c.circuit_id)
+    want = {f"{n.site}/{'err' if n.is_error else n.feature}@{n.position}" if n.site != EMBED else
+            f"embed/{int(rep.tokens[0, n.position])}@{n.position}": float(m)
+            for n, m in zip(q.key_nodes[:-1], q.key_marginals[:-1], strict=True)}
+    assert len(stored) == len(want) and all(abs(want[s] - w) <= 1e-5 for s, w in zip(stored.src, stored.weight,
+                                                                                      strict=True))
+    assert abs(q.pairs.sum().item() - q.score) <= 1e-4 * abs(q.score)
+
+
+def test_a_task_circuit_is_the_mean_of_its_prompts_and_reads_like_any_circuit(local, tmp_path):
+    import json
+
+    cat, _ = local
+    c = _circuit(cat, "answer_logit_diff")
+    assert (c.task_id, c.n_examples, c.aggregation) == ("ioi", 8, "none")
+    nodes = _sql(cat, "SELECT * FROM nodes WHERE circuit_id = ? AND component = 'embed'", c.circuit_id)
+    assert nodes.feature_idx.isna().all()  # a position's embedding across prompts, not one token's
+    prompt = _circuit(cat, "logit").circuit_id
+    for args in (["diff", prompt, c.circuit_id], ["paths", c.circuit_id, "-k", "2"], ["compare", prompt, c.circuit_id],
+                 ["render", c.circuit_id, "--out", str(tmp_path / "c.html")],
+                 ["export", _circuit(cat, "feature").circuit_id, "--to", "circuit-tracer", "--out",
+                  str(tmp_path / "g.json")]):
+        r = run_cli(*args, catalog=cat)
+        assert r.returncode == 0, (args, r.stderr[-500:])
+    graph = json.loads((tmp_path / "g.json").read_text())
+    traced = [n for n in graph["nodes"] if "qk_tracing_results" in n]
+    assert traced and all(n["qk_tracing_results"]["top_k_marginal_contributors"] for n in traced)
+    ids = {n["node_id"] for n in graph["nodes"]}
+    assert all(q in ids and k in ids for n in traced for q, k, _ in n["qk_tracing_results"]["pair_wise_contributors"])
+
+
+def test_the_readme_queries_of_the_local_section_return_rows(local):
+    from test_readme import LOCAL_SECTION, _blocks
+
+    cat, _ = local
+    for sql in _blocks("sql", LOCAL_SECTION):
+        assert len(_sql(cat, sql)) > 0, sql
+
+
+@pytest.mark.parametrize("args,message", [
+    (["attribute"], "either --prompt or --task"),
+    (["attribute", "--prompt", "the cat", "--task", "ioi"], "either --prompt or --task"),
+    (["attribute", "--prompt", "the dogs near the cat", "--target", "logit:runs runs"], "2 tokens"),
+    (["attribute", "--prompt", "the dogs near the cat", "--target", "mlp_1/x@3"], "give logit:TOKEN"),
+    (["attribute", "--prompt", " ".join(["the cat"] * 20)], "at most 24"),
+    (["attribute", "--task", "nope"], "unknown task"),
+    (["explain", "resid_0", "3", "--prompt", "the dogs near the cat"], "no dictionary at 'resid_0'"),
+    (["explain", "mlp_1", "100000", "--prompt", "the dogs near the cat"], "has features 0.."),
+    (["explain", "mlp_1", "0", "--prompt", "the dogs near the cat", "--position", "30"], "outside the prompt"),
+])
+def test_what_cannot_be_explained_is_refused_in_one_line(local, args, message):
+    cat, _ = local
+    before = _sql(cat, "SELECT count(*) AS n FROM runs").n[0]
+    r = run_cli(*args, catalog=cat)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert _sql(cat, "SELECT count(*) AS n FROM runs").n[0] == before
+
+
+def test_a_feature_that_does_not_fire_is_refused_naming_those_that_do(local, zoo):
+    cat, _ = local
+    from compute.jobs.local import zoo_local_set
+
+    transcoders, attention = zoo_local_set(zoo, progress=False)
+    rep = Replacement(zoo.model, transcoders, attention, zoo.model.to_tokens("the dogs near the cat"))
+    silent = int((rep.values["mlp_1"][-1] == 0).nonzero()[0, 0])
+    r = run_cli("explain", "mlp_1", str(silent), "--prompt", "the dogs near the cat", catalog=cat)
+    assert r.returncode == 1 and "does not fire at position" in r.stderr and "that do:" in r.stderr

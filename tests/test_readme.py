@@ -22,7 +22,10 @@ def _blocks(lang, text=README):
 SHIFT_SECTION = "## Editing" + README.split("## Editing", 1)[1].split("\n## ", 1)[0]
 # The ground-truth section's queries read the benchmark's catalogue (tests/test_groundtruth.py runs them).
 GROUND_TRUTH_SECTION = "## Ground truth" + README.split("## Ground truth", 1)[1].split("\n## ", 1)[0]
-DEMO_SQL = [b for b in _blocks("sql") if b not in _blocks("sql", SHIFT_SECTION) + _blocks("sql", GROUND_TRUTH_SECTION)]
+# The local-circuit section's queries read the catalogue its commands fill (tests/test_local_circuits.py runs them).
+LOCAL_SECTION = "## Local circuits" + README.split("## Local circuits", 1)[1].split("\n## ", 1)[0]
+DEMO_SQL = [b for b in _blocks("sql") if b not in _blocks("sql", SHIFT_SECTION) + _blocks("sql", GROUND_TRUTH_SECTION)
+            + _blocks("sql", LOCAL_SECTION)]
 
 
 def test_readme_opens_with_the_two_setup_commands():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
+from functools import partial
 from statistics import mean
 
 import torch
@@ -28,7 +29,7 @@ from compute.local.replacement import EMBED, Replacement
 from compute.models.handle import ModelHandle
 from compute.tasks import Task, tokenize
 from schema.derive import columns_to_arrow
-from schema.sites import METRIC, block_input, site, transcoder_site
+from schema.sites import ERROR, METRIC, block_input, site, transcoder_site
 
 METHOD = "local"  # circuits.method of local circuits (hierarchical attribution in the replacement model)
 # The zoo's MLP transcoders: 1000 steps at twice the SAEs' learning rate reach what 2000 steps at
@@ -157,10 +158,11 @@ def _write_activations(w: RunWriter, task_id: str, example_idx: int, rep: Replac
             len(act)))
 
 
-def _key(rep: Replacement, i: int, positions: bool) -> tuple:
-    """A node's key across prompts: (site, feature, position); embeddings are keyed by their token."""
+def _node_key(rep: Replacement, i: int, positions: bool, one_prompt: bool = True) -> tuple:
+    """A node's key across prompts: (site, feature, position). A prompt's embedding is keyed by its
+    token; across prompts, by its position alone (feature None)."""
     n = rep.nodes[i]
-    feature = int(rep.tokens[0, n.position]) if n.site == EMBED else n.feature
+    feature = (int(rep.tokens[0, n.position]) if one_prompt else None) if n.site == EMBED else n.feature
     return n.site, feature, n.position if positions else None
 
 
@@ -170,12 +172,14 @@ def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle
     contributions and their OV split; QK for a single prompt) and the circuit's row."""
     n_layers = handle.model.cfg.n_layers
     positions = len({g.rep.n_pos for g in graphs}) == 1
+    key = partial(_node_key, positions=positions, one_prompt=len(graphs) == 1)
+
     g0 = graphs[0]
-    root_key = ("root", 0, None) if g0.root_node == ROOT else _key(g0.rep, g0.root_node, positions)
+    root_key = ("root", 0, None) if g0.root_node == ROOT else key(g0.rep, g0.root_node)
     effect: dict[tuple, float] = {root_key: mean(g.root_value for g in graphs)}
     for g in graphs:
         for i in g.kept:
-            k = _key(g.rep, i, positions)
+            k = key(g.rep, i)
             effect[k] = effect.get(k, 0.0) + float(g.influence[i]) / len(graphs)
     ranked = sorted((k for k in effect if k != root_key), key=lambda k: -abs(effect[k]))
     in_circuit = set(ranked[:params.node_budget]) | {root_key}
@@ -183,18 +187,19 @@ def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle
     index = {k: i for i, k in enumerate(keys)}
 
     def ends(g: PromptGraph, src: int, dst: int) -> tuple[int, int] | None:
-        s = index.get(_key(g.rep, src, positions))
-        d = index[root_key] if dst in (ROOT, g.root_node) else index.get(_key(g.rep, dst, positions))
+        s = index.get(key(g.rep, src))
+        d = index[root_key] if dst in (ROOT, g.root_node) else index.get(key(g.rep, dst))
         return None if s is None or d is None else (s, d)
 
-    edges: dict[tuple, float] = {}
+    edges: dict[tuple, float] = {}  # stored as flows: what reaches the root along the edge (mean over prompts)
     for g in graphs:
         for src, dst, wt in g.edges:
             if (e := ends(g, src, dst)) is not None:
-                edges[(*e, "attribution", None)] = edges.get((*e, "attribution", None), 0.0) + wt / len(graphs)
+                k = (*e, "attribution", None)
+                edges[k] = edges.get(k, 0.0) + wt * g.per_unit[dst] / len(graphs)
         for src, dst, head, wt in g.ov:
             if (e := ends(g, src, dst)) is not None:
-                edges[(*e, "ov", head)] = edges.get((*e, "ov", head), 0.0) + wt / len(graphs)
+                edges[(*e, "ov", head)] = edges.get((*e, "ov", head), 0.0) + wt * g.per_unit[dst] / len(graphs)
     attribution = sorted((k for k in edges if k[2] == "attribution" and keys[k[0]] in in_circuit and
                           keys[k[1]] in in_circuit), key=lambda k: -abs(edges[k]))
     kept_pairs = {k[:2] for k in attribution[:params.edge_budget]}
@@ -225,14 +230,14 @@ def _qk_rows(g: PromptGraph, keys: list, index: dict, positions: bool, n_pairs: 
     part on each side, as edges. Nodes not yet in the graph are added as nodes outside the circuit."""
     rows = []
     for dst, q in g.qk:
-        t = index.get(_key(g.rep, dst, positions))
+        t = index.get(_node_key(g.rep, dst, positions))
         if t is None:
             continue
 
         def idx(node) -> int | None:
             if node == BIAS:
                 return None
-            k = _key(g.rep, g.rep.index[node], positions)
+            k = _node_key(g.rep, g.rep.index[node], positions)
             if k not in index:
                 index[k] = len(keys)
                 keys.append(k)
@@ -258,14 +263,14 @@ def _write_nodes(w: RunWriter, circuit_id: str, keys: list, effect: dict, in_cir
     for i, (name, feature, position) in enumerate(keys):
         if name == "root":
             row = {"component": METRIC, "layer": n_layers, "is_error": False}
-        elif name == EMBED:
+        elif name == EMBED:  # feature: the token (NULL for a position's embeddings across prompts)
             row = {"component": "embed", "layer": -1, "hook_name": block_input(0), "feature_idx": feature,
                    "is_error": False}
         else:
             d = dicts[name]
             row = {"component": d.site.component, "layer": d.site.layer, "hook_name": d.site.hook_out,
-                   "dictionary_id": d.dictionary_id, "feature_idx": None if feature < 0 else feature,
-                   "is_error": feature < 0}
+                   "dictionary_id": d.dictionary_id, "feature_idx": None if feature == ERROR else feature,
+                   "is_error": feature == ERROR}
         rows.append({**row, "circuit_id": circuit_id, "node_idx": i, "position": position,
                      "effect": effect.get((name, feature, position), 0.0),
                      "in_circuit": (name, feature, position) in in_circuit})

@@ -4,7 +4,8 @@ A graph explains one root (a logit, a logit difference, or a feature at a positi
 circuit). Each node's influence is its hierarchical attribution to the root (threshold 0: every
 path). The `node_budget` most influential nodes are kept; the edges are the direct contributions
 between kept nodes (and into the root), ranked by how much of the root flows along them
-(|contribution| x the root's gradient at the edge's destination) and cut to `edge_budget`.
+(the contribution x the root's gradient at the edge's destination: its flow) and cut to
+`edge_budget`.
 Edges into attention features are also split per head (OV), and the strongest head moves
 (head, destination position, source position) get their attention score decomposed (QK).
 
@@ -49,6 +50,7 @@ class PromptGraph:
     influence: torch.Tensor
     kept: list[int]
     edges: list[tuple[int, int, float]] = field(default_factory=list)
+    per_unit: dict[int, float] = field(default_factory=dict)  # d(root)/d(pre-activation) of each edge destination
     ov: list[tuple[int, int, int, float]] = field(default_factory=list)
     qk: list[tuple[int, QK]] = field(default_factory=list)
 
@@ -84,6 +86,7 @@ def _edges(g: PromptGraph, p: GraphParams, progress: bool) -> None:
     weights, heads = torch.cat(weights), torch.cat(heads)  # [dsts, kept], [dsts, kept, heads]
     # how much of the root flows along an edge: its contribution x d(root)/d(destination's pre-activation)
     per_unit = torch.tensor([1.0 if d == g.root_node else float(g.influence[d] / _value(rep, d)) for d in dsts])
+    g.per_unit = dict(zip(dsts, per_unit.tolist(), strict=True))
     flow = (weights * per_unit[:, None]).abs()
     top = torch.argsort(flow.flatten(), descending=True)[:p.edge_budget]
     top = top[flow.flatten()[top] > 0]
@@ -101,13 +104,14 @@ def _value(rep: Replacement, i: int) -> float:
 
 
 def _qk(g: PromptGraph, p: GraphParams) -> None:
-    """Decompose the attention scores of the strongest head moves (layer, head, query position,
-    key position) among the kept OV edges."""
+    """Decompose the attention scores of the head moves (layer, head, query position, key position)
+    that carry the most of the root along the kept OV edges."""
     rep, moves, into = g.rep, {}, {}
     for src, dst, head, w in g.ov:
         d = rep.nodes[dst]  # OV edges end at attention features, never at a logit root
         move = (int(d.site.split("_")[1]), head, d.position, rep.nodes[src].position)
-        moves[move] = moves.get(move, 0.0) + abs(w)
-        into.setdefault(move, {})[dst] = into.get(move, {}).get(dst, 0.0) + abs(w)
+        flow = abs(w * g.per_unit[dst])  # what of the root the head carries along this edge
+        moves[move] = moves.get(move, 0.0) + flow
+        into.setdefault(move, {})[dst] = into.get(move, {}).get(dst, 0.0) + flow
     for move in sorted(moves, key=lambda m: -moves[m])[:p.qk_scores]:  # each score once, for the feature it feeds most
         g.qk.append((max(into[move], key=into[move].get), qk(rep, *move)))
