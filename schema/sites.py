@@ -102,9 +102,19 @@ def attention_hook(layer: int, what: str) -> str:
     return f"blocks.{layer}.attn.hook_{what}"
 
 
-def ln_scale_hook(layer: int, norm: str = "ln1") -> str:
-    """The scale (the divisor) of block `layer`'s LayerNorm before attention (ln1) or the MLP (ln2)."""
-    return f"blocks.{layer}.{norm}.hook_scale"
+def ln_scale_hook(layer: int | None, norm: str = "ln1") -> str:
+    """The scale (the divisor) of block `layer`'s LayerNorm before attention (ln1) or the MLP (ln2);
+    layer None: the final LayerNorm's, before the unembedding."""
+    return "ln_final.hook_scale" if layer is None else f"blocks.{layer}.{norm}.hook_scale"
+
+
+def transcoder_input(hook: str, layer: int) -> str | None:
+    """How a block's MLP transcoder reads the stream through the hook it reads: 'normalized' (the MLP's
+    LayerNorm before its weight: what transcoders trained here read), 'stream' (the residual stream
+    itself), or None (another hook)."""
+    if hook == _MLP_INPUT.format(layer=layer):
+        return "normalized"
+    return "stream" if hook == f"blocks.{layer}.hook_resid_mid" else None
 
 
 def is_frozen_by_local_circuits(hook: str) -> bool:

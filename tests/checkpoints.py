@@ -112,10 +112,12 @@ def write_saelens_set(root: Path, hooks: dict[str, str], d: int = D_MODEL, d_sae
     return root
 
 
-def random_local_dictionaries(model, d_sae: int, seed: int = 0, active: float = 0.3) -> tuple[dict, dict]:
+def random_local_dictionaries(model, d_sae: int, seed: int = 0, active: float = 0.3,
+                              tokens: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Random MLP transcoders and attention-output SAEs for every layer of a model (the local
     replacement model's dictionaries), with encoder biases set so that about `active` of the
-    features fire: ({layer: transcoder}, {layer: attention SAE})."""
+    features fire (exactly that fraction on `tokens`, when given): ({layer: transcoder},
+    {layer: attention SAE})."""
     from compute.dictionaries.kinds import SAE, TrainedDictionary, Transcoder
     from schema.sites import site, transcoder_site
 
@@ -136,4 +138,11 @@ def random_local_dictionaries(model, d_sae: int, seed: int = 0, active: float = 
         for i in range(model.cfg.n_layers)}
     attention = {i: TrainedDictionary(site("attn", i), randomised(SAE(d, d_sae, site("attn", i).hook_out, "random")),
                                       None, {}) for i in range(model.cfg.n_layers)}
+    if tokens is not None:  # shift each encoder so that the fraction `active` of its pre-activations is positive
+        every = [*transcoders.values(), *attention.values()]
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in {t.sae.hook_name for t in every})
+        with torch.no_grad():
+            for t in every:
+                pre = t.sae.pre_activation(cache[t.sae.hook_name]).flatten()
+                t.sae.b_enc -= pre.kthvalue(int(len(pre) * (1 - active))).values
     return transcoders, attention

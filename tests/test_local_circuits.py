@@ -70,6 +70,16 @@ def test_direct_contributions_sum_to_the_target(rep):
             assert a.scores[row, elsewhere].abs().max() == 0
 
 
+def test_reading_vectors_equal_the_replacement_models_backward_pass(rep):
+    """Direct contributions from reading vectors (no backward pass) against the frozen model's own
+    vectorised backward pass, for every kind of target, a logit with and without a difference among them."""
+    targets = _targets(rep) + [logit_target(rep, 5), logit_target(rep, 9, minus=5, position=3)]
+    readers = attribute(rep, targets, ov=True)
+    autograd = attribute(rep, targets, ov=True, engine="autograd")
+    assert _rel(readers.scores, autograd.scores) <= 1e-5 and _rel(readers.ov, autograd.ov) <= 1e-5
+    assert _rel(readers.values, autograd.values) <= 1e-6 and _rel(readers.bias, autograd.bias) <= 1e-6
+
+
 def test_ov_edges_split_attention_contributions_per_head(rep):
     targets = [t for t in _targets(rep) if t.site.startswith("attn")]
     a = attribute(rep, targets, ov=True)
@@ -190,9 +200,10 @@ def test_a_hand_computed_two_layer_example():
     by_name = lambda a: {n: round(float(a[0, rep.index[n]]), 5) for n in wanted}  # noqa: E731
     wanted = [Node(EMBED, 0, 0), Node(EMBED, 0, 1), Node("attn_0", 0, 1), Node("attn_0", 1, 1), Node("mlp_0", 0, 1),
               Node("mlp_0", 1, 1)]
-    direct = attribute(rep, [target])
-    assert direct.values.tolist() == pytest.approx([4.6]) and direct.bias.tolist() == pytest.approx([0.1])
-    assert list(by_name(direct.scores).values()) == [0.0, 2.0, 0.5, 1.0, 1.0, 0.0]
+    for engine in ("readers", "autograd"):
+        direct = attribute(rep, [target], engine=engine)
+        assert direct.values.tolist() == pytest.approx([4.6]) and direct.bias.tolist() == pytest.approx([0.1])
+        assert list(by_name(direct.scores).values()) == [0.0, 2.0, 0.5, 1.0, 1.0, 0.0]
     # every path: attn_0/0 also reaches the target through mlp_0/0 (x2 per unit, 0.5 of it): 0.5 + 1.0;
     # the embeddings through attention (pattern 0.5 each) and the attention features
     total = attribute(rep, [target], threshold=0.0)
@@ -220,6 +231,7 @@ def test_exact_on_rotary_checkpoints(tmp_path, family):
     targets = _targets(r, per_site=2)
     a = attribute(r, targets, ov=True)
     assert ((a.scores.sum(1) + a.bias - a.values).abs() / a.values.abs().clamp_min(1e-3)).max() <= 1e-4
+    assert _rel(a.scores, attribute(r, targets, engine="autograd").scores) <= 1e-5
     attn = [i for i, t in enumerate(targets) if t.site.startswith("attn")]
     assert _rel(a.ov[attn].sum(-1), a.scores[attn]) <= 1e-4
     for head in range(model.cfg.n_heads):

@@ -29,7 +29,7 @@ import torch
 
 from catalog.errors import UserError
 from compute.local.replacement import EMBED, Replacement, Trace
-from schema.sites import attention_hook
+from schema.sites import attention_hook, transcoder_input
 
 DIRECT = math.inf  # the threshold of direct contributions: every feature detached
 
@@ -93,41 +93,197 @@ class Attribution:
     ov: torch.Tensor | None = None  # [targets, nodes, heads]: direct contributions per head (attention targets)
 
 
+ENGINES = ("readers", "autograd")
+
+
 def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT, batch_size: int = 32,
-              ov: bool = False, progress: bool = False) -> Attribution:
+              ov: bool = False, progress: bool = False, engine: str = "readers") -> Attribution:
     """Attribute each target to every node (direct contributions by default; a finite threshold
-    gives hierarchical attribution), `batch_size` targets per backward pass over one shared trace.
-    With `ov`, direct contributions into attention features are also split per head."""
+    gives hierarchical attribution), `batch_size` targets at a time. With `ov`, direct
+    contributions into attention features are also split per head.
+
+    Direct contributions are computed from reading vectors (engine "readers", see `_readers`):
+    each target's encoder row carried back through its own frozen LayerNorm (and, for an
+    attention feature, W_O, W_V and the pattern) to the residual stream, dotted with every
+    upstream node's write vector, with no backward pass at all. Engine "autograd" gets them from
+    the frozen replacement model's backward pass instead: one forward of one copy of the prompt
+    and a vectorised backward per batch (`is_grads_batched`); it is the readers' independent
+    reference in the tests, and what a dictionary read through another hook falls back to.
+    Hierarchical attribution's backward hooks see one target per row: `batch_size` copies."""
     from tqdm.auto import tqdm
 
     direct = threshold == DIRECT
     if ov and not direct:
         raise ValueError("OV edges are direct contributions: use threshold=DIRECT")
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if direct and engine == "readers" and _readable(rep, targets):
+        return _attribute_by_readers(rep, targets, batch_size, ov, progress)
     scores = torch.zeros(len(targets), len(rep.nodes))
     per_head = torch.zeros(len(targets), len(rep.nodes), rep.model.cfg.n_heads) if ov else None
     values = torch.zeros(len(targets))
     batch = min(batch_size, max(1, len(targets)))
     recorded: dict[str, torch.Tensor] = {}
-    t = rep.trace(batch, "direct") if direct else rep.trace(batch, "live", _gate(rep, threshold, recorded))
+    t = rep.trace(1, "direct") if direct else rep.trace(batch, "live", _gate(rep, threshold, recorded))
     sites = t.outputs if direct else t.errors
     leaves = [t.embed, *(sites[n] for n in rep.order)]
     z_layers = sorted(t.z) if ov else []
+    wanted = leaves + [t.z[i] for i in z_layers]
     starts = range(0, len(targets), batch)
     for start in tqdm(starts, desc="attributing", unit="batch", disable=not progress or len(starts) < 2):
         chunk = targets[start:start + batch]
         rows = slice(start, start + len(chunk))
         recorded.clear()
-        value = torch.stack([tg.value(rep, t, row) for row, tg in enumerate(chunk)])
+        if direct:  # every target reads the one copy; row i of the batched gradient is target i's
+            value = _values(rep, t, chunk)
+            grads = torch.autograd.grad(value, wanted, grad_outputs=torch.eye(len(chunk)), is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True)
+            grads = [None if g is None else g[:, 0] for g in grads]
+        else:  # each copy carries its own target
+            value = torch.stack([tg.value(rep, t, row) for row, tg in enumerate(chunk)])
+            grads = torch.autograd.grad(value.sum(), wanted, retain_graph=True, allow_unused=True)
+            grads = [None if g is None else g[:len(chunk)] for g in grads]
         values[rows] = value.detach()
-        grads = torch.autograd.grad(value.sum(), leaves + [t.z[i] for i in z_layers], retain_graph=True,
-                                    allow_unused=True)
-        grads = [None if g is None else g[:len(chunk)] for g in grads]
         scores[rows] = _node_scores(rep, grads[:len(leaves)], recorded, direct, len(chunk))
         if ov:
-            z_grads = {i: torch.zeros_like(t.z[i][:len(chunk)]) if g is None else g
+            z_grads = {i: torch.zeros_like(t.z[i][:1]).expand(len(chunk), -1, -1, -1) if g is None else g
                        for i, g in zip(z_layers, grads[len(leaves):], strict=True)}
             per_head[rows] = _ov(rep, z_grads, chunk)
     return Attribution(scores, values, _bias(rep, targets) if direct else None, per_head)
+
+
+def _readable(rep: Replacement, targets: list[Target]) -> bool:
+    """Whether every target's reading vector is known: logits, attention features, and features of
+    transcoders that read the MLP's normalised input or the stream itself."""
+    for tg in targets:
+        component, layer = tg.component_layer
+        if component == "mlp" and transcoder_input(rep.dicts[tg.site].hook_in, layer) is None:
+            return False
+    return True
+
+
+def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: int, ov: bool,
+                          progress: bool) -> Attribution:
+    from tqdm.auto import tqdm
+
+    n_heads = rep.model.cfg.n_heads
+    scores = torch.zeros(len(targets), len(rep.nodes))
+    per_head = torch.zeros(len(targets), len(rep.nodes), n_heads) if ov else None
+    sites = [EMBED, *rep.order]
+    groups = rep.writers_by_position()
+    starts = range(0, len(targets), batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="attributing", unit="batch", disable=not progress or len(starts) < 2):
+            chunk = targets[start:start + batch_size]
+            r, r_heads = _readers(rep, chunk, ov)  # [B, pos, d], [B, pos, heads, d]
+            reading = r.abs().sum(-1) > 0  # [B, pos]: where each target reads the stream
+            reads = [set(_upstream(rep, tg)) for tg in chunk]
+            for name in sites:
+                upstream = torch.tensor([name in reads[b] for b in range(len(chunk))])
+                for p, cols, vectors in groups[name]:
+                    wanted = upstream & reading[:, p]
+                    if wanted.all():  # every target reads here: slices, no gathers
+                        scores[start:start + len(chunk), cols] = r[:, p] @ vectors.T
+                        if ov:
+                            per_head[start:start + len(chunk), cols] = torch.einsum("bhd,nd->bnh", r_heads[:, p],
+                                                                                     vectors)
+                        continue
+                    rows = wanted.nonzero()[:, 0]
+                    if len(rows):
+                        scores[start + rows[:, None], cols] = r[rows, p] @ vectors.T
+                        if ov:
+                            per_head[start + rows[:, None], cols] = torch.einsum("bhd,nd->bnh", r_heads[rows, p],
+                                                                                 vectors)
+    return Attribution(scores, *_values_and_bias(rep, targets), per_head)
+
+
+def _upstream(rep: Replacement, tg: Target) -> list[str]:
+    """The sites whose nodes a target reads directly (besides the embedding)."""
+    component, layer = tg.component_layer
+    return [EMBED, *(rep.order if component == "logit" else rep.upstream(layer, component))]
+
+
+def _readers(rep: Replacement, chunk: list[Target], per_head: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each target's reading vector at every position of the stream it reads, [B, pos, d]; with
+    `per_head`, an attention feature's also per head, [B, pos, heads, d] (zero for the other
+    targets). A node's direct contribution is its write vector . the reading vector at its
+    position. Targets of one component and layer are read together."""
+    model, cfg = rep.model, rep.model.cfg
+    r = torch.zeros(len(chunk), rep.n_pos, cfg.d_model)
+    r_heads = torch.zeros(len(chunk), rep.n_pos, cfg.n_heads, cfg.d_model) if per_head else None
+    groups: dict[tuple[str, int], list[int]] = {}
+    for b, tg in enumerate(chunk):
+        groups.setdefault(tg.component_layer, []).append(b)
+    for (component, layer), rows in groups.items():
+        targets = [chunk[b] for b in rows]
+        rows, pos = torch.tensor(rows), torch.tensor([tg.position for tg in targets])
+        feature = torch.tensor([tg.feature for tg in targets])
+        if component == "logit":
+            e = model.W_U[:, feature].T.clone()
+            for i, tg in enumerate(targets):
+                if tg.minus is not None:
+                    e[i] -= model.W_U[:, tg.minus]
+            r[rows, pos] = rep.normalise_transpose(e, model.ln_final, rep.ln_scale(None, pos))
+            continue
+        d = rep.dicts[targets[0].site]
+        e = d.sae.W_enc[:, feature].T  # [targets, d]
+        block = model.blocks[layer]
+        if component == "mlp":
+            stream = transcoder_input(d.hook_in, layer) == "stream"
+            r[rows, pos] = e if stream else rep.normalise_transpose(e, block.ln2, rep.ln_scale(layer, pos, "ln2"),
+                                                                     weight=False)
+            continue
+        # attention: head h carries W_V[h] W_O[h] e from source s by pattern[h, d, s], through ln1 at s
+        values = rep.normalise_transpose(_value_readers(block.attn, e), block.ln1, 1.0)  # [targets, heads, d]
+        scale = rep.ln_scale(layer, torch.arange(rep.n_pos))  # [pos, 1]
+        weight = rep.frozen[attention_hook(layer, "pattern")][0][:, pos, :].permute(1, 2, 0) / scale  # [t, src, h]
+        if per_head:
+            r_heads[rows] = weight[..., None] * values[:, None]
+        r[rows] = torch.einsum("tsh,thd->tsd", weight, values)
+    return r, r_heads
+
+
+def _value_readers(attn, e: torch.Tensor) -> torch.Tensor:
+    """What each head's value input must carry to move attention SAE encoder rows e [t, d]: W_V[h] W_O[h] e,
+    [t, heads, d]."""
+    return torch.einsum("hmk,thk->thm", attn.W_V, torch.einsum("hkn,tn->thk", attn.W_O, e))
+
+
+@torch.no_grad()
+def _values_and_bias(rep: Replacement, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets' values and biases (their values with every node at 0), from one trace."""
+    if not targets:
+        return torch.zeros(0), torch.zeros(0)
+    t = rep.trace(2, "pair")
+    return _values(rep, t, targets), _values(rep, t, targets, row=1)
+
+
+def _values(rep: Replacement, t: Trace, chunk: list[Target], row: int = 0) -> torch.Tensor:
+    """The targets' values in one row of a trace, one gather per site (one per target would make
+    the vectorised backward fill a copy-sized gradient for every target)."""
+    out: list[torch.Tensor | None] = [None] * len(chunk)
+    groups: dict[str, list[int]] = {}
+    for i, tg in enumerate(chunk):
+        groups.setdefault(tg.site, []).append(i)
+    for site, idx in groups.items():
+        pos = torch.tensor([chunk[i].position for i in idx])
+        feature = torch.tensor([chunk[i].feature for i in idx])
+        if site == "logit":
+            v = t.logits[row, pos, feature]
+            minus = [chunk[i].minus for i in idx]
+            if any(m is not None for m in minus):
+                has = torch.tensor([m is not None for m in minus])
+                other = t.logits[row, pos, torch.tensor([0 if m is None else m for m in minus])]
+                v = v - torch.where(has, other, torch.zeros_like(other))
+        else:
+            sae, x = rep.dicts[site].sae, t.inputs[site][row, pos]
+            if sae.apply_b_dec_to_input:
+                x = x - sae.b_dec
+            v = (x * sae.W_enc[:, feature].T).sum(-1) + sae.b_enc[feature]
+        for j, i in enumerate(idx):
+            out[i] = v[j]
+    return torch.stack(out)
 
 
 def _gate(rep: Replacement, threshold: float, recorded: dict):
@@ -159,14 +315,16 @@ def _node_scores(rep: Replacement, grads: list, recorded: dict, direct: bool, n:
     parts = [_dot(rep.embed_value, embed_grad, n)]
     for name, g in zip(rep.order, site_grads, strict=True):
         act = rep.active[name]
-        if direct:
-            if g is None:
-                features = torch.zeros(n, len(act))
-            else:
-                decoder = rep.dicts[name].sae.W_dec[act[:, 1]]  # [active, d]
-                features = torch.einsum("bad,ad->ba", g[:, act[:, 0]], decoder) * rep.values[name][act[:, 0], act[:, 1]]
-        else:
+        if not direct:
             features = recorded.get(name, torch.zeros(n, len(act)))[:n]
+        elif g is None:
+            features = torch.zeros(n, len(act))
+        else:  # value x (gradient . decoder row), one product per position over the features active there
+            decoder, values = rep.dicts[name].sae.W_dec, rep.values[name]
+            counts = torch.bincount(act[:, 0], minlength=rep.n_pos).tolist()
+            features = torch.cat([g[:, p] @ decoder[a[:, 1]].T * values[p, a[:, 1]]
+                                  for p, a in enumerate(act.split(counts)) if len(a)], dim=1) if len(act) \
+                else torch.zeros(n, 0)
         parts += [features.detach(), _dot(rep.error_values[name], g, n)]
     return torch.cat(parts, dim=1)
 

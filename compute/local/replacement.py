@@ -67,7 +67,7 @@ class Trace:
     logits: torch.Tensor | None = None
 
 
-TRACE_MODES = ("direct", "live", "zero")
+TRACE_MODES = ("direct", "live", "zero", "pair")
 
 
 class Replacement:
@@ -96,6 +96,7 @@ class Replacement:
                      {site_name("mlp", i): transcoders[i] for i in range(cfg.n_layers)}
         self.order = [site_name(c, i) for i in range(cfg.n_layers) for c in ("attn", "mlp")]  # forward order
         self.n_pos = self.tokens.shape[1]
+        self._writers = None
         self._freeze()
 
     @torch.no_grad()
@@ -120,7 +121,7 @@ class Replacement:
             self.error_values[name] = (cache[d.site.hook_out] - d.sae.decode(f))[0]
             self.active[name] = (f[0] != 0).nonzero()  # [n, 2]: (position, feature), in position order
         self.nodes = [Node(EMBED, 0, p) for p in range(self.n_pos)]
-        self.offsets = {}  # where each site's nodes start in `nodes`
+        self.offsets = {EMBED: 0}  # where each site's nodes start in `nodes`
         for name in self.order:
             self.offsets[name] = len(self.nodes)
             self.nodes += [Node(name, int(i), int(p)) for p, i in self.active[name].tolist()]
@@ -137,6 +138,7 @@ class Replacement:
           site's feature values before they feed the stream (hierarchical attribution registers
           its backward hooks there); error terms are constant leaves.
         - zero: every node is 0; each target then holds its bias, the part no node accounts for.
+        - pair: two rows, the first direct, the second zero.
         """
         if mode not in TRACE_MODES:
             raise ValueError(f"mode {mode!r}: choose from {', '.join(TRACE_MODES)}")
@@ -146,8 +148,10 @@ class Replacement:
 
         def leaf(value: torch.Tensor, like: torch.Tensor, when_zero: torch.Tensor | float = 0.0) -> torch.Tensor:
             """A constant that the backward pass stops at: the node's value (`when_zero` in a zero trace)."""
-            value = torch.zeros_like(like) + when_zero if mode == "zero" else value.expand_as(like).clone()
-            return value.requires_grad_(True)
+            zero = torch.zeros_like(like) + when_zero
+            if mode == "pair":
+                return torch.cat([value.expand_as(like[:1]), zero[1:]]).requires_grad_(True)
+            return (zero if mode == "zero" else value.expand_as(like).clone()).requires_grad_(True)
 
         def freeze(x, hook):
             return frozen[hook.name].expand_as(x)
@@ -203,14 +207,31 @@ class Replacement:
         return x @ sae.W_enc[:, feature] + sae.b_enc[feature]
 
     def write_vectors(self, name: str) -> torch.Tensor:
-        """What each node of a site writes into the residual stream on this prompt, in `nodes`
-        order: [n_active + n_pos, d_model] (feature value x decoder row, then each error term)."""
+        """What each node of a site (or EMBED) writes into the residual stream on this prompt, in
+        `nodes` order: [n_active + n_pos, d_model] (feature value x decoder row, then each error term)."""
+        if name == EMBED:
+            return self.embed_value
         d, act = self.dicts[name], self.active[name]
         f = self.values[name][act[:, 0], act[:, 1]]
         return torch.cat([f[:, None] * d.sae.W_dec[act[:, 1]], self.error_values[name]])
 
+    def writers_by_position(self) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+        """Each site's (and EMBED's) write vectors grouped by position: (position, their indices in
+        `nodes`, the vectors [n, d]). Computed once per prompt."""
+        if self._writers is None:
+            self._writers = {}
+            for name in [EMBED, *self.order]:
+                vectors, positions = self.write_vectors(name), self.node_positions(name)
+                order = torch.argsort(positions, stable=True)
+                counts = torch.bincount(positions, minlength=self.n_pos).tolist()
+                self._writers[name] = [(p, self.offsets[name] + cols, vectors[cols])
+                                       for p, cols in enumerate(order.split(counts)) if len(cols)]
+        return self._writers
+
     def node_positions(self, name: str) -> torch.Tensor:
-        """The position of each node of a site, in `nodes` order."""
+        """The position of each node of a site (or EMBED), in `nodes` order."""
+        if name == EMBED:
+            return torch.arange(self.n_pos)
         return torch.cat([self.active[name][:, 0], torch.arange(self.n_pos)])
 
     def upstream(self, layer: int, component: str = "attn") -> list[str]:
@@ -221,20 +242,34 @@ class Replacement:
             stop -= 1
         return self.order[:stop]
 
-    def normalise(self, x: torch.Tensor, ln, scale: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor, ln, scale: torch.Tensor | float, weight: bool = True) -> torch.Tensor:
         """The linear part of a frozen LayerNorm/RMSNorm `ln` at the given scale [.., 1]: centring (LN),
-        division by the frozen scale, and the learned weight (its bias is not linear: see `ln_bias`)."""
+        division by the frozen scale, and the learned weight unless `weight` is False (the bias is not
+        linear: see `ln_bias`)."""
         kind = self.model.cfg.normalization_type
         if kind is None:
             return x
         if kind.startswith("LN"):
             x = x - x.mean(-1, keepdim=True)
         x = x / scale
-        return x * ln.w if kind in ("LN", "RMS") else x
+        return x * ln.w if weight and kind in ("LN", "RMS") else x
 
-    def ln_scale(self, layer: int, positions) -> torch.Tensor | float:
-        """Block `layer`'s frozen attention-input LayerNorm scale at some positions (1 without one)."""
-        scale = self.frozen.get(ln_scale_hook(layer))
+    def normalise_transpose(self, y: torch.Tensor, ln, scale: torch.Tensor | float, weight: bool = True
+                            ) -> torch.Tensor:
+        """The transpose of `normalise`: what a reading vector y of the normalised stream reads of the
+        stream itself (the weight, then the division, then the centring, which is symmetric)."""
+        kind = self.model.cfg.normalization_type
+        if kind is None:
+            return y
+        if weight and kind in ("LN", "RMS"):
+            y = y * ln.w
+        y = y / scale
+        return y - y.mean(-1, keepdim=True) if kind.startswith("LN") else y
+
+    def ln_scale(self, layer: int | None, positions, norm: str = "ln1") -> torch.Tensor | float:
+        """A frozen LayerNorm scale at some positions (1 in a model without LayerNorm): block `layer`'s
+        before attention (ln1) or the MLP (ln2), or the final one (layer None)."""
+        scale = self.frozen.get(ln_scale_hook(layer, norm))
         return 1.0 if scale is None else scale[0, positions]
 
     def ln_bias(self, ln) -> torch.Tensor | float:
