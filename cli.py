@@ -393,9 +393,25 @@ def _checkpoint_and_dictionaries(model_name: str, device: str, dtype: str, dicti
     return handle, dicts
 
 
+MODEL_OPTIONS = [
+    click.option("--model", "model_name", metavar="PATH_OR_NAME",
+                 help="a Hugging Face checkpoint directory, or a TransformerLens model name in the local Hugging Face "
+                      "cache, instead of the zoo (with --prompt and --dictionaries)"),
+    click.option("--dictionaries", "dictionary_set", type=click.Path(path_type=Path),
+                 help="with --model: a directory of its dictionaries (SAELens or dictionary_learning layout)"),
+    click.option("--dictionary-spec", type=click.Path(path_type=Path),
+                 help="JSON file mapping the set's folders to submodules, for layouts that cannot be guessed"),
+    click.option("--device", type=Choices("compute.models.checkpoints:DEVICES"), default="cpu", show_default=True,
+                 help="with --model: where it runs"),
+    click.option("--dtype", type=Choices("compute.models.checkpoints:DTYPES"), default="float32", show_default=True,
+                 help="with --model: its weights' type"),
+]
+
+
 def _local_options(f):
     for opt in reversed([
         ZOO,
+        *MODEL_OPTIONS,
         click.option("--node-budget", default=48, show_default=True, type=POSITIVE,
                      help="nodes kept (features, error terms, embeddings), by influence on the root"),
         click.option("--edge-budget", default=256, show_default=True, type=POSITIVE,
@@ -417,13 +433,31 @@ def _graph_params(node_budget: int, edge_budget: int, threshold: float, qk_score
     return GraphParams(node_budget=node_budget, edge_budget=edge_budget, threshold=threshold, qk_scores=qk_scores)
 
 
-def _zoo_local(zoo_name: str):
-    """The zoo (a handle) and its local replacement dictionaries: transcoders and attention SAEs."""
+def _local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
+                 device: str, dtype: str, prompts: list[str]):
+    """(model handle, zoo or None, transcoders, attention SAEs by layer): the zoo's, or a checkpoint's
+    from its dictionary set (which must hold a transcoder at every MLP and an SAE at every attention
+    output; the replacement model names what is missing)."""
     from compute.jobs.local import zoo_local_set
 
-    zoo, _, _ = _zoo_and_dictionaries(zoo_name)
-    click.echo("MLP transcoders and attention SAEs (trained on first use, then cached) ...", err=True)
-    return zoo, *zoo_local_set(zoo)
+    if model_name is None:
+        if dictionary_set or dictionary_spec:
+            raise UserError("--dictionaries and --dictionary-spec go with --model")
+        zoo, _, _ = _zoo_and_dictionaries(zoo_name)
+        click.echo("MLP transcoders and attention SAEs (trained on first use, then cached) ...", err=True)
+        return zoo.handle, zoo, *zoo_local_set(zoo)
+    if dictionary_set is None:
+        raise UserError("--model needs --dictionaries DIR (its MLP transcoders and attention SAEs)")
+    from compute.dictionaries.sets import load_set
+    from compute.models.checkpoints import load_checkpoint
+
+    click.echo(f"loading {model_name} ...", err=True)
+    handle = load_checkpoint(model_name, device, dtype)
+    dicts, _ = load_set(dictionary_set, handle, prompts, dictionary_spec, fill=False)
+    by = {(d.site.component, d.site.layer): d for d in dicts.values()}
+    n = handle.model.cfg.n_layers
+    return handle, None, {i: by[("mlp", i)] for i in range(n) if ("mlp", i) in by}, \
+        {i: by[("attn", i)] for i in range(n) if ("attn", i) in by}
 
 
 @main.command()
@@ -436,7 +470,8 @@ def _zoo_local(zoo_name: str):
 @_local_options
 @click.pass_obj
 def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples: int, target: str | None,
-              zoo_name: str, fmt: str, **options):
+              zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
+              device: str, dtype: str, fmt: str, **options):
     """Attribution graph of a prompt (or a task) in the local replacement model, committed as a circuit."""
     import catalog
     from compute.jobs.local import prompt_job, task_job
@@ -445,15 +480,18 @@ def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples:
         raise UserError("give either --prompt or --task")
     if task_name is not None and target is not None:
         raise UserError("--target goes with --prompt (a task's root is each example's answer logit difference)")
+    if task_name is not None and model_name is not None:
+        raise UserError("--task names a zoo task; with --model give --prompt")
     params = _graph_params(**options)
     cat = catalog.init(path)
-    zoo, transcoders, attention = _zoo_local(zoo_name)
+    handle, zoo, transcoders, attention = _local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
+                                                       dtype, [prompt] if prompt else [])
     if task_name is not None:
         if task_name not in zoo.tasks:
             raise UserError(f"unknown task {task_name!r}; zoo tasks: {', '.join(sorted(zoo.tasks))}")
-        circuit_id, graphs = task_job(cat, zoo.handle, transcoders, attention, zoo.tasks[task_name], n_examples, params)
+        circuit_id, graphs = task_job(cat, handle, transcoders, attention, zoo.tasks[task_name], n_examples, params)
     else:
-        circuit_id, g = prompt_job(cat, zoo.handle, transcoders, attention, prompt, target, params)
+        circuit_id, g = prompt_job(cat, handle, transcoders, attention, prompt, target, params)
         graphs = [g]
     kept = cat.sql("SELECT count(*) AS n FROM edges WHERE circuit_id = ? AND kind = 'attribution'", [circuit_id])
     click.echo(f"circuit {circuit_id}: {len(graphs)} prompt(s), root {graphs[0].root.site} "
@@ -480,8 +518,9 @@ def _local_nodes(cat, circuit_id: str):
 @click.option("--position", type=int, default=-1, show_default=True, help="token position (negative: from the end)")
 @_local_options
 @click.pass_obj
-def explain(path: Path, site_name: str, feature: int, prompt: str, position: int, zoo_name: str, fmt: str,
-            **options):
+def explain(path: Path, site_name: str, feature: int, prompt: str, position: int, zoo_name: str,
+            model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None, device: str, dtype: str,
+            fmt: str, **options):
     """Why a feature fires here: its local circuit (SITE is attn_LAYER or mlp_LAYER), committed as a circuit."""
     import pandas as pd
 
@@ -491,8 +530,9 @@ def explain(path: Path, site_name: str, feature: int, prompt: str, position: int
 
     params = _graph_params(**options)
     cat = catalog.init(path)
-    zoo, transcoders, attention = _zoo_local(zoo_name)
-    circuit_id, g = prompt_job(cat, zoo.handle, transcoders, attention, prompt, f"{site_name}/{feature}@{position}",
+    handle, _, transcoders, attention = _local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
+                                                     dtype, [prompt])
+    circuit_id, g = prompt_job(cat, handle, transcoders, attention, prompt, f"{site_name}/{feature}@{position}",
                                params)
     rep = g.rep
     click.echo(f"circuit {circuit_id}: {node_label(rep, g.root_node)} has pre-activation {g.root_value:+.3f} "

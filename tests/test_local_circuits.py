@@ -144,11 +144,15 @@ def test_threshold_zero_and_infinity_bracket_the_pruned_attribution(rep):
 
 
 def test_batched_targets_give_the_same_attributions_as_one_backward_each(rep):
+    """Direct contributions of a batch (reading vectors, and the vectorised backward pass) against one
+    backward pass of the replacement model per target; hierarchical attribution of 8 copies at once
+    against one copy per target."""
     targets = _targets(rep, per_site=6)
-    for threshold in (DIRECT, 0.05):
-        batched = attribute(rep, targets, threshold=threshold, batch_size=8).scores
-        one = torch.cat([attribute(rep, [t], threshold=threshold, batch_size=1).scores for t in targets])
-        assert ((batched - one).abs().max() / one.abs().max()).item() <= 1e-5
+    one = torch.cat([attribute(rep, [t], engine="autograd").scores for t in targets])
+    for engine in ("readers", "autograd"):
+        assert _rel(attribute(rep, targets, batch_size=8, engine=engine).scores, one) <= 1e-5
+    one = torch.cat([attribute(rep, [t], threshold=0.05).scores for t in targets])
+    assert _rel(attribute(rep, targets, threshold=0.05, batch_size=8).scores, one) <= 1e-5
 
 
 def hand_model():
@@ -394,3 +398,37 @@ def test_a_feature_that_does_not_fire_is_refused_naming_those_that_do(local, zoo
     silent = int((rep.values["mlp_1"][-1] == 0).nonzero()[0, 0])
     r = run_cli("explain", "mlp_1", str(silent), "--prompt", "the dogs near the cat", catalog=cat)
     assert r.returncode == 1 and "does not fire at position" in r.stderr and "that do:" in r.stderr
+
+
+def test_attribute_and_explain_a_checkpoint_with_its_dictionary_set(tmp_path):
+    """A GPT-NeoX checkpoint (parallel attention, rotary) with a set of SAELens transcoders and
+    attention SAEs on disk, found by their configs' hooks."""
+    import shutil
+
+    from checkpoints import write_checkpoint
+
+    from compute.dictionaries.formats import save_dictionary
+    from compute.models.checkpoints import load_checkpoint
+
+    prompt = "the cat near the dogs runs"
+    checkpoint = write_checkpoint(tmp_path / "neox", "neox")
+    model = load_checkpoint(str(checkpoint), progress=False).model
+    transcoders, attention = random_local_dictionaries(model, d_sae=64, seed=2, tokens=model.to_tokens(prompt))
+    for i, d in enumerate([*transcoders.values(), *attention.values()]):
+        save_dictionary(d.sae, tmp_path / "set" / f"dictionary{i}")  # folder names say nothing: the configs place them
+    given = ["--model", str(checkpoint), "--dictionaries", str(tmp_path / "set"), "--prompt", prompt]
+    r = run_cli("attribute", *given, catalog=tmp_path / "cat")
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = _sql(tmp_path / "cat", "SELECT * FROM circuits").iloc[0]
+    assert c.method == "local" and c.model_id.startswith("gptneox-") and c.n_edges > 10
+    rep = Replacement(model, transcoders, attention, model.to_tokens(prompt))
+    feature = int(rep.active["attn_1"][rep.active["attn_1"][:, 0] == rep.n_pos - 1][0, 1])
+    r = run_cli("explain", "attn_1", str(feature), *given, catalog=tmp_path / "cat")
+    assert r.returncode == 0 and "head 1." in r.stdout, r.stderr[-2000:]
+    root = _sql(tmp_path / "cat", "SELECT n.effect FROM nodes n JOIN circuits c USING (circuit_id) "
+                "WHERE c.metric = 'feature' AND n.node_idx = 0").effect[0]
+    assert root == pytest.approx(float(attribute(rep, [feature_target(rep, "attn_1", feature, -1)]).values[0]),
+                                 rel=1e-5)
+    shutil.rmtree(tmp_path / "set" / "dictionary1")  # mlp_1's transcoder
+    r = run_cli("attribute", *given, catalog=tmp_path / "cat")
+    assert r.returncode == 1 and "missing: mlp_1" in r.stderr

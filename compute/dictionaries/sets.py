@@ -1,7 +1,7 @@
 """Dictionary sets: a directory of dictionaries for one model, found, mapped to sites and checked.
 
 A set holds dictionaries in the SAELens layout (`cfg.json` + `sae_weights.safetensors`,
-whose config names the hook) or the dictionary_learning one (`ae.pt` + `config.json`),
+whose config names the hook; a transcoder's names the hook it writes too) or the dictionary_learning one (`ae.pt` + `config.json`),
 at any depth. Each is placed at a site by, in order: the set's spec file
 (`dictionaries.json`: {"relative/folder": "site name or hook name"}), the hook its own
 config names, or its folder's name — which is how the Sparse Feature Circuits Pythia
@@ -101,7 +101,12 @@ def _from_config(folder: Path, fmt: str, n_layers: int, rotary: bool) -> Site | 
     try:
         if fmt == "saelens":
             cfg = json.loads((folder / "cfg.json").read_text())
-            hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or ""
+            meta = cfg.get("metadata") or {}
+            hook = meta.get("hook_name") or cfg.get("hook_name") or ""
+            out = meta.get("hook_name_out") or cfg.get("hook_name_out") or ""
+            at = site_of_equivalent_hook(out, n_layers, not rotary) if out and out != hook else None
+            if at is not None and at.component == "mlp":  # a transcoder: it reads another hook than it writes
+                return Site("mlp", at.layer, at.hook_out, hook)
             return site_of_equivalent_hook(hook, n_layers, not rotary)
         trainer = json.loads((folder / "config.json").read_text()).get("trainer", {})
         name, layer = str(trainer.get("submodule_name") or ""), trainer.get("layer")
@@ -119,7 +124,8 @@ def load_set(root: Path, handle: ModelHandle, prompts: list[str], spec: Path | N
     out: dict[str, TrainedDictionary] = {}
     for f in tqdm(found, desc="dictionaries", disable=not progress, unit="dict", leave=False):
         sae = _read(f, handle.model_id)
-        sae.hook_name = f.site.hook_out  # placed at its site (an equivalent hook holds the same values)
+        if not f.site.hook_in:  # an SAE is placed at its site (an equivalent hook holds the same values)
+            sae.hook_name = f.site.hook_out
         try:
             check_fits(sae, model)
         except UserError as e:
@@ -166,6 +172,7 @@ def _measure(out: Path, handle: ModelHandle, sae: SAE, s: Site, prompts: list[st
 
     model = handle.model
     sae = sae.to(device=model.cfg.device, dtype=model.cfg.dtype)
-    acts = collect_activations(model, [s.hook_out], prompts)[s.hook_out]
-    _save_measured(model, out, s, sae, acts, None, prompts, **({"imported_from": source} if source else {}))
+    acts = collect_activations(model, sorted({s.reads, s.hook_out}), prompts)
+    _save_measured(model, out, s, sae, acts[s.reads], acts[s.hook_out] if s.reads != s.hook_out else None, prompts,
+                   **({"imported_from": source} if source else {}))
 
