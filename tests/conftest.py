@@ -7,6 +7,8 @@ the same cache `make demo` fills, so they are trained at most once per machine.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 import traceback
@@ -74,6 +76,18 @@ def run_cli(*args: str, catalog: Path | None = None, cwd: Path = ROOT, separate:
     if r.exception is not None and not isinstance(r.exception, SystemExit):  # a bug: show its traceback
         stderr += "".join(traceback.format_exception(*r.exc_info))
     return subprocess.CompletedProcess(argv, r.exit_code, r.stdout, stderr)
+
+
+def run_readme_commands(catalog: str, text: str, here: Path) -> list[subprocess.CompletedProcess]:
+    """Run, as written and in order, the README block of `python cli.py --catalog CATALOG ...` commands
+    found in `text`, in the folder `here`; each must succeed. Returns their outputs."""
+    block = re.search(rf"```bash\n(python cli.py --catalog {catalog} .*?)```", text, flags=re.S).group(1)
+    outputs = []
+    for command in re.split(r"\n(?=python cli.py)", block.strip()):
+        r = run_cli(*shlex.split(command)[2:], cwd=here)  # without "python cli.py"
+        assert r.returncode == 0, (command, r.stderr[-2000:])
+        outputs.append(r)
+    return outputs
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,11 @@
 """Editing: ablating features chosen by SQL and measuring the task again."""
 
 import json
-import re
-import shlex
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_readme_commands
 
 from compute.attribution.editing import edit_and_measure
 from compute.attribution.spliced import batch_metric, states
@@ -47,22 +45,11 @@ def test_ablating_silent_features_changes_nothing(zoo, subs, saes):
         assert m.accuracy_after == m.accuracy_before
 
 
-def _readme_commands() -> list[list[str]]:
-    block = re.search(r"```bash\n(python cli.py --catalog shift .*?)```", README, flags=re.S).group(1)
-    commands = re.split(r"\n(?=python cli.py)", block.strip())
-    return [shlex.split(c)[2:] for c in commands]  # drop "python cli.py"
-
-
 @pytest.fixture(scope="module")
 def shift(tmp_path_factory, dicts):
     """The README's SHIFT commands, run as written in a fresh folder."""
     here = tmp_path_factory.mktemp("shift")
-    outputs = []
-    for args in _readme_commands():
-        r = run_cli(*args, cwd=here)
-        assert r.returncode == 0, r.stderr[-2000:]
-        outputs.append(r)
-    return here, outputs
+    return here, run_readme_commands("shift", README, here)
 
 
 def test_removing_the_spurious_cue_raises_worst_group_accuracy(shift):

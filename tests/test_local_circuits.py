@@ -9,13 +9,11 @@ weights and expected values are written here by hand.
 from __future__ import annotations
 
 import math
-import re
-import shlex
 
 import pytest
 import torch
 from checkpoints import random_local_dictionaries
-from conftest import run_cli
+from conftest import run_cli, run_readme_commands
 
 from catalog.errors import UserError
 from compute.local.attribution import DIRECT, attribute, feature_target, logit_target
@@ -262,23 +260,13 @@ def test_refuses_what_it_cannot_make_linear(zoo):
 
 # ---- the command line and the catalogue ------------------------------------------------------------
 
-def _readme_commands() -> list[list[str]]:
-    from test_readme import LOCAL_SECTION
-
-    block = re.search(r"```bash\n(python cli.py --catalog local .*?)```", LOCAL_SECTION, flags=re.S).group(1)
-    return [shlex.split(c)[2:] for c in block.strip().splitlines()]  # drop "python cli.py"
-
-
 @pytest.fixture(scope="module")
 def local(tmp_path_factory, dicts):
     """The README's local-circuit commands, run as written in a fresh folder: (catalogue, outputs)."""
+    from test_readme import LOCAL_SECTION
+
     here = tmp_path_factory.mktemp("local")
-    outputs = []
-    for args in _readme_commands():
-        r = run_cli(*args, cwd=here)
-        assert r.returncode == 0, r.stderr[-2000:]
-        outputs.append(r)
-    return here / "local", outputs
+    return here / "local", run_readme_commands("local", LOCAL_SECTION, here)
 
 
 def _sql(cat, sql, *params):
