@@ -11,7 +11,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -19,38 +18,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CIRCUIT_CACHE", str(ROOT / ".cache"))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def cued_zoo_build(request):
-    """The cued zoo and its dictionaries (the editing tests'), when not cached and those tests run,
-    built in a process of its own from the start of the session, while the default zoo builds
-    here: each build runs on its own pinned kernels and threads, so its weights are the same, and
-    the two builds share the two cores. The editing fixture waits for it (`wait_for`)."""
-    from compute.dictionaries.building import is_built
-    from compute.models.zoo import zoo_config
-
-    wanted = any(Path(item.fspath).name == "test_editing.py" for item in request.session.items)
-    if not wanted or is_built(zoo_config("cued")):
-        yield None
-        return
-    code = ("from compute.dictionaries.building import zoo_with_dictionaries; from compute.models.zoo import "
-            "zoo_config; zoo_with_dictionaries(zoo_config('cued'), progress=False)")
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    proc.log = log
-    yield proc
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait()
-    log.close()
-
-
-def wait_for(build: subprocess.Popen | None) -> None:
-    """Wait for a background build; a failed one fails the test that needed it, with its error."""
-    if build is not None and build.wait() != 0:
-        build.log.seek(0)
-        raise AssertionError(f"the background build failed: {build.log.read()[-2000:]}")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_readme_commands, wait_for
+from conftest import run_cli, run_readme_commands
 
 from compute.attribution.editing import edit_and_measure
 from compute.attribution.spliced import batch_metric, states
@@ -46,10 +46,8 @@ def test_ablating_silent_features_changes_nothing(zoo, subs, saes):
 
 
 @pytest.fixture(scope="module")
-def shift(tmp_path_factory, dicts, cued_zoo_build):
-    """The README's SHIFT commands, run as written in a fresh folder (the cued zoo built beforehand, in
-    the background, by `cued_zoo_build`)."""
-    wait_for(cued_zoo_build)
+def shift(tmp_path_factory, dicts):
+    """The README's SHIFT commands, run as written in a fresh folder."""
     here = tmp_path_factory.mktemp("shift")
     return here, run_readme_commands("shift", README, here)
 

@@ -70,23 +70,16 @@ def zoo_with_dictionaries(config, identity: bool = False, progress: bool = True)
     """The zoo of a configuration with its own dictionaries (and, with `identity`, its identity
     dictionaries): (zoo, dictionaries, identity dictionaries or None). What is not cached yet is
     built in one pinned process, not one per artefact (each costs seconds to start)."""
-    from compute.models.zoo import build_zoo
-
-    if not is_built(config, identity):
-        pinned(_build_zoo_with_dictionaries, config, identity, progress)
-    zoo = build_zoo(config, progress)
-    return zoo, build_dictionaries(zoo, progress=progress), identity_dictionaries(zoo, progress) if identity else None
-
-
-def is_built(config, identity: bool = False) -> bool:
-    """Whether the zoo of a configuration and its dictionaries (and identity ones) are in the cache."""
-    from compute.models.zoo import zoo_path
+    from compute.models.zoo import build_zoo, zoo_path
 
     where = zoo_path(config)
     wanted = [where, cache_path(*_dictionaries_key(where, zoo_dictionaries(config), ()))]
     if identity:
         wanted.append(identity_path(where))
-    return all(p.exists() for p in wanted)
+    if not all(p.exists() for p in wanted):
+        pinned(_build_zoo_with_dictionaries, config, identity, progress)
+    zoo = build_zoo(config, progress)
+    return zoo, build_dictionaries(zoo, progress=progress), identity_dictionaries(zoo, progress) if identity else None
 
 
 def _build_zoo_with_dictionaries(config, identity: bool, progress: bool) -> None:
