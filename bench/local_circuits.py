@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from attribution import sampled_peak_mb, timed  # noqa: E402
 from checkpoints import random_local_dictionaries  # noqa: E402
 
-from compute.local.attribution import _node_scores, attribute, feature_target, logit_target  # noqa: E402
+from compute.local.attribution import _node_scores, _values, attribute, feature_target, logit_target  # noqa: E402
 from compute.local.graph import GraphParams, prompt_graph  # noqa: E402
 from compute.local.replacement import Replacement  # noqa: E402
 from schema.sites import block_input  # noqa: E402
@@ -93,8 +93,9 @@ def run(name, model, transcoders, attention, tokens, args) -> None:
         t = rep.trace(1, "direct")
         leaves = [t.embed, *(t.outputs[n] for n in rep.order)]
         rows = []
+        row = torch.zeros(1, dtype=torch.long)
         for tg in targets:
-            grads = torch.autograd.grad(tg.value(rep, t, 0), leaves, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(_values(rep, t, [tg], row)[0], leaves, retain_graph=True, allow_unused=True)
             rows.append(_node_scores(rep, [None if g is None else g[:1] for g in grads], {}, True, 1))
         return torch.cat(rows)
 

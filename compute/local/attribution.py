@@ -15,9 +15,10 @@ into the residual stream; the target's gradient g there gives the node's attribu
 - **OV edges** split a direct contribution into an attention feature per head and source
   position: a_u x pattern[h, d, s] x (w_u . frozen LN . W_V[h] W_O[h] . encoder row).
 
-Targets are batched: each copy of the prompt in one trace carries its own target, and one
-backward pass gives every target's attributions. Memory grows with the targets in a batch and
-the active nodes, never with nodes x nodes.
+Targets are batched. Direct contributions come from reading vectors, with no backward pass
+(see `attribute`); hierarchical attribution runs one copy of the prompt per target, each with
+its own detachments. Memory grows with the targets in a batch and the active nodes, never with
+nodes x nodes.
 """
 
 from __future__ import annotations
@@ -43,13 +44,6 @@ class Target:
     feature: int
     position: int
     minus: int | None = None
-
-    def value(self, rep: Replacement, t: Trace, row: int) -> torch.Tensor:
-        """The target's value in row `row` of a trace."""
-        if self.site == "logit":
-            v = t.logits[row, self.position, self.feature]
-            return v if self.minus is None else v - t.logits[row, self.position, self.minus]
-        return rep.pre_activation(self.site, t.inputs[self.site][row, self.position], self.feature)
 
     @property
     def component_layer(self) -> tuple[str, int]:
@@ -135,12 +129,12 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
         rows = slice(start, start + len(chunk))
         recorded.clear()
         if direct:  # every target reads the one copy; row i of the batched gradient is target i's
-            value = _values(rep, t, chunk)
+            value = _values(rep, t, chunk, torch.zeros(len(chunk), dtype=torch.long))
             grads = torch.autograd.grad(value, wanted, grad_outputs=torch.eye(len(chunk)), is_grads_batched=True,
                                         retain_graph=True, allow_unused=True)
             grads = [None if g is None else g[:, 0] for g in grads]
         else:  # each copy carries its own target
-            value = torch.stack([tg.value(rep, t, row) for row, tg in enumerate(chunk)])
+            value = _values(rep, t, chunk, torch.arange(len(chunk)))
             grads = torch.autograd.grad(value.sum(), wanted, retain_graph=True, allow_unused=True)
             grads = [None if g is None else g[:len(chunk)] for g in grads]
         values[rows] = value.detach()
@@ -255,19 +249,19 @@ def _values_and_bias(rep: Replacement, targets: list[Target]) -> tuple[torch.Ten
     """The targets' values and biases (their values with every node at 0), from one trace."""
     if not targets:
         return torch.zeros(0), torch.zeros(0)
-    t = rep.trace(2, "pair")
-    return _values(rep, t, targets), _values(rep, t, targets, row=1)
+    t, rows = rep.trace(2, "pair"), torch.zeros(len(targets), dtype=torch.long)
+    return _values(rep, t, targets, rows), _values(rep, t, targets, rows + 1)
 
 
-def _values(rep: Replacement, t: Trace, chunk: list[Target], row: int = 0) -> torch.Tensor:
-    """The targets' values in one row of a trace, one gather per site (one per target would make
+def _values(rep: Replacement, t: Trace, chunk: list[Target], rows: torch.Tensor) -> torch.Tensor:
+    """Each target's value in its row of a trace, one gather per site (one per target would make
     the vectorised backward fill a copy-sized gradient for every target)."""
     out: list[torch.Tensor | None] = [None] * len(chunk)
     groups: dict[str, list[int]] = {}
     for i, tg in enumerate(chunk):
         groups.setdefault(tg.site, []).append(i)
     for site, idx in groups.items():
-        pos = torch.tensor([chunk[i].position for i in idx])
+        row, pos = rows[idx], torch.tensor([chunk[i].position for i in idx])
         feature = torch.tensor([chunk[i].feature for i in idx])
         if site == "logit":
             v = t.logits[row, pos, feature]
@@ -277,10 +271,7 @@ def _values(rep: Replacement, t: Trace, chunk: list[Target], row: int = 0) -> to
                 other = t.logits[row, pos, torch.tensor([0 if m is None else m for m in minus])]
                 v = v - torch.where(has, other, torch.zeros_like(other))
         else:
-            sae, x = rep.dicts[site].sae, t.inputs[site][row, pos]
-            if sae.apply_b_dec_to_input:
-                x = x - sae.b_dec
-            v = (x * sae.W_enc[:, feature].T).sum(-1) + sae.b_enc[feature]
+            v = rep.pre_activation(site, t.inputs[site][row, pos], feature)
         for j, i in enumerate(idx):
             out[i] = v[j]
     return torch.stack(out)
@@ -349,13 +340,9 @@ def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target])
         # what each head's values at source s send to the targets: sum_d pattern[h, d, s] g_z[d, h]
         sent = torch.einsum("hds,bdhk->bhsk", pattern, g_z[rows])
         for name in [EMBED, *rep.upstream(layer, "attn")]:
-            if name == EMBED:
-                vectors, positions = rep.embed_value, torch.arange(rep.n_pos)
-                first = 0
-            else:
-                vectors, positions = rep.write_vectors(name), rep.node_positions(name)
-                first = rep.offsets[name]
-            v = torch.einsum("nd,hdk->nhk", rep.normalise(vectors, block.ln1, rep.ln_scale(layer, positions)), block.attn.W_V)
+            vectors, positions, first = rep.write_vectors(name), rep.node_positions(name), rep.offsets[name]
+            normalised = rep.normalise(vectors, block.ln1, rep.ln_scale(layer, positions))
+            v = torch.einsum("nd,hdk->nhk", normalised, block.attn.W_V)
             contrib = torch.einsum("nhk,bhnk->bnh", v, sent[:, :, positions])
             out[rows, first:first + len(vectors)] = contrib.detach()
     return out
@@ -364,8 +351,9 @@ def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target])
 @torch.no_grad()
 def _bias(rep: Replacement, targets: list[Target]) -> torch.Tensor:
     """Each target's value with every node at 0: the part of it no node accounts for."""
-    t = rep.trace(1, "zero")
-    return torch.stack([tg.value(rep, t, 0) for tg in targets]) if targets else torch.zeros(0)
+    if not targets:
+        return torch.zeros(0)
+    return _values(rep, rep.trace(1, "zero"), targets, torch.zeros(len(targets), dtype=torch.long))
 
 
 def node_label(rep: Replacement, i: int) -> str:

@@ -54,13 +54,11 @@ class Trace:
     dictionary reads (connected to the nodes upstream: a feature target's value derives from it),
     `outputs` what each site writes into the stream, `z` each attention layer's per-head mixed
     values, `logits` the output. In a direct trace the outputs and `embed` are the leaves; in a
-    live trace `features` feed the stream (a backward hook on each sees its gradient) and the
-    error terms `errors` and `embed` are the leaves."""
+    live trace the features feed the stream (the gate sees them) and the error terms `errors`
+    and `embed` are the leaves."""
 
-    mode: str
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    features: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, torch.Tensor] = field(default_factory=dict)
     embed: torch.Tensor | None = None
     z: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -142,7 +140,7 @@ class Replacement:
         """
         if mode not in TRACE_MODES:
             raise ValueError(f"mode {mode!r}: choose from {', '.join(TRACE_MODES)}")
-        t = Trace(mode)
+        t = Trace()
         model, frozen = self.model, self.frozen
         pending: dict[str, torch.Tensor] = {}
 
@@ -166,7 +164,6 @@ class Replacement:
                 t.inputs[name] = x
                 if mode == "live":
                     f = d.sae.activation(d.sae.pre_activation(x))
-                    t.features[name] = f
                     pending[name] = f if gate is None else gate(name, f)
                 return write(name)(x, hook) if d.hook_in == d.site.hook_out else x
             return fn
@@ -198,13 +195,13 @@ class Replacement:
             t.logits = model.run_with_hooks(self.tokens.expand(batch, -1), fwd_hooks=hooks)
         return t
 
-    def pre_activation(self, name: str, x: torch.Tensor, feature: int) -> torch.Tensor:
-        """One feature's pre-activation from its dictionary's input (one column of the encoder:
-        a target's backward never goes through the whole encoder)."""
+    def pre_activation(self, name: str, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Some features' pre-activations, each from its own row of the dictionary's input x [n, d]:
+        only their encoder columns (a target's backward never goes through the whole encoder)."""
         sae = self.dicts[name].sae
         if sae.apply_b_dec_to_input:
             x = x - sae.b_dec
-        return x @ sae.W_enc[:, feature] + sae.b_enc[feature]
+        return (x * sae.W_enc[:, features].T).sum(-1) + sae.b_enc[features]
 
     def write_vectors(self, name: str) -> torch.Tensor:
         """What each node of a site (or EMBED) writes into the residual stream on this prompt, in
