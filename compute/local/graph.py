@@ -59,12 +59,12 @@ def prompt_graph(rep: Replacement, root: Target, params: GraphParams | None = No
                  progress: bool = False) -> PromptGraph:
     """Attribute the root, keep the most influential nodes, and their strongest edges."""
     p = params or GraphParams()
-    influence = attribute(rep, [root], threshold=p.threshold).scores[0]
+    a = attribute(rep, [root], threshold=p.threshold)
+    influence = a.scores[0]
     root_node = rep.index.get(Node(root.site, root.feature, root.position), ROOT) if root.site != "logit" else ROOT
     order = torch.argsort(influence.abs(), descending=True)
     kept = [i for i in order[:p.node_budget].tolist() if influence[i] != 0 and i != root_node]
-    root_value = float(attribute(rep, [root]).values[0])
-    g = PromptGraph(rep, root, root_value, root_node, influence, kept)
+    g = PromptGraph(rep, root, float(a.values[0]), root_node, influence, kept)
     _edges(g, p, progress)
     _qk(g, p)
     return g
