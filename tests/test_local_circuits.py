@@ -362,6 +362,8 @@ def test_the_readme_queries_of_the_local_section_return_rows(local):
     (["attribute", "--prompt", "the cat", "--task", "ioi"], "either --prompt or --task"),
     (["attribute", "--prompt", "the dogs near the cat", "--target", "logit:runs runs"], "2 tokens"),
     (["attribute", "--prompt", "the dogs near the cat", "--target", "mlp_1/x@3"], "give logit:TOKEN"),
+    (["attribute", "--prompt", "the dogs near the cat", "--target", "logit:zebra"], "'zebra' is a word"),
+    (["attribute", "--prompt", "the zebra near the cat"], "does not know: zebra"),
     (["attribute", "--prompt", " ".join(["the cat"] * 20)], "at most 24"),
     (["attribute", "--task", "nope"], "unknown task"),
     (["explain", "resid_0", "3", "--prompt", "the dogs near the cat"], "no dictionary at 'resid_0'"),

@@ -27,7 +27,7 @@ from compute.local.graph import ROOT, GraphParams, PromptGraph, prompt_graph
 from compute.local.qk import BIAS
 from compute.local.replacement import EMBED, Replacement
 from compute.models.handle import ModelHandle
-from compute.tasks import Task, tokenize
+from compute.tasks import Task, encode, tokenize, unknown_token
 from schema.derive import columns_to_arrow
 from schema.sites import ERROR, METRIC, block_input, site, transcoder_site
 
@@ -78,20 +78,31 @@ def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
 
 
 def _token(model, text: str) -> int:
+    """The one token a target names; a text of several tokens or an unknown word is refused."""
     ids = tokenize(model, text, bos=False)
     if len(ids) != 1:
         raise UserError(f"{text!r} is {len(ids)} tokens for this model's tokenizer, not one")
+    if ids[0] == unknown_token(model):
+        raise UserError(f"{text!r} is a word this model's tokenizer does not know")
     return ids[0]
 
 
-def prompt_task(model, prompt: str) -> Task:
-    """A prompt as a task of one example (its name is a hash of the prompt)."""
+def check_prompt(model, prompt: str) -> None:
+    """Refuse a prompt the model cannot read as given: empty, longer than its context, or with words
+    its tokenizer does not know (they would become the unknown token)."""
     if not prompt.strip():
         raise UserError("the prompt is empty")
-    n_ctx, n = model.cfg.n_ctx, len(tokenize(model, prompt))
-    if n > n_ctx:
-        raise UserError(f"the prompt is {n} tokens; the model reads at most {n_ctx}")
-    answer = model.to_string(model(model.to_tokens(prompt))[0, -1].argmax().reshape(1))
+    ids = tokenize(model, prompt)
+    if len(ids) > model.cfg.n_ctx:
+        raise UserError(f"the prompt is {len(ids)} tokens; the model reads at most {model.cfg.n_ctx}")
+    unk = unknown_token(model)
+    if unk is not None and unk in ids[1:]:
+        words = [w for w in prompt.split() if tokenize(model, w, bos=False) == [unk]]
+        raise UserError(f"the prompt has words this model's tokenizer does not know: {', '.join(words)}")
+
+
+def prompt_task(prompt: str, answer: str) -> Task:
+    """A prompt as a task of one example (its name is a hash of the prompt), with the model's answer."""
     name = "prompt-" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
     return Task(name, [{"clean_prefix": prompt, "clean_answer": answer}], "prompt", prompt)
 
@@ -100,8 +111,9 @@ def prompt_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: 
                target: str | None, params: GraphParams, progress: bool = True) -> tuple[str, PromptGraph]:
     """One prompt's attribution graph, committed as one run (a circuit of one example)."""
     model = handle.model
-    task = prompt_task(model, prompt)
+    check_prompt(model, prompt)
     rep = Replacement(model, transcoders, attention, model.to_tokens(prompt))
+    task = prompt_task(prompt, model.to_string(rep.logits[0, -1].argmax().reshape(1)))
     root, metric = parse_root(rep, target)
     cat.check_task(task.name, task.content_hash)
     row = run_row("attribute", {**asdict(params), "prompt": prompt, "target": target})
@@ -117,29 +129,38 @@ def prompt_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: 
 
 
 def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: dict, task: Task, n_examples: int,
-             params: GraphParams, progress: bool = True) -> tuple[str, list[PromptGraph]]:
-    """A task's local circuit: each train example's graph of logit(clean answer) - logit(patch
-    answer) on its clean prompt, and their mean (node influences and edge weights), one run."""
-    model = handle.model
-    cat.check_task(task.name, task.content_hash)
-    examples = task.split("train")[:n_examples]
-    if not examples or not task.has_patch:
-        raise UserError(f"task {task.name}: a local circuit needs train examples with patch answers")
-    row = run_row("attribute", {**asdict(params), "task": task.name, "n_examples": len(examples)})
-    graphs = []
+               params: GraphParams, progress: bool = True) -> tuple[str, list[PromptGraph]]:
+    """A task's local circuit: each usable train example's graph of logit(clean answer) -
+    logit(patch answer) on its clean prompt, and their mean (node influences and edge weights),
+    one run. Examples are read as discovery reads them (`encode`: what cannot be used is dropped
+    and counted)."""
     from tqdm.auto import tqdm
 
+    model = handle.model
+    cat.check_task(task.name, task.content_hash)
+    if not task.has_patch:
+        raise UserError(f"task {task.name}: a local circuit needs examples with patch answers")
+    data = encode(model, task, "train", n_examples)
+    if data.n_examples == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
+        raise UserError(f"task {task.name}: no usable examples ({reasons})")
+    row = run_row("attribute", {**asdict(params), "task": task.name, "n_examples": data.n_examples,
+                                "dropped": data.dropped})
+    examples = [(int(b.example_idx[i]), b.clean[i], int(b.clean_answer[i]), int(b.patch_answer[i]))
+                for b in data.batches for i in range(len(b))]
+    graphs = []
     with run(cat, row) as w:
         dicts = _dicts(transcoders, attention)
-        for idx, e in tqdm(examples, desc=f"{task.name}: prompts", unit="prompt", disable=not progress):
-            rep = Replacement(model, transcoders, attention, model.to_tokens(e["clean_prefix"]))
-            root = logit_target(rep, _token(model, e["clean_answer"]), minus=_token(model, e["patch_answer"]))
-            graphs.append(prompt_graph(rep, root, params))
+        for idx, tokens, answer, other in tqdm(examples, desc=f"{task.name}: prompts", unit="prompt",
+                                               disable=not progress):
+            rep = Replacement(model, transcoders, attention, tokens)
+            graphs.append(prompt_graph(rep, logit_target(rep, answer, minus=other), params))
             _write_activations(w, task.name, idx, rep, dicts)
         circuit_id = new_id("circuit")
         write_model_and_dictionaries(w, handle, dicts)
         write_task(w, handle, task)
-        _write_graph(w, circuit_id, row["run_id"], handle, task, graphs, "answer_logit_diff", params, dicts)
+        _write_graph(w, circuit_id, row["run_id"], handle, task, graphs, "answer_logit_diff", params, dicts,
+                     sum(data.dropped.values()))
     return circuit_id, graphs
 
 
@@ -167,7 +188,7 @@ def _node_key(rep: Replacement, i: int, positions: bool, one_prompt: bool = True
 
 
 def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle, task: Task,
-                 graphs: list[PromptGraph], metric: str, params: GraphParams, dicts: dict) -> None:
+                 graphs: list[PromptGraph], metric: str, params: GraphParams, dicts: dict, n_dropped: int = 0) -> None:
     """Nodes (the union of the graphs' kept nodes, with the mean influence), edges (mean direct
     contributions and their OV split; QK for a single prompt) and the circuit's row."""
     n_layers = handle.model.cfg.n_layers
@@ -215,7 +236,7 @@ def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle
     w.write("circuits", [{
         "circuit_id": circuit_id, "run_id": run_id, "model_id": handle.model_id, "task_id": task.name,
         "method": METHOD, "aggregation": "none" if positions else "sum", "metric": metric,
-        "node_threshold": params.threshold, "n_examples": len(graphs), "n_dropped": 0,
+        "node_threshold": params.threshold, "n_examples": len(graphs), "n_dropped": n_dropped,
         "metric_clean": effect[root_key], "n_nodes": len(in_circuit), "n_edges": len(kept_pairs),
         "created_at": now(), "evaluation_note": "a local circuit is not ablated: its edges are exact direct "
                                                 "contributions in the replacement model"}])
