@@ -281,43 +281,66 @@ def check(path: Path, move: bool, fmt: str):
         sys.exit(1)
 
 
-def _discovery_options(f):
-    for opt in reversed([
-        click.option("--method", type=Choices("compute.attribution.discovery:METHODS"), default="ig", show_default=True,
-                     help="node effects: integrated gradients, attribution patching or exact patching"),
-        click.option("--steps", "ig_steps", type=POSITIVE,
-                     help="integrated-gradients steps (default 20)"),
-        click.option("--ig-rule", type=Choices("compute.attribution.ig:RULES"),
-                     help="integrated-gradients quadrature (default midpoint; left is Sparse Feature Circuits' "
-                          "left Riemann sum)"),
-        click.option("--aggregation", type=Choices("compute.attribution.discovery:AGGREGATIONS"), default="sum",
-                     show_default=True,
-                     help="sum effects over positions, or keep a node per position (none: keeps only "
-                          "the shortest prompts, as SFC does)"),
-        click.option("--node-threshold", default=0.1, show_default=True, type=THRESHOLD,
-                     help="nodes with |effect| above it are in the circuit"),
-        click.option("--edge-threshold", default=0.01, show_default=True, type=THRESHOLD,
-                     help="edges with |weight| above it are kept"),
-        click.option("--examples", "n_examples", default=64, show_default=True, type=POSITIVE,
-                     help="train examples used"),
-        click.option("--ablation", "ablations", multiple=True, type=Choices("compute.attribution.faithfulness:ABLATIONS"),
-                     help="ablations for the faithfulness sweep (repeatable; default mean)"),
-        click.option("--full-eval", is_flag=True,
-                     help="the full faithfulness sweep: mean, zero and resample ablation, three random node sets "
-                          "per size (the default, mean and one draw, costs less than discovery)"),
-        click.option("--max-memory", type=Size(),
-                     help="memory budget for discovery (e.g. 8G): batches sized to it, and the states of all "
-                          "examples never held at once beyond it"),
-        click.option("--errors", type=Choices("compute.attribution.faithfulness:ERROR_MODES"), default="node",
-                     show_default=True, help="error terms in the faithfulness sweep"),
-        click.option("--no-eval", is_flag=True, help="skip the faithfulness/completeness sweep"),
-    ]):
-        f = opt(f)
-    return f
+def _options(*options):
+    """A decorator applying click options in the order given (as they appear in --help)."""
+    def apply(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
+
+
+_discovery_options = _options(
+    click.option("--method", type=Choices("compute.attribution.discovery:METHODS"), default="ig", show_default=True,
+                 help="node effects: integrated gradients, attribution patching or exact patching"),
+    click.option("--steps", "ig_steps", type=POSITIVE,
+                 help="integrated-gradients steps (default 20)"),
+    click.option("--ig-rule", type=Choices("compute.attribution.ig:RULES"),
+                 help="integrated-gradients quadrature (default midpoint; left is Sparse Feature Circuits' "
+                      "left Riemann sum)"),
+    click.option("--aggregation", type=Choices("compute.attribution.discovery:AGGREGATIONS"), default="sum",
+                 show_default=True,
+                 help="sum effects over positions, or keep a node per position (none: keeps only "
+                      "the shortest prompts, as SFC does)"),
+    click.option("--node-threshold", default=0.1, show_default=True, type=THRESHOLD,
+                 help="nodes with |effect| above it are in the circuit"),
+    click.option("--edge-threshold", default=0.01, show_default=True, type=THRESHOLD,
+                 help="edges with |weight| above it are kept"),
+    click.option("--examples", "n_examples", default=64, show_default=True, type=POSITIVE,
+                 help="train examples used"),
+    click.option("--ablation", "ablations", multiple=True, type=Choices("compute.attribution.faithfulness:ABLATIONS"),
+                 help="ablations for the faithfulness sweep (repeatable; default mean)"),
+    click.option("--full-eval", is_flag=True,
+                 help="the full faithfulness sweep: mean, zero and resample ablation, three random node sets "
+                      "per size (the default, mean and one draw, costs less than discovery)"),
+    click.option("--max-memory", type=Size(),
+                 help="memory budget for discovery (e.g. 8G): batches sized to it, and the states of all "
+                      "examples never held at once beyond it"),
+    click.option("--errors", type=Choices("compute.attribution.faithfulness:ERROR_MODES"), default="node",
+                 show_default=True, help="error terms in the faithfulness sweep"),
+    click.option("--no-eval", is_flag=True, help="skip the faithfulness/completeness sweep"),
+)
 
 
 ZOO = click.option("--zoo", "zoo_name", type=Choices("compute.models.zoo:ZOOS"), default="default", show_default=True,
                    help="zoo model: default, or cued (a spurious preposition cue; task sva_pp_cue)")
+
+
+def _model_options(used_with: str) -> list:
+    """The options that run a command on a checkpoint instead of the zoo."""
+    return [
+        click.option("--model", "model_name", metavar="PATH_OR_NAME",
+                     help="a Hugging Face checkpoint directory, or a TransformerLens model name in the local Hugging "
+                          f"Face cache, instead of the zoo (with {used_with})"),
+        click.option("--dictionaries", "dictionary_set", type=click.Path(path_type=Path),
+                     help="with --model: a directory of its dictionaries (SAELens or dictionary_learning layout)"),
+        click.option("--dictionary-spec", type=click.Path(path_type=Path),
+                     help="JSON file mapping the set's folders to submodules, for layouts that cannot be guessed"),
+        click.option("--device", type=Choices("compute.models.checkpoints:DEVICES"), default="cpu",
+                     show_default=True, help="with --model: where it runs"),
+        click.option("--dtype", type=Choices("compute.models.checkpoints:DTYPES"), default="float32",
+                     show_default=True, help="with --model: its weights' type"),
+    ]
 
 
 @main.command()
@@ -326,19 +349,9 @@ ZOO = click.option("--zoo", "zoo_name", type=Choices("compute.models.zoo:ZOOS"),
               help="JSONL task file in the Sparse Feature Circuits format (repeatable)")
 @click.option("--neurons", is_flag=True, help="use identity dictionaries (neurons as features) instead of SAEs")
 @ZOO
-@click.option("--model", "model_name", metavar="PATH_OR_NAME",
-              help="a Hugging Face checkpoint directory, or a TransformerLens model name in the local Hugging Face "
-                   "cache, instead of the zoo (with --task-file)")
-@click.option("--dictionaries", "dictionary_set", type=click.Path(path_type=Path),
-              help="with --model: a directory of its dictionaries (SAELens or dictionary_learning layout)")
-@click.option("--dictionary-spec", type=click.Path(path_type=Path),
-              help="JSON file mapping the set's folders to submodules, for layouts that cannot be guessed")
+@_options(*_model_options("--task-file"))
 @click.option("--fill/--no-fill", default=True, show_default=True,
               help="with --dictionaries: neurons (identity dictionaries) where the set has no dictionary")
-@click.option("--device", type=Choices("compute.models.checkpoints:DEVICES"), default="cpu", show_default=True,
-              help="with --model: where it runs")
-@click.option("--dtype", type=Choices("compute.models.checkpoints:DTYPES"), default="float32", show_default=True,
-              help="with --model: its weights' type")
 @_discovery_options
 @click.pass_obj
 def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, model_name: str | None,
@@ -364,8 +377,9 @@ def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, m
     for task in tasks:
         cat.check_task(task.name, task.content_hash)
     if model_name is not None:
+        prompts = [e[k] for t in tasks for e in t.examples for k in ("clean_prefix", "patch_prefix") if e.get(k)]
         handle, dicts = _checkpoint_and_dictionaries(model_name, device, dtype, dictionary_set, dictionary_spec,
-                                                     fill, tasks)
+                                                     fill, prompts[:2000])
         _run_tasks(path, handle, dicts, tasks, params, basis="neurons" if neurons else "features")
         return
     zoo, dicts, identity = _zoo_and_dictionaries(zoo_name, neurons)
@@ -377,14 +391,13 @@ def discover(path: Path, task_names, task_files, neurons: bool, zoo_name: str, m
 
 
 def _checkpoint_and_dictionaries(model_name: str, device: str, dtype: str, dictionary_set: Path | None,
-                                 spec: Path | None, fill: bool, tasks):
-    """A checkpoint's handle and its dictionaries (identity ones without a set), measured on the tasks' prompts."""
+                                 spec: Path | None, fill: bool, prompts: list[str]):
+    """A checkpoint's handle and its dictionaries (identity ones without a set), measured on the prompts."""
     from compute.dictionaries.sets import identity_set, load_set
     from compute.models.checkpoints import load_checkpoint
 
     click.echo(f"loading {model_name} ...", err=True)
     handle = load_checkpoint(model_name, device, dtype)
-    prompts = [e[k] for t in tasks for e in t.examples for k in ("clean_prefix", "patch_prefix") if e.get(k)][:2000]
     if dictionary_set is None:
         return handle, identity_set(handle, prompts)
     dicts, filled = load_set(dictionary_set, handle, prompts, spec, fill)
@@ -393,38 +406,20 @@ def _checkpoint_and_dictionaries(model_name: str, device: str, dtype: str, dicti
     return handle, dicts
 
 
-MODEL_OPTIONS = [
-    click.option("--model", "model_name", metavar="PATH_OR_NAME",
-                 help="a Hugging Face checkpoint directory, or a TransformerLens model name in the local Hugging Face "
-                      "cache, instead of the zoo (with --prompt and --dictionaries)"),
-    click.option("--dictionaries", "dictionary_set", type=click.Path(path_type=Path),
-                 help="with --model: a directory of its dictionaries (SAELens or dictionary_learning layout)"),
-    click.option("--dictionary-spec", type=click.Path(path_type=Path),
-                 help="JSON file mapping the set's folders to submodules, for layouts that cannot be guessed"),
-    click.option("--device", type=Choices("compute.models.checkpoints:DEVICES"), default="cpu", show_default=True,
-                 help="with --model: where it runs"),
-    click.option("--dtype", type=Choices("compute.models.checkpoints:DTYPES"), default="float32", show_default=True,
-                 help="with --model: its weights' type"),
-]
-
-
-def _local_options(f):
-    for opt in reversed([
-        ZOO,
-        *MODEL_OPTIONS,
-        click.option("--node-budget", default=48, show_default=True, type=POSITIVE,
-                     help="nodes kept (features, error terms, embeddings), by influence on the root"),
-        click.option("--edge-budget", default=256, show_default=True, type=POSITIVE,
-                     help="edges kept, by how much of the root flows along them"),
-        click.option("--threshold", default=0.0, show_default=True, type=THRESHOLD,
-                     help="hierarchical attribution: features whose attribution is under it pass nothing upstream "
-                          "(0: every path counts)"),
-        click.option("--qk-scores", default=4, show_default=True, type=click.IntRange(min=0),
-                     help="attention scores (the strongest head moves) decomposed into query x key pairs"),
-        FORMAT,
-    ]):
-        f = opt(f)
-    return f
+_local_options = _options(
+    ZOO,
+    *_model_options("--prompt and --dictionaries"),
+    click.option("--node-budget", default=48, show_default=True, type=POSITIVE,
+                 help="nodes kept (features, error terms, embeddings), by influence on the root"),
+    click.option("--edge-budget", default=256, show_default=True, type=POSITIVE,
+                 help="edges kept, by how much of the root flows along them"),
+    click.option("--threshold", default=0.0, show_default=True, type=THRESHOLD,
+                 help="hierarchical attribution: features whose attribution is under it pass nothing upstream "
+                      "(0: every path counts)"),
+    click.option("--qk-scores", default=4, show_default=True, type=click.IntRange(min=0),
+                 help="attention scores (the strongest head moves) decomposed into query x key pairs"),
+    FORMAT,
+)
 
 
 def _graph_params(node_budget: int, edge_budget: int, threshold: float, qk_scores: int):
@@ -448,12 +443,8 @@ def _local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | N
         return zoo.handle, zoo, *zoo_local_set(zoo)
     if dictionary_set is None:
         raise UserError("--model needs --dictionaries DIR (its MLP transcoders and attention SAEs)")
-    from compute.dictionaries.sets import load_set
-    from compute.models.checkpoints import load_checkpoint
-
-    click.echo(f"loading {model_name} ...", err=True)
-    handle = load_checkpoint(model_name, device, dtype)
-    dicts, _ = load_set(dictionary_set, handle, prompts, dictionary_spec, fill=False)
+    handle, dicts = _checkpoint_and_dictionaries(model_name, device, dtype, dictionary_set, dictionary_spec, False,
+                                                 prompts)
     by = {(d.site.component, d.site.layer): d for d in dicts.values()}
     n = handle.model.cfg.n_layers
     return handle, None, {i: by[("mlp", i)] for i in range(n) if ("mlp", i) in by}, \
