@@ -78,6 +78,14 @@ def site_name(component: str, layer: int) -> str:
     return component if component in ("embed", METRIC) else f"{component}_{int(layer)}"
 
 
+def parse_site_name(name: str) -> tuple[str, int]:
+    """(component, layer) of a site name: the inverse of `site_name` (embed: layer -1)."""
+    if name in ("embed", METRIC):
+        return name, -1
+    component, _, layer = name.rpartition("_")
+    return component, int(layer)
+
+
 def row_names(n_layers: int) -> list[str]:
     """Every site name and the metric's, from the embedding up (a circuit picture's rows)."""
     return [s.name for s in sites(n_layers)] + [METRIC]

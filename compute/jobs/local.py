@@ -29,7 +29,7 @@ from compute.local.replacement import EMBED, Replacement
 from compute.models.handle import ModelHandle
 from compute.tasks import Task, encode, tokenize, unknown_token
 from schema.derive import columns_to_arrow
-from schema.sites import ERROR, METRIC, block_input, site, transcoder_site
+from schema.sites import ERROR, METRIC, block_input, parse_site_name, site, transcoder_site
 
 METHOD = "local"  # circuits.method of local circuits (hierarchical attribution in the replacement model)
 # The zoo's MLP transcoders: 1000 steps at twice the SAEs' learning rate reach what 2000 steps at
@@ -225,7 +225,7 @@ def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle
                           keys[k[1]] in in_circuit), key=lambda k: -abs(edges[k]))
     kept_pairs = {k[:2] for k in attribution[:params.edge_budget]}
     rows = [{"src_idx": s, "dst_idx": d, "kind": kind, "weight": wt, "head": h,
-             "head_layer": None if h is None else _layer(keys[d])}
+             "head_layer": None if h is None else parse_site_name(keys[d][0])[1]}
             for (s, d, kind, h), wt in edges.items() if (s, d) in kept_pairs]
     if len(graphs) == 1:
         rows += _qk_rows(g0, keys, index, positions, params.qk_pairs)
@@ -242,28 +242,25 @@ def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle
                                                 "contributions in the replacement model"}])
 
 
-def _layer(key: tuple) -> int:
-    return int(key[0].split("_")[1])
-
-
 def _qk_rows(g: PromptGraph, keys: list, index: dict, positions: bool, n_pairs: int) -> list[dict]:
     """A prompt's decomposed attention scores: the strongest query x key pairs, and every node's
     part on each side, as edges. Nodes not yet in the graph are added as nodes outside the circuit."""
     rows = []
+
+    def idx(node) -> int | None:
+        """A QK node's index among the circuit's nodes (added outside the circuit when new); None for BIAS."""
+        if node == BIAS:
+            return None
+        k = _node_key(g.rep, g.rep.index[node], positions)
+        if k not in index:
+            index[k] = len(keys)
+            keys.append(k)
+        return index[k]
+
     for dst, q in g.qk:
         t = index.get(_node_key(g.rep, dst, positions))
         if t is None:
             continue
-
-        def idx(node) -> int | None:
-            if node == BIAS:
-                return None
-            k = _node_key(g.rep, g.rep.index[node], positions)
-            if k not in index:
-                index[k] = len(keys)
-                keys.append(k)
-            return index[k]
-
         head = {"head_layer": q.layer, "head": q.head, "key_position": q.key}
         for side, nodes, marginals in (("qk_query", q.query_nodes, q.query_marginals),
                                        ("qk_key", q.key_nodes, q.key_marginals)):

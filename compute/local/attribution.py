@@ -30,7 +30,7 @@ import torch
 
 from catalog.errors import UserError
 from compute.local.replacement import EMBED, Replacement, Trace
-from schema.sites import attention_hook, transcoder_input
+from schema.sites import attention_hook, parse_site_name, transcoder_input
 
 DIRECT = math.inf  # the threshold of direct contributions: every feature detached
 
@@ -47,10 +47,7 @@ class Target:
 
     @property
     def component_layer(self) -> tuple[str, int]:
-        if self.site == "logit":
-            return "logit", -1
-        component, layer = self.site.split("_")
-        return component, int(layer)
+        return ("logit", -1) if self.site == "logit" else parse_site_name(self.site)
 
 
 def feature_target(rep: Replacement, site: str, feature: int, position: int) -> Target:

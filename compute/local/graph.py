@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from compute.local.attribution import Target, attribute, feature_target
 from compute.local.qk import QK, qk
 from compute.local.replacement import EMBED, Node, Replacement
+from schema.sites import parse_site_name
 
 ROOT = -1  # the root's index among a graph's edge ends when it is not a node (a logit or logit difference)
 
@@ -109,7 +110,7 @@ def _qk(g: PromptGraph, p: GraphParams) -> None:
     rep, moves, into = g.rep, {}, {}
     for src, dst, head, w in g.ov:
         d = rep.nodes[dst]  # OV edges end at attention features, never at a logit root
-        move = (int(d.site.split("_")[1]), head, d.position, rep.nodes[src].position)
+        move = (parse_site_name(d.site)[1], head, d.position, rep.nodes[src].position)
         flow = abs(w * g.per_unit[dst])  # what of the root the head carries along this edge
         moves[move] = moves.get(move, 0.0) + flow
         into.setdefault(move, {})[dst] = into.get(move, {}).get(dst, 0.0) + flow
