@@ -223,14 +223,35 @@ FROM r JOIN nodes n ON n.circuit_id = cid AND n.node_idx = r.node_idx
 WHERE r.hops > 0 ORDER BY r.hops, abs(n.effect) DESC
 """
 
-_TOP_EXAMPLES = """
+# An example's text (BOS left out) with the token at position {pos} (BOS is 0) in [brackets].
+_MARKED_TEXT = """array_to_string(list_transform(x.clean_tokens[2:],
+           lambda w, i: CASE WHEN i = {pos} THEN '[' || w || ']' ELSE w END), ' ')"""
+
+_TOP_EXAMPLES = f"""
 SELECT a.task_id, a.example_idx, a.position, x.clean_tokens[a.position + 1] AS token, a.value,
-       array_to_string(list_transform(x.clean_tokens[2:],
-           lambda t, i: CASE WHEN i = a.position THEN '[' || t || ']' ELSE t END), ' ') AS text
+       {_MARKED_TEXT.format(pos="a.position")} AS text
 FROM activations a JOIN examples x USING (task_id, example_idx)
 WHERE a.dictionary_id = dict AND a.feature_idx = feature
 QUALIFY row_number() OVER (PARTITION BY a.task_id, a.example_idx ORDER BY a.value DESC, a.position) = 1
 ORDER BY a.value DESC, a.task_id, a.example_idx LIMIT n
+"""
+
+# top_examples of many features in one pass over the activations (a picture's or a page's features).
+_FEATURES_EXAMPLES = f"""
+WITH wanted AS (SELECT unnest(dicts) AS dictionary_id, unnest(features) AS feature_idx),
+best AS (
+    SELECT a.dictionary_id, a.feature_idx, a.task_id, a.example_idx, a.position, a.value
+    FROM activations a SEMI JOIN wanted USING (dictionary_id, feature_idx)
+    QUALIFY row_number() OVER (PARTITION BY a.dictionary_id, a.feature_idx, a.task_id, a.example_idx
+                               ORDER BY a.value DESC, a.position) = 1),
+top AS (
+    SELECT * FROM best
+    QUALIFY row_number() OVER (PARTITION BY dictionary_id, feature_idx
+                               ORDER BY value DESC, task_id, example_idx) <= n)
+SELECT b.dictionary_id, b.feature_idx, b.task_id, b.example_idx, b.position,
+       x.clean_tokens[b.position + 1] AS token, b.value, {_MARKED_TEXT.format(pos="b.position")} AS text
+FROM top b JOIN examples x USING (task_id, example_idx)
+ORDER BY b.dictionary_id, b.feature_idx, b.value DESC, b.task_id, b.example_idx
 """
 
 # A circuit's basis: 'neurons' over identity dictionaries, 'parameters' over parameter-space
@@ -381,6 +402,9 @@ NAMED_QUERIES = [
                _NEIGHBOURS.format(frm="src_idx", to="dst_idx")),
     NamedQuery("top_examples", "dict, feature, n := 10",
                "a feature's top activating examples: the prompt, its strongest token in [brackets]", _TOP_EXAMPLES),
+    NamedQuery("features_examples", "dicts, features, n := 10",
+               "top_examples of many features at once (a list of dictionary ids and one of feature indices), "
+               "n per feature", _FEATURES_EXAMPLES),
     NamedQuery("circuit_list", "", "every circuit with its basis, size, total effect, faithfulness and accuracy",
                _CIRCUIT_LIST),
     NamedQuery("nodes_for_faithfulness", "level := 0.8, under := 'mean'",

@@ -3,8 +3,10 @@
 Layers are rows, from the embedding at the bottom to the metric at the top; token positions
 are columns when effects are per position. A node's colour is its effect (red positive, blue
 negative; error terms are squares), an edge's width its |weight| (red positive, blue
-negative). Hovering a node shows its label, density and top activating examples. A diff
+negative). Each feature carries a short label, the tokens it fires on most in its top
+examples; hovering a node shows its human label, density and top activating examples. A diff
 colours nodes and edges by status: added green, removed red, changed amber, same grey.
+The explorer (`catalog.explorer`) draws the same SVG (`to_svg`) inside its pages.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ class DrawNode:
     square: bool
     title: str
     css: str = ""
+    label: str = ""  # a few characters under (or over) the node: the feature's top tokens
+    node_idx: int | None = None  # the node's row in `nodes` (a circuit's picture; None in a diff)
     x: float = 0.0
     y: float = 0.0
+    label_above: bool = False  # neighbours' labels alternate below and above, so they do not overlap
 
 
 @dataclass
@@ -46,6 +51,7 @@ class DrawEdge:
     width: float
     colour: str
     title: str
+    strength: float = 0.0  # |weight| (the larger of both circuits' in a diff), for thresholds
 
 
 @dataclass
@@ -76,7 +82,7 @@ def _row(r) -> str:
     return site_name(r.component, r.layer)
 
 
-def _effect_colour(v: float, lim: float) -> str:
+def effect_colour(v: float, lim: float) -> str:
     """Diverging white -> red (positive) / blue (negative), by |v| / lim."""
     t = min(abs(v) / lim, 1.0) if lim > 0 else 0.0
     end = (192, 57, 43) if v >= 0 else (47, 109, 181)
@@ -84,31 +90,50 @@ def _effect_colour(v: float, lim: float) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
-def _examples(cat: Catalog, nodes: pd.DataFrame, n: int = 3) -> dict[tuple, list[str]]:
-    """Top activating examples of the drawn features: 'text (value)' lines per (dictionary, feature)."""
+@dataclass
+class Examples:
+    """The drawn features' top activating examples, per (dictionary_id, feature_idx)."""
+    lines: dict[tuple, list[str]]  # 'text with the [token] marked (value)'
+    tokens: dict[tuple, list[str]]  # the marked tokens, strongest example first
+
+    def label(self, key: tuple, max_chars: int = 9) -> str:
+        """A short label: the distinct tokens the feature fires on most, joined by '/', cut to max_chars."""
+        text = "/".join(dict.fromkeys(self.tokens.get(key, [])))
+        return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def _examples(cat: Catalog, nodes: pd.DataFrame, n: int = 3) -> Examples:
+    """Top activating examples of the drawn features (n each)."""
     feats = nodes[nodes.feature_idx.notna()][["dictionary_id", "feature_idx"]].drop_duplicates()
+    out = Examples({}, {})
     if feats.empty:
-        return {}
-    df = cat.sql("""
-        WITH f AS (SELECT unnest(?::VARCHAR[]) AS dictionary_id, unnest(?::BIGINT[]) AS feature_idx)
-        SELECT f.dictionary_id, f.feature_idx, t.value, t.text
-        FROM f, top_examples(f.dictionary_id, f.feature_idx, n := ?) t
-        ORDER BY f.dictionary_id, f.feature_idx, t.value DESC""",
+        return out
+    df = cat.sql("SELECT * FROM features_examples(?::VARCHAR[], ?::BIGINT[], n := ?)",
                  [feats.dictionary_id.tolist(), feats.feature_idx.astype(int).tolist(), n])
-    out: dict[tuple, list[str]] = {}
     for r in df.itertuples():
-        out.setdefault((r.dictionary_id, int(r.feature_idx)), []).append(f"{r.text} ({r.value:.2f})")
+        key = (r.dictionary_id, int(r.feature_idx))
+        out.lines.setdefault(key, []).append(f"{r.text} ({r.value:.2f})")
+        out.tokens.setdefault(key, []).append(str(r.token))
     return out
 
 
-def _node_title(r, examples: dict, extra: str = "") -> str:
+def _short_label(r, examples: Examples) -> str:
+    """What is written by a node: 'err' for an error term, the feature's top tokens, else nothing."""
+    if r.is_error:
+        return "err"
+    if pd.isna(r.feature_idx):
+        return ""
+    return examples.label((r.dictionary_id, int(r.feature_idx)))
+
+
+def _node_title(r, examples: Examples, extra: str = "") -> str:
     lines = [node_name(r) + extra]
     if isinstance(getattr(r, "label", None), str) and r.label:
         lines.append(f"label: {r.label}")
     if not pd.isna(getattr(r, "density", float("nan"))):
         lines.append(f"density {r.density:.4f}, max activation {r.max_activation:.3f}")
     if not pd.isna(r.feature_idx):
-        ex = examples.get((r.dictionary_id, int(r.feature_idx)), [])
+        ex = examples.lines.get((r.dictionary_id, int(r.feature_idx)), [])
         lines += ["top examples:", *(f"  {e}" for e in ex)] if ex else ["no stored activations"]
     return "\n".join(lines)
 
@@ -128,8 +153,9 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
     lim = float(nodes[nodes.component != METRIC].effect.abs().max() or 1.0) if len(nodes) else 1.0
     examples = _examples(cat, nodes)
     draw = [DrawNode(_key(r), _row(r), None if pd.isna(r.position) else int(r.position),
-                     "#444444" if r.component == METRIC else _effect_colour(r.effect, lim), bool(r.is_error),
-                     _node_title(r, examples, f"  effect {r.effect:+.3f}")) for r in nodes.itertuples()]
+                     "#444444" if r.component == METRIC else effect_colour(r.effect, lim), bool(r.is_error),
+                     _node_title(r, examples, f"  effect {r.effect:+.3f}"), label=_short_label(r, examples),
+                     node_idx=int(r.node_idx)) for r in nodes.itertuples()]
     by_idx = {int(r.node_idx): _key(r) for r in nodes.itertuples()}
     edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ? AND kind = 'attribution'",
                     [circuit_id])
@@ -137,7 +163,7 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
     wmax = float(edges.weight.abs().max()) if len(edges) else 1.0
     names = {int(r.node_idx): node_name(r) for r in nodes.itertuples()}
     draw_edges = [DrawEdge(by_idx[s], by_idx[d], 0.4 + 5.6 * abs(w) / wmax, POSITIVE if w >= 0 else NEGATIVE,
-                           f"{names[s]} -> {names[d]}: {w:+.4f}") for s, d, w in edges.itertuples(index=False)]
+                           f"{names[s]} -> {names[d]}: {w:+.4f}", abs(w)) for s, d, w in edges.itertuples(index=False)]
     per_position = nodes.position.notna().any()
     return Picture(
         title=f"{c.task_id}: circuit {circuit_id}",
@@ -160,7 +186,8 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_arg
     examples = _examples(cat, nodes)
     draw = [DrawNode(_key(r), _row(r), None if pd.isna(r.position) else int(r.position), STATUS_COLOURS[r.status],
                      bool(r.is_error), _node_title(r, examples, f"  {r.status}: {signed(r.effect_a)} -> "
-                                                                 f"{signed(r.effect_b)}"), css=r.status)
+                                                                 f"{signed(r.effect_b)}"), css=r.status,
+                     label=_short_label(r, examples))
             for r in nodes.itertuples()]
     keys = {n.key for n in draw}
     edges = d.edges
@@ -169,7 +196,7 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_arg
     w = edges.weight_a.abs().fillna(0).combine(edges.weight_b.abs().fillna(0), max)
     wmax = float(w.max()) if len(w) else 1.0
     draw_edges = [DrawEdge(s, t, 0.4 + 5.6 * ww / wmax, STATUS_COLOURS[r.status],
-                           f"{r.status}: {signed(r.weight_a)} -> {signed(r.weight_b)}")
+                           f"{r.status}: {signed(r.weight_a)} -> {signed(r.weight_b)}", float(ww))
                   for s, t, ww, r in zip(src, dst, w, edges.itertuples(), strict=True) if s in keys and t in keys]
     counts = {s: int((d.nodes.status == s).sum()) for s in STATUS_COLOURS}
     per_position = nodes.position.notna().any()
@@ -213,12 +240,14 @@ def layout(p: Picture) -> tuple[int, int, dict[int, tuple[float, float]]]:
         else:
             start = MARGIN_L + (width - MARGIN_L - 40 - len(members) * NODE_W) / 2
         for i, n in enumerate(members):
-            n.x, n.y = start + i * NODE_W + NODE_W / 2, y
+            n.x, n.y, n.label_above = start + i * NODE_W + NODE_W / 2, y, i % 2 == 1
     columns = {q: (left[q], col_w[q]) for q in positions} if positions else {}
     return int(width), int(MARGIN_T + n_rows * ROW_H + 40), columns
 
 
-def to_html(p: Picture) -> str:
+def to_svg(p: Picture) -> str:
+    """The picture as one SVG element (id "circuit"): rows, token columns, edges (weakest first, so the
+    strongest lie on top; each with its |weight| in data-w), nodes with their short labels."""
     width, height, columns = layout(p)
     at = {n.key: n for n in p.nodes}
     e = html.escape
@@ -240,15 +269,21 @@ def to_html(p: Picture) -> str:
         s, d = at[ed.src], at[ed.dst]
         my = (s.y + d.y) / 2
         svg.append(f'<path class="edge" d="M{s.x:.1f},{s.y:.1f} C{s.x:.1f},{my:.1f} {d.x:.1f},{my:.1f} '
-                   f'{d.x:.1f},{d.y:.1f}" stroke="{ed.colour}" stroke-width="{ed.width:.2f}" stroke-opacity="0.55">'
-                   f'<title>{e(ed.title)}</title></path>')
+                   f'{d.x:.1f},{d.y:.1f}" stroke="{ed.colour}" stroke-width="{ed.width:.2f}" stroke-opacity="0.55" '
+                   f'data-w="{float(ed.strength)!r}"><title>{e(ed.title)}</title></path>')
     svg.append("</g>")
     for i, n in enumerate(p.nodes):
         shape = (f'<rect x="{n.x - RADIUS:.1f}" y="{n.y - RADIUS:.1f}" width="{2 * RADIUS}" height="{2 * RADIUS}"'
                  if n.square else f'<circle cx="{n.x:.1f}" cy="{n.y:.1f}" r="{RADIUS}"')
+        idx = "" if n.node_idx is None else f' data-idx="{n.node_idx}"'
+        label = ""
+        if n.label:
+            ly = n.y - RADIUS - 3 if n.label_above else n.y + RADIUS + 9
+            label = (f'<text class="node-label" x="{n.x:.1f}" y="{ly:.1f}" font-size="8" text-anchor="middle" '
+                     f'fill="#333">{e(n.label)}</text>')
         svg.append(f'<g class="node {n.css}" id="n{i}" data-key="{e(json.dumps(list(n.key)))}" '
-                   f'data-x="{n.x:.1f}" data-y="{n.y:.1f}" data-fill="{n.fill}">'
-                   f'{shape} fill="{n.fill}" stroke="#333" stroke-width="0.8"/>'
+                   f'data-x="{n.x:.1f}" data-y="{n.y:.1f}" data-fill="{n.fill}"{idx}>'
+                   f'{shape} fill="{n.fill}" stroke="#333" stroke-width="0.8"/>{label}'
                    f'<title>{e(n.title)}</title></g>')
     legend_x = width - 10
     for colour, label in reversed(p.legend):
@@ -259,7 +294,11 @@ def to_html(p: Picture) -> str:
         svg.append(f'<text x="10" y="{height - 4}" font-size="10" fill="#888">{p.hidden} weaker nodes not drawn '
                    f'(at most the strongest per layer and position)</text>')
     svg.append("</svg>")
-    return PAGE.format(title=e(p.title), svg="\n".join(svg))
+    return "\n".join(svg)
+
+
+def to_html(p: Picture) -> str:
+    return PAGE.format(title=html.escape(p.title), svg=to_svg(p))
 
 
 PAGE = """<!DOCTYPE html>

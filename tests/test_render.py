@@ -100,6 +100,12 @@ def test_demo_circuit_renders_with_labels_density_and_examples(demo_catalog, tmp
     titles = re.findall(r"<title>(.*?)</title>", dom, flags=re.S)
     features = [t for t in titles if re.match(r"(embed|attn_\d|mlp_\d|resid_\d)/\d+  effect", t)]
     assert features and all("density" in t and "top examples:" in t and "[" in t for t in features)
+    # each feature is labelled with the token it fires on most (its top example's marked token)
+    labels = dict(re.findall(r'data-idx="(\d+)">.*?<text class="node-label"[^>]*>([^<]*)</text>', dom))
+    top = cat.sql("SELECT n.node_idx, t.token FROM nodes n, top_examples(n.dictionary_id, n.feature_idx, n := 1) t "
+                  "WHERE n.circuit_id = ? AND n.in_circuit AND NOT n.is_error", [cid])
+    assert len(top) > 10 and all(html_lib.unescape(labels[str(i)]).startswith(tok[:8])
+                                 for i, tok in zip(top.node_idx, top.token, strict=True))
     other = cat.sql("SELECT circuit_of('sva_across_rc') AS c").c[0]
     r = run_cli("render", cid, "--diff", other, "--out", str(tmp_path / "diff.html"), catalog=demo_catalog)
     assert r.returncode == 0, r.stderr
