@@ -734,16 +734,25 @@ def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: st
               help="compare each circuit's k strongest features (default: those in the circuit)")
 @click.option("--matrix", "matrix_csv", type=OutPath(), help="write the feature x circuit effect matrix as CSV")
 @click.option("--out", type=OutPath(), help="draw the matrix and overlaps (PNG)")
+@click.option("--basis", type=Choices("catalog.compare:BASES"),
+              help="compare only circuits over this basis (default: the one they share, else features); "
+                   "'all' mixes features, neurons and parameter directions")
 @FORMAT
 @click.pass_obj
-def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matrix_csv, out, fmt):
-    """Compare circuits: shared and unique features, Jaccard overlap, rank correlation (default: all)."""
+def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matrix_csv, out, basis, fmt):
+    """Compare circuits: shared and unique features, Jaccard overlap, rank correlation (default: all,
+    one basis at a time)."""
     import catalog
     from catalog.compare import compare as compare_circuits
-    from catalog.compare import select_circuits
+    from catalog.compare import select_circuits, split_by_basis
 
     cat = catalog.open(path)
-    ids = select_circuits(cat, circuit_ids, tasks, methods, models, select_sql)
+    ids, left_out, basis = split_by_basis(cat, select_circuits(cat, circuit_ids, tasks, methods, models, select_sql),
+                                          basis)
+    if left_out:
+        click.echo(f"comparing the {len(ids)} circuits over {basis}; left out: "
+                   + ", ".join(f"{n} over {b}" for b, n in left_out.items())
+                   + " (--basis chooses, --basis all mixes them)", err=True)
     cmp = compare_circuits(cat, ids, k)
     labels = cmp.circuits.set_index("circuit_id").label
     pairs = cmp.overlap.assign(a=cmp.overlap.circuit_a.map(labels), b=cmp.overlap.circuit_b.map(labels))

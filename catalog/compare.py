@@ -41,6 +41,29 @@ def select_circuits(cat: Catalog, ids=(), tasks=(), methods=(), models=(), sql: 
     return known.circuit_id[keep].tolist()
 
 
+BASES = ("features", "neurons", "parameters", "all")
+
+
+def split_by_basis(cat: Catalog, ids: list[str], basis: str | None = None) -> tuple[list[str], dict[str, int], str]:
+    """The circuits of one basis, so that features and neurons are never mixed unless asked (basis
+    'all'). With no basis given: the basis all of them share, else 'features' when any circuit has
+    it, else the most common one. Returns (kept ids, {left-out basis: count}, the basis kept)."""
+    if basis is not None and basis not in BASES:
+        raise UserError(f"basis must be one of {', '.join(BASES)}, not {basis!r}")
+    of = cat.sql("SELECT circuit_id, circuit_basis(circuit_id) AS basis FROM circuits "
+                 "WHERE list_contains(?, circuit_id)", [list(ids)]).set_index("circuit_id").basis
+    bases = [of.get(i) or "features" for i in ids]
+    if basis is None:
+        counts = pd.Series(bases).value_counts()
+        basis = ("all" if counts.empty else counts.index[0] if len(counts) == 1
+                 else "features" if "features" in counts else counts.index[0])
+    if basis == "all":
+        return list(ids), {}, basis
+    kept = [i for i, b in zip(ids, bases, strict=True) if b == basis]
+    left_out = pd.Series([b for b in bases if b != basis], dtype=object).value_counts().to_dict()
+    return kept, {str(k): int(v) for k, v in left_out.items()}, basis
+
+
 @dataclass
 class Comparison:
     circuits: pd.DataFrame  # circuit_id, task_id, method, model_id, basis, label (unique, for columns)
