@@ -850,6 +850,29 @@ def render(path: Path, circuit_id: str, other: str | None, out: Path, max_per_ro
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (anything but this machine's loopback shows the catalogue to the network)")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
+@click.pass_obj
+def serve(path: Path, host: str, port: int):
+    """The circuit explorer: a local, read-only web app over the catalogue (circuits, graphs, node
+    dashboards, diffs, comparisons, faithfulness curves, SQL)."""
+    from catalog.explorer import create_app
+    from catalog.explorer import serve as run
+    from compute.dictionaries.dashboards import promoted_for
+
+    app = create_app(path, promoted=promoted_for)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone who can reach it can read the catalogue", err=True)
+
+    def ready(url: str) -> None:
+        click.echo(f"serving {path} at {url} (Ctrl-C stops)", err=False)
+        sys.stdout.flush()
+
+    run(app, host, port, ready)
+
+
+@main.command()
 @click.argument("circuit_id")
 @click.option("--to", "kind", type=Choices("catalog.graph:EXPORTS"), default="circuit-tracer",
               show_default=True, help="graph JSON for circuit-tracer's and Neuronpedia's viewers, or GraphML")

@@ -13,6 +13,7 @@ are never blocked, and the DuckDB file is written only by `init` and migrations.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -334,6 +335,7 @@ def _let_go() -> None:
 
 
 os.register_at_fork(before=_let_go)
+atexit.register(_let_go)  # closed before the interpreter tears DuckDB's bindings down
 
 
 def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:

@@ -97,3 +97,12 @@ def demo_catalog(tmp_path_factory, dicts) -> Path:
     r = run_cli("demo", catalog=path)
     assert r.returncode == 0, r.stderr[-2000:]
     return path
+
+
+@pytest.fixture(scope="session")
+def local(tmp_path_factory, dicts):
+    """The README's local-circuit commands, run as written in a fresh folder: (catalogue, outputs)."""
+    from tests.test_readme import LOCAL_SECTION
+
+    here = tmp_path_factory.mktemp("local")
+    return here / "local", run_readme_commands("local", LOCAL_SECTION, here)

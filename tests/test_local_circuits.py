@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from checkpoints import random_local_dictionaries
-from conftest import run_cli, run_readme_commands
+from conftest import run_cli
 
 from catalog.errors import UserError
 from compute.local.attribution import DIRECT, attribute, feature_target, logit_target
@@ -259,15 +259,6 @@ def test_refuses_what_it_cannot_make_linear(zoo):
 
 
 # ---- the command line and the catalogue ------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory, dicts):
-    """The README's local-circuit commands, run as written in a fresh folder: (catalogue, outputs)."""
-    from test_readme import LOCAL_SECTION
-
-    here = tmp_path_factory.mktemp("local")
-    return here / "local", run_readme_commands("local", LOCAL_SECTION, here)
-
 
 def _sql(cat, sql, *params):
     import catalog

@@ -9,6 +9,7 @@ a query (`top_examples`) and the text is recoverable from `examples`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -79,9 +80,6 @@ class Dashboard:
 def feature_dashboard(cat, dictionary: str, feature: int, n: int = 10) -> Dashboard:
     """Everything `cli.py feature` shows, from the catalogue (the dictionary may be named by a unique
     prefix of its id); promoted tokens need the dictionary's and the model's files."""
-    from compute.dictionaries.formats import load_dictionary
-    from compute.models.zoo import load_model
-
     found = cat.sql("SELECT d.*, m.source FROM dictionaries d LEFT JOIN models m USING (model_id) "
                     "WHERE starts_with(dictionary_id, ?) ORDER BY dictionary_id", [dictionary])
     if found.empty:
@@ -94,9 +92,36 @@ def feature_dashboard(cat, dictionary: str, feature: int, n: int = 10) -> Dashbo
     feat = cat.sql("SELECT density, max_activation, label FROM features WHERE dictionary_id = ? AND feature_idx = ?",
                    [d.dictionary_id, feature]).iloc[0]
     examples = cat.sql("SELECT * FROM top_examples(?, ?, ?)", [d.dictionary_id, feature, n])
-    promoted = []
-    if (d.kind != "parameter" and d.source and Path(d.source, "model.safetensors").is_file()
-            and Path(d.path, "cfg.json").is_file()):
-        promoted = promoted_tokens(load_model(Path(d.source)), load_dictionary(Path(d.path)), feature, n)
+    promoted = _promoted(d, feature, n)
     return Dashboard(d.dictionary_id, d.hook_name, feature, float(feat.density), float(feat.max_activation),
                      feat.label if isinstance(feat.label, str) else None, examples, promoted, d.kind)
+
+
+def promoted_for(cat, dictionary_id: str, feature: int, n: int = 10) -> list[tuple[str, float]]:
+    """The tokens a catalogued feature promotes, [] when its files are not on this machine (the
+    explorer's node dashboards; model and dictionary stay loaded for the next feature)."""
+    found = cat.sql("SELECT d.*, m.source FROM dictionaries d LEFT JOIN models m USING (model_id) "
+                    "WHERE dictionary_id = ?", [dictionary_id])
+    return _promoted(found.iloc[0], feature, n) if len(found) else []
+
+
+def _promoted(d, feature: int, n: int) -> list[tuple[str, float]]:
+    """Promoted tokens of a dictionary row's feature, when the model's and dictionary's files are here."""
+    if (d.kind == "parameter" or not isinstance(d.source, str) or not isinstance(d.path, str)
+            or not Path(d.source, "model.safetensors").is_file() or not Path(d.path, "cfg.json").is_file()):
+        return []
+    return promoted_tokens(_load_model(d.source), _load_dictionary(d.path), feature, n)
+
+
+@lru_cache(maxsize=2)
+def _load_model(source: str):
+    from compute.models.zoo import load_model
+
+    return load_model(Path(source))
+
+
+@lru_cache(maxsize=8)
+def _load_dictionary(path: str):
+    from compute.dictionaries.formats import load_dictionary
+
+    return load_dictionary(Path(path))
