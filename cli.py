@@ -142,6 +142,19 @@ class Choices(click.Choice):
         return tuple(getattr(importlib.import_module(module), name))
 
 
+class FeatureOrTop(click.ParamType):
+    """A feature index (0 or more), or 'top': the strongest at the place asked about."""
+
+    name = "FEATURE|top"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if text == "top" or text.isdigit():
+            return text
+        self.fail(f"{value!r} is neither a feature index (0, 1, ...) nor 'top'", param, ctx)
+
+
+FEATURE_OR_TOP = FeatureOrTop()
 THRESHOLD = Threshold()
 POSITIVE = click.IntRange(min=1)
 
@@ -456,7 +469,7 @@ def _local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | N
 @click.option("--task", "task_name", help="instead of --prompt: a zoo task, the mean of its prompts' graphs")
 @click.option("--examples", "n_examples", default=8, show_default=True, type=POSITIVE,
               help="with --task: train examples used")
-@click.option("--target", help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION; "
+@click.option("--target", help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION (FEATURE top: the strongest there); "
                                 "default the model's top next token")
 @_local_options
 @click.pass_obj
@@ -504,15 +517,16 @@ def _local_nodes(cat, circuit_id: str):
 
 @main.command()
 @click.argument("site_name", metavar="SITE")
-@click.argument("feature", type=click.IntRange(min=0))
+@click.argument("feature", type=FEATURE_OR_TOP)
 @click.option("--prompt", required=True, help="the prompt on which the feature fires")
 @click.option("--position", type=int, default=-1, show_default=True, help="token position (negative: from the end)")
 @_local_options
 @click.pass_obj
-def explain(path: Path, site_name: str, feature: int, prompt: str, position: int, zoo_name: str,
+def explain(path: Path, site_name: str, feature: str, prompt: str, position: int, zoo_name: str,
             model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None, device: str, dtype: str,
             fmt: str, **options):
-    """Why a feature fires here: its local circuit (SITE is attn_LAYER or mlp_LAYER), committed as a circuit."""
+    """Why a feature fires here: its local circuit (SITE is attn_LAYER or mlp_LAYER; FEATURE a number, or
+    'top' for the site's strongest feature at the position), committed as a circuit."""
     import pandas as pd
 
     import catalog

@@ -297,9 +297,6 @@ def test_explain_keeps_the_feature_as_root_and_its_qk_story(local, zoo):
     cat, (_, out, _) = local
     c = _circuit(cat, "feature")
     root = _sql(cat, "SELECT * FROM nodes WHERE circuit_id = ? AND node_idx = 0", c.circuit_id).iloc[0]
-    assert (root.component, root.layer, root.feature_idx, root.position) == ("attn", 1, 356, 14)
-    assert root.effect == pytest.approx(c.metric_clean) and "head 1.3 attends from 14 to 4" in out.stdout
-    # the stored marginals of head 1.3's score are those the decomposition gives on the prompt
     from compute.jobs.local import zoo_local_set
     from compute.local.replacement import Replacement
 
@@ -307,15 +304,28 @@ def test_explain_keeps_the_feature_as_root_and_its_qk_story(local, zoo):
     prompt = _sql(cat, "SELECT clean_prefix FROM examples JOIN circuits USING (task_id) WHERE circuit_id = ?",
                   c.circuit_id).clean_prefix[0]
     rep = Replacement(zoo.model, transcoders, attention, zoo.model.to_tokens(prompt))
-    q = qk(rep, 1, 3, 14, 4)
-    stored = _sql(cat, "SELECT src, weight FROM circuit_edges(?) WHERE kind = 'qk_key' AND head = '1.3' "
-                  "AND key_position = 4 AND dst = 'attn_1/356@14'", c.circuit_id)
-    want = {f"{n.site}/{'err' if n.is_error else n.feature}@{n.position}" if n.site != EMBED else
-            f"embed/{int(rep.tokens[0, n.position])}@{n.position}": float(m)
-            for n, m in zip(q.key_nodes[:-1], q.key_marginals[:-1], strict=True)}
-    assert len(stored) == len(want) and all(abs(want[s] - w) <= 1e-5 for s, w in zip(stored.src, stored.weight,
-                                                                                      strict=True))
-    assert abs(q.pairs.sum().item() - q.score) <= 1e-4 * abs(q.score)
+    # `explain attn_1 top --position 14` explains attn_1's strongest feature there, and says which
+    strongest = int(rep.values["attn_1"][14].argmax())
+    assert (root.component, root.layer, root.feature_idx, root.position) == ("attn", 1, strongest, 14)
+    assert f"attn_1/{strongest}@14 has pre-activation" in out.stderr
+    assert root.effect == pytest.approx(c.metric_clean)
+    # each decomposed head move is printed, and its stored key-side marginals are those the decomposition
+    # gives on the prompt
+    moves = _sql(cat, "SELECT DISTINCT head, key_position FROM circuit_edges(?) WHERE kind = 'qk_key' AND dst_idx = 0",
+                 c.circuit_id)
+    assert len(moves) >= 1
+    for head, key in zip(moves["head"], moves.key_position, strict=True):
+        layer, h = (int(x) for x in head.split("."))
+        assert f"head {head} attends from 14 to {key}" in out.stdout
+        q = qk(rep, layer, h, 14, int(key))
+        stored = _sql(cat, "SELECT src, weight FROM circuit_edges(?) WHERE kind = 'qk_key' AND head = ? "
+                      "AND key_position = ? AND dst_idx = 0", c.circuit_id, head, int(key))
+        want = {f"{n.site}/{'err' if n.is_error else n.feature}@{n.position}" if n.site != EMBED else
+                f"embed/{int(rep.tokens[0, n.position])}@{n.position}": float(m)
+                for n, m in zip(q.key_nodes[:-1], q.key_marginals[:-1], strict=True)}
+        assert len(stored) == len(want) and all(abs(want[s] - w) <= 1e-5 for s, w in zip(stored.src, stored.weight,
+                                                                                          strict=True))
+        assert abs(q.pairs.sum().item() - q.score) <= 1e-4 * abs(q.score)
 
 
 def test_a_task_circuit_is_the_mean_of_its_prompts_and_reads_like_any_circuit(local, tmp_path):

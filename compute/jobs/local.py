@@ -54,7 +54,7 @@ def zoo_local_set(zoo, progress: bool = True) -> tuple[dict[int, TrainedDictiona
 def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
     """A graph's root from its spec, and the metric it names: none (the model's top next token),
     'logit:TOKEN', 'diff:TOKEN:OTHER' (logit(TOKEN) - logit(OTHER)) at the last position, or a
-    feature 'SITE/FEATURE@POSITION' such as mlp_1/12@4."""
+    feature 'SITE/FEATURE@POSITION' such as mlp_1/12@4 (FEATURE 'top': the site's strongest feature there)."""
     model = rep.model
     if spec is None:
         return logit_target(rep, int(rep.logits[0, -1].argmax())), "logit"
@@ -66,7 +66,10 @@ def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
         return logit_target(rep, _token(model, a), minus=_token(model, b)), "logit_diff"
     where, slash, what = spec.partition("/")
     feature, at, position = what.partition("@")
-    if slash and at and feature.isdigit() and position.lstrip("-").isdigit():
+    if slash and at and (feature.isdigit() or feature == "top") and position.lstrip("-").isdigit():
+        if feature == "top":  # the feature with the largest value there (none firing: refused below)
+            at_position = feature_target(rep, where, 0, int(position))
+            feature = str(int(rep.values[at_position.site][at_position.position].argmax()))
         t = feature_target(rep, where, int(feature), int(position))
         if rep.values[t.site][t.position, t.feature] == 0:
             here = rep.values[t.site][t.position]
@@ -74,7 +77,8 @@ def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
             raise UserError(f"{t.site}/{t.feature} does not fire at position {t.position}; "
                             f"features of {t.site} that do: {firing or 'none'}")
         return t, "feature"
-    raise UserError(f"target {spec!r}: give logit:TOKEN, diff:TOKEN:OTHER or SITE/FEATURE@POSITION (e.g. mlp_1/12@4)")
+    raise UserError(f"target {spec!r}: give logit:TOKEN, diff:TOKEN:OTHER or SITE/FEATURE@POSITION (e.g. mlp_1/12@4, "
+                    "or mlp_1/top@4 for the site's strongest feature there)")
 
 
 def _token(model, text: str) -> int:
