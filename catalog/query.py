@@ -9,6 +9,8 @@ which can open no file but the catalogue's shards and whose configuration is loc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import duckdb
 import pandas as pd
 
@@ -71,6 +73,13 @@ def _explained(sql: str) -> str | None:
     while i < len(tokens) and word(i) in ("ANALYZE", "ANALYSE"):
         i += 1
     return sql[tokens[i][0]:] if i < len(tokens) else None
+
+
+def csv_chunks(frames) -> Iterator[str]:
+    """DataFrames (a result's chunks) as CSV text, the header once: the same text `format_frame` writes
+    for the whole result."""
+    for i, df in enumerate(frames):
+        yield df.to_csv(index=False, header=i == 0)
 
 
 def format_frame(df: pd.DataFrame, fmt: str) -> str:

@@ -176,16 +176,49 @@ class Catalog:
     def schema_version(self) -> int:
         return int(self.info()["schema_version"])
 
-    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
-        """Run a read-only SQL query and return a DataFrame (write statements are refused)."""
+    def sql(self, query: str, params: list | None = None, limit: int | None = None) -> pd.DataFrame:
+        """Run a read-only SQL query and return a DataFrame (write statements are refused); with a
+        limit, only the first `limit` rows are fetched (DuckDB stops producing the rest)."""
         check_read_only(query)
-        with self.connect() as con:
-            try:
-                return con.execute(query, params or []).df()
-            except duckdb.InterruptException:  # Ctrl-C or SIGINT while DuckDB ran: an interrupt, not an SQL error
-                raise KeyboardInterrupt from None
-            except duckdb.Error as e:
-                raise UserError(f"SQL error: {first_line(e)}{_damage_note(self.root, e)}") from None
+        with self.connect() as con, self._errors():
+            result = con.execute(query, params or [])
+            if limit is None:
+                return result.df()
+            rows = result.fetchmany(limit)
+            return pd.DataFrame(rows, columns=[d[0] for d in result.description or []])
+
+    def chunks(self, query: str, params: list | None = None, vectors: int = 32) -> Iterator[pd.DataFrame]:
+        """A read-only query's result as DataFrames of `vectors` × 2048 rows (the last may be shorter; an
+        empty result is one empty frame with its columns), for results too large to hold at once. A
+        mistake in the query is raised by this call, before any chunk is asked for."""
+        check_read_only(query)
+        con = self.connect()
+        with self._errors():
+            result = con.execute(query, params or [])
+
+        def stream() -> Iterator[pd.DataFrame]:
+            with con, self._errors():
+                first = True
+                while True:
+                    df = result.fetch_df_chunk(vectors)
+                    if df.empty and not first:
+                        return
+                    yield df
+                    if df.empty:
+                        return
+                    first = False
+
+        return stream()
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """DuckDB's errors while a query runs, as the user sees them."""
+        try:
+            yield
+        except duckdb.InterruptException:  # Ctrl-C or SIGINT while DuckDB ran: an interrupt, not an SQL error
+            raise KeyboardInterrupt from None
+        except duckdb.Error as e:
+            raise UserError(f"SQL error: {first_line(e)}{_damage_note(self.root, e)}") from None
 
     def circuits(self) -> pd.DataFrame:
         return self.sql("SELECT * FROM circuits ORDER BY created_at, task_id")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 
 import catalog
 from catalog.explorer import bind, create_app, url_of
-from catalog.explorer.app import DEFAULT_EDGES, LOCAL_ROWS
+from catalog.explorer.app import DEFAULT_EDGES, LOCAL_ROWS, MAX_SQL_ROWS
 from tests.conftest import ROOT, run_cli
 from tests.synthetic import layered_circuit, write_circuit
 from tests.test_render import FLAGS, _chromium
@@ -201,6 +202,12 @@ def test_the_sql_box_shows_results_downloads_csv_and_refuses_writes(demo_site, d
     assert page.locator("#result tbody tr").count() == len(pd.read_csv(io.StringIO(expected)))
     with urllib.request.urlopen(page.locator("#csv").evaluate("a => a.href")) as f:
         assert f.read().decode() == expected
+    # a large result: the page shows the first rows, the CSV (streamed) has them all
+    _open(page, f"{demo_site}sql?q=" + urllib.parse.quote("SELECT range AS i FROM range(1234)"))
+    assert page.locator("#result tbody tr").count() == MAX_SQL_ROWS
+    assert page.locator("#row-count").inner_text().startswith(f"more than {MAX_SQL_ROWS} rows")
+    with urllib.request.urlopen(page.locator("#csv").evaluate("a => a.href")) as f:
+        assert f.read().decode() == "i\n" + "".join(f"{i}\n" for i in range(1234))
     for write in ("DROP TABLE circuits", "COPY circuits TO '/tmp/x.csv'", "INSTALL httpfs"):
         page.fill("#q", write)
         with page.expect_navigation():

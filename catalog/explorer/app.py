@@ -30,7 +30,7 @@ from catalog.diff import MATCHES, diff
 from catalog.errors import UserError, first_line
 from catalog.graph import QK_KINDS, check_circuit, first_example, node_name
 from catalog.plots import faithfulness_plot
-from catalog.query import format_frame
+from catalog.query import csv_chunks
 from catalog.render import circuit_picture, diff_picture, effect_colour, to_html, to_svg
 
 DEFAULT_EDGES = 300  # a circuit page first shows its strongest edges, at most this many
@@ -165,18 +165,18 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
         status = 200
         if q.strip():
             try:
-                result = cat.sql(q)
+                result = cat.sql(q, limit=MAX_SQL_ROWS + 1)  # one more tells whether there are more
             except UserError as e:
                 error, status = str(e), 400
         rows = None if result is None else _records(result.head(MAX_SQL_ROWS))
         return render_template("sql.html", q=q, rows=rows, columns=None if result is None else list(result.columns),
-                               n_rows=None if result is None else len(result), error=error,
+                               more=result is not None and len(result) > MAX_SQL_ROWS, error=error,
                                max_rows=MAX_SQL_ROWS), status
 
     @app.route("/sql.csv")
-    def sql_csv():
-        df = cat.sql(request.args.get("q", ""))
-        return Response(format_frame(df, "csv"), mimetype="text/csv",
+    def sql_csv():  # streamed a batch at a time: a large result is never held whole
+        chunks = csv_chunks(cat.chunks(request.args.get("q", "")))
+        return Response(chunks, mimetype="text/csv",
                         headers={"Content-Disposition": 'attachment; filename="query.csv"'})
 
     @app.errorhandler(UserError)
