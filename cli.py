@@ -57,6 +57,9 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: nothing partial was committed", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader of a pipe stopped (`| head`): nothing to say, as for SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+            sys.exit(141)
         except OSError as e:  # the machine's answer about a file: unwritable, missing, disk full
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"error: {e.strerror or e}{where}", err=True)
@@ -216,6 +219,12 @@ def query(path: Path, sql: str | None, sql_file: Path | None, list_named: bool, 
     if (sql is None) == (sql_file is None):
         raise UserError("give either SQL or --file, not both or neither")
     text = sql_file.read_text() if sql_file else sql
+    if fmt == "csv":  # streamed a chunk at a time: an export of millions of rows is never held whole
+        from catalog.query import csv_chunks
+
+        for chunk in csv_chunks(catalog.open(path).chunks(text)):
+            click.echo(chunk, nl=False)
+        return
     _output(catalog.open(path).sql(text), fmt)
 
 

@@ -301,3 +301,22 @@ def test_bad_input_fails_in_one_line(pair):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("neighbours", a, "2", "--hops", "1", "--format", "csv", catalog=cat.root)
     assert r.returncode == 0 and sorted(pd.read_csv(io.StringIO(r.stdout)).name) == ["embed/1", "embed/2"]
+
+
+def test_csv_output_streams_and_a_closed_pipe_ends_it_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    catalog.init(tmp_path / "c")
+    r = run_cli("query", "SELECT range AS i, range % 3 = 0 AS third FROM range(70000)", "--format", "csv",
+                catalog=tmp_path / "c")
+    df = pd.read_csv(io.StringIO(r.stdout))  # many chunks, one header
+    assert r.returncode == 0 and len(df) == 70000 and df.i.tolist() == list(range(70000)) and df.third.sum() == 23334
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(tmp_path / "c"), "query",
+                          "SELECT * FROM range(50000000)", "--format", "csv"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "range\n"
+    p.stdout.close()  # as `| head -1` does
+    assert p.wait(timeout=120) == 141 and p.stderr.read() == ""
