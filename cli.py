@@ -303,6 +303,66 @@ def check(path: Path, move: bool, fmt: str):
         sys.exit(1)
 
 
+@main.command()
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--workers", default=1, show_default=True, type=POSITIVE, help="jobs run at once")
+@click.option("--backend", type=Choices("compute.jobs.runner:BACKENDS"), default="local", show_default=True,
+              help="local: worker processes on this machine; ray: Ray tasks (a local Ray, or --address)")
+@click.option("--address", help="with --backend ray: the cluster to join (e.g. ray://head:10001 or auto)")
+@FORMAT
+@click.pass_obj
+def run(path: Path, job_file: Path, workers: int, backend: str, address: str | None, fmt: str):
+    """Run a job file (TOML: cli.py commands, lists expanded) on many workers; jobs already done are
+    skipped, failed ones run again."""
+    import pandas as pd
+
+    import catalog
+    from compute.jobs.jobfile import read_jobs
+    from compute.jobs.runner import run_jobs
+
+    if address and backend != "ray":
+        raise UserError("--address is for --backend ray")
+    jobs = read_jobs(job_file, main)
+    cat = catalog.init(path)
+    import cli as this  # by its module name, not __main__: workers and Ray find the function by reference
+
+    outcomes = run_jobs(cat, jobs, this._execute_job, workers, backend, address, progress=sys.stderr.isatty())
+    df = pd.DataFrame([{"status": o.status, "seconds": round(o.seconds, 1), "job": o.job.name, "reason": o.reason,
+                        "job_key": o.job.key} for o in outcomes])
+    _output(df if fmt != "table" else df.drop(columns="job_key"), fmt)
+    counts = df.status.value_counts()
+    click.echo(", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "skipped", "failed")), err=True)
+    if counts.get("failed", 0):
+        sys.exit(1)
+
+
+def _execute_job(root: str, command: list, argv: list, key: str, threads: int) -> tuple[int, str]:
+    """Run one job's command in this process (a worker of `cli.py run`), its output kept from the
+    terminal: (exit status, the one line that says why it failed)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import torch
+
+    from compute.jobs import lifecycle
+
+    torch.set_num_threads(threads)
+    lifecycle.JOB_KEY = key
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            main.main(["--catalog", root, *command, *argv], prog_name="cli.py")
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        lifecycle.JOB_KEY = None
+    lines = [line.strip() for line in err.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith(("error:", "terminated", "interrupted"))]
+    reason = (said or lines or [""])[-1]
+    return status, reason.removeprefix("error: ")
+
+
 def _options(*options):
     """A decorator applying click options in the order given (as they appear in --help)."""
     def apply(f):

@@ -24,8 +24,10 @@ SHIFT_SECTION = "## Editing" + README.split("## Editing", 1)[1].split("\n## ", 1
 GROUND_TRUTH_SECTION = "## Ground truth" + README.split("## Ground truth", 1)[1].split("\n## ", 1)[0]
 # The local-circuit section's queries read the catalogue its commands fill (tests/test_local_circuits.py runs them).
 LOCAL_SECTION = "## Local circuits" + README.split("## Local circuits", 1)[1].split("\n## ", 1)[0]
+# The sweeps section's queries read a catalogue `cli.py run` filled (tests/test_jobs.py runs them).
+SWEEPS_SECTION = "## Sweeps" + README.split("## Sweeps", 1)[1].split("\n## ", 1)[0]
 DEMO_SQL = [b for b in _blocks("sql") if b not in _blocks("sql", SHIFT_SECTION) + _blocks("sql", GROUND_TRUTH_SECTION)
-            + _blocks("sql", LOCAL_SECTION)]
+            + _blocks("sql", LOCAL_SECTION) + _blocks("sql", SWEEPS_SECTION)]
 
 
 def test_readme_opens_with_the_two_setup_commands():

@@ -26,8 +26,15 @@ def code_version() -> str:
     return f"0.1.0+{sha}" if sha else "0.1.0"
 
 
+# The key of the job-file job this process is running (`cli.py run` sets it), recorded in the params of
+# every run the job writes, so that a sweep's runs can be found by job.
+JOB_KEY: str | None = None
+
+
 def run_row(kind: str, params: dict) -> dict:
     """The `runs` row of a job starting now (its status and end are set when it ends)."""
+    if JOB_KEY is not None:
+        params = {**params, "job_key": JOB_KEY}
     return {"run_id": new_id("run"), "kind": kind, "params": params, "code_version": code_version(),
             "started_at": now()}
 

@@ -1,0 +1,160 @@
+"""Job files: many `cli.py` commands in one TOML file, lists expanded into every combination.
+
+    [defaults]                  # options every job whose command has them takes, unless it sets them
+    examples = 16
+
+    [[job]]
+    command = "discover"        # any cli.py command: "discover", "dictionaries train", "explain", ...
+    task = ["sva_simple", "ioi"]
+    method = ["ig", "atp"]      # 2 tasks x 2 methods: four jobs
+    neurons = [false, true]     # a flag: true gives --neurons, false leaves it out (or gives --no-X)
+
+    [[job]]
+    command = "explain"
+    args = ["attn_1", "top"]    # positional arguments (a list of lists expands)
+    prompt = "when kate and mary went to the school , kate gave the letter to"
+    position = 14
+
+A list value expands; a list of lists gives a repeatable option several values in one job. Each
+job is checked against the command's own options before anything runs, and keyed by a hash of
+its command line, so a rerun recognises the jobs already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from catalog.errors import UserError
+
+
+@dataclass(frozen=True)
+class Job:
+    command: tuple[str, ...]  # ("discover",) or ("dictionaries", "train")
+    argv: tuple[str, ...]  # its options and arguments, as on the command line
+
+    @property
+    def key(self) -> str:
+        """A stable key: the same command line always gets it, another never does."""
+        return hashlib.sha256(json.dumps([self.command, self.argv]).encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        return " ".join((*self.command, *self.argv))
+
+
+def read_jobs(path: Path, group: click.Group) -> list[Job]:
+    """The jobs of a job file, expanded and checked against the commands of `group` (cli.py's)."""
+    try:
+        spec = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"cannot read job file {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+    unknown = set(spec) - {"defaults", "job"}
+    if unknown:
+        raise UserError(f"{path}: unknown section {sorted(unknown)[0]!r}; a job file has [defaults] and [[job]] tables")
+    defaults, tables = spec.get("defaults", {}), spec.get("job", [])
+    if not isinstance(defaults, dict) or not isinstance(tables, list) or not tables:
+        raise UserError(f"{path}: no jobs; give one [[job]] table per command")
+    jobs: list[Job] = []
+    used: set[str] = set()
+    for i, table in enumerate(tables, 1):
+        where = f"{path}: job {i}"
+        if not isinstance(table, dict):
+            raise UserError(f"{where}: a job is a [[job]] table")
+        options = dict(table)
+        command = options.pop("command", None)
+        if not isinstance(command, str) or not command.split():
+            raise UserError(f"{where}: give its command, e.g. command = \"discover\"")
+        cmd, names = _command(group, command.split(), where)
+        taken = {k: v for k, v in defaults.items() if k not in options and k.replace("_", "-") in _option_names(cmd)}
+        used |= set(taken)
+        for values in _expand({**taken, **options}):
+            argv = _argv(cmd, values, where)
+            job = Job(tuple(names), tuple(argv))
+            _check(cmd, job, where)
+            jobs.append(job)
+    unused = sorted(set(defaults) - used)
+    if unused:
+        raise UserError(f"{path}: the default {unused[0]!r} is an option of none of the jobs' commands")
+    keys = [j.key for j in jobs]
+    twice = next((j for j in jobs if keys.count(j.key) > 1), None)
+    if twice is not None:
+        raise UserError(f"{path}: the job `{twice.name}` is listed twice")
+    return jobs
+
+
+def _command(group: click.Group, words: list[str], where: str) -> tuple[click.Command, list[str]]:
+    cmd: click.Command = group
+    for w in words:
+        sub = cmd.commands.get(w) if isinstance(cmd, click.Group) else None
+        if sub is None:
+            known = ", ".join(sorted(cmd.commands)) if isinstance(cmd, click.Group) else "none"
+            raise UserError(f"{where}: no command {' '.join(words)!r} (commands: {known})")
+        cmd = sub
+    if isinstance(cmd, click.Group):
+        raise UserError(f"{where}: {' '.join(words)!r} needs a subcommand ({', '.join(sorted(cmd.commands))})")
+    return cmd, words
+
+
+def _expand(options: dict) -> list[dict]:
+    """Every combination of the list values (a list of lists is one value per job, not expanded further)."""
+    keys = list(options)
+    choices = [options[k] if isinstance(options[k], list) and not (k == "args" and _flat(options[k]))
+               else [options[k]] for k in keys]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
+def _flat(values: list) -> bool:
+    return not any(isinstance(v, list) for v in values)
+
+
+def _option_names(cmd: click.Command) -> dict[str, tuple[click.Option, str]]:
+    """A command's options by name without dashes ('examples', 'no-eval'), each with the flag it is."""
+    return {opt.lstrip("-"): (p, opt) for p in cmd.params if isinstance(p, click.Option)
+            for opt in (*p.opts, *p.secondary_opts)}
+
+
+def _argv(cmd: click.Command, values: dict, where: str) -> list[str]:
+    """The command line of one job: its options in the file's order, then its positional arguments."""
+    by_name = _option_names(cmd)
+    argv: list[str] = []
+    for key, value in values.items():
+        if key == "args":
+            continue
+        name = key.replace("_", "-")
+        if name not in by_name:
+            raise UserError(f"{where}: {' '.join(cmd.name.split())} has no option --{name}")
+        p, opt = by_name[name]
+        if p.is_flag:
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: --{name} is a flag; give true or false, not {value!r}")
+            chosen = opt if value else (p.secondary_opts[0] if p.secondary_opts and opt in p.opts else
+                                        p.opts[0] if opt in p.secondary_opts else None)
+            if chosen:
+                argv.append(chosen)
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (dict, list)) or isinstance(v, bool):
+                raise UserError(f"{where}: --{name} takes a value, not {v!r}")
+            argv += [opt, str(v)]
+    args = values.get("args", [])
+    if not isinstance(args, list) or any(isinstance(a, (dict, list)) for a in args):
+        raise UserError(f"{where}: args is a list of positional arguments, e.g. args = [\"attn_1\", \"top\"]")
+    return argv + [str(a) for a in args]
+
+
+def _check(cmd: click.Command, job: Job, where: str) -> None:
+    """Parse the job's command line as the command would, so a mistake is found before anything runs."""
+    try:
+        with cmd.make_context(job.command[-1], list(job.argv)):
+            pass
+    except click.ClickException as e:
+        raise UserError(f"{where} (`{job.name}`): {e.format_message()}") from None

@@ -1,0 +1,197 @@
+"""Running a job file's jobs on many workers: a process pool on this machine, or Ray.
+
+Each job is one `cli.py` command run inside a worker process (the worker imports PyTorch once,
+then runs job after job), so it commits its runs exactly as the command line does: all or
+nothing, many workers at once without collisions (the catalogue's commit protocol). When a job
+ends, the runner commits a run of kind `job` (params: job_key, command; status ok or failed with
+the one-line reason), which is how a rerun knows what is done: jobs with an ok `job` run are
+skipped, failed and interrupted ones run again. A worker that dies (killed, out of memory)
+fails only the job it held; a new worker takes its place.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from catalog.store import Catalog, new_id
+from compute.jobs.jobfile import Job
+from compute.jobs.lifecycle import code_version, now
+
+BACKENDS = ("local", "ray")
+
+# execute(catalog_path, command, argv, job_key, threads) -> (exit status, one-line reason): runs one
+# cli.py command in this process (cli.py passes it in; the compute layer cannot import the CLI).
+Execute = Callable[[str, list, list, str, int], tuple[int, str]]
+
+
+@dataclass
+class Outcome:
+    job: Job
+    status: str  # done, skipped or failed
+    seconds: float = 0.0
+    reason: str = ""
+
+
+def committed_jobs(cat: Catalog) -> set[str]:
+    """The keys of the jobs whose last run ended well."""
+    df = cat.sql("SELECT params->>'job_key' AS key FROM runs WHERE kind = 'job' AND status = 'ok'")
+    return set(df.key.dropna())
+
+
+def run_jobs(cat: Catalog, jobs: list[Job], execute: Execute, workers: int = 1, backend: str = "local",
+             address: str | None = None, progress: bool = True) -> list[Outcome]:
+    """Run the jobs not yet done; returns one outcome per job, in the file's order."""
+    done = committed_jobs(cat)
+    outcomes = {j.key: Outcome(j, "skipped") for j in jobs if j.key in done}
+    todo = [j for j in jobs if j.key not in done]
+    bar = tqdm(total=len(jobs), initial=len(outcomes), desc="jobs", unit="job", disable=not progress)
+
+    def finished(job: Job, status: int, reason: str, seconds: float) -> None:
+        ok = status == 0
+        record(cat, job, ok, seconds, reason)
+        outcomes[job.key] = Outcome(job, "done" if ok else "failed", seconds, "" if ok else reason)
+        bar.update(1)
+        bar.set_postfix(failed=sum(o.status == "failed" for o in outcomes.values()))
+
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    try:
+        if todo and backend == "ray":
+            _run_ray(str(cat.root), todo, execute, workers, threads, address, finished)
+        elif todo:
+            _run_local(str(cat.root), todo, execute, workers, threads, finished)
+    finally:
+        bar.close()
+    return [outcomes.get(j.key, Outcome(j, "failed", reason="not run (interrupted)")) for j in jobs]
+
+
+def record(cat: Catalog, job: Job, ok: bool, seconds: float, reason: str) -> None:
+    """Commit the run that says how a job ended."""
+    run_id = new_id("run")
+    w = cat.new_run(run_id)
+    try:
+        w.write("runs", [{"run_id": run_id, "kind": "job", "status": "ok" if ok else "failed",
+                          "params": {"job_key": job.key, "command": job.name, "seconds": round(seconds, 3)},
+                          "code_version": code_version(), "started_at": now(), "finished_at": now(),
+                          "error": None if ok else reason}])
+        w.finish()
+        cat.commit(run_id)
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        w.release()
+
+
+# ---- the local backend: worker processes that take jobs from a queue --------------------------
+
+def _worker(root: str, execute: Execute, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        key, command, argv = item
+        results.put(("start", key, os.getpid()))
+        t = time.perf_counter()
+        try:
+            status, reason = execute(root, command, argv, key, threads)
+        except BaseException as e:  # noqa: BLE001 - reported as the job's failure, the worker goes on
+            status, reason = 1, f"{type(e).__name__}: {e}"
+        results.put(("end", key, status, reason, time.perf_counter() - t))
+
+
+def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threads: int, finished) -> None:
+    # forkserver: workers start from a clean process that has imported the heavy modules once
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformer_lens", "cli"])
+    jobs, results = ctx.Queue(), ctx.Queue()
+    by_key = {j.key: j for j in todo}
+    for j in todo:
+        jobs.put((j.key, list(j.command), list(j.argv)))
+    procs: dict[int, mp.Process] = {}
+    held: dict[int, tuple[str, float]] = {}  # pid -> (job key, start)
+
+    def start() -> None:
+        p = ctx.Process(target=_worker, args=(root, execute, threads, jobs, results), daemon=True)
+        p.start()
+        procs[p.pid] = p
+
+    for _ in range(min(workers, len(todo))):
+        start()
+    left = len(todo)
+    try:
+        while left:
+            try:
+                msg = results.get(timeout=0.5)
+            except queue.Empty:
+                for pid, p in list(procs.items()):
+                    if not p.is_alive():  # died holding a job: that job failed, a new worker goes on
+                        procs.pop(pid)
+                        if pid in held:
+                            key, t = held.pop(pid)
+                            code = p.exitcode
+                            why = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
+                            finished(by_key[key], 1, f"the worker running it died ({why})", time.perf_counter() - t)
+                            left -= 1
+                        if left:
+                            start()
+                continue
+            if msg[0] == "start":
+                held[msg[2]] = (msg[1], time.perf_counter())
+            else:
+                _, key, status, reason, seconds = msg
+                held.pop(next((pid for pid, (k, _) in held.items() if k == key), None), None)
+                finished(by_key[key], status, reason, seconds)
+                left -= 1
+    finally:
+        for _ in procs:
+            jobs.put(None)
+        for p in procs.values():
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()  # a job interrupted: its command removes what it staged
+                p.join(timeout=30)
+
+
+# ---- the Ray backend -----------------------------------------------------------------------------
+
+def _run_ray(root: str, todo: list[Job], execute: Execute, workers: int, threads: int, address: str | None,
+             finished) -> None:
+    try:
+        import ray
+    except ImportError:
+        from catalog.errors import UserError
+
+        raise UserError("the ray backend needs Ray: pip install ray (make test installs it)") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    task = ray.remote(num_cpus=1, max_retries=0)(_timed)
+    pending = {task.remote(execute, root, list(j.command), list(j.argv), j.key, threads): j for j in todo}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready[0])
+            try:
+                status, reason, seconds = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # the worker died, or Ray could not run the task
+                status, reason, seconds = 1, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}", 0.0
+            finished(job, status, reason, seconds)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()
+
+
+def _timed(execute: Execute, root: str, command: list, argv: list, key: str, threads: int) -> tuple[int, str, float]:
+    t = time.perf_counter()
+    status, reason = execute(root, command, argv, key, threads)
+    return status, reason, time.perf_counter() - t

@@ -1,0 +1,152 @@
+"""Job files and `cli.py run`: expansion and checking up front, many workers and Ray giving the rows
+one-by-one runs give, reruns skipping what is done and retrying what failed."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import catalog
+from cli import main
+from compute.jobs.jobfile import read_jobs
+from tests.conftest import run_cli
+
+SWEEP = """
+[defaults]
+examples = 4
+no-eval = true
+
+[[job]]
+command = "discover"
+task = ["sva_simple", "sva_across_pp", "sva_across_rc", "sva_within_rc", "pronoun_gender", "ioi"]
+method = "atp"
+
+[[job]]
+command = "discover"
+task = ["sva_simple", "ioi"]
+method = "ig"
+steps = 4
+
+[[job]]
+command = "discover"
+task = "no_such_task"
+"""
+
+
+def _write(tmp_path, text: str, name: str = "jobs.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_job_file_expands_lists_maps_flags_and_keys_each_command_line(tmp_path):
+    jobs = read_jobs(_write(tmp_path, """
+        [defaults]
+        examples = 16
+
+        [[job]]
+        command = "discover"
+        task = ["sva_simple", "ioi"]
+        method = ["ig", "atp"]
+        neurons = [false, true]
+        fill = false
+
+        [[job]]
+        command = "explain"
+        args = [["attn_1", "top"], ["mlp_0", "3"]]
+        prompt = "the cat near the dogs"
+        position = -1
+
+        [[job]]
+        command = "dictionaries train"
+        architecture = "topk"
+        submodule = [["resid_0", "resid_1"]]
+        """), main)
+    assert len(jobs) == 2 * 2 * 2 + 2 + 1
+    names = [j.name for j in jobs]
+    assert names[0] == "discover --examples 16 --task sva_simple --method ig --no-fill"
+    assert names[1] == "discover --examples 16 --task sva_simple --method ig --neurons --no-fill"
+    assert "explain --examples 16" not in names[8]  # defaults go only where the command has the option...
+    assert names[8:10] == ['explain --prompt the cat near the dogs --position -1 attn_1 top',
+                           'explain --prompt the cat near the dogs --position -1 mlp_0 3']
+    assert names[10] == "dictionaries train --architecture topk --submodule resid_0 --submodule resid_1"
+    keys = [j.key for j in jobs]
+    assert len(set(keys)) == len(keys)
+    assert keys == [j.key for j in read_jobs(tmp_path / "jobs.toml", main)]  # stable
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[job]]\ncommand = 'discover'\ntask = 'ioi'\nmethod = 'magic'", "job 1 (`discover --task ioi --method magic`): Invalid value for '--method'"),
+    ("[[job]]\ncommand = 'discover'\nspeed = 3", "job 1: discover has no option --speed"),
+    ("[[job]]\ncommand = 'dance'", "job 1: no command 'dance'"),
+    ("[[job]]\ncommand = 'dictionaries'", "'dictionaries' needs a subcommand"),
+    ("[[job]]\ncommand = 'discover'\nneurons = 'yes'", "--neurons is a flag"),
+    ("[[job]]\ntask = 'ioi'", "give its command"),
+    ("[[job]\ncommand = 'discover'", "is not valid TOML"),
+    ("[jobs]\ncommand = 'discover'", "unknown section 'jobs'"),
+    ("[[job]]\ncommand = 'discover'\ntask = ['ioi', 'ioi']", "is listed twice"),
+])
+def test_a_bad_job_file_is_refused_in_one_line_before_anything_runs(tmp_path, text, message):
+    r = run_cli("run", str(_write(tmp_path, text)), catalog=tmp_path / "c")
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "c").exists()  # nothing was created
+
+
+def _rows(path) -> pd.DataFrame:
+    """Every node of every circuit, keyed by task, method and the node's key (run and circuit ids left out)."""
+    return catalog.open(path).sql("""
+        SELECT c.task_id, c.method, n.component, n.layer, n.dictionary_id, n.feature_idx, n.is_error, n.position,
+               n.effect, n.in_circuit, c.n_edges
+        FROM nodes n JOIN circuits c USING (circuit_id)
+        ORDER BY ALL""")
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    keys = [c for c in a.columns if c not in ("effect",)]
+    assert len(a) == len(b) > 0
+    pd.testing.assert_frame_equal(a[keys].reset_index(drop=True), b[keys].reset_index(drop=True))
+    # one thread per worker against two: the same sums in another order
+    assert np.allclose(a.effect, b.effect, rtol=1e-4, atol=1e-5 * a.effect.abs().max())
+
+
+def test_many_workers_and_ray_give_the_rows_of_one_by_one_and_a_rerun_skips_what_is_done(tmp_path, dicts):
+    jobs = _write(tmp_path, SWEEP)
+    for job in read_jobs(jobs, main):  # the reference: each job's command run on its own, one after another
+        r = run_cli(*job.command, *job.argv, catalog=tmp_path / "one_by_one")
+        assert r.returncode == (1 if "no_such_task" in job.name else 0), r.stderr
+    outcomes = {}
+    for name, args in (("eight", ["--workers", "8"]), ("ray", ["--backend", "ray", "--workers", "2"])):
+        r = run_cli("run", str(jobs), *args, "--format", "csv", catalog=tmp_path / name)
+        assert r.returncode == 1, r.stderr  # one job fails
+        outcomes[name] = pd.read_csv(io.StringIO(r.stdout))
+        assert "8 done, 0 skipped, 1 failed" in r.stderr, (name, r.stderr)
+        _same(_rows(tmp_path / "one_by_one"), _rows(tmp_path / name))
+    failed = outcomes["eight"][outcomes["eight"].status == "failed"]
+    assert len(failed) == 1 and "unknown task 'no_such_task'" in failed.reason.iloc[0]
+    # every run a job wrote carries the job's key; each job's end is a run of kind 'job'
+    runs = catalog.open(tmp_path / "eight").sql(
+        "SELECT kind, status, params->>'job_key' AS key FROM runs ORDER BY ALL")
+    assert set(runs[runs.kind == "discover"].key) == set(outcomes["eight"].job_key[outcomes["eight"].status == "done"])
+    assert (runs.kind == "job").sum() == 9
+    # a rerun skips the done jobs and retries the failed one
+    r = run_cli("run", str(jobs), "--workers", "8", "--format", "csv", catalog=tmp_path / "eight")
+    again = pd.read_csv(io.StringIO(r.stdout))
+    assert r.returncode == 1 and list(again.status) == ["skipped"] * 8 + ["failed"]
+    assert len(catalog.open(tmp_path / "eight").sql("SELECT * FROM circuits")) == 8
+    from tests.test_readme import SWEEPS_SECTION, _blocks
+
+    for sql in _blocks("sql", SWEEPS_SECTION):  # the README's queries of the section
+        assert len(catalog.open(tmp_path / "eight").sql(sql)) > 0
+
+
+def test_the_readme_job_file_is_a_valid_job_file(tmp_path):
+    from tests.test_readme import SWEEPS_SECTION, _blocks
+
+    (toml,) = _blocks("toml", SWEEPS_SECTION)
+    jobs = read_jobs(_write(tmp_path, toml), main)
+    assert len(jobs) == 3 * 2 * 2 + 1 and jobs[-1].name.startswith("explain --prompt")
