@@ -346,6 +346,7 @@ def _execute_job(root: str, command: list, argv: list, key: str, threads: int) -
 
     from compute.jobs import lifecycle
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     lifecycle.JOB_KEY = key
     err = io.StringIO()
@@ -357,6 +358,9 @@ def _execute_job(root: str, command: list, argv: list, key: str, threads: int) -
         status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     finally:
         lifecycle.JOB_KEY = None
+        torch.set_num_threads(before)
+    if status == 0:
+        return 0, ""
     lines = [line.strip() for line in err.getvalue().replace("\r", "\n").splitlines() if line.strip()]
     said = [line for line in lines if line.startswith(("error:", "terminated", "interrupted"))]
     reason = (said or lines or [""])[-1]

@@ -126,6 +126,8 @@ class RunWriter:
         self.dir = root / "staging" / run_id
         self._owner = Owner(root / "staging", run_id)  # locked before the folder exists
         try:
+            if self.dir.exists():  # left by a writer of this run id that died: we hold its lock now
+                shutil.rmtree(self.dir)
             self.dir.mkdir(exist_ok=False)
         except BaseException:
             self._owner.release()

@@ -150,3 +150,23 @@ def test_the_readme_job_file_is_a_valid_job_file(tmp_path):
     (toml,) = _blocks("toml", SWEEPS_SECTION)
     jobs = read_jobs(_write(tmp_path, toml), main)
     assert len(jobs) == 3 * 2 * 2 + 1 and jobs[-1].name.startswith("explain --prompt")
+
+
+def test_a_job_run_again_after_its_worker_died_writes_nothing_twice(tmp_path, dicts):
+    """A worker killed after its job committed (before the runner heard) runs the job again on the rerun:
+    the job's runs get the same ids, so the second commit changes nothing; a stale staged copy of one
+    of them (its writer killed mid-write) is replaced."""
+    import cli
+
+    root = tmp_path / "c"
+    argv = ["--task", "sva_simple", "--method", "atp", "--examples", "4", "--no-eval"]
+    assert cli._execute_job(str(root), ["discover"], argv, "k" * 16, 1) == (0, "")
+    runs = catalog.open(root).sql("SELECT run_id FROM runs WHERE kind = 'discover'").run_id
+    assert len(runs) == 1 and runs[0].startswith("run-job-" + "k" * 16)
+    (root / "staging" / runs[0]).mkdir()  # what a writer of that id killed mid-write leaves
+    (root / "staging" / runs[0] / "nodes.parquet.tmp").write_bytes(b"half")
+    assert cli._execute_job(str(root), ["discover"], argv, "k" * 16, 1) == (0, "")
+    assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 1
+    assert not (root / "staging" / runs[0]).exists()
+    r = run_cli("discover", *argv, catalog=root)  # outside a job: a new run, as before
+    assert r.returncode == 0 and len(catalog.open(root).sql("SELECT * FROM circuits")) == 2

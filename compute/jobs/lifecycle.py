@@ -6,6 +6,8 @@ nothing else); an interrupt (Ctrl-C, SIGTERM) leaves nothing, staged or committe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,11 +34,17 @@ JOB_KEY: str | None = None
 
 
 def run_row(kind: str, params: dict) -> dict:
-    """The `runs` row of a job starting now (its status and end are set when it ends)."""
+    """The `runs` row of a job starting now (its status and end are set when it ends).
+
+    Inside a job-file job, the run id is derived from the job's key and the run's kind and params:
+    a job that runs again after its worker died (possibly after it committed) writes the same runs
+    under the same ids, and committing a run already committed changes nothing, so no run lands twice."""
+    run_id = new_id("run")
     if JOB_KEY is not None:
         params = {**params, "job_key": JOB_KEY}
-    return {"run_id": new_id("run"), "kind": kind, "params": params, "code_version": code_version(),
-            "started_at": now()}
+        what = hashlib.sha256(json.dumps([kind, params], sort_keys=True, default=str).encode()).hexdigest()[:12]
+        run_id = f"run-job-{JOB_KEY}-{what}"
+    return {"run_id": run_id, "kind": kind, "params": params, "code_version": code_version(), "started_at": now()}
 
 
 @contextmanager
