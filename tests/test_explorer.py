@@ -37,11 +37,15 @@ def _start(path: Path, promoted=None):
 
 @pytest.fixture(scope="module")
 def demo_site(demo_catalog):
-    from compute.dictionaries.dashboards import promoted_for
-
-    server = _start(demo_catalog, promoted_for)
-    yield url_of(server)
-    server.shutdown()
+    """`cli.py serve` on the demo catalogue, as a user starts it (any free port)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(demo_catalog), "serve", "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline()
+    url = re.search(r"at (http://\S+/)", line)
+    assert url, f"cli.py serve did not start: {line!r}"
+    yield url.group(1)
+    p.terminate()
+    p.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
