@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from catalog.errors import UserError
 from catalog.store import Catalog, new_id
 from compute.jobs.jobfile import Job
 from compute.jobs.lifecycle import code_version, now
@@ -104,6 +105,8 @@ def _worker(root: str, execute: Execute, threads: int, jobs: mp.Queue, results: 
         except BaseException as e:  # noqa: BLE001 - reported as the job's failure, the worker goes on
             status, reason = 1, f"{type(e).__name__}: {e}"
         results.put(("end", key, status, reason, time.perf_counter() - t))
+        if status in (130, 143):  # interrupted or terminated: this worker takes no more jobs
+            return
 
 
 def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threads: int, finished) -> None:
@@ -117,6 +120,8 @@ def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threa
     procs: dict[int, mp.Process] = {}
     held: dict[int, tuple[str, float]] = {}  # pid -> (job key, start)
 
+    restarts = 0
+
     def start() -> None:
         p = ctx.Process(target=_worker, args=(root, execute, threads, jobs, results), daemon=True)
         p.start()
@@ -125,22 +130,28 @@ def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threa
     for _ in range(min(workers, len(todo))):
         start()
     left = len(todo)
+    ended = False
     try:
         while left:
             try:
                 msg = results.get(timeout=0.5)
             except queue.Empty:
                 for pid, p in list(procs.items()):
-                    if not p.is_alive():  # died holding a job: that job failed, a new worker goes on
-                        procs.pop(pid)
-                        if pid in held:
-                            key, t = held.pop(pid)
-                            code = p.exitcode
-                            why = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
-                            finished(by_key[key], 1, f"the worker running it died ({why})", time.perf_counter() - t)
-                            left -= 1
-                        if left:
-                            start()
+                    if p.is_alive():
+                        continue
+                    procs.pop(pid)  # died; if it held a job, that job failed; a new worker goes on
+                    code = p.exitcode
+                    if pid in held:
+                        key, t = held.pop(pid)
+                        why = f"killed by signal {-code}" if code and code < 0 else f"exit status {code}"
+                        finished(by_key[key], 1, f"the worker running it died ({why})", time.perf_counter() - t)
+                        left -= 1
+                    restarts += 1
+                    if restarts > len(todo) + workers:  # workers that die without finishing anything
+                        raise UserError(f"the workers keep dying (the last with exit status {code}); "
+                                        f"{left} jobs not run") from None
+                    if left:
+                        start()
                 continue
             if msg[0] == "start":
                 held[msg[2]] = (msg[1], time.perf_counter())
@@ -149,14 +160,17 @@ def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threa
                 held.pop(next((pid for pid, (k, _) in held.items() if k == key), None), None)
                 finished(by_key[key], status, reason, seconds)
                 left -= 1
+        ended = True
     finally:
-        for _ in procs:
-            jobs.put(None)
+        if ended:  # every job ran: the workers leave when told
+            for _ in procs:
+                jobs.put(None)
         for p in procs.values():
-            p.join(timeout=5)
+            p.join(timeout=5 if ended else 0)
             if p.is_alive():
-                p.terminate()  # a job interrupted: its command removes what it staged
-                p.join(timeout=30)
+                p.terminate()  # SIGTERM: a job still running removes what it staged, commits nothing
+        for p in procs.values():
+            p.join(timeout=60)
 
 
 # ---- the Ray backend -----------------------------------------------------------------------------
@@ -166,8 +180,6 @@ def _run_ray(root: str, todo: list[Job], execute: Execute, workers: int, threads
     try:
         import ray
     except ImportError:
-        from catalog.errors import UserError
-
         raise UserError("the ray backend needs Ray: pip install ray (make test installs it)") from None
     started_here = not ray.is_initialized()
     if started_here:
