@@ -170,3 +170,46 @@ def test_a_job_run_again_after_its_worker_died_writes_nothing_twice(tmp_path, di
     assert not (root / "staging" / runs[0]).exists()
     r = run_cli("discover", *argv, catalog=root)  # outside a job: a new run, as before
     assert r.returncode == 0 and len(catalog.open(root).sql("SELECT * FROM circuits")) == 2
+
+
+def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(tmp_path, dicts):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) stops the runner and its workers: exit
+    130, nothing left staged, the jobs done kept; the rerun runs only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    jobs = _write(tmp_path, """
+        [[job]]
+        command = "discover"
+        task = ["sva_simple", "sva_across_pp", "sva_across_rc", "sva_within_rc", "pronoun_gender", "ioi"]
+        method = "ig"
+        steps = 4
+        examples = 8
+        no-eval = true
+        """)
+    root = tmp_path / "c"
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(root), "run", str(jobs),
+                          "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:  # stop it once one job is done
+        if (root / "runs").is_dir() and any(d.name.startswith("run-job-") for d in (root / "runs").iterdir()):
+            break
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not [d for d in (root / "staging").iterdir() if d.name != ".commit.lock"]  # nothing half-written left
+    assert 1 <= len(catalog.open(root).sql("SELECT * FROM circuits")) < 6
+    recorded = len(catalog.open(root).sql("SELECT * FROM runs WHERE kind = 'job' AND status = 'ok'"))
+    r = run_cli("run", str(jobs), "--workers", "2", "--format", "csv", catalog=root)
+    again = pd.read_csv(io.StringIO(r.stdout))
+    assert r.returncode == 0 and (again.status == "skipped").sum() == recorded
+    assert (again.status == "done").sum() == 6 - recorded
+    # a job that committed its circuit before the runner recorded it ran again: its circuit is not doubled
+    assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 6  # each job's circuit once

@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ def record(cat: Catalog, job: Job, ok: bool, seconds: float, reason: str) -> Non
 # ---- the local backend: worker processes that take jobs from a queue --------------------------
 
 def _worker(root: str, execute: Execute, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the runner alone answers it, by stopping the
+    # workers with SIGTERM (a running job then removes what it staged)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         item = jobs.get()
         if item is None:
