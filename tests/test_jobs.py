@@ -195,7 +195,10 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(tmp_path, dicts):
     root = tmp_path / "c"
     p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(root), "run", str(jobs),
                           "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True,  # its own process group, as a terminal gives a command
+                         # SIGINT as a terminal leaves it, whatever this process inherited (a shell's
+                         # background job has it ignored, and Python then keeps ignoring it)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and p.poll() is None:  # stop it once one job is done
         if (root / "runs").is_dir() and any(d.name.startswith("run-job-") for d in (root / "runs").iterdir()):
