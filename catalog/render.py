@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from catalog.diff import diff
+from catalog.diff import Diff, diff
 from catalog.graph import check_circuit, circuit_nodes, first_example, node_name, signed
 from catalog.store import Catalog
 from schema.sites import METRIC, row_names, site_name
@@ -174,8 +174,10 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
         legend=[(POSITIVE, "positive effect / weight"), (NEGATIVE, "negative effect / weight")])
 
 
-def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, **diff_args) -> Picture:
-    d = diff(cat, a, b, **diff_args)
+def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, computed: Diff | None = None,
+                 **diff_args) -> Picture:
+    """The diff of a and b (`computed`, when the caller has it already) as a picture."""
+    d = diff(cat, a, b, **diff_args) if computed is None else computed
     ca, cb = check_circuit(cat, a), check_circuit(cat, b)
     nodes = d.nodes.copy()
     feats = cat.sql("SELECT dictionary_id, feature_idx, label, density, max_activation FROM features "

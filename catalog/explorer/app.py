@@ -63,13 +63,14 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
     @app.route("/")
     def circuits():
         df = cat.sql(CIRCUITS_SQL)
+        total = len(df)
         choices = {c: sorted(df[c].dropna().unique().tolist()) for c in FILTERS}
         chosen = {c: request.args.get(c, "") for c in FILTERS}
         for column, value in chosen.items():
             if value:
                 df = df[df[column] == value]
         return render_template("circuits.html", circuits=df.to_dict("records"), choices=choices, chosen=chosen,
-                               total=len(cat.sql("SELECT circuit_id FROM circuits")))
+                               total=total)
 
     @app.route("/circuits/<circuit_id>")
     def circuit(circuit_id: str):
@@ -114,7 +115,7 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
             abort(400, f"match must be one of {', '.join(MATCHES)}")
         tol = _number_arg("tol", 1e-9)
         d = diff(cat, a, b, match, tol=tol)
-        picture = diff_picture(cat, a, b, match=match, tol=tol)
+        picture = diff_picture(cat, a, b, computed=d)
         moved = d.nodes[d.nodes.status != "same"].head(20)
         return render_template("diff.html", a=_record(check_circuit(cat, a)), b=_record(check_circuit(cat, b)),
                                counts=d.counts().to_dict("records"), stats=d.stats(), match=d.match,
@@ -125,9 +126,7 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
     @app.route("/compare")
     def compare_page():
         ids = select_circuits(cat, request.args.getlist("ids"))
-        basis = request.args.get("basis") or None
-        if basis is not None and basis not in BASES:
-            abort(400, f"basis must be one of {', '.join(BASES)}")
+        basis = request.args.get("basis") or None  # split_by_basis refuses an unknown one
         k = _number_arg("k", None, integer=True)
         kept, left_out, basis = split_by_basis(cat, ids, basis)
         cmp = compare(cat, kept, k) if len(kept) >= 2 else None
