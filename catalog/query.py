@@ -76,8 +76,7 @@ def _explained(sql: str) -> str | None:
 
 
 def csv_chunks(frames) -> Iterator[str]:
-    """DataFrames (a result's chunks) as CSV text, the header once: the same text `format_frame` writes
-    for the whole result."""
+    """DataFrames (a result's chunks) as CSV text, the header once (`format_frame`'s CSV is this of one frame)."""
     for i, df in enumerate(frames):
         yield df.to_csv(index=False, header=i == 0)
 
@@ -85,7 +84,7 @@ def csv_chunks(frames) -> Iterator[str]:
 def format_frame(df: pd.DataFrame, fmt: str) -> str:
     """Render a result as an aligned table, CSV, or JSON records."""
     if fmt == "csv":
-        return df.to_csv(index=False)
+        return "".join(csv_chunks([df]))
     if fmt == "json":
         return df.to_json(orient="records", date_format="iso") + "\n"
     if df.empty:

@@ -198,15 +198,12 @@ class Catalog:
 
         def stream() -> Iterator[pd.DataFrame]:
             with con, self._errors():
-                first = True
-                while True:
+                df = result.fetch_df_chunk(vectors)
+                yield df  # the first chunk, even empty: it carries the columns
+                while len(df):
                     df = result.fetch_df_chunk(vectors)
-                    if df.empty and not first:
-                        return
-                    yield df
-                    if df.empty:
-                        return
-                    first = False
+                    if len(df):
+                        yield df
 
         return stream()
 
