@@ -71,14 +71,25 @@ def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _record_failure(cat: Catalog, row: dict, error: Exception) -> None:
-    """Commit a run of status 'failed' with the error. Should that fail too, nothing of it stays
-    staged, and the original error is the one the caller raises."""
-    failed = cat.new_run(new_id("run"))
+def record_end(cat: Catalog, row: dict, status: str, error: str | None = None) -> None:
+    """Commit a run that holds only its `runs` row, ended now with this status (and error), under a
+    new run id; should that fail, nothing of it stays staged."""
+    w = cat.new_run(new_id("run"))
     try:
-        failed.write("runs", [{**row, "run_id": failed.run_id, "status": "failed",
-                               "finished_at": now(), "error": f"{type(error).__name__}: {error}"}])
-        failed.finish()
-        cat.commit(failed.run_id)
+        w.write("runs", [{**row, "run_id": w.run_id, "status": status, "finished_at": now(), "error": error}])
+        w.finish()
+        cat.commit(w.run_id)
+    except BaseException:
+        w.abort()
+        raise
+    finally:
+        w.release()
+
+
+def _record_failure(cat: Catalog, row: dict, error: Exception) -> None:
+    """Commit a run of status 'failed' with the error. Should that fail too, the original error is the
+    one the caller raises."""
+    try:
+        record_end(cat, row, "failed", f"{type(error).__name__}: {error}")
     except Exception:
-        failed.abort()
+        pass

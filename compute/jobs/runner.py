@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
-from catalog.store import Catalog, new_id
+from catalog.store import Catalog
 from compute.jobs.jobfile import Job
-from compute.jobs.lifecycle import code_version, now
+from compute.jobs.lifecycle import record_end, run_row
 
 BACKENDS = ("local", "ray")
 
@@ -75,20 +75,8 @@ def run_jobs(cat: Catalog, jobs: list[Job], execute: Execute, workers: int = 1, 
 
 def record(cat: Catalog, job: Job, ok: bool, seconds: float, reason: str) -> None:
     """Commit the run that says how a job ended."""
-    run_id = new_id("run")
-    w = cat.new_run(run_id)
-    try:
-        w.write("runs", [{"run_id": run_id, "kind": "job", "status": "ok" if ok else "failed",
-                          "params": {"job_key": job.key, "command": job.name, "seconds": round(seconds, 3)},
-                          "code_version": code_version(), "started_at": now(), "finished_at": now(),
-                          "error": None if ok else reason}])
-        w.finish()
-        cat.commit(run_id)
-    except BaseException:
-        w.abort()
-        raise
-    finally:
-        w.release()
+    row = run_row("job", {"job_key": job.key, "command": job.name, "seconds": round(seconds, 3)})
+    record_end(cat, row, "ok" if ok else "failed", None if ok else reason)
 
 
 # ---- the local backend: worker processes that take jobs from a queue --------------------------
