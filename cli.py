@@ -946,14 +946,15 @@ def serve(path: Path, host: str, port: int):
     dashboards, diffs, comparisons, faithfulness curves, SQL)."""
     from catalog.explorer import create_app
     from catalog.explorer import serve as run
+    from catalog.explorer.app import LOOPBACK
     from compute.dictionaries.dashboards import promoted_for
 
     app = create_app(path, promoted=promoted_for)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK:
         click.echo(f"warning: listening on {host}: anyone who can reach it can read the catalogue", err=True)
 
     def ready(url: str) -> None:
-        click.echo(f"serving {path} at {url} (Ctrl-C stops)", err=False)
+        click.echo(f"serving {path} at {url} (Ctrl-C stops)")
         sys.stdout.flush()
 
     run(app, host, port, ready)

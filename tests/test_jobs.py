@@ -83,6 +83,8 @@ def test_a_job_file_expands_lists_maps_flags_and_keys_each_command_line(tmp_path
     ("[[job]]\ncommand = 'discover'\ntask = 'ioi'\nmethod = 'magic'", "job 1 (`discover --task ioi --method magic`): Invalid value for '--method'"),
     ("[[job]]\ncommand = 'discover'\nspeed = 3", "job 1: discover has no option --speed"),
     ("[[job]]\ncommand = 'dance'", "job 1: no command 'dance'"),
+    ("[[job]]\ncommand = 'serve'", "job 1: 'serve' cannot be a job"),
+    ("[[job]]\ncommand = 'run'\nargs = ['jobs.toml']", "job 1: 'run' cannot be a job"),
     ("[[job]]\ncommand = 'dictionaries'", "'dictionaries' needs a subcommand"),
     ("[[job]]\ncommand = 'discover'\nneurons = 'yes'", "--neurons is a flag"),
     ("[[job]]\ntask = 'ioi'", "give its command"),

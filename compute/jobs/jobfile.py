@@ -91,7 +91,13 @@ def read_jobs(path: Path, group: click.Group) -> list[Job]:
     return jobs
 
 
+# Commands that cannot be jobs: one never ends, the other would run job files inside a job.
+NOT_JOBS = ("serve", "run")
+
+
 def _command(group: click.Group, words: list[str], where: str) -> tuple[click.Command, list[str]]:
+    if words[0] in NOT_JOBS:
+        raise UserError(f"{where}: {words[0]!r} cannot be a job")
     cmd: click.Command = group
     for w in words:
         sub = cmd.commands.get(w) if isinstance(cmd, click.Group) else None
@@ -136,10 +142,12 @@ def _argv(cmd: click.Command, values: dict, where: str) -> list[str]:
         if p.is_flag:
             if not isinstance(value, bool):
                 raise UserError(f"{where}: --{name} is a flag; give true or false, not {value!r}")
-            chosen = opt if value else (p.secondary_opts[0] if p.secondary_opts and opt in p.opts else
-                                        p.opts[0] if opt in p.secondary_opts else None)
-            if chosen:
-                argv.append(chosen)
+            if value:
+                argv.append(opt)
+            elif opt in p.secondary_opts:  # no-fill = false: --fill
+                argv.append(p.opts[0])
+            elif p.secondary_opts:  # fill = false: --no-fill (a plain flag set false is left out)
+                argv.append(p.secondary_opts[0])
             continue
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, (dict, list)) or isinstance(v, bool):
