@@ -296,11 +296,38 @@ def check(path: Path, move: bool, fmt: str):
         _output(df, fmt)
     unverified = f", {report.unverified} without a checksum (written before manifests held one)" \
         if report.unverified else ""
-    click.echo(f"checked {report.runs} runs, {report.shards} shards{unverified}: "
+    packs = f" ({report.packs} packs)" if report.packs else ""
+    click.echo(f"checked {report.runs} runs{packs}, {report.shards} shards{unverified}: "
                f"{len(report.damage)} damaged in {len(report.damaged_runs)} runs"
                + (f"; {len(moved)} moved to {cat.root / QUARANTINE}" if moved else ""), err=True)
     if report.damage:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--target-size", type=Size(), default="256M", show_default=True,
+              help="about how large each pack grows; runs under half of it are packed")
+@FORMAT
+@click.pass_obj
+def compact(path: Path, target_size: float, fmt: str):
+    """Merge small committed runs into large packs, atomically (queries answer the same, faster)."""
+    import pandas as pd
+
+    import catalog
+    from catalog.compaction import compact as compact_catalog
+
+    cat = catalog.open(path)
+    result = compact_catalog(cat, int(target_size), progress=fmt == "table")
+    df = pd.DataFrame(result.packs, columns=["pack_id", "runs", "folders", "shards", "bytes"])
+    if not df.empty or fmt != "table":
+        _output(df, fmt)
+    if not result.packs:
+        click.echo(f"nothing to compact (no two runs under {int(target_size) // 2:,} bytes); "
+                   f"generation {result.generation}", err=True)
+        return
+    click.echo(f"packed {result.runs_packed} runs ({int(df.shards.sum())} shards) into {len(df)} packs; "
+               f"generation {result.generation} is current; {result.removed_generations} old generations "
+               "removed", err=True)
 
 
 @main.command()

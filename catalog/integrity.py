@@ -4,13 +4,15 @@ A run's manifest records each shard's size and sha256 when the run is written (`
 `check` reads every committed run and names each shard that is missing, of another size or of
 other content, and each run whose manifest cannot be read; `quarantine` moves damaged runs to
 `<catalog>/quarantine/`, out of every view, so the rest stays queryable. Runs written before
-manifests held checksums are checked for presence only, and counted as such.
+manifests held checksums are checked for presence only, and counted as such. A packed run
+(`catalog.compaction`) is checked through its pack; quarantining a pack takes its runs with it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,8 @@ class Damage:
 
 @dataclass
 class Report:
-    runs: int
+    runs: int  # committed runs, packed or not
+    packs: int
     shards: int
     unverified: int  # shards whose manifest holds no checksum (older runs): checked for presence only
     damage: list[Damage]
@@ -47,6 +50,8 @@ def check_run(run: Path) -> tuple[int, int, list[Damage]]:
         return 0, 0, [Damage(run.name, MANIFEST, "missing")]
     except (OSError, ValueError, KeyError, TypeError):
         return 0, 0, [Damage(run.name, MANIFEST, "cannot be read")]
+    if "packed_into" in manifest and not (run.parent / str(manifest["packed_into"]) / MANIFEST).is_file():
+        return 0, 0, [Damage(run.name, MANIFEST, f"its pack {manifest['packed_into']} is missing")]
     damage, unverified = [], 0
     for info in tables.values():
         shard = run / info["file"]
@@ -67,7 +72,8 @@ def check_run(run: Path) -> tuple[int, int, list[Damage]]:
 def check(root: Path) -> Report:
     """Check every committed run of the catalogue at `root`."""
     runs = sorted(p for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
-    report = Report(len(runs), 0, 0, [])
+    packs = {p.name for p in runs if p.name.startswith("pack-")}
+    report = Report(len(runs) - len(packs), len(packs), 0, 0, [])
     for run in runs:
         shards, unverified, damage = check_run(run)
         report.shards += shards
@@ -77,12 +83,22 @@ def check(root: Path) -> Report:
 
 
 def quarantine(root: Path, run_ids: list[str]) -> list[Path]:
-    """Move these committed runs to `<catalog>/quarantine/` (one rename each: a reader sees a run whole
-    or not at all). Returns where they went."""
+    """Move these committed runs (or packs) to `<catalog>/quarantine/` (one rename each: a reader sees a
+    run whole or not at all); a pack's runs are no longer committed (their markers go), so they can be
+    written again. Returns where they went."""
+    from catalog.store import commit_lock
+
     (root / QUARANTINE).mkdir(exist_ok=True)
     moved = []
-    for run_id in run_ids:
-        target = root / QUARANTINE / run_id
-        os.replace(root / "runs" / run_id, target)
-        moved.append(target)
+    with commit_lock(root):  # not while compaction assembles the next generation
+        for run_id in run_ids:
+            folder, target = root / "runs" / run_id, root / QUARANTINE / run_id
+            try:
+                contains = json.loads((folder / MANIFEST).read_text()).get("contains", [])
+            except (OSError, ValueError, AttributeError):
+                contains = []
+            os.replace(folder, target)
+            for run in contains:
+                shutil.rmtree(root / "runs" / run, ignore_errors=True)
+            moved.append(target)
     return moved

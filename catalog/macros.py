@@ -56,7 +56,7 @@ _SHARED_FEATURES = """
 SELECT dictionary_id, feature_idx, any_value(component) AS component, any_value(layer) AS layer,
        count(*) AS n_circuits, count(*) = len(list_distinct(ids)) AS in_all,
        CASE WHEN count(*) = 1 THEN any_value(circuit_id) END AS unique_to,
-       list(task_id ORDER BY task_id) AS tasks, list(circuit_id ORDER BY task_id) AS circuits,
+       list(task_id ORDER BY task_id, circuit_id) AS tasks, list(circuit_id ORDER BY task_id, circuit_id) AS circuits,
        avg(effect) AS mean_effect
 FROM circuit_features(ids, k)
 GROUP BY dictionary_id, feature_idx

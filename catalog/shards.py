@@ -146,9 +146,9 @@ class RunWriter:
     def write(self, name: str, rows: list[dict] | pa.Table) -> None:
         self.table(name).write(rows)
 
-    def finish(self) -> Path:
+    def finish(self, **extra) -> Path:
         """Close every shard and write the manifest (last, atomically), with each shard's rows, size and
-        sha256 (what `catalog.integrity` checks)."""
+        sha256 (what `catalog.integrity` checks), and any `extra` entries (a pack's `contains`)."""
         for name, w in self._open.items():
             w.close()
             self._done[name] = w.rows
@@ -156,7 +156,8 @@ class RunWriter:
         manifest = {"run_id": self.run_id, "schema_version": SCHEMA_VERSION,
                     "written_at": datetime.now(UTC).isoformat(),
                     "tables": {n: {"file": f"{n}.parquet", "rows": r, "bytes": (self.dir / f"{n}.parquet").stat().st_size,
-                                   "sha256": file_hash(self.dir / f"{n}.parquet")} for n, r in self._done.items()}}
+                                   "sha256": file_hash(self.dir / f"{n}.parquet")} for n, r in self._done.items()},
+                    **extra}
         tmp = self.dir / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.dir / MANIFEST)

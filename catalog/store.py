@@ -3,12 +3,13 @@
 Layout of a catalogue directory:
 
     catalog.duckdb            schema version, one view per table, the named-query macros
+    runs -> generations/g-N   the current generation (`catalog.generations`)
     runs/<run_id>/            committed runs: <table>.parquet shards + manifest.json
     staging/<run_id>/         runs being written by workers (invisible)
 
-Views read `runs/*/<table>.parquet`, so committing a run is one atomic rename of
+Views read `<generation>/*/<table>.parquet`, so committing a run is one atomic rename of
 its directory from staging/ to runs/: it becomes visible all at once, queries
-are never blocked, and the DuckDB file is written only by `init` and migrations.
+are never blocked, and the DuckDB file is written only by `init`, migrations and compaction.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalog import generations
 from catalog.errors import UserError, first_line
 from catalog.macros import create_macros, macros_hash
 from catalog.query import check_read_only
@@ -54,6 +56,7 @@ def init(root: str | Path) -> Catalog:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create a catalogue at {root}: {e.strerror}") from None
+    generations.create(root)
     _write_schema_shards(root)
     tmp = root / (DB_FILE + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -82,7 +85,8 @@ def open_catalog(root: str | Path) -> Catalog:
     if version > SCHEMA_VERSION:
         raise UserError(f"catalogue {root} has schema version {version}, newer than this tool's "
                         f"{SCHEMA_VERSION}; upgrade the tool")
-    if version < SCHEMA_VERSION or info.get("macros") != macros_hash():
+    if (version < SCHEMA_VERSION or info.get("macros") != macros_hash()
+            or info.get("views", generations.RUNS) != generations.views_base(root)):
         _migrate(root, version)
     return cat
 
@@ -99,7 +103,8 @@ def _check_folder(root: Path) -> None:
 def _migrate(root: Path, version: int) -> None:
     """Bring an older catalogue to this schema version: empty shards for the new tables, views and
     macros rebuilt on a copy of the DuckDB file that replaces it atomically. Committed runs are never
-    touched, so an interrupted migration leaves the catalogue as it was."""
+    touched, so an interrupted migration leaves the catalogue as it was. Compaction calls it too, to
+    point the views at the new generation."""
     if version < 1:
         raise UserError(f"catalogue {root} has schema version {version} and no migration to "
                         f"{SCHEMA_VERSION} exists; it was left unchanged")
@@ -138,10 +143,11 @@ def _create_views(con, root: Path) -> None:
     """The views and named queries of the catalogue file, for any DuckDB client opened in the
     catalogue folder (shard paths relative to it)."""
     con.execute(f"SET file_search_path = '{_sql_str(root.resolve())}'")
+    base = generations.views_base(root)
     for name in TABLES:
-        con.execute(view_sql(name, f"runs/*/{name}.parquet"))
+        con.execute(view_sql(name, f"{base}/*/{name}.parquet"))
     create_macros(con)
-    con.execute("INSERT OR REPLACE INTO _catalog VALUES ('macros', ?)", [macros_hash()])
+    con.execute("INSERT OR REPLACE INTO _catalog VALUES ('macros', ?), ('views', ?)", [macros_hash(), base])
 
 
 def _sql_str(p) -> str:
@@ -292,6 +298,8 @@ def check_staged(staged: Path) -> str | None:
         return "it is incomplete (no manifest)"
     try:
         manifest = json.loads((staged / MANIFEST).read_text())
+        if "contains" in manifest:
+            return "it is a pack of an unfinished compaction (only `cli.py compact` switches packs in)"
         for info in manifest["tables"].values():
             path = staged / info["file"]
             if not path.exists() or pq.read_metadata(path).num_rows != info["rows"]:
@@ -302,13 +310,16 @@ def check_staged(staged: Path) -> str | None:
 
 
 # The sandbox: one in-memory DuckDB instance per catalogue, held for the process (starting an
-# instance costs about 25 ms, a third of a small query). Its views read the committed shards by
-# absolute path, its macros are the named queries; it may open files under runs/ and nothing
-# else (DuckDB's allowed_directories with external access off: no other file, no network, no
-# extension), it never spills to disk, and its configuration is locked, so user SQL cannot
-# lift any of it. It never goes stale: views and macros come from this code, and the views
-# find newly committed runs by their glob on every query.
-_HELD: dict[str, duckdb.DuckDBPyConnection] = {}
+# instance costs about 25 ms, a third of a small query). Its views read the committed shards of
+# the current generation by absolute path, its macros are the named queries; it may open files
+# in that generation and nothing else (DuckDB's allowed_directories with external access off: no
+# other file, no network, no extension), it never spills to disk, and its configuration is
+# locked, so user SQL cannot lift any of it. It never goes stale: views and macros come from this
+# code, the views find newly committed runs by their glob on every query, and when compaction
+# switches generations the next query gets a new sandbox (the old one is left to the queries
+# still running on it).
+_HELD: dict[str, tuple[Path, duckdb.DuckDBPyConnection]] = {}
+_RETIRED: list[duckdb.DuckDBPyConnection] = []
 _INFO: dict[str, tuple[tuple[int, int, int], dict]] = {}
 _LOCK = threading.Lock()
 
@@ -319,17 +330,20 @@ def _key(root: Path) -> str:
 
 def _sandbox(root: Path) -> duckdb.DuckDBPyConnection:
     key = _key(root)
+    generation = generations.current(Path(key))
     with _LOCK:
-        if key not in _HELD:
-            _HELD[key] = _new_sandbox(Path(key))
-        return _HELD[key]
+        held = _HELD.get(key)
+        if held is None or held[0] != generation:
+            if held is not None:
+                _RETIRED.append(held[1])
+            _HELD[key] = (generation, _new_sandbox(Path(key), generation))
+        return _HELD[key][1]
 
 
-def _new_sandbox(root: Path) -> duckdb.DuckDBPyConnection:
+def _new_sandbox(root: Path, runs: Path) -> duckdb.DuckDBPyConnection:
     if not (root / DB_FILE).is_file():
         raise UserError(f"no catalogue at {root}")
     con = duckdb.connect(":memory:")
-    runs = root / "runs"
     for name in TABLES:
         con.execute(view_sql(name, f"{runs}/*/{name}.parquet"))
     create_macros(con)
@@ -355,13 +369,15 @@ def _release(key: str) -> None:
     """Close the sandbox held for one catalogue, if any."""
     held = _HELD.pop(key, None)
     if held is not None:
-        held.close()
+        held[1].close()
 
 
 def _let_go() -> None:
     """Close every held instance (before a fork: a DuckDB instance must not cross one)."""
     for key in list(_HELD):
         _release(key)
+    while _RETIRED:
+        _RETIRED.pop().close()
 
 
 os.register_at_fork(before=_let_go)
