@@ -2,6 +2,7 @@
 
     python bench/queries.py                 # 1M edges, then 10M
     python bench/queries.py --scales 1e6    # one scale
+    python bench/queries.py --scales 1e8    # 100M edges over 10,000 runs, before and after compaction
 
 Synthetic circuits are written into a temporary catalogue as Parquet shards, exactly as a
 worker writes them. At each scale E:
@@ -11,6 +12,10 @@ worker writes them. At each scale E:
 - compare: 100 circuits of E/100 in-circuit features each, drawn from a shared pool so that a
   feature sits in about 10 of them: shared features, pairwise Jaccard and rank correlation
   (the comparison reads nodes only; the circuits' edges play no part in it).
+At 1e8 and above (`--runs`, default 10,000): a catalogue of that many edges spread over that many
+runs (one circuit each, written and committed one after another, so memory stays flat), the
+named queries timed on it, then `cli.py compact`'s compaction, and the same queries again; the
+answers before and after must be equal.
 DuckDB runs the catalogue's own macros (`diff_summary`, what `cli.py diff` reports: node_diff
 and edge_diff's joined edge pairs, counted with the total |delta|; `feature_overlap`); pandas does
 the same computation, the same way, with merges and group-bys on the same shards. Each measurement runs
@@ -179,9 +184,97 @@ def _same_summary(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k][0] == b[k][0] and np.isclose(a[k][1], b[k][1]) for k in a)
 
 
+# ---- many runs: 1e8 edges over 10,000 runs, before and after compaction --------------------------
+
+def build_many(root: Path, n_edges: int, n_runs: int, seed: int = 0) -> list[float]:
+    """One circuit per run, each written and committed before the next is drawn; returns the process's
+    peak RSS (MiB) after each tenth of the runs (flat: nothing accumulates)."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    cat = catalog.init(root)
+    per = n_edges // n_runs
+    n = max(per // 50, 100)
+    peaks = []
+    for i in tqdm(range(n_runs), desc="writing runs", unit="run", leave=False):
+        src, dst = _edges(rng, n, per)
+        write_circuit(cat, _nodes(rng, n, pool=4 * n), {"src_idx": src, "dst_idx": dst, "weight": rng.normal(size=per)},
+                      task_id=f"task{i % 100:02d}", circuit_id=f"m{i:05d}")
+        if (i + 1) % max(n_runs // 10, 1) == 0:
+            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return peaks
+
+
+def many_queries(n_runs: int) -> dict[str, str]:
+    """The named queries timed on the many-runs catalogue (and a full scan)."""
+    ids = [f"m{i:05d}" for i in range(0, n_runs, max(n_runs // 100, 1))][:100]
+    return {"full scan: count and sum of every edge": "SELECT count(*) AS n, sum(weight) AS w FROM edges",
+            "circuit_list()": "SELECT * FROM circuit_list()",
+            "feature_overlap, 100 circuits": f"SELECT * FROM feature_overlap({ids})",
+            "shared_features, 100 circuits": f"SELECT * FROM shared_features({ids})",
+            "diff_summary of two circuits": f"SELECT * FROM diff_summary('{ids[0]}', '{ids[1]}')",
+            "circuit_paths of one circuit": f"SELECT * FROM circuit_paths('{ids[-1]}', 5)",
+            "one circuit's nodes": f"SELECT * FROM nodes WHERE circuit_id = '{ids[50]}'"}
+
+
+def sql(root: Path, query: str) -> pd.DataFrame:
+    return catalog.open(root).sql(f"SELECT * FROM ({query}) ORDER BY ALL")
+
+
+def compaction(root: Path) -> dict:
+    from catalog.compaction import compact
+
+    r = compact(catalog.open(root), progress=False)
+    return {"packs": len(r.packs), "runs": r.runs_packed, "shards": sum(p["shards"] for p in r.packs)}
+
+
+def _same_frame(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Equal up to floating-point summation order."""
+    if list(a.columns) != list(b.columns) or len(a) != len(b):
+        return False
+    for c in a.columns:
+        x, y = a[c].to_numpy(), b[c].to_numpy()
+        if np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number):
+            if not np.allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True):
+                return False
+        elif [str(v) for v in x] != [str(v) for v in y]:
+            return False
+    return True
+
+
+def many_runs(n_edges: int, n_runs: int, repeat: int, timeout: float, where: Path) -> None:
+    root = where / "catalog"
+    t = time.perf_counter()
+    peaks = build_many(root, n_edges, n_runs)
+    files = sum(1 for _ in root.glob("runs/*/*.parquet"))
+    print(f"{n_edges:,} edges over {n_runs:,} runs: written in {time.perf_counter() - t:.0f} s, {files:,} shards, "
+          f"{sum(f.stat().st_size for f in root.rglob('*.parquet')) / 2**30:.2f} GiB of Parquet; peak RSS after each "
+          f"tenth of the runs (MiB): {', '.join(f'{p:.0f}' for p in peaks)}", flush=True)
+    queries = many_queries(n_runs)
+    before = {name: measure("sql", root, repeat, timeout, q) for name, q in queries.items()}
+    for name, m in before.items():
+        print(f"  before compaction: {name}: {m[0]:.2f} s" if m else f"  before compaction: {name}: timed out", flush=True)
+    c = measure("compaction", root, 1, timeout * 4)
+    after_files = sum(1 for _ in root.glob("runs/*/*.parquet"))
+    print(f"compaction: {c[0]:.0f} s, peak {c[1]:.0f} MiB above start; {c[2]['runs']:,} runs into {c[2]['packs']} packs; "
+          f"{files:,} shards -> {after_files:,}", flush=True)
+    rows = []
+    for name, q in queries.items():
+        a = measure("sql", root, repeat, timeout, q)
+        b = before[name]
+        rows.append({"query": name, "before_s": round(b[0], 2) if b else None, "after_s": round(a[0], 2) if a else None,
+                     "speedup": round(b[0] / a[0], 1) if a and b else None,
+                     "after_peak_MiB": round(a[1]) if a else None,
+                     "answers_equal": _same_frame(b[2], a[2]) if a and b else None})
+        print(pd.DataFrame([rows[-1]]).to_string(index=False, header=len(rows) == 1), flush=True)
+    df = pd.DataFrame(rows)
+    print("\n" + df.to_string(index=False))
+    assert df.answers_equal.all(), "an answer changed with compaction"
+
+
 # ---- measuring -------------------------------------------------------------------------------
 
-def _measure(fn_name: str, root: str, repeat: int, q: mp.Queue) -> None:
+def _measure(fn_name: str, root: str, repeat: int, q: mp.Queue, *args) -> None:
     fn = globals()[fn_name]
     page_kib = resource.getpagesize() / 1024
     base = int(Path("/proc/self/statm").read_text().split()[1]) * page_kib  # resident now, KiB
@@ -189,7 +282,7 @@ def _measure(fn_name: str, root: str, repeat: int, q: mp.Queue) -> None:
     try:
         for _ in range(repeat):
             t = time.perf_counter()
-            result = fn(Path(root))
+            result = fn(Path(root), *args)
             times.append(time.perf_counter() - t)
     except Exception as e:  # noqa: BLE001  (reported, not hung on)
         q.put(None)
@@ -199,10 +292,10 @@ def _measure(fn_name: str, root: str, repeat: int, q: mp.Queue) -> None:
     q.put((min(times), peak / 1024, result))
 
 
-def measure(fn_name: str, root: Path, repeat: int, timeout: float):
+def measure(fn_name: str, root: Path, repeat: int, timeout: float, *args):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(fn_name, str(root), repeat, q))
+    p = ctx.Process(target=_measure, args=(fn_name, str(root), repeat, q, *args))
     p.start()
     try:
         return q.get(timeout=timeout)
@@ -218,10 +311,16 @@ def main() -> None:
     ap.add_argument("--scales", nargs="+", type=float, default=[1e6, 1e7], help="edges per circuit")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600, help="seconds before a measurement is stopped")
+    ap.add_argument("--runs", type=int, default=10_000, help="runs the edges are spread over, at 1e8 and above")
+    ap.add_argument("--dir", type=Path, help="where to write the catalogues (default: a temporary folder)")
     args = ap.parse_args()
     rows = []
     for scale in args.scales:
-        with tempfile.TemporaryDirectory() as tmp:
+        if scale >= 1e8:
+            with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+                many_runs(int(scale), args.runs, args.repeat, args.timeout, Path(tmp))
+            continue
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             root = Path(tmp) / "catalog"
             t = time.perf_counter()
             build(root, int(scale))
@@ -241,6 +340,8 @@ def main() -> None:
                              "duckdb_peak_MiB": round(d[1]) if d else None, "pandas_peak_MiB": round(p[1]) if p else None,
                              "answers_agree": bool(d and p)})
                 print(pd.DataFrame([rows[-1]]).to_string(index=False, header=len(rows) == 1), flush=True)
+    if not rows:
+        return
     df = pd.DataFrame(rows)
     print("\n" + df.to_string(index=False))
     first = df[(df.op == "diff")].iloc[0]
