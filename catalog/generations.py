@@ -118,10 +118,10 @@ def _link_to(root: Path, generation: Path) -> Path:
 def remove_old(root: Path, keep: set[Path]) -> int:
     """Remove every generation except the current one and `keep`, and any half-built one left by a
     killed compaction. Returns how many went."""
-    now = current(root)
+    spared = {current(root), *(p.resolve() for p in keep)}
     gone = 0
     for path in (Path(root) / GENERATIONS).iterdir() if (Path(root) / GENERATIONS).is_dir() else []:
-        if path.resolve() == now or path in keep:
+        if path.resolve() in spared:
             continue
         shutil.rmtree(path, ignore_errors=True)
         gone += 1

@@ -252,3 +252,14 @@ def test_a_second_compaction_at_once_is_refused(tmp_path):
     _fill(cat, 2)
     with _compaction_lock(cat.root), pytest.raises(UserError, match="another compaction"):
         compact(cat, progress=False)
+
+
+def test_compaction_through_a_relative_path_keeps_the_generation_it_retired(tmp_path):
+    cat = catalog.init(tmp_path / "catalog")
+    _fill(cat, 3)
+    for seed in (1, 2):
+        r = run_cli("compact", catalog=Path("catalog"), cwd=tmp_path)
+        assert r.returncode == 0 and "packed" in r.stderr, r.stderr
+        _fill(cat, 2, seed=seed, prefix=f"s{seed}")
+    assert [p.name for p in generations.listed(tmp_path / "catalog")] == ["g-000001", "g-000002"]
+    assert cat.sql("SELECT count(*) AS n FROM circuits").n[0] == 7
