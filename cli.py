@@ -322,7 +322,7 @@ def compact(path: Path, target_size: float, fmt: str):
     if not df.empty or fmt != "table":
         _output(df, fmt)
     if not result.packs:
-        click.echo(f"nothing to compact (no two runs under {int(target_size) // 2:,} bytes); "
+        click.echo(f"nothing to compact (no two runs under {target_size / 2 / 2**20:,.0f} MiB, half the target size); "
                    f"generation {result.generation}", err=True)
         return
     click.echo(f"packed {result.runs_packed} runs ({int(df.shards.sum())} shards) into {len(df)} packs; "

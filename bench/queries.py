@@ -195,11 +195,15 @@ def build_many(root: Path, n_edges: int, n_runs: int, seed: int = 0) -> tuple[li
     rng = np.random.default_rng(seed)
     cat = catalog.init(root)
     per = n_edges // n_runs
-    width = max(int(np.sqrt(per / len(SUBS))) + 8, 8)  # nodes per row: enough pairs for the edges
+    # layered_circuit draws `gap` edges between consecutive rows and `width` into the metric: choose
+    # the width so that the run holds exactly `per` edges (and each gap has enough node pairs)
+    width = int(np.sqrt(per / len(SUBS))) + 4
+    width += (per - width) % (len(SUBS) - 1)
+    gap = (per - width) // (len(SUBS) - 1)
     dictionaries = {s: f"d{i}" for i, s in enumerate(SUBS)}
     peaks, total = [], 0
     for i in tqdm(range(n_runs), desc="writing runs", unit="run", leave=False):
-        nodes, edges = layered_circuit(rng, 6, width, per, dictionaries, feature_pool=4 * width)
+        nodes, edges = layered_circuit(rng, 6, width, gap * len(SUBS), dictionaries, feature_pool=4 * width)
         write_circuit(cat, nodes, edges, task_id=f"task{i % 100:02d}", circuit_id=f"m{i:05d}")
         total += len(edges["src_idx"])
         if (i + 1) % max(n_runs // 10, 1) == 0:
