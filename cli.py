@@ -307,18 +307,28 @@ def check(path: Path, move: bool, fmt: str):
 @main.command()
 @click.option("--target-size", type=Size(), default="256M", show_default=True,
               help="about how large each pack grows; runs under half of it are packed")
+@click.option("--dry-run", is_flag=True, help="list the packs it would make, and change nothing")
 @FORMAT
 @click.pass_obj
-def compact(path: Path, target_size: float, fmt: str):
+def compact(path: Path, target_size: float, dry_run: bool, fmt: str):
     """Merge small committed runs into large packs, atomically (queries answer the same, faster)."""
     import pandas as pd
 
     import catalog
     from catalog.compaction import compact as compact_catalog
+    from catalog.compaction import describe, plan
 
     cat = catalog.open(path)
+    columns = ["pack_id", "runs", "folders", "shards", "bytes"]
+    if dry_run:
+        df = pd.DataFrame([describe(g, "(new)") for g in plan(cat.root, int(target_size))], columns=columns)
+        if not df.empty or fmt != "table":
+            _output(df, fmt)
+        click.echo(f"would pack {int(df.runs.sum())} runs ({int(df.shards.sum())} shards) into {len(df)} packs; "
+                   "nothing was changed", err=True)
+        return
     result = compact_catalog(cat, int(target_size), progress=fmt == "table")
-    df = pd.DataFrame(result.packs, columns=["pack_id", "runs", "folders", "shards", "bytes"])
+    df = pd.DataFrame(result.packs, columns=columns)
     if not df.empty or fmt != "table":
         _output(df, fmt)
     if not result.packs:

@@ -90,6 +90,12 @@ def plan(root: Path, target_bytes: int) -> list[list[Folder]]:
     return [g for g in groups if len(g) > 1]
 
 
+def describe(group: list[Folder], pack_id: str = "") -> dict:
+    """One pack as `cli.py compact` lists it: its id, the runs, folders, shards and bytes it merges."""
+    return {"pack_id": pack_id, "runs": sum(len(f.runs) for f in group), "folders": len(group),
+            "shards": sum(len(f.manifest["tables"]) for f in group), "bytes": sum(f.bytes for f in group)}
+
+
 def compact(cat: Catalog, target_bytes: int = 256 << 20, progress: bool = True) -> Result:
     """Pack the small runs of a catalogue and switch to the generation holding the packs."""
     root = cat.root
@@ -125,9 +131,7 @@ def compact(cat: Catalog, target_bytes: int = 256 << 20, progress: bool = True) 
             raise
         for w, group in zip(writers, groups, strict=True):
             w.release()
-            result.packs.append({"pack_id": w.run_id, "runs": sum(len(f.runs) for f in group),
-                                 "folders": len(group), "shards": sum(len(f.manifest["tables"]) for f in group),
-                                 "bytes": sum(f.bytes for f in group)})
+            result.packs.append(describe(group, w.run_id))
         result.generation = target.name
         return result
 
@@ -192,6 +196,7 @@ def _assemble(root: Path, groups: list[list[Folder]], writers: list) -> Path:
     building = target.with_name(target.name + ".tmp")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
+    (building / generations.READERS).touch()
     for entry in sorted(p for p in now.iterdir() if p.is_dir()):
         if entry.name not in members and entry.name not in packed_into:
             generations.link_tree(entry, building / entry.name)

@@ -18,15 +18,19 @@ files under the same names).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from catalog.errors import UserError
 
 RUNS = "runs"
 GENERATIONS = "generations"
+READERS = ".readers"  # in a generation's folder: every query holds a shared lock on it while it reads
 _NAME = re.compile(r"g-(\d{6})")
 
 
@@ -46,6 +50,7 @@ def create(root: Path) -> None:
     """The layout of a new catalogue: an empty first generation and the link to it."""
     first = Path(root) / GENERATIONS / "g-000000"
     first.mkdir(parents=True, exist_ok=True)
+    (first / READERS).touch()
     if not (Path(root) / RUNS).exists():
         os.symlink(first.relative_to(root), Path(root) / RUNS)
 
@@ -94,6 +99,7 @@ def convert(root: Path) -> bool:
     building = target.with_name(target.name + ".tmp")
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
+    (building / READERS).touch()
     for run in runs.iterdir():
         if run.is_dir():
             link_tree(run, building / run.name)
@@ -115,15 +121,47 @@ def _link_to(root: Path, generation: Path) -> Path:
     return link
 
 
+@contextmanager
+def reading(root: Path) -> Iterator[Path]:
+    """The current generation, held for the body: a shared lock on its `.readers` file, which
+    `remove_old` must take exclusively before it removes a generation. A catalogue this process
+    cannot write is read without the lock."""
+    while True:
+        generation = current(root)
+        try:
+            f = open(generation / READERS, "a")  # noqa: SIM115  (held for the body)
+        except FileNotFoundError:  # removed since it was resolved: take the current one again
+            continue
+        except OSError:  # a read-only catalogue
+            yield generation
+            return
+        with f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            if (generation / READERS).exists():  # not moved aside while we waited for the lock
+                yield generation
+                return
+
+
 def remove_old(root: Path, keep: set[Path]) -> int:
-    """Remove every generation except the current one and `keep`, and any half-built one left by a
-    killed compaction. Returns how many went."""
+    """Remove every generation except the current one, `keep`, and those a query is reading, and any
+    half-built one left by a killed compaction. Returns how many went."""
     spared = {current(root), *(p.resolve() for p in keep)}
     gone = 0
     for path in (Path(root) / GENERATIONS).iterdir() if (Path(root) / GENERATIONS).is_dir() else []:
-        if path.resolve() in spared:
+        if path.resolve() in spared or not path.is_dir():
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            f = open(path / READERS, "a")  # noqa: SIM115
+        except OSError:
+            continue
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a query is reading it: a later compaction removes it
+                continue
+            trash = path.with_name(path.name + ".removing")
+            os.replace(path, trash)  # gone for readers at once; they take the current one instead
+        shutil.rmtree(trash, ignore_errors=True)
         gone += 1
     return gone
 

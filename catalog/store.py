@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -85,10 +85,19 @@ def open_catalog(root: str | Path) -> Catalog:
     if version > SCHEMA_VERSION:
         raise UserError(f"catalogue {root} has schema version {version}, newer than this tool's "
                         f"{SCHEMA_VERSION}; upgrade the tool")
-    if (version < SCHEMA_VERSION or info.get("macros") != macros_hash()
-            or info.get("views", generations.RUNS) != generations.views_base(root)):
-        _migrate(root, version)
+    if _outdated(root, info):
+        with commit_lock(root):  # one migration at a time (compaction migrates under this lock too)
+            info = cat.info()
+            if _outdated(root, info):  # unless another process just did it
+                _migrate(root, int(info["schema_version"]))
     return cat
+
+
+def _outdated(root: Path, info: dict) -> bool:
+    """Whether the catalogue file needs `_migrate`: an older schema, other named queries, or views that
+    read another generation than the current one."""
+    return (int(info["schema_version"]) < SCHEMA_VERSION or info.get("macros") != macros_hash()
+            or info.get("views", generations.RUNS) != generations.views_base(root))
 
 
 def _check_folder(root: Path) -> None:
@@ -164,8 +173,10 @@ class Catalog:
 
     # ---- reading -------------------------------------------------------------------------
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """A connection to the catalogue's sandbox (a cursor of the held instance)."""
-        return _sandbox(self.root).cursor()
+        """A connection to the catalogue's sandbox (a cursor of the held instance), reading the current
+        generation. `sql` and `chunks` hold that generation while they read, so that compaction never
+        removes it under them; a query on this connection that outlives two compactions may fail."""
+        return _sandbox(self.root, generations.current(self.root)).cursor()
 
     def close(self) -> None:
         """Let go of the DuckDB instances this process holds for the catalogue (needed only
@@ -186,7 +197,7 @@ class Catalog:
         """Run a read-only SQL query and return a DataFrame (write statements are refused); with a
         limit, only the first `limit` rows are fetched (DuckDB stops producing the rest)."""
         check_read_only(query)
-        with self.connect() as con, self._errors():
+        with generations.reading(self.root) as gen, _sandbox(self.root, gen).cursor() as con, self._errors():
             result = con.execute(query, params or [])
             if limit is None:
                 return result.df()
@@ -198,12 +209,17 @@ class Catalog:
         empty result is one empty frame with its columns), for results too large to hold at once. A
         mistake in the query is raised by this call, before any chunk is asked for."""
         check_read_only(query)
-        con = self.connect()
-        with self._errors():
-            result = con.execute(query, params or [])
+        held = ExitStack()  # the generation and the cursor, held until the last chunk is read
+        con = held.enter_context(_sandbox(self.root, held.enter_context(generations.reading(self.root))).cursor())
+        try:
+            with self._errors():
+                result = con.execute(query, params or [])
+        except BaseException:
+            held.close()
+            raise
 
         def stream() -> Iterator[pd.DataFrame]:
-            with con, self._errors():
+            with held, self._errors():
                 df = result.fetch_df_chunk(vectors)
                 yield df  # the first chunk, even empty: it carries the columns
                 while len(df):
@@ -328,9 +344,9 @@ def _key(root: Path) -> str:
     return str(Path(root).resolve())
 
 
-def _sandbox(root: Path) -> duckdb.DuckDBPyConnection:
+def _sandbox(root: Path, generation: Path) -> duckdb.DuckDBPyConnection:
+    """The held instance whose views read `generation` (a new one when compaction switched)."""
     key = _key(root)
-    generation = generations.current(Path(key))
     with _LOCK:
         held = _HELD.get(key)
         if held is None or held[0] != generation:

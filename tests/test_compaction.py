@@ -72,9 +72,14 @@ def test_compaction_keeps_every_answer_and_merges_the_shards(demo_catalog, tmp_p
     before, shards_before = _every_answer(cat.sql), _shards(root)
     runs_before = sorted(p.name for p in (root / "runs").iterdir())
 
+    r = run_cli("compact", "--dry-run", "--format", "json", catalog=root)
+    planned = json.loads(r.stdout)
+    assert r.returncode == 0 and "nothing was changed" in r.stderr and len(planned) == 1, r.stderr
+    assert not (root / "runs").is_symlink() and _shards(root) == shards_before
     r = run_cli("compact", "--target-size", "100M", "--format", "json", catalog=root)
     assert r.returncode == 0, r.stderr
     packs = json.loads(r.stdout)
+    assert [{**p, "pack_id": "(new)"} for p in packs] == planned
     assert len(packs) == 1 and packs[0]["runs"] == len(runs_before) - 1  # all but the schema run
     assert "generation g-" in r.stderr and "Traceback" not in r.stderr
     assert (root / "runs").is_symlink()
@@ -263,3 +268,26 @@ def test_compaction_through_a_relative_path_keeps_the_generation_it_retired(tmp_
         _fill(cat, 2, seed=seed, prefix=f"s{seed}")
     assert [p.name for p in generations.listed(tmp_path / "catalog")] == ["g-000001", "g-000002"]
     assert cat.sql("SELECT count(*) AS n FROM circuits").n[0] == 7
+
+
+def test_a_query_reading_across_compactions_finishes_on_its_generation(tmp_path):
+    root = tmp_path / "catalog"
+    cat = catalog.init(root)
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        nodes, edges = layered_circuit(rng, 2, 30, 3000, DICTS, 100)
+        write_circuit(cat, nodes, edges, circuit_id=f"big{i}")
+    expected = cat.sql("SELECT count(*) AS n, sum(weight) AS w FROM edges").iloc[0]
+    first = generations.current(root)
+    chunks = cat.chunks("SELECT weight FROM edges", vectors=1)  # 2,048 rows a chunk, read slowly
+    read = [next(chunks)]
+    for seed in (1, 2, 3):  # three compactions while it reads: its generation is not removed under it
+        _fill(cat, 2, seed=seed, prefix=f"s{seed}")
+        assert compact(cat, progress=False).packs
+    assert first.is_dir() and generations.current(root) != first
+    read += list(chunks)
+    weights = pd.concat(read).weight
+    assert (len(weights), weights.sum()) == pytest.approx((expected.n, expected.w))
+    _fill(cat, 2, seed=4, prefix="s4")
+    compact(cat, progress=False)  # nobody reads it now
+    assert not first.exists() and len(generations.listed(root)) == 2
