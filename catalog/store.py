@@ -210,7 +210,8 @@ class Catalog:
         mistake in the query is raised by this call, before any chunk is asked for."""
         check_read_only(query)
         held = ExitStack()  # the generation and the cursor, held until the last chunk is read
-        con = held.enter_context(_sandbox(self.root, held.enter_context(generations.reading(self.root))).cursor())
+        generation = held.enter_context(generations.reading(self.root))
+        con = held.enter_context(_sandbox(self.root, generation).cursor())
         try:
             with self._errors():
                 result = con.execute(query, params or [])
