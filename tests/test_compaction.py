@@ -70,7 +70,7 @@ def test_compaction_keeps_every_answer_and_merges_the_shards(demo_catalog, tmp_p
     cat = catalog.open(root)
     _fill(cat, 8)  # and small synthetic runs beside the demo's
     before, shards_before = _every_answer(cat.sql), _shards(root)
-    runs_before = sorted(p.name for p in (root / "runs").iterdir())
+    runs_before = sorted(p.name for p in (root / "runs").iterdir() if p.is_dir())
 
     r = run_cli("compact", "--dry-run", "--format", "json", catalog=root)
     planned = json.loads(r.stdout)
@@ -92,7 +92,7 @@ def test_compaction_keeps_every_answer_and_merges_the_shards(demo_catalog, tmp_p
     con.close()
 
     # every run is still committed (a marker names its pack): a repeated commit changes nothing
-    assert sorted(p.name for p in (root / "runs").iterdir()) == sorted([*runs_before, packs[0]["pack_id"]])
+    assert sorted(p.name for p in (root / "runs").iterdir() if p.is_dir()) == sorted([*runs_before, packs[0]["pack_id"]])
     marker = json.loads((root / "runs" / runs_before[-1] / MANIFEST).read_text())
     assert marker["packed_into"] == packs[0]["pack_id"] and marker["tables"] == {}
     check = run_cli("check", catalog=root)
