@@ -33,8 +33,8 @@ from tqdm import tqdm
 from catalog import generations
 from catalog.errors import UserError
 from catalog.integrity import check_run
-from catalog.shards import MANIFEST, ROW_GROUP, try_lock
-from catalog.store import SCHEMA_RUN, Catalog, _migrate, commit_lock, new_id
+from catalog.shards import MANIFEST, ROW_GROUP, commit_lock, try_lock
+from catalog.store import SCHEMA_RUN, Catalog, _migrate, new_id
 from schema.derive import arrow_schema
 from schema.tables import SCHEMA_VERSION, TABLES
 

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog.shards import MANIFEST, file_hash
+from catalog.shards import MANIFEST, commit_lock, file_hash
 
 QUARANTINE = "quarantine"
 
@@ -86,8 +86,6 @@ def quarantine(root: Path, run_ids: list[str]) -> list[Path]:
     """Move these committed runs (or packs) to `<catalog>/quarantine/` (one rename each: a reader sees a
     run whole or not at all); a pack's runs are no longer committed (their markers go), so they can be
     written again. Returns where they went."""
-    from catalog.store import commit_lock
-
     (root / QUARANTINE).mkdir(exist_ok=True)
     moved = []
     with commit_lock(root):  # not while compaction assembles the next generation

@@ -19,6 +19,8 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -99,6 +101,22 @@ def release_owner(root: Path, run_id: str) -> None:
     owner = _OWNED.get(Path(root) / "staging" / f"{run_id}{OWNER_SUFFIX}")
     if owner is not None:
         owner.release()
+
+
+COMMIT_LOCK = ".commit.lock"
+
+
+@contextmanager
+def commit_lock(root: Path) -> Iterator[None]:
+    """Hold the catalogue's commit lock (an exclusive lock on staging/.commit.lock) in the body."""
+    lock = Path(root) / "staging" / COMMIT_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def try_lock(f) -> bool:

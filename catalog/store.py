@@ -15,7 +15,6 @@ are never blocked, and the DuckDB file is written only by `init`, migrations and
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import os
 import shutil
@@ -37,12 +36,11 @@ from catalog import generations
 from catalog.errors import UserError, first_line
 from catalog.macros import create_macros, macros_hash
 from catalog.query import check_read_only
-from catalog.shards import MANIFEST, RunWriter, release_owner
+from catalog.shards import MANIFEST, RunWriter, commit_lock, release_owner
 from schema.derive import view_sql
 from schema.tables import SCHEMA_VERSION, TABLES
 
 DB_FILE = "catalog.duckdb"
-COMMIT_LOCK = ".commit.lock"
 SCHEMA_RUN = f"_schema-v{SCHEMA_VERSION}"
 
 
@@ -293,19 +291,6 @@ class Catalog:
         if shard.exists():
             rows = pq.read_table(shard, columns=["task_id", "content_hash"]).to_pylist()
             self._check_tasks({r["task_id"]: r["content_hash"] for r in rows})
-
-
-@contextmanager
-def commit_lock(root: Path) -> Iterator[None]:
-    """Hold the catalogue's commit lock (an exclusive lock on staging/.commit.lock) in the body."""
-    lock = Path(root) / "staging" / COMMIT_LOCK
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_staged(staged: Path) -> str | None:
