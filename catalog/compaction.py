@@ -192,11 +192,7 @@ def _assemble(root: Path, groups: list[list[Folder]], writers: list) -> Path:
             raise UserError(f"run {name} changed while the catalogue was being compacted (quarantined?); "
                             "nothing was compacted, run `cli.py compact` again")
     packed_into = {run: w.run_id for g, w in zip(groups, writers, strict=True) for f in g for run in f.runs}
-    target = generations.next_folder(root)
-    building = target.with_name(target.name + ".tmp")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    (building / generations.READERS).touch()
+    target, building = generations.start(root)
     for entry in sorted(p for p in now.iterdir() if p.is_dir()):
         if entry.name not in members and entry.name not in packed_into:
             generations.link_tree(entry, building / entry.name)

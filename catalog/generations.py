@@ -8,7 +8,7 @@ Compaction (`catalog.compaction`) builds the next generation beside the current 
 switches the link with one rename, under the commit lock. Readers resolve the link when a query
 starts: the sandbox's views and the catalogue file's views name the generation's own folder, so
 a query lists and reads one generation, never a mix, and a query running across a switch
-finishes on the generation it started on, which stays on disk until the compaction after next.
+finishes on the generation it started on, which stays on disk while any query reads it.
 
 Catalogues created before generations have a plain `runs/` folder; `convert` moves them to this
 layout without changing what any reader sees (the new generation holds hard links to the same
@@ -69,6 +69,16 @@ def next_folder(root: Path) -> Path:
     return Path(root) / GENERATIONS / f"g-{max(numbers, default=-1) + 1:06d}"
 
 
+def start(root: Path) -> tuple[Path, Path]:
+    """(the next generation's folder, the empty `.tmp` folder it is built in, renamed to it when whole)."""
+    target = next_folder(root)
+    building = target.with_name(target.name + ".tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    (building / READERS).touch()
+    return target, building
+
+
 def link_tree(source: Path, target: Path) -> None:
     """A copy of a run folder made of hard links (no bytes copied; the files stay shared)."""
     try:
@@ -95,11 +105,7 @@ def convert(root: Path) -> bool:
     runs = root / RUNS
     if runs.is_symlink() or not runs.is_dir():
         return False
-    target = next_folder(root)
-    building = target.with_name(target.name + ".tmp")
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
-    (building / READERS).touch()
+    target, building = start(root)
     for run in runs.iterdir():
         if run.is_dir():
             link_tree(run, building / run.name)
