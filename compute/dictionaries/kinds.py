@@ -13,6 +13,7 @@ normalised MLP input, writes mlp_out) and identity (neurons as features).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -183,8 +184,9 @@ class TrainedDictionary:
         """The hook the dictionary reads (a transcoder's differs from its site's output)."""
         return self.sae.hook_name or self.site.reads
 
-    @property
+    @cached_property
     def dictionary_id(self) -> str:
-        """<kind>-<hash> of the weights and the config (which names the hook)."""
+        """<kind>-<hash> of the weights and the config (which names the hook); hashed once, as a
+        GPT-2-sized set's files take seconds to read and every feature and node row names its id."""
         digest = config_hash([file_hash(self.path / "sae_weights.safetensors"), file_hash(self.path / "cfg.json")])
         return f"{self.sae.kind}-{digest}"
