@@ -3,6 +3,7 @@ dictionary sets (SAELens and the Sparse Feature Circuits layout) and a task file
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -92,6 +93,37 @@ def test_spec_file_places_what_cannot_be_guessed(disk, handles, tmp_path):
     (tmp_path / "set" / SPEC_FILE).write_text('{"mystery/10_64": "mlp_1"}')
     [f] = find(tmp_path / "set", handles["gpt2"].model)
     assert (f.site.name, f.how, f.folder) == ("mlp_1", "spec", odd / "10_64")
+
+
+def test_a_set_is_measured_with_shared_passes(disk, handles, tmp_path, monkeypatch):
+    """Measuring a set shares one forward pass for every site's activations and one clean loss; each
+    dictionary then costs its spliced and zero-ablated losses, and its metrics are those of measuring
+    it alone."""
+    from compute.dictionaries import metrics
+    from compute.dictionaries.building import _save_measured
+    from compute.dictionaries.sets import load_set
+
+    monkeypatch.setenv("CIRCUIT_CACHE", str(tmp_path / "cache"))
+    calls = {"collect_activations": 0, "lm_loss": 0}
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(metrics, name, counting(name, getattr(metrics, name)))
+    handle, prompts = handles["neox"], ["the cat near the dogs", "the dogs by the cat"]
+    dicts, _ = load_set(disk / "sfc", handle, prompts, progress=False)
+    assert calls == {"collect_activations": 1, "lm_loss": 1 + 2 * len(dicts)}, calls
+    d = dicts["mlp_1"]
+    acts = metrics.collect_activations(handle.model, [d.site.hook_out], prompts)
+    _save_measured(handle.model, tmp_path / "alone", d.site, d.sae, acts[d.site.hook_out], None, prompts)
+    alone = json.loads((tmp_path / "alone" / "mlp_1" / "metrics.json").read_text())
+    assert alone.keys() == d.metrics.keys()
+    for key, value in alone.items():  # loss_recovered is None where zeroing the site costs nothing
+        assert d.metrics[key] == (value if value is None else pytest.approx(value, rel=1e-5, abs=1e-7)), key
 
 
 @pytest.mark.parametrize("family", FAMILIES)

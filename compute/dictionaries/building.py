@@ -139,10 +139,12 @@ def _measure_identity(out: Path, model_path: Path, model_id: str, progress: bool
 
 
 def _save_measured(model, out: Path, s: Site, sae, x: torch.Tensor, y: torch.Tensor | None,
-                   sentences: list[str], **extra) -> None:
+                   sentences: list[str], clean_loss: float | None = None, **extra) -> None:
     """Measure a dictionary on held-out activations (x, and a transcoder's targets y) and on the
-    language-model loss over held-out sentences, and save it in `out/<site name>` with metrics.json."""
-    metrics = evaluate(sae, x, y) | loss_recovered(model, sae, sentences, sae.hook_name or s.reads, s.hook_out)
+    language-model loss over held-out sentences (`clean_loss`: the model's own there, if known), and
+    save it in `out/<site name>` with metrics.json."""
+    metrics = evaluate(sae, x, y) | loss_recovered(model, sae, sentences, sae.hook_name or s.reads, s.hook_out,
+                                                   clean_loss)
     save_dictionary(sae, out / s.name, {"component": s.component, "layer": s.layer, **extra})
     (out / s.name / "metrics.json").write_text(json.dumps(metrics))
 

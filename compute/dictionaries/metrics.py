@@ -74,12 +74,13 @@ def lm_loss(model, sentences: list[str], replace: dict | None = None, batch_size
     return total / count
 
 
-def loss_recovered(model, sae: SAE, sentences: list[str], hook_in: str, hook_out: str | None = None) -> dict:
-    """Clean loss, loss with the dictionary's reconstruction spliced in, loss with the hook zeroed,
-    and the fraction of the zero-ablation gap the dictionary recovers:
-    (L_zero - L_spliced) / (L_zero - L_clean)."""
+def loss_recovered(model, sae: SAE, sentences: list[str], hook_in: str, hook_out: str | None = None,
+                   clean: float | None = None) -> dict:
+    """Clean loss (computed unless given: it is the same for every dictionary of a model), loss with
+    the dictionary's reconstruction spliced in, loss with the hook zeroed, and the fraction of the
+    zero-ablation gap the dictionary recovers: (L_zero - L_spliced) / (L_zero - L_clean)."""
     hook_out = hook_out or hook_in
-    clean = lm_loss(model, sentences)
+    clean = lm_loss(model, sentences) if clean is None else clean
     spliced = lm_loss(model, sentences, {hook_out: (hook_in, lambda x: sae(x))})
     zero = lm_loss(model, sentences, {hook_out: (hook_out, torch.zeros_like)})
     gap = zero - clean

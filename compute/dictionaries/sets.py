@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -121,6 +122,7 @@ def load_set(root: Path, handle: ModelHandle, prompts: list[str], spec: Path | N
     with `fill`, identity dictionaries at the sites the set lacks. Returns (dictionaries, filled sites)."""
     model = handle.model
     found = find(root, model, spec)
+    measure = _Measurement(handle, prompts, [f.site for f in found])
     out: dict[str, TrainedDictionary] = {}
     for f in tqdm(found, desc="dictionaries", disable=not progress, unit="dict", leave=False):
         sae = _read(f, handle.model_id)
@@ -133,23 +135,25 @@ def load_set(root: Path, handle: ModelHandle, prompts: list[str], spec: Path | N
         files = [f.folder / n for n in (("cfg.json", "sae_weights.safetensors") if f.format == "saelens"
                                         else ("config.json", "ae.pt"))]
         key = config_hash([file_hash(p) for p in files] + [f.site.name, handle.model_id])
-        path = cached_dir("imported", key, _measure, handle, sae, f.site, prompts, str(f.folder), pin=False)
+        path = cached_dir("imported", key, measure, sae, f.site, str(f.folder), pin=False)
         out[f.site.name] = _loaded(model, f.site, path)
     filled = [s for s in sites(model.cfg.n_layers) if s.name not in out] if fill else []
     for s in filled:
-        out[s.name] = _identity(handle, s, prompts)
+        out[s.name] = _identity(measure, s)
     return {s.name: out[s.name] for s in sites(model.cfg.n_layers) if s.name in out}, [s.name for s in filled]
 
 
 def identity_set(handle: ModelHandle, prompts: list[str]) -> dict[str, TrainedDictionary]:
     """Identity dictionaries (neurons as features) at every site of a loaded checkpoint."""
-    return {s.name: _identity(handle, s, prompts) for s in sites(handle.model.cfg.n_layers)}
+    measure = _Measurement(handle, prompts)
+    return {s.name: _identity(measure, s) for s in sites(handle.model.cfg.n_layers)}
 
 
-def _identity(handle: ModelHandle, s: Site, prompts: list[str]) -> TrainedDictionary:
+def _identity(measure: _Measurement, s: Site) -> TrainedDictionary:
+    handle = measure.handle
     sae = IdentityDictionary(handle.model.cfg.d_model, s.hook_out, handle.model_id)
     key = config_hash(["identity", s.name, handle.model_id])
-    return _loaded(handle.model, s, cached_dir("identity", key, _measure, handle, sae, s, prompts, "", pin=False))
+    return _loaded(handle.model, s, cached_dir("identity", key, measure, sae, s, "", pin=False))
 
 
 def _read(f: Found, model_id: str) -> SAE:
@@ -164,15 +168,34 @@ def _loaded(model, s: Site, built: Path) -> TrainedDictionary:
     return TrainedDictionary(s, sae, path, json.loads((path / "metrics.json").read_text()))
 
 
-@torch.no_grad()
-def _measure(out: Path, handle: ModelHandle, sae: SAE, s: Site, prompts: list[str], source: str) -> None:
-    """Save `sae` as SAELens files with its metrics on the prompts' tokens (a cached build)."""
-    from compute.dictionaries.building import _save_measured
-    from compute.dictionaries.metrics import collect_activations
+class _Measurement:
+    """Measures a set's dictionaries on the prompts (a cached build per dictionary: `measure(out,
+    sae, site, source)` saves `sae` as SAELens files with its metrics). What every dictionary's
+    measurement shares is computed once, at first need: the activations of every site (one forward
+    pass) and the clean loss; a GPT-2-sized set over neurons took 4 forward passes per site before."""
 
-    model = handle.model
-    sae = sae.to(device=model.cfg.device, dtype=model.cfg.dtype)
-    acts = collect_activations(model, sorted({s.reads, s.hook_out}), prompts)
-    _save_measured(model, out, s, sae, acts[s.reads], acts[s.hook_out] if s.reads != s.hook_out else None, prompts,
-                   **({"imported_from": source} if source else {}))
+    def __init__(self, handle: ModelHandle, prompts: list[str], extra: list[Site] = ()):
+        self.handle, self.prompts = handle, prompts
+        every = [*sites(handle.model.cfg.n_layers), *extra]
+        self.hooks = sorted({s.reads for s in every} | {s.hook_out for s in every})
 
+    @cached_property
+    def acts(self) -> dict[str, torch.Tensor]:
+        from compute.dictionaries.metrics import collect_activations
+
+        return collect_activations(self.handle.model, self.hooks, self.prompts)
+
+    @cached_property
+    def clean_loss(self) -> float:
+        from compute.dictionaries.metrics import lm_loss
+
+        return lm_loss(self.handle.model, self.prompts)
+
+    @torch.no_grad()
+    def __call__(self, out: Path, sae: SAE, s: Site, source: str) -> None:
+        from compute.dictionaries.building import _save_measured
+
+        model = self.handle.model
+        sae = sae.to(device=model.cfg.device, dtype=model.cfg.dtype)
+        _save_measured(model, out, s, sae, self.acts[s.reads], self.acts[s.hook_out] if s.reads != s.hook_out else None,
+                       self.prompts, clean_loss=self.clean_loss, **({"imported_from": source} if source else {}))
