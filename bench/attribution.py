@@ -4,7 +4,12 @@
     python bench/attribution.py --model PATH --task-file FILE [--dictionaries DIR]
 
 With --model, the checkpoint (a Hugging Face directory or a name in the local cache) runs with
-its dictionary set (neurons where it has none) on the task file's longest batch.
+its dictionary set (neurons where it has none) on the task file's longest batch. A model of GPT-2's
+size has thousands of active nodes per submodule, so there edges are measured over the `--nodes`
+most active nodes of each submodule (default 64 with --model; every active node on the zoo), and the
+one-backward-per-node reference runs on `--looped` downstream nodes per edge type (default 8 with
+--model), its time scaled to all of them (which scales its one forward pass too: an upper bound on its cost)
+and its weights compared on those rows.
 
 Node effects by AtP and IG (the default quadrature, and Sparse Feature Circuits' left
 Riemann sum of the same steps, with the completeness error of each: how far a
@@ -143,7 +148,7 @@ def sampled_peak_mb(fn) -> float:
 
 def peak_mb(step: str, examples: int) -> float:
     """Peak resident memory (MiB) that one step adds, measured in a fresh process."""
-    given = [a for k in ("model", "task_file", "dictionaries") if getattr(ARGS, k)
+    given = [a for k in ("model", "task_file", "dictionaries", "nodes", "looped") if getattr(ARGS, k)
              for a in (f"--{k.replace('_', '-')}", str(getattr(ARGS, k)))]
     r = subprocess.run([sys.executable, __file__, "--examples", str(examples), "--measure", step, *given],
                        capture_output=True, text=True)
@@ -151,7 +156,10 @@ def peak_mb(step: str, examples: int) -> float:
 
 
 def _max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max()).item()
+    """The largest difference relative to the largest reference weight (absolute where every
+    reference weight is 0, as a sample of downstream nodes that no upstream node reaches)."""
+    scale = want.abs().max()
+    return ((got - want).abs().max() / (scale if scale > 0 else 1)).item()
 
 
 def main() -> None:
@@ -161,8 +169,15 @@ def main() -> None:
     ap.add_argument("--model", help="a checkpoint directory or a name in the local Hugging Face cache")
     ap.add_argument("--task-file", help="with --model: its task (JSONL)")
     ap.add_argument("--dictionaries", help="with --model: its dictionary set (default: neurons)")
+    ap.add_argument("--nodes", type=int, help="edges over this many most active nodes per submodule "
+                    "(default: all on the zoo, 64 with --model)")
+    ap.add_argument("--looped", type=int, help="the one-backward-per-node reference on this many downstream nodes "
+                    "per edge type, its time scaled to all (default: all on the zoo, 8 with --model)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: peak memory of one step
     args = ap.parse_args()
+    if args.model:
+        args.nodes = args.nodes or 64
+        args.looped = args.looped or 8
     global ARGS, PAIR
     ARGS = args
     torch.set_grad_enabled(False)
@@ -198,8 +213,16 @@ def main() -> None:
 
     grads = output_grads(model, subs, batch)[1]
 
-    def nodes(name: str) -> torch.Tensor:  # every feature active on the batch, and the error term
-        return torch.tensor(clean[name].f.abs().sum((0, 1)).nonzero().flatten().tolist() + [ERROR])
+    def nodes(name: str) -> torch.Tensor:  # the features active on the batch (the --nodes most active), and the error
+        strength = clean[name].f.abs().sum((0, 1))
+        active = strength.nonzero().flatten()
+        if args.nodes and len(active) > args.nodes:
+            active = active[strength[active].topk(args.nodes).indices].sort().values
+        return torch.tensor(active.tolist() + [ERROR])
+
+    def looped_share(pair: str) -> float:  # the share of a pair's downstream nodes the looped reference runs on
+        n = len(edge_args[pair][8])
+        return min(args.looped or n, n) / n
 
     pairs = {f"{p.up.name}->{p.down.name}": p for p in edge_pairs(subs, model.cfg.parallel_attn_mlp)}
     PAIR = PAIR if PAIR in pairs else next(iter(pairs))
@@ -209,7 +232,9 @@ def main() -> None:
     def edges(pair: str, batched: bool) -> torch.Tensor:
         if batched:
             return torch.cat([w for _, w in edge_weights(*edge_args[pair], chunk=DiscoveryParams().edge_chunk)])
-        return edge_weights_looped(*edge_args[pair])
+        given = edge_args[pair]
+        down = given[8][: round(looped_share(pair) * len(given[8]))]
+        return edge_weights_looped(*given[:8], down)
 
     steps = {"plain": plain, "floor": floor, "forward": forward, "atp": atp, "ig": ig, "ig_sfc": lambda: ig(*SFC),
              "batched": lambda: edges(PAIR, True), "single": lambda: edges(PAIR, False),
@@ -220,15 +245,22 @@ def main() -> None:
         return
     t = timed({k: steps[k] for k in ("plain", "floor", "forward", "atp", "ig", "ig_sfc")}, args.repeat)
     per_pair = timed({(k, b): (lambda k=k, b=b: edges(k, b)) for k in pairs for b in (True, False)}, args.repeat)
+    per_pair.update({(k, False): per_pair[(k, False)] / looped_share(k) for k in pairs})  # scaled to every node
     t_plain, t_forward, t_floor, t_atp, t_ig, t_sfc = (t[k] for k in ("plain", "forward", "floor", "atp", "ig", "ig_sfc"))
     t_batched, t_single = per_pair[(PAIR, True)], per_pair[(PAIR, False)]
     t_batched_all = sum(v for (_, b), v in per_pair.items() if b)
     t_single_all = sum(v for (_, b), v in per_pair.items() if not b)
-    rel = {k: _max_rel_diff(edges(k, True), edges(k, False)) for k in pairs}
+    rel = {}
+    for k in pairs:
+        looped = edges(k, False)
+        rel[k] = _max_rel_diff(edges(k, True)[: len(looped)], looped)
 
     print(f"{ARGS.model or 'zoo model'}, {len(batch)} examples of length {batch.clean.shape[1]}, {len(subs)} submodules, "
           f"{sum(s.d_sae for s in saes.values())} features; median of {args.repeat}")
     n_up, n_down = len(edge_args[PAIR][7]), len(edge_args[PAIR][8])
+    if args.looped:
+        print(f"edges over at most {args.nodes or 'every active'} nodes per submodule; the one-backward-per-node "
+              f"reference on {args.looped} downstream nodes per edge type, its times scaled to every node (an upper bound)")
     rows = [
         ("forward+backward of the spliced model (floor)", t_floor, 1.0, "", peak_mb("floor", args.examples)),
         ("forward+backward of the model alone", t_plain, t_plain / t_floor, "", peak_mb("plain", args.examples)),
