@@ -13,7 +13,7 @@ from catalog.errors import UserError
 from compute.cache import cache_path, cached_dir, config_hash, pinned
 from compute.dictionaries.formats import load_dictionary, save_dictionary
 from compute.dictionaries.kinds import IdentityDictionary, TrainedDictionary, check_fits
-from compute.dictionaries.metrics import collect_activations, evaluate, loss_recovered
+from compute.dictionaries.metrics import collect_activations, evaluate, lm_loss, loss_recovered
 from compute.dictionaries.training import SAEConfig, train_sae
 from schema.sites import Site, site_of_hook, sites, transcoder_site
 
@@ -103,6 +103,7 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
     sentences = grammar.corpus(cfg.corpus_sentences, seed=cfg.seed + 1)
     held_sentences = grammar.corpus(LOSS_SENTENCES, seed=cfg.seed + 2)
     acts = collect_activations(model, sorted({s.reads for s in todo} | {s.hook_out for s in todo}), sentences)
+    clean_loss = lm_loss(model, held_sentences)  # the same for every dictionary
     for s in tqdm(todo, desc=f"training {cfg.architecture} dictionaries", disable=not progress, unit="dict"):
         x = acts[s.reads]
         y = acts[s.hook_out] if s.reads != s.hook_out else None
@@ -112,7 +113,7 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
                         targets=None if y is None else y[perm[held:]],
                         hook_name_out="" if y is None else s.hook_out)
         _save_measured(model, out, s, sae, x[perm[:held]], None if y is None else y[perm[:held]],
-                       held_sentences)
+                       held_sentences, clean_loss)
 
 
 def identity_dictionaries(zoo, progress: bool = True, corpus: list[str] | None = None) -> dict[str, TrainedDictionary]:
@@ -133,9 +134,10 @@ def _measure_identity(out: Path, model_path: Path, model_id: str, progress: bool
     every = sites(model.cfg.n_layers)
     acts = collect_activations(model, [s.hook_out for s in every], corpus or grammar.corpus(2000, seed=1))
     held_sentences = corpus or grammar.corpus(LOSS_SENTENCES, seed=2)
+    clean_loss = lm_loss(model, held_sentences)
     for s in tqdm(every, desc="identity dictionaries", disable=not progress, unit="hook"):
         d = IdentityDictionary(model.cfg.d_model, s.hook_out, model_id)
-        _save_measured(model, out, s, d, acts[s.hook_out], None, held_sentences)
+        _save_measured(model, out, s, d, acts[s.hook_out], None, held_sentences, clean_loss)
 
 
 def _save_measured(model, out: Path, s: Site, sae, x: torch.Tensor, y: torch.Tensor | None,
