@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from catalog.shards import file_hash  # noqa: F401  (compute's builds hash files the way manifests do)
 
@@ -97,7 +99,30 @@ def cached_dir(kind: str, key: str, build: Callable[..., None], *args, pin: bool
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+    with _building(final):
+        if final.exists():  # another process built it while this one waited
+            return final
+        return _build(final, build, args, pin)
+
+
+@contextmanager
+def _building(final: Path) -> Iterator[None]:
+    """Hold the build lock of one cache entry: processes that want the same entry at once (test
+    workers, a sweep's first jobs on a clean machine) wait for one build instead of each training it."""
+    lock = FileLock(final.parent / f".{final.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process to build {final.parent.name}/{final.name} ...", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build(final: Path, build: Callable[..., None], args: tuple, pin: bool) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         if pin:
             pinned(build, tmp, *args)

@@ -31,3 +31,25 @@ def fail():
     from catalog.errors import UserError
 
     raise UserError("raised in the build")
+
+
+def slow_build(folder, log: str) -> None:
+    """A cache build that takes a second and notes each time it runs (one line per run in `log`)."""
+    import os
+    import time
+    from pathlib import Path
+
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(1.0)
+    (Path(folder) / "built").write_text("yes")
+
+
+def ask_for_slow_build(cache: str, log: str) -> str:
+    """What one process does: ask the cache for the entry `slow_build` makes."""
+    import os
+
+    os.environ["CIRCUIT_CACHE"] = cache
+    from compute.cache import cached_dir
+
+    return str(cached_dir("slow", "one-key", slow_build, log, pin=False))

@@ -1,6 +1,7 @@
 """The zoo model, its grammar and its tasks."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,22 @@ def test_training_is_bit_reproducible_at_any_thread_count(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+def test_processes_that_want_one_cache_entry_at_once_build_it_once(tmp_path):
+    """Four processes ask for the same missing entry at the same moment (test workers, a sweep's first
+    jobs on a clean machine): one builds it, the others wait for it, and all get the same folder."""
+    import multiprocessing as mp
+
+    from builds import ask_for_slow_build
+
+    log = tmp_path / "builds.log"
+    with mp.get_context("spawn").Pool(4) as pool:
+        folders = pool.starmap(ask_for_slow_build, [(str(tmp_path / "cache"), str(log))] * 4)
+    assert len(set(folders)) == 1 and (Path(folders[0]) / "built").read_text() == "yes"
+    assert len(log.read_text().splitlines()) == 1  # built once
+    assert [p.name for p in (tmp_path / "cache" / "slow").iterdir() if not p.name.endswith(".lock")] == [
+        Path(folders[0]).name]  # no temporary folder left behind
 
 
 def test_builds_run_on_the_pinned_kernels():
