@@ -340,6 +340,52 @@ def compact(path: Path, target_size: float, dry_run: bool, fmt: str):
                "removed", err=True)
 
 
+MIRROR_URL = click.argument("url", metavar="URL")
+
+
+def _transfers(transfers, verb: str, url: str, fmt: str) -> None:
+    """The table of a push or pull, its one-line summary, and exit 1 if a run was refused."""
+    import pandas as pd
+
+    df = pd.DataFrame([vars(t) for t in transfers], columns=["run_id", "status", "shards", "bytes", "reason"])
+    shown = df if fmt != "table" else df[df.status != "present"]
+    if not shown.empty or fmt != "table":
+        _output(shown, fmt)
+    counts = df.status.value_counts()
+    click.echo(f"{counts.get(verb, 0)} runs {verb} ({int(df.bytes.sum()):,} bytes), {counts.get('present', 0)} "
+               f"already there, {counts.get('refused', 0)} refused: {url}", err=True)
+    if counts.get("refused", 0):
+        sys.exit(1)
+
+
+@main.command()
+@MIRROR_URL
+@FORMAT
+@click.pass_obj
+def push(path: Path, url: str, fmt: str):
+    """Upload the committed runs a mirror lacks: object storage (s3://bucket/path, gs://, az:// with
+    s3fs, gcsfs or adlfs installed) or any fsspec URL or folder. Damaged runs are named and left out."""
+    import catalog
+    from catalog.remote import push as push_runs
+
+    _transfers(push_runs(catalog.open(path), url, progress=fmt == "table"), "pushed", url, fmt)
+
+
+@main.command()
+@MIRROR_URL
+@FORMAT
+@click.pass_obj
+def pull(path: Path, url: str, fmt: str):
+    """Download and commit the runs of a mirror (see `push`) that the catalogue lacks, each shard checked
+    against its manifest's checksum; a run that fails a check is named and left out."""
+    import catalog
+    from catalog.remote import open_mirror
+    from catalog.remote import pull as pull_runs
+
+    open_mirror(url, holding_runs=True)  # a mirror that cannot be used creates no catalogue
+    _transfers(pull_runs(catalog.init(path), url, progress=fmt == "table"), "pulled", url, fmt)
+
+
 @main.command()
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--workers", default=1, show_default=True, type=POSITIVE, help="jobs run at once")
