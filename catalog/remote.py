@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from catalog import generations
@@ -47,6 +48,25 @@ class Transfer:
     reason: str = ""
 
 
+class _Store:
+    """A mirror's filesystem whose failures are one line naming the mirror: each backend raises its own
+    kinds (network, credentials, permissions, a missing bucket), and none of them should reach the user
+    as a traceback."""
+
+    def __init__(self, fs, url: str):
+        self.fs, self.url = fs, url
+
+    def __getattr__(self, name: str):
+        method = getattr(self.fs, name)
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - every backend's failure, as one line
+                raise UserError(f"mirror {self.url}: {type(e).__name__}: {first_line(e) or 'no message'}") from None
+        return call
+
+
 def open_mirror(url: str, holding_runs: bool = False):
     """(filesystem, base path) of a mirror URL, or one line saying why it cannot be used (with
     `holding_runs`, a mirror that holds no runs cannot: a mistyped one, most likely)."""
@@ -58,7 +78,8 @@ def open_mirror(url: str, holding_runs: bool = False):
         raise UserError(f"mirror {url}: {first_line(e)}") from None
     except (ValueError, OSError) as e:
         raise UserError(f"mirror {url}: {first_line(e)}") from None
-    base = base.rstrip("/")
+    fs.invalidate_cache()  # fsspec keeps listings per instance: what another machine pushed since must show
+    fs, base = _Store(fs, url), base.rstrip("/")
     if holding_runs and not fs.exists(f"{base}/runs"):
         raise UserError(f"mirror {url} holds no runs (nothing at {base}/runs); nothing was pulled")
     return fs, base
@@ -68,12 +89,13 @@ def push(cat: Catalog, url: str, progress: bool = True) -> list[Transfer]:
     """Upload the committed runs and packs the mirror lacks (a packed run travels in its pack)."""
     fs, base = open_mirror(url)
     _refuse_itself(cat, fs, url)
+    local = isinstance(fs.fs, LocalFileSystem)
     there = _mirrored(fs, base)
     there |= _packed(fs, base, there)  # a run another machine pushed in a pack is there too
     folders = [p for p in sorted(generations.current(cat.root).iterdir())
                if p.is_dir() and p.name != SCHEMA_RUN and (p / MANIFEST).is_file()]
     out = []
-    for folder in tqdm(folders, desc="pushing runs", unit="run", disable=not progress):
+    for folder in tqdm(folders, desc="pushing runs", unit="run", disable=_bar(progress)):
         manifest = json.loads((folder / MANIFEST).read_text())
         if "packed_into" in manifest:
             continue  # its rows are in its pack
@@ -88,13 +110,13 @@ def push(cat: Catalog, url: str, progress: bool = True) -> list[Transfer]:
         tables = manifest["tables"].values()
         target = f"{base}/runs/{folder.name}"
         try:
-            fs.makedirs(target, exist_ok=True)  # a folder needs it; object stores have no folders
+            if local:  # a folder needs its folders; on object storage makedirs could create a bucket
+                fs.makedirs(target, exist_ok=True)
             for info in tables:  # shards first ...
                 fs.put_file(str(folder / info["file"]), f"{target}/{info['sha256']}.parquet")
             fs.pipe_file(f"{target}/{MANIFEST}", (folder / MANIFEST).read_bytes())  # ... the manifest last
-        except OSError as e:
-            raise UserError(f"cannot write run {folder.name} to mirror {url}: {first_line(e)} "
-                            f"(the runs pushed before it are complete there)") from None
+        except UserError as e:
+            raise UserError(f"{e} (writing run {folder.name}; the runs pushed before it are complete there)") from None
         out.append(Transfer(folder.name, "pushed", len(manifest["tables"]), sum(i["bytes"] for i in tables)))
     return out
 
@@ -104,7 +126,7 @@ def pull(cat: Catalog, url: str, progress: bool = True) -> list[Transfer]:
     fs, base = open_mirror(url, holding_runs=True)
     _refuse_itself(cat, fs, url)
     out = []
-    for name in tqdm(sorted(_mirrored(fs, base)), desc="pulling runs", unit="run", disable=not progress):
+    for name in tqdm(sorted(_mirrored(fs, base)), desc="pulling runs", unit="run", disable=_bar(progress)):
         if (generations.current(cat.root) / name / MANIFEST).is_file():
             out.append(Transfer(name, "present"))
             continue
@@ -115,6 +137,11 @@ def pull(cat: Catalog, url: str, progress: bool = True) -> list[Transfer]:
         except FileExistsError:  # another pull of the same mirror is staging it right now
             out.append(Transfer(name, "refused", reason="another process is writing this run now; pull again later"))
     return out
+
+
+def _bar(progress: bool) -> bool | None:
+    """tqdm's `disable`: None shows the bar on a terminal only, never in a pipe or a log."""
+    return None if progress else True
 
 
 def _mirrored(fs, base: str) -> set[str]:
@@ -132,16 +159,14 @@ def _packed(fs, base: str, names: set[str]) -> set[str]:
         if name.startswith("pack-"):
             try:
                 held |= set(_checked_manifest(fs.cat_file(f"{base}/runs/{name}/{MANIFEST}"), name).get("contains", []))
-            except (UserError, OSError):
+            except UserError:
                 continue  # a pack that cannot be read holds nothing a push could skip
     return held
 
 
 def _refuse_itself(cat: Catalog, fs, url: str) -> None:
-    from fsspec.implementations.local import LocalFileSystem
-
-    if isinstance(fs, LocalFileSystem):
-        target = Path(fs._strip_protocol(url)).resolve()
+    if isinstance(fs.fs, LocalFileSystem):
+        target = Path(fs.fs._strip_protocol(url)).resolve()
         if target == cat.root.resolve() or cat.root.resolve() in target.parents:
             raise UserError(f"mirror {url} is the catalogue itself (or inside it); give another place")
 
