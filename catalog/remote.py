@@ -78,8 +78,8 @@ def open_mirror(url: str, holding_runs: bool = False):
         raise UserError(f"mirror {url}: {first_line(e)}") from None
     except (ValueError, OSError) as e:
         raise UserError(f"mirror {url}: {first_line(e)}") from None
-    fs.invalidate_cache()  # fsspec keeps listings per instance: what another machine pushed since must show
     fs, base = _Store(fs, url), base.rstrip("/")
+    fs.invalidate_cache()  # fsspec keeps listings per instance: what another machine pushed since must show
     if holding_runs and not fs.exists(f"{base}/runs"):
         raise UserError(f"mirror {url} holds no runs (nothing at {base}/runs); nothing was pulled")
     return fs, base
