@@ -352,7 +352,8 @@ def _transfers(transfers, verb: str, url: str, fmt: str) -> None:
     if not shown.empty or fmt != "table":
         _output(shown, fmt)
     counts = df.status.value_counts()
-    click.echo(f"{counts.get(verb, 0)} runs {verb} ({int(df.bytes.sum()):,} bytes), {counts.get('present', 0)} "
+    moved = counts.get(verb, 0)
+    click.echo(f"{moved} run{'' if moved == 1 else 's'} {verb} ({int(df.bytes.sum()):,} bytes), {counts.get('present', 0)} "
                f"already there, {counts.get('refused', 0)} refused: {url}", err=True)
     if counts.get("refused", 0):
         sys.exit(1)
