@@ -379,12 +379,9 @@ def push(path: Path, url: str, fmt: str):
 def pull(path: Path, url: str, fmt: str):
     """Download and commit the runs of a mirror (see `push`) that the catalogue lacks, each shard checked
     against its manifest's checksum; a run that fails a check is named and left out."""
-    import catalog
-    from catalog.remote import open_mirror
     from catalog.remote import pull as pull_runs
 
-    open_mirror(url, holding_runs=True)  # a mirror that cannot be used creates no catalogue
-    _transfers(pull_runs(catalog.init(path), url, progress=fmt == "table"), "pulled", url, fmt)
+    _transfers(pull_runs(path, url, progress=fmt == "table"), "pulled", url, fmt)
 
 
 @main.command()

@@ -32,7 +32,7 @@ from catalog import generations
 from catalog.errors import UserError, first_line
 from catalog.integrity import check_run
 from catalog.shards import MANIFEST, RunWriter, commit_lock, file_hash
-from catalog.store import SCHEMA_RUN, Catalog
+from catalog.store import SCHEMA_RUN, Catalog, init
 from schema.tables import SCHEMA_VERSION, TABLES
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a run or pack id, as every writer makes them
@@ -121,9 +121,11 @@ def push(cat: Catalog, url: str, progress: bool = True) -> list[Transfer]:
     return out
 
 
-def pull(cat: Catalog, url: str, progress: bool = True) -> list[Transfer]:
-    """Download and commit the mirror's runs and packs that the catalogue lacks."""
+def pull(root: Path, url: str, progress: bool = True) -> list[Transfer]:
+    """Download and commit the mirror's runs and packs that the catalogue at `root` lacks (created
+    if need be, once the mirror is known to hold runs)."""
     fs, base = open_mirror(url, holding_runs=True)
+    cat = init(root)
     _refuse_itself(cat, fs, url)
     out = []
     for name in tqdm(sorted(_mirrored(fs, base)), desc="pulling runs", unit="run", disable=_bar(progress)):

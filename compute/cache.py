@@ -19,6 +19,7 @@ the zoo's model id), so builds of the two paths never mix.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -32,9 +33,11 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 
-from catalog.shards import file_hash  # noqa: F401  (compute's builds hash files the way manifests do)
+from catalog.shards import (
+    file_hash,  # noqa: F401  (compute's builds hash files the way manifests do)
+    try_lock,
+)
 
 # The environment of each kernel path's builds: set before PyTorch starts (it reads these once).
 # Two threads: two or more threads give one result, one thread another.
@@ -109,16 +112,14 @@ def cached_dir(kind: str, key: str, build: Callable[..., None], *args, pin: bool
 def _building(final: Path) -> Iterator[None]:
     """Hold the build lock of one cache entry: processes that want the same entry at once (test
     workers, a sweep's first jobs on a clean machine) wait for one build instead of each training it."""
-    lock = FileLock(final.parent / f".{final.name}.lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"waiting for another process to build {final.parent.name}/{final.name} ...", file=sys.stderr)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+    with open(final.parent / f".{final.name}.lock", "a") as f:
+        if not try_lock(f):
+            print(f"waiting for another process to build {final.parent.name}/{final.name} ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build(final: Path, build: Callable[..., None], args: tuple, pin: bool) -> Path:
