@@ -390,24 +390,31 @@ def pull(path: Path, url: str, fmt: str):
 @click.option("--backend", type=Choices("compute.jobs.runner:BACKENDS"), default="local", show_default=True,
               help="local: worker processes on this machine; ray: Ray tasks (a local Ray, or --address)")
 @click.option("--address", help="with --backend ray: the cluster to join (e.g. ray://head:10001 or auto)")
+@click.option("--push", "push_url", metavar="URL",
+              help="a mirror (see `push`) each job pushes its runs to, with the jobs' records: for workers that "
+                   "share no filesystem")
 @FORMAT
 @click.pass_obj
-def run(path: Path, job_file: Path, workers: int, backend: str, address: str | None, fmt: str):
+def run(path: Path, job_file: Path, workers: int, backend: str, address: str | None, push_url: str | None, fmt: str):
     """Run a job file (TOML: cli.py commands, lists expanded) on many workers; jobs already done are
     skipped, failed ones run again."""
     import pandas as pd
 
     import catalog
+    from catalog.remote import check_mirror
     from compute.jobs.jobfile import read_jobs
     from compute.jobs.runner import run_jobs
 
     if address and backend != "ray":
         raise UserError("--address is for --backend ray")
     jobs = read_jobs(job_file, main)
+    if push_url:  # a mirror that cannot be used stops the sweep before anything is created or run
+        check_mirror(path, push_url)
     cat = catalog.init(path)
     import cli as this  # by its module name, not __main__: workers and Ray find the function by reference
 
-    outcomes = run_jobs(cat, jobs, this._execute_job, workers, backend, address, progress=sys.stderr.isatty())
+    outcomes = run_jobs(cat, jobs, this._execute_job, workers, backend, address, progress=sys.stderr.isatty(),
+                        push=push_url)
     df = pd.DataFrame([{"status": o.status, "seconds": round(o.seconds, 1), "job": o.job.name, "reason": o.reason,
                         "job_key": o.job.key} for o in outcomes])
     _output(df if fmt != "table" else df.drop(columns="job_key"), fmt)

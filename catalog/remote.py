@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,15 +86,15 @@ def open_mirror(url: str, holding_runs: bool = False):
     return fs, base
 
 
-def push(cat: Catalog, url: str, progress: bool = True) -> list[Transfer]:
-    """Upload the committed runs and packs the mirror lacks (a packed run travels in its pack)."""
-    fs, base = open_mirror(url)
-    _refuse_itself(cat, fs, url)
+def push(cat: Catalog, url: str, progress: bool = True, only: Callable[[str], bool] | None = None) -> list[Transfer]:
+    """Upload the committed runs and packs the mirror lacks (a packed run travels in its pack); with
+    `only`, just the runs whose id it accepts."""
+    fs, base = check_mirror(cat.root, url)
     local = isinstance(fs.fs, LocalFileSystem)
     there = _mirrored(fs, base)
     there |= _packed(fs, base, there)  # a run another machine pushed in a pack is there too
     folders = [p for p in sorted(generations.current(cat.root).iterdir())
-               if p.is_dir() and p.name != SCHEMA_RUN and (p / MANIFEST).is_file()]
+               if p.is_dir() and p.name != SCHEMA_RUN and (only is None or only(p.name)) and (p / MANIFEST).is_file()]
     out = []
     for folder in tqdm(folders, desc="pushing runs", unit="run", disable=_bar(progress)):
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -126,7 +127,7 @@ def pull(root: Path, url: str, progress: bool = True) -> list[Transfer]:
     if need be, once the mirror is known to hold runs)."""
     fs, base = open_mirror(url, holding_runs=True)
     cat = init(root)
-    _refuse_itself(cat, fs, url)
+    _refuse_itself(cat.root, fs, url)
     out = []
     for name in tqdm(sorted(_mirrored(fs, base)), desc="pulling runs", unit="run", disable=_bar(progress)):
         if (generations.current(cat.root) / name / MANIFEST).is_file():
@@ -166,10 +167,17 @@ def _packed(fs, base: str, names: set[str]) -> set[str]:
     return held
 
 
-def _refuse_itself(cat: Catalog, fs, url: str) -> None:
+def check_mirror(root: Path, url: str):
+    """(filesystem, base path) of a mirror the catalogue at `root` can push to, or one line saying why not."""
+    fs, base = open_mirror(url)
+    _refuse_itself(root, fs, url)
+    return fs, base
+
+
+def _refuse_itself(root: Path, fs, url: str) -> None:
     if isinstance(fs.fs, LocalFileSystem):
         target = Path(fs.fs._strip_protocol(url)).resolve()
-        if target == cat.root.resolve() or cat.root.resolve() in target.parents:
+        if target == root.resolve() or root.resolve() in target.parents:
             raise UserError(f"mirror {url} is the catalogue itself (or inside it); give another place")
 
 

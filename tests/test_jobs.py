@@ -122,12 +122,18 @@ def test_many_workers_and_ray_give_the_rows_of_one_by_one_and_a_rerun_skips_what
         r = run_cli(*job.command, *job.argv, catalog=tmp_path / "one_by_one")
         assert r.returncode == (1 if "no_such_task" in job.name else 0), r.stderr
     outcomes = {}
-    for name, args in (("eight", ["--workers", "8"]), ("ray", ["--backend", "ray", "--workers", "2"])):
+    mirror = tmp_path / "mirror"  # the Ray workers push each job's runs there, as nodes without a shared filesystem do
+    for name, args in (("eight", ["--workers", "8"]), ("ray", ["--backend", "ray", "--workers", "2", "--push", str(mirror)])):
         r = run_cli("run", str(jobs), *args, "--format", "csv", catalog=tmp_path / name)
         assert r.returncode == 1, r.stderr  # one job fails
         outcomes[name] = pd.read_csv(io.StringIO(r.stdout))
         assert "8 done, 0 skipped, 1 failed" in r.stderr, (name, r.stderr)
         _same(_rows(tmp_path / "one_by_one"), _rows(tmp_path / name))
+    # the mirror holds the whole sweep: every job's runs and every job's record
+    assert run_cli("pull", str(mirror), catalog=tmp_path / "gathered").returncode == 0
+    pd.testing.assert_frame_equal(_rows(tmp_path / "ray"), _rows(tmp_path / "gathered"))
+    sql = "SELECT kind, status, params->>'job_key' AS key FROM runs ORDER BY ALL"
+    pd.testing.assert_frame_equal(catalog.open(tmp_path / "ray").sql(sql), catalog.open(tmp_path / "gathered").sql(sql))
     failed = outcomes["eight"][outcomes["eight"].status == "failed"]
     assert len(failed) == 1 and "unknown task 'no_such_task'" in failed.reason.iloc[0]
     # every run a job wrote carries the job's key; each job's end is a run of kind 'job'
@@ -172,6 +178,32 @@ def test_a_job_run_again_after_its_worker_died_writes_nothing_twice(tmp_path, di
     assert not (root / "staging" / runs[0]).exists()
     r = run_cli("discover", *argv, catalog=root)  # outside a job: a new run, as before
     assert r.returncode == 0 and len(catalog.open(root).sql("SELECT * FROM circuits")) == 2
+
+
+def test_a_job_whose_push_fails_has_failed_and_its_rerun_pushes_its_runs(tmp_path, dicts):
+    """A job's push is its last step: when the mirror cannot take its runs, the job fails with the reason
+    (its runs stay committed here); run again, it commits nothing twice and pushes them."""
+    import cli
+    from compute.jobs.runner import run_job
+
+    root, mirror = tmp_path / "c", tmp_path / "mirror"
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = ["--task", "sva_simple", "--method", "atp", "--examples", "4", "--no-eval"]
+    status, reason = run_job(cli._execute_job, str(root), ["discover"], argv, "k" * 16, 1, str(tmp_path / "a-file" / "m"))
+    assert status == 1 and reason.startswith("its runs are committed but not pushed: mirror "), reason
+    assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 1
+    assert run_job(cli._execute_job, str(root), ["discover"], argv, "k" * 16, 1, str(mirror)) == (0, "")
+    assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 1  # nothing landed twice
+    (pushed,) = [p.name for p in (mirror / "runs").iterdir()]
+    assert pushed.startswith("run-job-" + "k" * 16)
+
+
+@pytest.mark.parametrize("url, message", [("nope://x", "mirror nope://x: "), ("c/m", "is the catalogue itself")])
+def test_a_sweep_with_a_mirror_it_cannot_use_stops_before_anything_runs(tmp_path, url, message):
+    jobs = _write(tmp_path, "[[job]]\ncommand = 'discover'\ntask = 'ioi'\nmethod = 'atp'\n")
+    r = run_cli("run", str(jobs), "--push", url, catalog=tmp_path / "c", cwd=tmp_path)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "c").exists()  # nothing was created, nothing ran
 
 
 def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(tmp_path, dicts):

@@ -43,8 +43,13 @@ def run_row(kind: str, params: dict) -> dict:
     if JOB_KEY is not None:
         params = {**params, "job_key": JOB_KEY}
         what = hashlib.sha256(json.dumps([kind, params], sort_keys=True, default=str).encode()).hexdigest()[:12]
-        run_id = f"run-job-{JOB_KEY}-{what}"
+        run_id = job_runs(JOB_KEY) + what
     return {"run_id": run_id, "kind": kind, "params": params, "code_version": code_version(), "started_at": now()}
+
+
+def job_runs(key: str) -> str:
+    """The prefix of the ids of the runs the job of this key writes."""
+    return f"run-job-{key}-"
 
 
 @contextmanager

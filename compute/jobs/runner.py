@@ -7,6 +7,11 @@ ends, the runner commits a run of kind `job` (params: job_key, command; status o
 the one-line reason), which is how a rerun knows what is done: jobs with an ok `job` run are
 skipped, failed and interrupted ones run again. A worker that dies (killed, out of memory)
 fails only the job it held; a new worker takes its place.
+
+With a mirror (`push`), a job's last step is pushing the runs it committed there (a job whose push
+fails has failed, and runs again on a rerun: its runs keep their ids, so its commit changes nothing
+and the push completes), and the runner pushes its `job` runs too, so that the mirror holds the
+whole sweep even when the workers share no filesystem.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
-from catalog.store import Catalog
+from catalog.remote import push as push_runs
+from catalog.store import Catalog, open_catalog
 from compute.jobs.jobfile import Job
-from compute.jobs.lifecycle import record_end, run_row
+from compute.jobs.lifecycle import job_runs, record_end, run_row
 
 BACKENDS = ("local", "ray")
 
@@ -48,8 +54,11 @@ def committed_jobs(cat: Catalog) -> set[str]:
 
 
 def run_jobs(cat: Catalog, jobs: list[Job], execute: Execute, workers: int = 1, backend: str = "local",
-             address: str | None = None, progress: bool = True) -> list[Outcome]:
-    """Run the jobs not yet done; returns one outcome per job, in the file's order."""
+             address: str | None = None, progress: bool = True, push: str | None = None) -> list[Outcome]:
+    """Run the jobs not yet done; returns one outcome per job, in the file's order. With `push` (a
+    mirror's URL), each job pushes the runs it committed, and the runner the jobs' `job` runs."""
+    if push:
+        push_records(cat, jobs, push)  # what an interrupted sweep recorded and did not push yet
     done = committed_jobs(cat)
     outcomes = {j.key: Outcome(j, "skipped") for j in jobs if j.key in done}
     todo = [j for j in jobs if j.key not in done]
@@ -65,12 +74,40 @@ def run_jobs(cat: Catalog, jobs: list[Job], execute: Execute, workers: int = 1, 
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     try:
         if todo and backend == "ray":
-            _run_ray(str(cat.root), todo, execute, workers, threads, address, finished)
+            _run_ray(str(cat.root), todo, execute, workers, threads, address, push, finished)
         elif todo:
-            _run_local(str(cat.root), todo, execute, workers, threads, finished)
+            _run_local(str(cat.root), todo, execute, workers, threads, push, finished)
     finally:
         bar.close()
+    if push:
+        push_records(cat, jobs, push)
     return [outcomes.get(j.key, Outcome(j, "failed", reason="not run (interrupted)")) for j in jobs]
+
+
+def run_job(execute: Execute, root: str, command: list, argv: list, key: str, threads: int,
+            push: str | None) -> tuple[int, str]:
+    """Run one job in this worker and, with a mirror, push the runs it committed (all named by its key)."""
+    status, reason = execute(root, command, argv, key, threads)
+    if status != 0 or not push:
+        return status, reason
+    try:
+        pushed = push_runs(open_catalog(root), push, progress=False, only=lambda run_id: run_id.startswith(job_runs(key)))
+    except UserError as e:
+        return 1, f"its runs are committed but not pushed: {e}"
+    refused = [t for t in pushed if t.status == "refused"]
+    if refused:
+        return 1, f"its run {refused[0].run_id} was not pushed: {refused[0].reason}"
+    return 0, ""
+
+
+def push_records(cat: Catalog, jobs: list[Job], url: str) -> None:
+    """Push the `job` runs of these jobs that the mirror lacks (one line if the mirror refuses one)."""
+    keys = {j.key for j in jobs}
+    df = cat.sql("SELECT run_id, params->>'job_key' AS key FROM runs WHERE kind = 'job'")
+    ids = set(df.run_id[df.key.isin(keys)])
+    refused = [t for t in push_runs(cat, url, progress=False, only=ids.__contains__) if t.status == "refused"]
+    if refused:
+        raise UserError(f"the record of job run {refused[0].run_id} was not pushed to {url}: {refused[0].reason}")
 
 
 def record(cat: Catalog, job: Job, ok: bool, seconds: float, reason: str) -> None:
@@ -81,7 +118,7 @@ def record(cat: Catalog, job: Job, ok: bool, seconds: float, reason: str) -> Non
 
 # ---- the local backend: worker processes that take jobs from a queue --------------------------
 
-def _worker(root: str, execute: Execute, threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
+def _worker(root: str, execute: Execute, threads: int, push: str | None, jobs: mp.Queue, results: mp.Queue) -> None:
     # Ctrl-C reaches every process of the terminal's group: the runner alone answers it, by stopping the
     # workers with SIGTERM (a running job then removes what it staged)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,7 +130,7 @@ def _worker(root: str, execute: Execute, threads: int, jobs: mp.Queue, results: 
         results.put(("start", key, os.getpid()))
         t = time.perf_counter()
         try:
-            status, reason = execute(root, command, argv, key, threads)
+            status, reason = run_job(execute, root, command, argv, key, threads, push)
         except BaseException as e:  # noqa: BLE001 - reported as the job's failure, the worker goes on
             status, reason = 1, f"{type(e).__name__}: {e}"
         results.put(("end", key, status, reason, time.perf_counter() - t))
@@ -101,7 +138,8 @@ def _worker(root: str, execute: Execute, threads: int, jobs: mp.Queue, results: 
             return
 
 
-def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threads: int, finished) -> None:
+def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threads: int, push: str | None,
+               finished) -> None:
     # forkserver: workers start from a clean process that has imported the heavy modules once
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "transformer_lens", "cli"])
@@ -115,7 +153,7 @@ def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threa
     restarts = 0
 
     def start() -> None:
-        p = ctx.Process(target=_worker, args=(root, execute, threads, jobs, results), daemon=True)
+        p = ctx.Process(target=_worker, args=(root, execute, threads, push, jobs, results), daemon=True)
         p.start()
         procs[p.pid] = p
 
@@ -168,7 +206,7 @@ def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threa
 # ---- the Ray backend -----------------------------------------------------------------------------
 
 def _run_ray(root: str, todo: list[Job], execute: Execute, workers: int, threads: int, address: str | None,
-             finished) -> None:
+             push: str | None, finished) -> None:
     try:
         import ray
     except ImportError:
@@ -178,7 +216,7 @@ def _run_ray(root: str, todo: list[Job], execute: Execute, workers: int, threads
         ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     task = ray.remote(num_cpus=1, max_retries=0)(_timed)
-    pending = {task.remote(execute, root, list(j.command), list(j.argv), j.key, threads): j for j in todo}
+    pending = {task.remote(execute, root, list(j.command), list(j.argv), j.key, threads, push): j for j in todo}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -195,7 +233,8 @@ def _run_ray(root: str, todo: list[Job], execute: Execute, workers: int, threads
             ray.shutdown()
 
 
-def _timed(execute: Execute, root: str, command: list, argv: list, key: str, threads: int) -> tuple[int, str, float]:
+def _timed(execute: Execute, root: str, command: list, argv: list, key: str, threads: int,
+           push: str | None) -> tuple[int, str, float]:
     t = time.perf_counter()
-    status, reason = execute(root, command, argv, key, threads)
+    status, reason = run_job(execute, root, command, argv, key, threads, push)
     return status, reason, time.perf_counter() - t
