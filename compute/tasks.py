@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -199,15 +200,20 @@ def encode(model, task: Task, split: str = "train", limit: int | None = None,
     for r in rows[:limit]:
         groups.setdefault(len(r[1]), []).append(r)
     batches = []
+    on = partial(torch.tensor, device=model_device(model))  # tokens and answers where the model is
     for _, group in sorted(groups.items()):
         if task.has_patch:
             idx, clean, patch, ca, pa = zip(*group, strict=True)
-            batches.append(Batch(torch.tensor(idx), torch.tensor(clean), torch.tensor(patch),
-                                 torch.tensor(ca), torch.tensor(pa)))
+            batches.append(Batch(torch.tensor(idx), on(clean), on(patch), on(ca), on(pa)))
         else:
             idx, clean, _, ca = zip(*group, strict=True)
-            batches.append(Batch(torch.tensor(idx), torch.tensor(clean), None, torch.tensor(ca), None))
+            batches.append(Batch(torch.tensor(idx), on(clean), None, on(ca), None))
     return Encoded(batches, dropped)
+
+
+def model_device(model) -> torch.device:
+    """The device a model's weights are on (where its inputs and accumulators belong)."""
+    return next(model.parameters()).device
 
 
 def _single_token(model, answer: str, unk: int | None) -> int | None:

@@ -40,7 +40,7 @@ from compute.attribution.spliced import (
     zero_states,
 )
 from compute.dictionaries.kinds import SAE
-from compute.tasks import Encoded
+from compute.tasks import Encoded, model_device
 from schema.sites import ERROR, Site
 
 METHODS = ("ig", "atp", "exact")
@@ -174,6 +174,7 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
     if per_position and len(lengths) != 1:
         raise ValueError("aggregation none needs examples of one length (encode with one_length=True)")
     shape = (lengths.pop(),) if per_position else ()
+    # sums over batches, in float64 on the CPU (what an accelerator hands back each batch is small)
     feat_eff = {s.name: torch.zeros(*shape, dicts[s.name].d_sae, dtype=torch.float64) for s in subs}
     err_eff = {s.name: torch.zeros(shape, dtype=torch.float64) for s in subs}
     summed = (0,) if per_position else (0, 1)  # over examples (and positions)
@@ -196,10 +197,11 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
                        feat_eff[s.name], err_eff[s.name])
             else:
                 fe, ee = node_effects(dicts[s.name], clean[s.name], patch[s.name], grads[s.name])
-                feat_eff[s.name] += fe.sum(summed)
-                err_eff[s.name] += ee.sum(summed)
-            # beyond the budget only the nonzero values are kept (the catalogue stores no more)
-            clean_features.append((batch.example_idx, s.name, clean[s.name].f if keep else clean[s.name].f.to_sparse()))
+                feat_eff[s.name] += fe.sum(summed).cpu()
+                err_eff[s.name] += ee.sum(summed).cpu()
+            # kept on the CPU (what the catalogue is written from); beyond the budget only the nonzero values
+            f = clean[s.name].f
+            clean_features.append((batch.example_idx, s.name, (f if keep else f.to_sparse()).cpu()))
         per_batch.append((batch, clean, patch, grads) if keep else (batch,))
         bar.update(len(batch))
     bar.close()
@@ -277,7 +279,7 @@ def _joint_and_nested(model, subs: list[Site], dicts: dict[str, SAE], replay, ci
         for s in subs:
             if s.name in sets:
                 measured[s.name] += set_effects(model, s, dicts[s.name], batch, clean[s.name], patch[s.name],
-                                                sets[s.name])
+                                                sets[s.name]).cpu()
     for name, r in ranked.items():
         for (k, nodes), m in zip(r, (measured[name] / n).tolist(), strict=True):
             circuit.nested[(name, k)] = (sum(x.effect for x in nodes), m)
@@ -291,13 +293,13 @@ def _exact(model, s: Site, sae: SAE, batch, clean, patch, per_position: bool,
         at = moved.nonzero().tolist()  # (position, feature)
         length = moved.shape[0]
         eff = patch_effects(model, s, sae, batch, clean, patch, [i for _, i in at] + [None] * length,
-                            [t for t, _ in at] + list(range(length)))
+                            [t for t, _ in at] + list(range(length))).cpu()
         for (t, i), v in zip(at, eff[: len(at)].tolist(), strict=True):
             feat_eff[t, i] += v
         err_eff += eff[len(at):]
     else:
         ids = moved.any(0).nonzero().flatten().tolist()
-        eff = patch_effects(model, s, sae, batch, clean, patch, ids + [None])
+        eff = patch_effects(model, s, sae, batch, clean, patch, ids + [None]).cpu()
         feat_eff[ids] += eff[:-1]
         err_eff += eff[-1]
 
@@ -311,7 +313,9 @@ def _edges(model, subs, dicts, replay, kept, index, n, params: DiscoveryParams,
     totals = [torch.zeros(len(kept[p.down.name]), len(kept[p.up.name]), dtype=torch.float64) for p in pairs]
 
     def ids_and_positions(nodes: list[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return torch.tensor([i for i, _ in nodes]), torch.tensor([t for _, t in nodes]) if per_position else None
+        on = model_device(model)
+        return (torch.tensor([i for i, _ in nodes], device=on),
+                torch.tensor([t for _, t in nodes], device=on) if per_position else None)
 
     ends = [(ids_and_positions(kept[p.up.name]), ids_and_positions(kept[p.down.name])) for p in pairs]
     bar = tqdm(total=len(pairs) * n, desc="edges", unit="example", disable=not progress or not pairs, leave=False)
@@ -320,7 +324,7 @@ def _edges(model, subs, dicts, replay, kept, index, n, params: DiscoveryParams,
             row = 0
             for ids, w in edge_weights(model, pair, dicts, batch, clean, patch, grads[pair.down.name], up_ids,
                                        down_ids, params.edge_chunk, up_pos, down_pos):
-                total[row : row + len(ids)] += w
+                total[row : row + len(ids)] += w.cpu()
                 row += len(ids)
             bar.update(len(batch))
     bar.close()

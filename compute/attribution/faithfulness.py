@@ -60,8 +60,9 @@ def node_set(subs: list[Site], dicts: dict[str, SAE], nodes, length: int | None 
     """A NodeSet from (submodule name, feature index or ERROR[, position]) keys; per-position
     keys (position not None) need the prompts' `length`."""
     shape = () if length is None else (length,)
-    feats = {s.name: torch.zeros(*shape, dicts[s.name].d_sae, dtype=torch.bool) for s in subs}
-    errs = {s.name: torch.zeros(shape, dtype=torch.bool) for s in subs}
+    on = {s.name: dicts[s.name].W_dec.device for s in subs}  # where the dictionaries (and the model) are
+    feats = {s.name: torch.zeros(*shape, dicts[s.name].d_sae, dtype=torch.bool, device=on[s.name]) for s in subs}
+    errs = {s.name: torch.zeros(shape, dtype=torch.bool, device=on[s.name]) for s in subs}
     for name, i, *pos in nodes:
         at = pos[0] if pos and pos[0] is not None else ...
         if at is not ... and length is None:
@@ -263,7 +264,7 @@ def _summed_metrics(model, subs, dicts, data: Encoded, sets: list[NodeSet], abla
     for b in data.batches:
         abl = ablated_states(states(model, subs, dicts, b.clean), ablation, dicts)
         f_model += batch_metric(model(b.clean), b).sum().item()
-        totals += ablated_metrics(model, subs, dicts, b.clean, b, sets, abl, errors).sum(1).double().numpy()
+        totals += ablated_metrics(model, subs, dicts, b.clean, b, sets, abl, errors).sum(1).cpu().double().numpy()
     return f_model, totals
 
 

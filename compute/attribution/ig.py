@@ -53,10 +53,10 @@ def ig_grads(model, subs: list[Site], dicts: dict[str, SAE], batch: Batch, clean
              patch: dict[str, State], steps: int, rule: str) -> dict[str, torch.Tensor]:
     """The metric's gradient at each submodule's output, integrated along the clean->patch line."""
     alphas, weights = quadrature(rule, steps)
-    a, w = alphas.view(-1, 1, 1, 1), weights.view(-1, 1, 1, 1)
     out = {}
     for s in subs:
         xc, xp = clean[s.name].x, patch[s.name].x
+        a, w = (t.to(xc.device, xc.dtype).view(-1, 1, 1, 1) for t in (alphas, weights))  # where the model is
         x_line = ((1 - a) * xc + a * xp).reshape(-1, *xc.shape[1:]).requires_grad_(True)
         with torch.enable_grad():
             logits = logits_with_output(model, s, x_line, subs, clean, batch.clean, steps)

@@ -88,7 +88,7 @@ def _delta(sae: SAE, clean: State, patch: State, node: int | None, position: int
     else:
         d = (patch.f[..., node] - clean.f[..., node])[..., None] * sae.W_dec[node]
     if position is not None:
-        only = torch.zeros(d.shape[1], 1, dtype=d.dtype)
+        only = torch.zeros(d.shape[1], 1, dtype=d.dtype, device=d.device)
         only[position] = 1
         d = d * only
     return d

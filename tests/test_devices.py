@@ -1,0 +1,74 @@
+"""`--device cuda|mps` on a machine with neither: the pipelines run under a virtual accelerator
+(`tests/virtual_device.py`) that computes on the CPU and refuses every device mix-up the real one
+would, and give the CPU's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import write_checkpoint, write_sfc_set, write_task
+from conftest import run_cli
+from virtual_device import virtual_device
+
+import catalog
+
+
+def test_the_virtual_device_refuses_what_an_accelerator_refuses():
+    with virtual_device("cuda"):
+        x = torch.ones(2, 3, device="cuda")
+        assert x.device == torch.device("cuda", 0) and torch.ones(3).device.type == "cpu"
+        with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+            x + torch.ones(3)
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.zeros(3, dtype=torch.float64).add_(x[0])  # an accumulator left on the CPU
+        assert (x * torch.tensor(2.0)).device.type == "cuda"  # a 0-d CPU tensor is a scalar
+        assert x[torch.tensor([1])].device.type == "cuda"  # a CPU index is allowed
+        with pytest.raises(TypeError, match="numpy"):
+            x.numpy()
+        assert x.cpu().numpy().sum() == 6 and x.to(torch.float64).device.type == "cuda"
+        layer = torch.nn.Linear(3, 2).to("cuda")
+        y = layer(torch.zeros(4, 3, device="cuda", requires_grad=True))
+        y.sum().backward()
+        assert layer.weight.grad.device.type == "cuda"
+        with pytest.raises(RuntimeError, match="same device"):
+            layer(torch.zeros(4, 3))
+    with virtual_device("mps"):
+        with pytest.raises(TypeError, match="float64"):
+            torch.ones(2, device="mps").double()
+    assert torch.ones(2).device.type == "cpu" and not hasattr(torch.ones(2), "_virtual_device")
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory):
+    root = tmp_path_factory.mktemp("disk")
+    write_checkpoint(root / "gpt2", "gpt2")
+    write_task(root / "task.jsonl")
+    write_sfc_set(root / "sfc")
+    return root
+
+
+def _nodes(path) -> list[tuple]:
+    return [tuple(r) for r in catalog.open(path).sql(
+        "SELECT component, layer, feature_idx, position, effect, in_circuit FROM nodes ORDER BY ALL").itertuples(index=False)]
+
+
+@pytest.mark.parametrize("device, options", [
+    ("cuda", []),  # IG, mean ablation, the faithfulness sweep
+    ("cuda", ["--method", "exact", "--max-memory", "200K"]),  # batches recomputed under a budget
+    ("mps", ["--method", "atp", "--aggregation", "none"]),  # per position; MPS has no float64
+])
+def test_discovery_on_an_accelerator_gives_the_cpus_circuit(disk, tmp_path, device, options):
+    from compute.models.checkpoints import load_checkpoint
+
+    given = ["discover", "--model", str(disk / "gpt2"), "--dictionaries", str(disk / "sfc"), "--task-file",
+             str(disk / "task.jsonl"), "--ablation", "mean", "--examples", "8", *options]
+    on_cpu = run_cli(*given, catalog=tmp_path / "cpu")
+    assert on_cpu.returncode == 0, on_cpu.stderr[-2000:]
+    with virtual_device(device):
+        model = load_checkpoint(str(disk / "gpt2"), device=device, progress=False).model
+        assert {p.device.type for p in model.parameters()} == {device}
+        r = run_cli(*given, "--device", device, catalog=tmp_path / device)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _nodes(tmp_path / device) == _nodes(tmp_path / "cpu")
+    sweep = "SELECT n_nodes, value FROM evaluations ORDER BY ALL"
+    assert catalog.open(tmp_path / device).sql(sweep).equals(catalog.open(tmp_path / "cpu").sql(sweep))
