@@ -72,3 +72,43 @@ def test_discovery_on_an_accelerator_gives_the_cpus_circuit(disk, tmp_path, devi
     assert _nodes(tmp_path / device) == _nodes(tmp_path / "cpu")
     sweep = "SELECT n_nodes, value FROM evaluations ORDER BY ALL"
     assert catalog.open(tmp_path / device).sql(sweep).equals(catalog.open(tmp_path / "cpu").sql(sweep))
+
+
+@pytest.fixture(scope="module")
+def local_disk(tmp_path_factory):
+    """A GPT-NeoX checkpoint (parallel attention, rotary) and a set of transcoders and attention SAEs."""
+    from checkpoints import random_local_dictionaries
+
+    from compute.dictionaries.formats import save_dictionary
+    from compute.models.checkpoints import load_checkpoint
+
+    root = tmp_path_factory.mktemp("local")
+    write_checkpoint(root / "neox", "neox")
+    model = load_checkpoint(str(root / "neox"), progress=False).model
+    transcoders, attention = random_local_dictionaries(model, d_sae=64, seed=2, tokens=model.to_tokens(PROMPT))
+    for i, d in enumerate([*transcoders.values(), *attention.values()]):
+        save_dictionary(d.sae, root / "set" / f"dictionary{i}")
+    return root
+
+
+PROMPT = "the cat near the dogs runs"
+
+
+@pytest.mark.parametrize("device, command", [
+    ("cuda", ["attribute"]),  # direct contributions, OV and QK edges
+    ("mps", ["attribute", "--target", "attn_1/top@5", "--threshold", "0.01"]),  # hierarchical: backward hooks
+    ("cuda", ["explain", "attn_1", "top"]),
+])
+def test_local_circuits_on_an_accelerator_give_the_cpus_graph(local_disk, tmp_path, device, command):
+    given = [*command, "--model", str(local_disk / "neox"), "--dictionaries", str(local_disk / "set"),
+             "--prompt", PROMPT, "--format", "csv"]
+    on_cpu = run_cli(*given, catalog=tmp_path / "cpu")
+    assert on_cpu.returncode == 0, on_cpu.stderr[-2000:]
+    with virtual_device(device):
+        r = run_cli(*given, "--device", device, catalog=tmp_path / device)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == on_cpu.stdout
+    if command[0] == "attribute":
+        assert _nodes(tmp_path / device) == _nodes(tmp_path / "cpu")
+        edges = "SELECT src_idx, dst_idx, kind, head, weight FROM edges ORDER BY ALL"
+        assert catalog.open(tmp_path / device).sql(edges).equals(catalog.open(tmp_path / "cpu").sql(edges))

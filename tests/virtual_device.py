@@ -10,7 +10,9 @@ the device; under "mps", float64 is refused too (MPS has no float64). So the CUD
 a pipeline can be checked for device mix-ups on a machine without either, with real values: what
 it cannot see is what only the hardware does (kernels, memory, nondeterminism). Composites that
 PyTorch builds in C++ from their input's real (CPU) options would look like CPU tensors; the one
-this code base uses (`one_hot`) keeps its input's device.
+this code base uses (`one_hot`) keeps its input's device; in a backward pass (whose formulas pass
+their inputs' real options), a tensor made like another goes where that one is, and one made from
+nothing takes the device of what it meets.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 _TAG = "_virtual_device"
+# Autograd's backward formulas make tensors in C++ from the real (CPU) options of their inputs: a
+# tensor made from nothing during a backward pass is undecided, and takes the device of what it meets.
+_ANY = "_virtual_device_undecided"
 # operations whose tensors may sit on different devices in PyTorch itself
 _CROSSING = {torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default, torch.ops.aten.index.Tensor,
              torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
@@ -55,21 +60,27 @@ class _Simulated(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs, wanted = self._wanted(kwargs or {})
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        known = [t for t in tensors if not getattr(t, _ANY, False)]
         if func not in _CROSSING:
-            on = {device_of(t) for t in tensors if not (t.dim() == 0 and device_of(t).type == "cpu")}
+            on = {device_of(t) for t in known if not (t.dim() == 0 and device_of(t).type == "cpu")}
             if len(on) > 1:
                 a, b = sorted(on, key=str)[:2]
+                shapes = ", ".join(f"{tuple(t.shape)} on {device_of(t)}" for t in tensors)
                 raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
-                                   f"devices, {a} and {b}! (in {func})")
+                                   f"devices, {a} and {b}! (in {func}: {shapes})")
         out = func(*args, **kwargs)
+        undecided = bool(tensors) and not known
+        if wanted is not None and wanted.type == "cpu" and torch._C._current_graph_task_id() != -1:
+            # in a backward pass, a CPU device was read from real options: the result goes where its input is
+            undecided, wanted = undecided or not tensors, None
         if wanted is not None:
             device = wanted
         elif func is torch.ops.aten.copy_.default:
             device = device_of(args[0])
+        elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default):
+            device = device_of(args[0])
         else:
-            device = next((device_of(t) for t in tensors if device_of(t).type != "cpu"), torch.device("cpu"))
-            if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default):
-                device = device_of(args[0])
+            device = next((device_of(t) for t in known if device_of(t).type != "cpu"), torch.device("cpu"))
         if device.type == "mps":
             dtypes = {t.dtype for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
             if torch.float64 in dtypes:
@@ -79,6 +90,7 @@ class _Simulated(TorchDispatchMode):
         def tag(t):
             if isinstance(t, torch.Tensor):
                 setattr(t, _TAG, None if device.type == "cpu" else device)
+                setattr(t, _ANY, bool(undecided) and device.type == "cpu")
             return t
 
         return tree_map(tag, out)

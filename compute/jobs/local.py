@@ -176,7 +176,8 @@ def _write_activations(w: RunWriter, task_id: str, example_idx: int, rep: Replac
     """The prompt's nonzero feature values (what `features` dashboards and 'why does it fire' read)."""
     table = w.table("activations")
     for name, act in rep.active.items():
-        values = rep.values[name][act[:, 0], act[:, 1]]
+        values = rep.values[name][act[:, 0], act[:, 1]].cpu()
+        act = act.cpu()
         table.write(columns_to_arrow("activations", {
             "task_id": task_id, "example_idx": example_idx, "dictionary_id": dicts[name].dictionary_id,
             "feature_idx": act[:, 1].numpy(), "position": act[:, 0].numpy(), "value": values.double().numpy()},

@@ -110,9 +110,10 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
         raise ValueError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
     if direct and engine == "readers" and _readable(rep, targets):
         return _attribute_by_readers(rep, targets, batch_size, ov, progress)
-    scores = torch.zeros(len(targets), len(rep.nodes))
-    per_head = torch.zeros(len(targets), len(rep.nodes), rep.model.cfg.n_heads) if ov else None
-    values = torch.zeros(len(targets))
+    on = rep.device
+    scores = torch.zeros(len(targets), len(rep.nodes), device=on)
+    per_head = torch.zeros(len(targets), len(rep.nodes), rep.model.cfg.n_heads, device=on) if ov else None
+    values = torch.zeros(len(targets), device=on)
     batch = min(batch_size, max(1, len(targets)))
     recorded: dict[str, torch.Tensor] = {}
     t = rep.trace(1, "direct") if direct else rep.trace(batch, "live", _gate(rep, threshold, recorded))
@@ -126,12 +127,12 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
         rows = slice(start, start + len(chunk))
         recorded.clear()
         if direct:  # every target reads the one copy; row i of the batched gradient is target i's
-            value = _values(rep, t, chunk, torch.zeros(len(chunk), dtype=torch.long))
-            grads = torch.autograd.grad(value, wanted, grad_outputs=torch.eye(len(chunk)), is_grads_batched=True,
+            value = _values(rep, t, chunk, torch.zeros(len(chunk), dtype=torch.long, device=on))
+            grads = torch.autograd.grad(value, wanted, grad_outputs=torch.eye(len(chunk), device=on), is_grads_batched=True,
                                         retain_graph=True, allow_unused=True)
             grads = [None if g is None else g[:, 0] for g in grads]
         else:  # each copy carries its own target
-            value = _values(rep, t, chunk, torch.arange(len(chunk)))
+            value = _values(rep, t, chunk, torch.arange(len(chunk), device=on))
             grads = torch.autograd.grad(value.sum(), wanted, retain_graph=True, allow_unused=True)
             grads = [None if g is None else g[:len(chunk)] for g in grads]
         values[rows] = value.detach()
@@ -140,7 +141,13 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
             z_grads = {i: torch.zeros_like(t.z[i][:1]).expand(len(chunk), -1, -1, -1) if g is None else g
                        for i, g in zip(z_layers, grads[len(leaves):], strict=True)}
             per_head[rows] = _ov(rep, z_grads, chunk)
-    return Attribution(scores, values, _bias(rep, targets) if direct else None, per_head)
+    return _on_cpu(Attribution(scores, values, _bias(rep, targets) if direct else None, per_head))
+
+
+def _on_cpu(a: Attribution) -> Attribution:
+    """An attribution computed where the model is, handed back on the CPU (graphs are chosen and
+    written from it)."""
+    return Attribution(*(None if t is None else t.cpu() for t in (a.scores, a.values, a.bias, a.ov)))
 
 
 def _readable(rep: Replacement, targets: list[Target]) -> bool:
@@ -158,8 +165,8 @@ def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: i
     from tqdm.auto import tqdm
 
     n_heads = rep.model.cfg.n_heads
-    scores = torch.zeros(len(targets), len(rep.nodes))
-    per_head = torch.zeros(len(targets), len(rep.nodes), n_heads) if ov else None
+    scores = torch.zeros(len(targets), len(rep.nodes), device=rep.device)
+    per_head = torch.zeros(len(targets), len(rep.nodes), n_heads, device=rep.device) if ov else None
     sites = [EMBED, *rep.order]
     groups = rep.writers_by_position()
     starts = range(0, len(targets), batch_size)
@@ -170,7 +177,7 @@ def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: i
             reading = r.abs().sum(-1) > 0  # [B, pos]: where each target reads the stream
             reads = [set(_upstream(rep, tg)) for tg in chunk]
             for name in sites:
-                upstream = torch.tensor([name in reads[b] for b in range(len(chunk))])
+                upstream = torch.tensor([name in reads[b] for b in range(len(chunk))], device=rep.device)
                 for p, cols, vectors in groups[name]:
                     wanted = upstream & reading[:, p]
                     if wanted.all():  # every target reads here: slices, no gathers
@@ -185,7 +192,7 @@ def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: i
                         if ov:
                             per_head[start + rows[:, None], cols] = torch.einsum("bhd,nd->bnh", r_heads[rows, p],
                                                                                  vectors)
-    return Attribution(scores, *_values_and_bias(rep, targets), per_head)
+    return _on_cpu(Attribution(scores, *_values_and_bias(rep, targets), per_head))
 
 
 def _upstream(rep: Replacement, tg: Target) -> list[str]:
@@ -201,15 +208,16 @@ def _readers(rep: Replacement, chunk: list[Target], per_head: bool = True
     targets). A node's direct contribution is its write vector . the reading vector at its
     position. Targets of one component and layer are read together."""
     model, cfg = rep.model, rep.model.cfg
-    r = torch.zeros(len(chunk), rep.n_pos, cfg.d_model)
-    r_heads = torch.zeros(len(chunk), rep.n_pos, cfg.n_heads, cfg.d_model) if per_head else None
+    on = rep.device
+    r = torch.zeros(len(chunk), rep.n_pos, cfg.d_model, device=on)
+    r_heads = torch.zeros(len(chunk), rep.n_pos, cfg.n_heads, cfg.d_model, device=on) if per_head else None
     groups: dict[tuple[str, int], list[int]] = {}
     for b, tg in enumerate(chunk):
         groups.setdefault(tg.component_layer, []).append(b)
     for (component, layer), rows in groups.items():
         targets = [chunk[b] for b in rows]
-        rows, pos = torch.tensor(rows), torch.tensor([tg.position for tg in targets])
-        feature = torch.tensor([tg.feature for tg in targets])
+        rows, pos = torch.tensor(rows, device=on), torch.tensor([tg.position for tg in targets], device=on)
+        feature = torch.tensor([tg.feature for tg in targets], device=on)
         if component == "logit":
             e = model.W_U[:, feature].T.clone()
             for i, tg in enumerate(targets):
@@ -227,7 +235,7 @@ def _readers(rep: Replacement, chunk: list[Target], per_head: bool = True
             continue
         # attention: head h carries W_V[h] W_O[h] e from source s by pattern[h, d, s], through ln1 at s
         values = rep.normalise_transpose(_value_readers(block.attn, e), block.ln1, 1.0)  # [targets, heads, d]
-        scale = rep.ln_scale(layer, torch.arange(rep.n_pos))  # [pos, 1]
+        scale = rep.ln_scale(layer, torch.arange(rep.n_pos, device=on))  # [pos, 1]
         weight = rep.frozen[attention_hook(layer, "pattern")][0][:, pos, :].permute(1, 2, 0) / scale  # [t, src, h]
         if per_head:
             r_heads[rows] = weight[..., None] * values[:, None]
@@ -245,8 +253,8 @@ def _value_readers(attn, e: torch.Tensor) -> torch.Tensor:
 def _values_and_bias(rep: Replacement, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
     """The targets' values and biases (their values with every node at 0), from one trace."""
     if not targets:
-        return torch.zeros(0), torch.zeros(0)
-    t, rows = rep.trace(2, "pair"), torch.zeros(len(targets), dtype=torch.long)
+        return torch.zeros(0, device=rep.device), torch.zeros(0, device=rep.device)
+    t, rows = rep.trace(2, "pair"), torch.zeros(len(targets), dtype=torch.long, device=rep.device)
     return _values(rep, t, targets, rows), _values(rep, t, targets, rows + 1)
 
 
@@ -258,14 +266,14 @@ def _values(rep: Replacement, t: Trace, chunk: list[Target], rows: torch.Tensor)
     for i, tg in enumerate(chunk):
         groups.setdefault(tg.site, []).append(i)
     for site, idx in groups.items():
-        row, pos = rows[idx], torch.tensor([chunk[i].position for i in idx])
-        feature = torch.tensor([chunk[i].feature for i in idx])
+        row, pos = rows[idx], torch.tensor([chunk[i].position for i in idx], device=rep.device)
+        feature = torch.tensor([chunk[i].feature for i in idx], device=rep.device)
         if site == "logit":
             v = t.logits[row, pos, feature]
             minus = [chunk[i].minus for i in idx]
             if any(m is not None for m in minus):
-                has = torch.tensor([m is not None for m in minus])
-                other = t.logits[row, pos, torch.tensor([0 if m is None else m for m in minus])]
+                has = torch.tensor([m is not None for m in minus], device=rep.device)
+                other = t.logits[row, pos, torch.tensor([0 if m is None else m for m in minus], device=rep.device)]
                 v = v - torch.where(has, other, torch.zeros_like(other))
         else:
             v = rep.pre_activation(site, t.inputs[site][row, pos], feature)
@@ -304,15 +312,15 @@ def _node_scores(rep: Replacement, grads: list, recorded: dict, direct: bool, n:
     for name, g in zip(rep.order, site_grads, strict=True):
         act = rep.active[name]
         if not direct:
-            features = recorded.get(name, torch.zeros(n, len(act)))[:n]
+            features = recorded.get(name, torch.zeros(n, len(act), device=rep.device))[:n]
         elif g is None:
-            features = torch.zeros(n, len(act))
+            features = torch.zeros(n, len(act), device=rep.device)
         else:  # value x (gradient . decoder row), one product per position over the features active there
             decoder, values = rep.dicts[name].sae.W_dec, rep.values[name]
             counts = torch.bincount(act[:, 0], minlength=rep.n_pos).tolist()
             features = torch.cat([g[:, p] @ decoder[a[:, 1]].T * values[p, a[:, 1]]
                                   for p, a in enumerate(act.split(counts)) if len(a)], dim=1) if len(act) \
-                else torch.zeros(n, 0)
+                else torch.zeros(n, 0, device=rep.device)
         parts += [features.detach(), _dot(rep.error_values[name], g, n)]
     return torch.cat(parts, dim=1)
 
@@ -320,14 +328,14 @@ def _node_scores(rep: Replacement, grads: list, recorded: dict, direct: bool, n:
 def _dot(vectors: torch.Tensor, grad: torch.Tensor | None, n: int) -> torch.Tensor:
     """Per target and position: a node's write vector [pos, d] . the target's gradient there."""
     if grad is None:
-        return torch.zeros(n, vectors.shape[0])
+        return torch.zeros(n, vectors.shape[0], device=vectors.device)
     return (grad * vectors).sum(-1).detach()
 
 
 def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target]) -> torch.Tensor:
     """Direct contributions into attention-feature targets, per head: [targets, nodes, heads]."""
     model, n_heads = rep.model, rep.model.cfg.n_heads
-    out = torch.zeros(len(chunk), len(rep.nodes), n_heads)
+    out = torch.zeros(len(chunk), len(rep.nodes), n_heads, device=rep.device)
     for layer, g_z in z_grads.items():
         rows = [r for r, tg in enumerate(chunk) if tg.component_layer == ("attn", layer)]
         if not rows:
@@ -349,8 +357,8 @@ def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target])
 def _bias(rep: Replacement, targets: list[Target]) -> torch.Tensor:
     """Each target's value with every node at 0: the part of it no node accounts for."""
     if not targets:
-        return torch.zeros(0)
-    return _values(rep, rep.trace(1, "zero"), targets, torch.zeros(len(targets), dtype=torch.long))
+        return torch.zeros(0, device=rep.device)
+    return _values(rep, rep.trace(1, "zero"), targets, torch.zeros(len(targets), dtype=torch.long, device=rep.device))
 
 
 def node_label(rep: Replacement, i: int) -> str:

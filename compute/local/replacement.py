@@ -21,6 +21,7 @@ import torch
 
 from catalog.errors import UserError
 from compute.dictionaries.kinds import TrainedDictionary
+from compute.tasks import model_device
 from schema.sites import (
     ERROR,
     attention_hook,
@@ -90,6 +91,7 @@ class Replacement:
             if d.site.component != "attn" or d.site.reads != d.site.hook_out:
                 raise UserError(f"attn_{i}: the dictionary at {d.site.name} does not read the attention output")
         self.model, self.tokens = model, tokens.reshape(1, -1)
+        self.device = model_device(model)  # where everything of this prompt is computed
         self.dicts = {site_name("attn", i): attention[i] for i in range(cfg.n_layers)} | \
                      {site_name("mlp", i): transcoders[i] for i in range(cfg.n_layers)}
         self.order = [site_name(c, i) for i in range(cfg.n_layers) for c in ("attn", "mlp")]  # forward order
@@ -228,8 +230,8 @@ class Replacement:
     def node_positions(self, name: str) -> torch.Tensor:
         """The position of each node of a site (or EMBED), in `nodes` order."""
         if name == EMBED:
-            return torch.arange(self.n_pos)
-        return torch.cat([self.active[name][:, 0], torch.arange(self.n_pos)])
+            return torch.arange(self.n_pos, device=self.device)
+        return torch.cat([self.active[name][:, 0], torch.arange(self.n_pos, device=self.device)])
 
     def upstream(self, layer: int, component: str = "attn") -> list[str]:
         """The sites that write into the stream a component of `layer` reads (in a parallel-attention
@@ -274,4 +276,4 @@ class Replacement:
 
     def dictionary_bias(self, names: list[str]) -> torch.Tensor:
         """What the given sites write into the stream whatever their nodes: their decoder biases."""
-        return sum((self.dicts[n].sae.b_dec for n in names), torch.zeros(self.model.cfg.d_model))
+        return sum((self.dicts[n].sae.b_dec for n in names), torch.zeros(self.model.cfg.d_model, device=self.device))
