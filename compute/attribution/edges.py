@@ -140,8 +140,8 @@ class _Nodes:
     @classmethod
     def _at(cls, feats, coef, dirs, extra, pos) -> _Nodes:
         if pos is None:
-            return cls(coef * feats, dirs * feats[:, None], extra, (~feats).float().expand(coef.shape[1], -1))
-        mask = torch.nn.functional.one_hot(pos, coef.shape[1]).T.float()  # [T, K]
+            return cls(coef * feats, dirs * feats[:, None], extra, (~feats).to(coef.dtype).expand(coef.shape[1], -1))
+        mask = torch.nn.functional.one_hot(pos, coef.shape[1]).T.to(coef.dtype)  # [T, K]
         return cls(coef * (mask * feats), dirs * feats[:, None], extra, mask * ~feats)
 
     def _support(self, at: slice) -> torch.Tensor:

@@ -47,6 +47,7 @@ class SAE(torch.nn.Module):
                 torch.nn.init.kaiming_uniform_(self.W_enc)
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.W_enc.dtype)  # TransformerLens normalises half-precision streams in float32
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
         return x @ self.W_enc + self.b_enc

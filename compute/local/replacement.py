@@ -91,7 +91,8 @@ class Replacement:
             if d.site.component != "attn" or d.site.reads != d.site.hook_out:
                 raise UserError(f"attn_{i}: the dictionary at {d.site.name} does not read the attention output")
         self.model, self.tokens = model, tokens.reshape(1, -1)
-        self.device = model_device(model)  # where everything of this prompt is computed
+        self.device = model_device(model)  # where everything of this prompt is computed, in the model's dtype
+        self.dtype = model.cfg.dtype
         self.dicts = {site_name("attn", i): attention[i] for i in range(cfg.n_layers)} | \
                      {site_name("mlp", i): transcoders[i] for i in range(cfg.n_layers)}
         self.order = [site_name(c, i) for i in range(cfg.n_layers) for c in ("attn", "mlp")]  # forward order
@@ -109,8 +110,9 @@ class Replacement:
             {block_input(0), *scores}
         logits, cache = self.model.run_with_cache(
             self.tokens, names_filter=lambda n: is_frozen_by_local_circuits(n) or n in wanted)
-        self.frozen = {k: v for k, v in cache.items() if is_frozen_by_local_circuits(k)}
-        self.scores = [cache[h][0] for h in scores]
+        dtype = self.model.cfg.dtype  # TransformerLens keeps half-precision norms and softmaxes in float32
+        self.frozen = {k: v.to(dtype) for k, v in cache.items() if is_frozen_by_local_circuits(k)}
+        self.scores = [cache[h][0].to(dtype) for h in scores]
         self.logits = logits
         self.embed_value = cache[block_input(0)][0]
         self.values, self.output_values, self.error_values, self.active = {}, {}, {}, {}
@@ -276,4 +278,4 @@ class Replacement:
 
     def dictionary_bias(self, names: list[str]) -> torch.Tensor:
         """What the given sites write into the stream whatever their nodes: their decoder biases."""
-        return sum((self.dicts[n].sae.b_dec for n in names), torch.zeros(self.model.cfg.d_model, device=self.device))
+        return sum((self.dicts[n].sae.b_dec for n in names), torch.zeros(self.model.cfg.d_model, device=self.device, dtype=self.dtype))
