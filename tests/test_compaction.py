@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import time
 from pathlib import Path
 
 import duckdb
@@ -125,8 +126,9 @@ def test_a_repeated_commit_of_a_packed_run_is_a_no_op(tmp_path):
     assert cat.sql("SELECT count(*) AS n FROM runs WHERE run_id = ?", [run_id]).n[0] == 1
 
 
-def _reader(root: str, stop, counts) -> None:
-    """Query without pause: every circuit whole (its edges all there, once), no circuit twice."""
+def _reader(root: str, stop, counts, done) -> None:
+    """Query without pause: every circuit whole (its edges all there, once), no circuit twice. `done`
+    counts the queries as they finish (the test waits on it: a slow machine must not cut the reads short)."""
     cat = catalog.open(root)
     bad = ("SELECT count(*) AS n FROM circuits c LEFT JOIN (SELECT circuit_id, count(*) AS e FROM edges GROUP BY 1) "
            "USING (circuit_id) WHERE coalesce(e, 0) != c.n_edges")
@@ -139,6 +141,7 @@ def _reader(root: str, stop, counts) -> None:
                 half += 1
             seen = max(seen, int(n.n[0]))
             queries += 1
+            done.value += 1
         except Exception:  # noqa: BLE001  (counted: the test wants none)
             errors += 1
     counts.put((queries, errors, half))
@@ -153,13 +156,16 @@ def test_readers_and_writers_never_see_a_half_state_through_compactions(tmp_path
     cat = catalog.init(root)
     _fill(cat, 12)
     ctx = mp.get_context("spawn")
-    stop, counts = ctx.Event(), ctx.Queue()
-    reader = ctx.Process(target=_reader, args=(str(root), stop, counts))
+    stop, counts, done = ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
+    reader = ctx.Process(target=_reader, args=(str(root), stop, counts, done))
     writer = ctx.Process(target=_writer, args=(str(root), 30))
     reader.start()
+    started = time.monotonic()
+    while done.value == 0 and time.monotonic() - started < 120:  # the reader is reading before anything moves
+        time.sleep(0.05)
     writer.start()
     switches = 0
-    while writer.is_alive() or switches < 3:
+    while reader.is_alive() and (writer.is_alive() or switches < 3 or done.value <= 20):
         if compact(cat, target_bytes=1 << 20, progress=False).packs:
             switches += 1
     writer.join()
