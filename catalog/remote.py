@@ -125,9 +125,8 @@ def push(cat: Catalog, url: str, progress: bool = True, only: Callable[[str], bo
 def pull(root: Path, url: str, progress: bool = True) -> list[Transfer]:
     """Download and commit the mirror's runs and packs that the catalogue at `root` lacks (created
     if need be, once the mirror is known to hold runs)."""
-    fs, base = open_mirror(url, holding_runs=True)
+    fs, base = check_mirror(root, url, holding_runs=True)
     cat = init(root)
-    _refuse_itself(cat.root, fs, url)
     out = []
     for name in tqdm(sorted(_mirrored(fs, base)), desc="pulling runs", unit="run", disable=_bar(progress)):
         if (generations.current(cat.root) / name / MANIFEST).is_file():
@@ -167,18 +166,15 @@ def _packed(fs, base: str, names: set[str]) -> set[str]:
     return held
 
 
-def check_mirror(root: Path, url: str):
-    """(filesystem, base path) of a mirror the catalogue at `root` can push to, or one line saying why not."""
-    fs, base = open_mirror(url)
-    _refuse_itself(root, fs, url)
-    return fs, base
-
-
-def _refuse_itself(root: Path, fs, url: str) -> None:
+def check_mirror(root: Path, url: str, holding_runs: bool = False):
+    """(filesystem, base path) of a mirror the catalogue at `root` can exchange runs with (see
+    `open_mirror`), or one line saying why not: the catalogue itself, or a place inside it, cannot be."""
+    fs, base = open_mirror(url, holding_runs)
     if isinstance(fs.fs, LocalFileSystem):
         target = Path(fs.fs._strip_protocol(url)).resolve()
         if target == root.resolve() or root.resolve() in target.parents:
             raise UserError(f"mirror {url} is the catalogue itself (or inside it); give another place")
+    return fs, base
 
 
 def _checked_manifest(raw: bytes, name: str) -> dict:

@@ -312,8 +312,9 @@ def _edges(model, subs, dicts, replay, kept, index, n, params: DiscoveryParams,
     pairs = [p for p in edge_pairs(subs, model.cfg.parallel_attn_mlp) if kept[p.up.name] and kept[p.down.name]]
     totals = [torch.zeros(len(kept[p.down.name]), len(kept[p.up.name]), dtype=torch.float64) for p in pairs]
 
+    on = model_device(model)
+
     def ids_and_positions(nodes: list[tuple[int, int | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        on = model_device(model)
         return (torch.tensor([i for i, _ in nodes], device=on),
                 torch.tensor([t for _, t in nodes], device=on) if per_position else None)
 

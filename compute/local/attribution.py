@@ -111,9 +111,9 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
     if direct and engine == "readers" and _readable(rep, targets):
         return _attribute_by_readers(rep, targets, batch_size, ov, progress)
     on = rep.device
-    scores = torch.zeros(len(targets), len(rep.nodes), device=on, dtype=rep.dtype)
-    per_head = torch.zeros(len(targets), len(rep.nodes), rep.model.cfg.n_heads, device=on, dtype=rep.dtype) if ov else None
-    values = torch.zeros(len(targets), device=on, dtype=rep.dtype)
+    scores = rep.zeros(len(targets), len(rep.nodes))
+    per_head = rep.zeros(len(targets), len(rep.nodes), rep.model.cfg.n_heads) if ov else None
+    values = rep.zeros(len(targets))
     batch = min(batch_size, max(1, len(targets)))
     recorded: dict[str, torch.Tensor] = {}
     t = rep.trace(1, "direct") if direct else rep.trace(batch, "live", _gate(rep, threshold, recorded))
@@ -166,8 +166,8 @@ def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: i
     from tqdm.auto import tqdm
 
     n_heads = rep.model.cfg.n_heads
-    scores = torch.zeros(len(targets), len(rep.nodes), device=rep.device, dtype=rep.dtype)
-    per_head = torch.zeros(len(targets), len(rep.nodes), n_heads, device=rep.device, dtype=rep.dtype) if ov else None
+    scores = rep.zeros(len(targets), len(rep.nodes))
+    per_head = rep.zeros(len(targets), len(rep.nodes), n_heads) if ov else None
     sites = [EMBED, *rep.order]
     groups = rep.writers_by_position()
     starts = range(0, len(targets), batch_size)
@@ -210,8 +210,8 @@ def _readers(rep: Replacement, chunk: list[Target], per_head: bool = True
     position. Targets of one component and layer are read together."""
     model, cfg = rep.model, rep.model.cfg
     on = rep.device
-    r = torch.zeros(len(chunk), rep.n_pos, cfg.d_model, device=on, dtype=rep.dtype)
-    r_heads = torch.zeros(len(chunk), rep.n_pos, cfg.n_heads, cfg.d_model, device=on, dtype=rep.dtype) if per_head else None
+    r = rep.zeros(len(chunk), rep.n_pos, cfg.d_model)
+    r_heads = rep.zeros(len(chunk), rep.n_pos, cfg.n_heads, cfg.d_model) if per_head else None
     groups: dict[tuple[str, int], list[int]] = {}
     for b, tg in enumerate(chunk):
         groups.setdefault(tg.component_layer, []).append(b)
@@ -254,7 +254,7 @@ def _value_readers(attn, e: torch.Tensor) -> torch.Tensor:
 def _values_and_bias(rep: Replacement, targets: list[Target]) -> tuple[torch.Tensor, torch.Tensor]:
     """The targets' values and biases (their values with every node at 0), from one trace."""
     if not targets:
-        return torch.zeros(0, device=rep.device, dtype=rep.dtype), torch.zeros(0, device=rep.device, dtype=rep.dtype)
+        return rep.zeros(0), rep.zeros(0)
     t, rows = rep.trace(2, "pair"), torch.zeros(len(targets), dtype=torch.long, device=rep.device)
     return _values(rep, t, targets, rows), _values(rep, t, targets, rows + 1)
 
@@ -313,15 +313,15 @@ def _node_scores(rep: Replacement, grads: list, recorded: dict, direct: bool, n:
     for name, g in zip(rep.order, site_grads, strict=True):
         act = rep.active[name]
         if not direct:
-            features = recorded.get(name, torch.zeros(n, len(act), device=rep.device, dtype=rep.dtype))[:n]
+            features = recorded.get(name, rep.zeros(n, len(act)))[:n]
         elif g is None:
-            features = torch.zeros(n, len(act), device=rep.device, dtype=rep.dtype)
+            features = rep.zeros(n, len(act))
         else:  # value x (gradient . decoder row), one product per position over the features active there
             decoder, values = rep.dicts[name].sae.W_dec, rep.values[name]
             counts = torch.bincount(act[:, 0], minlength=rep.n_pos).tolist()
             features = torch.cat([g[:, p] @ decoder[a[:, 1]].T * values[p, a[:, 1]]
                                   for p, a in enumerate(act.split(counts)) if len(a)], dim=1) if len(act) \
-                else torch.zeros(n, 0, device=rep.device, dtype=rep.dtype)
+                else rep.zeros(n, 0)
         parts += [features.detach(), _dot(rep.error_values[name], g, n)]
     return torch.cat(parts, dim=1)
 
@@ -336,7 +336,7 @@ def _dot(vectors: torch.Tensor, grad: torch.Tensor | None, n: int) -> torch.Tens
 def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target]) -> torch.Tensor:
     """Direct contributions into attention-feature targets, per head: [targets, nodes, heads]."""
     model, n_heads = rep.model, rep.model.cfg.n_heads
-    out = torch.zeros(len(chunk), len(rep.nodes), n_heads, device=rep.device, dtype=rep.dtype)
+    out = rep.zeros(len(chunk), len(rep.nodes), n_heads)
     for layer, g_z in z_grads.items():
         rows = [r for r, tg in enumerate(chunk) if tg.component_layer == ("attn", layer)]
         if not rows:
@@ -358,7 +358,7 @@ def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target])
 def _bias(rep: Replacement, targets: list[Target]) -> torch.Tensor:
     """Each target's value with every node at 0: the part of it no node accounts for."""
     if not targets:
-        return torch.zeros(0, device=rep.device, dtype=rep.dtype)
+        return rep.zeros(0)
     return _values(rep, rep.trace(1, "zero"), targets, torch.zeros(len(targets), dtype=torch.long, device=rep.device))
 
 

@@ -110,9 +110,9 @@ class Replacement:
             {block_input(0), *scores}
         logits, cache = self.model.run_with_cache(
             self.tokens, names_filter=lambda n: is_frozen_by_local_circuits(n) or n in wanted)
-        dtype = self.model.cfg.dtype  # TransformerLens keeps half-precision norms and softmaxes in float32
-        self.frozen = {k: v.to(dtype) for k, v in cache.items() if is_frozen_by_local_circuits(k)}
-        self.scores = [cache[h][0].to(dtype) for h in scores]
+        # in the model's dtype: TransformerLens keeps half-precision norms and softmaxes in float32
+        self.frozen = {k: v.to(self.dtype) for k, v in cache.items() if is_frozen_by_local_circuits(k)}
+        self.scores = [cache[h][0].to(self.dtype) for h in scores]
         self.logits = logits
         self.embed_value = cache[block_input(0)][0]
         self.values, self.output_values, self.error_values, self.active = {}, {}, {}, {}
@@ -278,4 +278,8 @@ class Replacement:
 
     def dictionary_bias(self, names: list[str]) -> torch.Tensor:
         """What the given sites write into the stream whatever their nodes: their decoder biases."""
-        return sum((self.dicts[n].sae.b_dec for n in names), torch.zeros(self.model.cfg.d_model, device=self.device, dtype=self.dtype))
+        return sum((self.dicts[n].sae.b_dec for n in names), self.zeros(self.model.cfg.d_model))
+
+    def zeros(self, *shape: int) -> torch.Tensor:
+        """Zeros where this prompt's tensors live: on the model's device, in its dtype."""
+        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
