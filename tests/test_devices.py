@@ -142,3 +142,36 @@ def test_half_precision_gives_the_float32_circuit_up_to_its_precision(disk, loca
     root = "SELECT effect FROM nodes WHERE node_idx = 0"
     assert catalog.open(tmp_path / f"local-{dtype}").sql(root).effect[0] == pytest.approx(
         catalog.open(tmp_path / "local-float32").sql(root).effect[0], rel=0.05)
+
+
+def test_half_precision_keeps_a_trained_models_circuit_and_curves(zoo, dicts):
+    """The zoo model and its SAEs cast to bfloat16 find float32's circuit: node effects r 0.999997,
+    faithfulness and completeness within 0.004 at every point, one node of 175 swapped at the threshold
+    (measured on ioi, 32 examples). The bounds leave room for other processors' last bits."""
+    import copy
+
+    import numpy as np
+
+    from compute.attribution.discovery import DiscoveryParams, discover
+    from compute.tasks import encode
+    from schema.sites import sites
+
+    subs = sites(zoo.model.cfg.n_layers)
+    found = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = copy.deepcopy(zoo.model).to(dtype)
+        saes = {k: copy.deepcopy(d.sae).to(dtype=dtype) for k, d in dicts.items()}
+        c = discover(model, subs, saes, encode(model, zoo.tasks["ioi"], "train", limit=32),
+                     DiscoveryParams(n_examples=32, edge_threshold=0.05), progress=False)
+        found[dtype] = c
+    full, half = found[torch.float32], found[torch.bfloat16]
+    assert all(np.isfinite(n.effect) for n in half.nodes)
+    key = lambda n: (n.site and n.site.name, n.feature, n.position)  # noqa: E731
+    a, b = {key(n): n.effect for n in full.nodes}, {key(n): n.effect for n in half.nodes}
+    keys = sorted(set(a) | set(b), key=str)
+    assert np.corrcoef([a.get(k, 0.0) for k in keys], [b.get(k, 0.0) for k in keys])[0, 1] >= 0.9999
+    inside = [{key(n) for n in c.nodes if n.in_circuit} for c in (full, half)]
+    assert len(inside[0] ^ inside[1]) <= 6 and len(inside[0]) > 100
+    (f32,), (bf16,) = full.curves, half.curves
+    assert np.allclose(f32.faithfulness, bf16.faithfulness, atol=0.02)
+    assert np.allclose(f32.completeness, bf16.completeness, atol=0.02)
