@@ -30,6 +30,9 @@ def test_the_virtual_device_refuses_what_an_accelerator_refuses():
         y = layer(torch.zeros(4, 3, device="cuda", requires_grad=True))
         y.sum().backward()
         assert layer.weight.grad.device.type == "cuda"
+        with pytest.raises(RuntimeError, match="expected device cuda:0 but got cpu"):  # the engine checks roots
+            torch.autograd.grad(layer(torch.zeros(4, 3, device="cuda", requires_grad=True)), layer.weight,
+                                grad_outputs=torch.ones(4, 2))
         with pytest.raises(RuntimeError, match="same device"):
             layer(torch.zeros(4, 3))
     with virtual_device("mps"):
@@ -112,6 +115,31 @@ def test_local_circuits_on_an_accelerator_give_the_cpus_graph(local_disk, tmp_pa
         assert _nodes(tmp_path / device) == _nodes(tmp_path / "cpu")
         edges = "SELECT src_idx, dst_idx, kind, head, weight FROM edges ORDER BY ALL"
         assert catalog.open(tmp_path / device).sql(edges).equals(catalog.open(tmp_path / "cpu").sql(edges))
+
+
+def test_the_autograd_engine_of_local_attribution_on_an_accelerator_gives_the_cpus_scores(local_disk):
+    """The frozen replacement model's vectorised backward pass (`is_grads_batched`: what a transcoder
+    read through another hook falls back to) under a virtual cuda: the CPU's direct contributions and
+    OV edges exactly, handed back on the CPU. (Computing `grad_outputs` on the CPU fails here, as on a GPU.)"""
+    from test_local_circuits import _targets
+
+    from cli import _local_model
+    from compute.local.attribution import attribute
+    from compute.local.replacement import Replacement
+
+    def run(device):
+        handle, _, transcoders, attention = _local_model("default", str(local_disk / "neox"), local_disk / "set",
+                                                         None, device, "float32", [PROMPT])
+        rep = Replacement(handle.model, transcoders, attention, handle.model.to_tokens(PROMPT))
+        assert rep.device.type == device
+        return attribute(rep, _targets(rep), ov=True, engine="autograd")
+
+    on_cpu = run("cpu")
+    with virtual_device("cuda"):
+        on_gpu = run("cuda")
+    assert on_gpu.scores.device.type == "cpu"
+    assert torch.equal(on_gpu.scores, on_cpu.scores) and torch.equal(on_gpu.ov, on_cpu.ov)
+    assert torch.equal(on_gpu.values, on_cpu.values)
 
 
 def _effects(path) -> dict:

@@ -12,7 +12,9 @@ it cannot see is what only the hardware does (kernels, memory, nondeterminism). 
 PyTorch builds in C++ from their input's real (CPU) options would look like CPU tensors; the one
 this code base uses (`one_hot`) keeps its input's device; in a backward pass (whose formulas pass
 their inputs' real options), a tensor made like another goes where that one is, and one made from
-nothing takes the device of what it meets.
+nothing takes the device of what it meets, also when a vmapped backward pass (`is_grads_batched`)
+writes into it. The gradients given to `torch.autograd.grad` and `backward` must be on their
+outputs' devices, which the engine checks in C++ on the real ones and this checks on the virtual ones.
 """
 
 from __future__ import annotations
@@ -75,9 +77,8 @@ class _Simulated(TorchDispatchMode):
             undecided, wanted = undecided or not tensors, None
         if wanted is not None:
             device = wanted
-        elif func is torch.ops.aten.copy_.default:
-            device = device_of(args[0])
-        elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default):
+        elif func in (torch.ops.aten.copy_.default, torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default) \
+                and not getattr(args[0], _ANY, False):  # written into an undecided tensor: as any other operation
             device = device_of(args[0])
         else:
             device = next((device_of(t) for t in known if device_of(t).type != "cpu"), torch.device("cpu"))
@@ -178,6 +179,24 @@ def _numpy(original):
     return numpy
 
 
+def _checks_root_grads(original):
+    """torch.autograd.grad / backward: the engine checks, in C++ on the real devices, that each given
+    gradient is on its output's device; here the virtual devices are compared the same way."""
+    def call(outputs, *args, **kwargs):
+        grads = kwargs.get("grad_outputs", kwargs.get("grad_tensors"))
+        if grads is None and len(args) > (1 if original is torch.autograd.grad else 0):
+            grads = args[1] if original is torch.autograd.grad else args[0]
+        outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        given = [grads] if isinstance(grads, torch.Tensor) else list(grads or [])
+        for i, (out, grad) in enumerate(zip(outs, given, strict=False)):  # no gradients given: nothing to check
+            if isinstance(grad, torch.Tensor) and device_of(grad) != device_of(out) \
+                    and not (grad.dim() == 0 and device_of(grad).type == "cpu"):  # a CPU scalar is moved
+                raise RuntimeError(f"invalid gradient at index {i} - expected device {device_of(out)} but got "
+                                   f"{device_of(grad)}")
+        return original(outputs, *args, **kwargs)
+    return call
+
+
 @contextmanager
 def virtual_device(kind: str = "cuda") -> Iterator[None]:
     """Inside: the device `kind` ('cuda' or 'mps') exists, simulated on the CPU (see the module docstring)."""
@@ -198,6 +217,8 @@ def virtual_device(kind: str = "cuda") -> Iterator[None]:
         else:
             stack.enter_context(mock.patch("torch.backends.mps.is_available", return_value=True))
         stack.enter_context(mock.patch.object(torch.nn.functional, "one_hot", _keeps_device(torch.nn.functional.one_hot)))
+        for name in ("grad", "backward"):
+            stack.enter_context(mock.patch.object(torch.autograd, name, _checks_root_grads(getattr(torch.autograd, name))))
         for name in ("tensor", "as_tensor"):
             stack.enter_context(mock.patch.object(torch, name, _from_data(getattr(torch, name), kind)))
         stack.enter_context(_Simulated(kind))
