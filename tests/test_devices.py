@@ -33,6 +33,10 @@ def test_the_virtual_device_refuses_what_an_accelerator_refuses():
         with pytest.raises(RuntimeError, match="expected device cuda:0 but got cpu"):  # the engine checks roots
             torch.autograd.grad(layer(torch.zeros(4, 3, device="cuda", requires_grad=True)), layer.weight,
                                 grad_outputs=torch.ones(4, 2))
+        out = layer(torch.zeros(4, 3, device="cuda", requires_grad=True))
+        with pytest.raises(RuntimeError, match="expected device cuda:0 but got cpu"):
+            torch.autograd.grad(out, layer.weight, torch.ones(4, 2), retain_graph=True)  # given by position
+        assert torch.autograd.grad(out, layer.weight, torch.ones(4, 2, device="cuda"))[0].device.type == "cuda"
         with pytest.raises(RuntimeError, match="same device"):
             layer(torch.zeros(4, 3))
     with virtual_device("mps"):

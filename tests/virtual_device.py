@@ -182,10 +182,12 @@ def _numpy(original):
 def _checks_root_grads(original):
     """torch.autograd.grad / backward: the engine checks, in C++ on the real devices, that each given
     gradient is on its output's device; here the virtual devices are compared the same way."""
+    at = 1 if original is torch.autograd.grad else 0  # grad(outputs, inputs, grad_outputs); backward(tensors, grad_tensors)
+
     def call(outputs, *args, **kwargs):
         grads = kwargs.get("grad_outputs", kwargs.get("grad_tensors"))
-        if grads is None and len(args) > (1 if original is torch.autograd.grad else 0):
-            grads = args[1] if original is torch.autograd.grad else args[0]
+        if grads is None and len(args) > at:
+            grads = args[at]
         outs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
         given = [grads] if isinstance(grads, torch.Tensor) else list(grads or [])
         for i, (out, grad) in enumerate(zip(outs, given, strict=False)):  # no gradients given: nothing to check
