@@ -46,43 +46,37 @@ PROMPT = "the cat near the dogs runs"
 
 def write_inputs(root: Path, d_model: int, layers: int, d_sae: int) -> dict[str, Path]:
     """The tests' kind of checkpoints and sets, at the size asked for."""
-    from checkpoints import random_local_dictionaries, write_checkpoint, write_sfc_set, write_task
+    from checkpoints import write_checkpoint, write_local_set, write_sfc_set, write_task
 
-    from compute.dictionaries.formats import save_dictionary
     from compute.models.checkpoints import load_checkpoint
 
     paths = {"gpt2": write_checkpoint(root / "gpt2", "gpt2", d_model=d_model, n_layers=layers),
              "sfc": write_sfc_set(root / "sfc", layers, d_model, d_sae), "task": write_task(root / "task.jsonl"),
-             "neox": write_checkpoint(root / "neox", "neox", d_model=d_model, n_layers=layers)}
-    model = load_checkpoint(str(paths["neox"]), progress=False).model
-    transcoders, attention = random_local_dictionaries(model, d_sae=d_sae, seed=2, tokens=model.to_tokens(PROMPT))
-    for i, d in enumerate([*transcoders.values(), *attention.values()]):
-        save_dictionary(d.sae, root / "set" / f"dictionary{i}")
-    paths["set"] = root / "set"
+             "neox": write_checkpoint(root / "neox", "neox", d_model=d_model, n_layers=layers), "set": root / "set"}
+    write_local_set(paths["set"], load_checkpoint(str(paths["neox"]), progress=False).model, PROMPT, d_sae)
     return paths
 
 
-def cases(p: dict[str, Path]) -> dict[str, list[str]]:
+def cases(p: dict[str, Path], layers: int) -> dict[str, list[str]]:
     given = ["--model", str(p["gpt2"]), "--dictionaries", str(p["sfc"]), "--task-file", str(p["task"]),
              "--examples", "8"]
     local = ["--model", str(p["neox"]), "--dictionaries", str(p["set"]), "--prompt", PROMPT, "--format", "csv"]
+    last = f"attn_{layers - 1}"  # the last layer's attention SAE: the root of the hierarchical case and of explain
     return {"discover: IG, default evaluation": ["discover", *given],
             "discover: exact, 200K memory budget": ["discover", *given, "--method", "exact", "--max-memory", "200K"],
             "discover: AtP per position": ["discover", *given, "--method", "atp", "--aggregation", "none"],
             "attribute: direct, OV and QK": ["attribute", *local],
-            "attribute: hierarchical": ["attribute", *local, "--target", "attn_1/top@5", "--threshold", "0.01"],
-            "explain": ["explain", "attn_1", "top", *local]}
+            "attribute: hierarchical": ["attribute", *local, "--target", f"{last}/top@5", "--threshold", "0.01"],
+            "explain": ["explain", last, "top", *local]}
 
 
-def run_cli(argv: list[str], where: Path) -> str:
-    """`cli.py --catalog WHERE ARGV` in this process; its stdout, or exit with its error."""
-    from click.testing import CliRunner
+def run(argv: list[str], where: Path) -> str:
+    """`cli.py --catalog WHERE ARGV` in this process (as the tests run it); its stdout, or exit with its error."""
+    from conftest import run_cli
 
-    from cli import main
-
-    r = CliRunner().invoke(main, ["--catalog", str(where), *argv], prog_name="cli.py")
-    if r.exit_code != 0:
-        sys.exit(f"cli.py {' '.join(argv)}: {r.stderr.strip() or r.exception}")
+    r = run_cli(*argv, catalog=where)
+    if r.returncode != 0:
+        sys.exit(f"cli.py {' '.join(argv)}: {r.stderr.strip()}")
     return r.stdout
 
 
@@ -181,11 +175,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = write_inputs(root, args.d_model, args.layers, args.d_sae)
-        for i, (name, argv) in enumerate(cases(paths).items()):
-            cpu_s, _, cpu_out = measured(lambda a=argv, k=i: run_cli([*a, "--device", "cpu", "--dtype", reference],
-                                                                     root / f"cpu{k}"), "cpu")
+        for i, (name, argv) in enumerate(cases(paths, args.layers).items()):
+            cpu_s, _, cpu_out = measured(lambda a=argv, k=i: run(
+                [*a, "--device", "cpu", "--dtype", reference], root / f"cpu{k}"), "cpu")
             with VIRTUAL_MODE():
-                dev_s, peak, dev_out = measured(lambda a=argv, k=i: run_cli(
+                dev_s, peak, dev_out = measured(lambda a=argv, k=i: run(
                     [*a, "--device", args.device, "--dtype", args.dtype], root / f"dev{k}"), args.device)
             r, gap = agreement(node_effects(root / f"cpu{i}"), node_effects(root / f"dev{i}"))
             rows.append({"case": name, "cpu_s": round(cpu_s, 2), f"{args.device}_s": round(dev_s, 2),

@@ -146,3 +146,15 @@ def random_local_dictionaries(model, d_sae: int, seed: int = 0, active: float = 
                 pre = t.sae.pre_activation(cache[t.sae.hook_name]).flatten()
                 t.sae.b_enc -= pre.kthvalue(int(len(pre) * (1 - active))).values
     return transcoders, attention
+
+
+def write_local_set(root: Path, model, prompt: str, d_sae: int = 64, seed: int = 2) -> tuple[dict, dict]:
+    """Random transcoders and attention SAEs of `model` (`random_local_dictionaries`, fitted to fire on
+    `prompt`) saved in the SAELens layout under `root`, one folder each, whose names say nothing (their
+    configs place them); returned as well."""
+    from compute.dictionaries.formats import save_dictionary
+
+    transcoders, attention = random_local_dictionaries(model, d_sae=d_sae, seed=seed, tokens=model.to_tokens(prompt))
+    for i, d in enumerate([*transcoders.values(), *attention.values()]):
+        save_dictionary(d.sae, root / f"dictionary{i}")
+    return transcoders, attention

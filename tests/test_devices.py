@@ -84,17 +84,13 @@ def test_discovery_on_an_accelerator_gives_the_cpus_circuit(disk, tmp_path, devi
 @pytest.fixture(scope="module")
 def local_disk(tmp_path_factory):
     """A GPT-NeoX checkpoint (parallel attention, rotary) and a set of transcoders and attention SAEs."""
-    from checkpoints import random_local_dictionaries
+    from checkpoints import write_local_set
 
-    from compute.dictionaries.formats import save_dictionary
     from compute.models.checkpoints import load_checkpoint
 
     root = tmp_path_factory.mktemp("local")
     write_checkpoint(root / "neox", "neox")
-    model = load_checkpoint(str(root / "neox"), progress=False).model
-    transcoders, attention = random_local_dictionaries(model, d_sae=64, seed=2, tokens=model.to_tokens(PROMPT))
-    for i, d in enumerate([*transcoders.values(), *attention.values()]):
-        save_dictionary(d.sae, root / "set" / f"dictionary{i}")
+    write_local_set(root / "set", load_checkpoint(str(root / "neox"), progress=False).model, PROMPT)
     return root
 
 

@@ -396,17 +396,14 @@ def test_attribute_and_explain_a_checkpoint_with_its_dictionary_set(tmp_path):
     attention SAEs on disk, found by their configs' hooks."""
     import shutil
 
-    from checkpoints import write_checkpoint
+    from checkpoints import write_checkpoint, write_local_set
 
-    from compute.dictionaries.formats import save_dictionary
     from compute.models.checkpoints import load_checkpoint
 
     prompt = "the cat near the dogs runs"
     checkpoint = write_checkpoint(tmp_path / "neox", "neox")
     model = load_checkpoint(str(checkpoint), progress=False).model
-    transcoders, attention = random_local_dictionaries(model, d_sae=64, seed=2, tokens=model.to_tokens(prompt))
-    for i, d in enumerate([*transcoders.values(), *attention.values()]):
-        save_dictionary(d.sae, tmp_path / "set" / f"dictionary{i}")  # folder names say nothing: the configs place them
+    transcoders, attention = write_local_set(tmp_path / "set", model, prompt)  # found by their configs' hooks
     given = ["--model", str(checkpoint), "--dictionaries", str(tmp_path / "set"), "--prompt", prompt]
     r = run_cli("attribute", *given, catalog=tmp_path / "cat")
     assert r.returncode == 0, r.stderr[-2000:]
