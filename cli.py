@@ -17,7 +17,9 @@ import click
 
 from catalog.errors import Terminated, UserError
 
-CATALOG_HELP = "catalogue directory (env CIRCUIT_CATALOG, default ./catalog)"
+DEFAULT_CATALOG = "circuits"
+OLD_DEFAULT_CATALOG = "catalog"  # until release 1: the catalog package's folder, so a catalogue found there is moved
+CATALOG_HELP = f"catalogue directory (env CIRCUIT_CATALOG, default ./{DEFAULT_CATALOG})"
 
 
 class Group(click.Group):
@@ -163,7 +165,7 @@ POSITIVE = click.IntRange(min=1)
 
 
 @click.group(cls=Group)
-@click.option("--catalog", "catalog_path", envvar="CIRCUIT_CATALOG", default="catalog",
+@click.option("--catalog", "catalog_path", envvar="CIRCUIT_CATALOG", default=DEFAULT_CATALOG,
               show_default=True, type=click.Path(path_type=Path), help=CATALOG_HELP)
 @click.pass_context
 def main(ctx, catalog_path: Path):
@@ -171,7 +173,20 @@ def main(ctx, catalog_path: Path):
     from compute.allocator import keep_freed_memory
 
     keep_freed_memory()
+    if ctx.get_parameter_source("catalog_path") == click.core.ParameterSource.DEFAULT:
+        _move_old_default(Path(catalog_path))
     ctx.obj = catalog_path
+
+
+def _move_old_default(new: Path) -> None:
+    """The default catalogue was ./catalog, the `catalog` package's own folder: move one found there."""
+    old = Path(OLD_DEFAULT_CATALOG)
+    if not new.exists() and (old / "catalog.duckdb").is_file():
+        from catalog.store import move
+
+        move(old, new)
+        click.echo(f"moved the catalogue from ./{old} (the catalog package's folder) to ./{new}, its new default",
+                   err=True)
 
 
 @main.command()
@@ -496,8 +511,17 @@ _discovery_options = _options(
 )
 
 
+def _check_release(ctx=None, param=None, value=None):
+    """Check the released zoo's files against its manifest before a command that may load it does
+    anything: a damaged one is one line naming it, and nothing is written."""
+    from compute import release
+
+    release.check()
+    return value
+
+
 ZOO = click.option("--zoo", "zoo_name", type=Choices("compute.models.zoo:ZOOS"), default="default", show_default=True,
-                   help="zoo model: default, or cued (a spurious preposition cue; task sva_pp_cue)")
+                   callback=_check_release, help="zoo model: default, or cued (a spurious preposition cue; task sva_pp_cue)")
 
 
 def _model_options(used_with: str) -> list:
@@ -749,7 +773,8 @@ def demo(path: Path, neurons: bool, **params):
     start = time.monotonic()
     params["full_eval"] = params["full_eval"] or not params["ablations"]  # the zoo is small: its demo sweeps fully
     params = _params(params)
-    catalog.init(path)  # a bad --catalog is refused before any training
+    _check_release()
+    catalog.init(path)  # a bad --catalog is refused before any dictionary is measured
     zoo, dicts, identity = _zoo_and_dictionaries(identity=neurons)
     _register(path, zoo, dicts, {"architecture": "standard"})
     _run_tasks(path, zoo.handle, dicts, list(zoo.tasks.values()), params)
@@ -1265,6 +1290,8 @@ def parameters(path: Path, out: Path, fmt: str):
     from catalog.plots import curvature_heatmaps
     from compute.jobs.decompose import PUBLISHED, parameter_benchmark_job
 
+    _check_release()
+
     run_id, rows = parameter_benchmark_job(catalog.init(path))
     table = pd.DataFrame(rows)[["toy", "passed", "top_inputs", "mmcs", "ml2r", "dictionary_id"]]
     _output(table.assign(top_inputs=table.top_inputs.map("; ".join)), fmt)
@@ -1290,6 +1317,8 @@ def ground_truth(path: Path, names, methods, fmt: str):
     from compute.groundtruth.planted import MODELS
     from compute.jobs.ground_truth import METHODS, failed_checks, ground_truth_job
 
+    _check_release()
+
     cat = catalog.init(path)
     run_id, scored, models = ground_truth_job(cat, tuple(names) or MODELS, tuple(methods) or METHODS)
     _output(cat.sql("SELECT model, task_id, method, level, n_true, round(precision, 3) AS precision, "
@@ -1303,6 +1332,68 @@ def ground_truth(path: Path, names, methods, fmt: str):
     failed = failed_checks(scored, models)
     if failed:
         raise UserError("a check did not hold: " + "; ".join(failed))
+
+
+# ---- the released zoo ---------------------------------------------------------------------------
+
+@main.group(invoke_without_command=True)
+@FORMAT
+@click.pass_context
+def zoo(ctx, fmt: str):
+    """The release: the trained zoo models, their dictionaries, the planted and toy models that every
+    command loads (rebuild them with `zoo build`)."""
+    if ctx.invoked_subcommand is None:
+        import pandas as pd
+
+        from compute import release
+        from compute.rebuild import current_keys
+
+        release.check()
+        m = release.manifest()
+        if m is None:
+            raise UserError(f"no release at {release.release_root()}: every artefact is trained on first use")
+        click.echo(f"release {m['version']} ({release.release_root()}): trained {m['date']} on {m['processor']} "
+                   f"({m['kernel_path']} kernels, torch {m['torch']}), {m['bytes'] / 1e6:.2f} MB", err=True)
+        current = current_keys()
+        _output(pd.DataFrame([{"artefact": n, "kind": a["kind"], "key": a["key"], "folder": a["folder"],
+                               "files": len(a["files"]), "bytes": a["bytes"],
+                               "current": current.get(n) == (a["kind"], a["key"])}
+                              for n, a in m["artefacts"].items()]), fmt)
+        if not all(current.get(n) == (a["kind"], a["key"]) for n, a in m["artefacts"].items()):
+            click.echo("a configuration changed since this release: what is not current trains on first use; "
+                       "`cli.py zoo build --release` makes a new release", err=True)
+
+
+@zoo.command("build")
+@click.option("--verify", is_flag=True, help="exit 1 if a rebuilt model misses the released one's accuracy on "
+              "a task, or a rebuilt dictionary its variance explained by more than 0.01")
+@click.option("--release", "write", is_flag=True,
+              help="make what was built the new release (a new version and manifest) unless it is the release's own")
+@click.option("--cache", "cache", type=click.Path(file_okay=False, path_type=Path),
+              help="build in this cache folder and keep it (default: a temporary one, removed after)")
+@click.option("--only", "only", multiple=True, type=Choices("compute.rebuild:ARTEFACTS"),
+              help="rebuild this artefact only (repeatable; what it is trained on is built too)")
+@FORMAT
+def zoo_build(verify: bool, write: bool, cache: Path | None, only: tuple[str, ...], fmt: str):
+    """Train every released artefact again from its configuration on this machine's kernel path and
+    compare it with the released one: bit-identical, or else both measured side by side."""
+    import pandas as pd
+
+    from compute.cache import kernel_path, processor
+    from compute.rebuild import rebuild
+
+    start = time.monotonic()
+    click.echo(f"rebuilding the release on {processor()} ({kernel_path()} kernels) ...", err=True)
+    rows, new = rebuild(cache, write, only)
+    _output(pd.DataFrame([vars(r) for r in rows]), fmt)
+    same = sum(r.identical == "yes" for r in rows)
+    click.echo(f"{same} of {len({r.artefact for r in rows})} artefacts bit-identical to the release "
+               f"({time.monotonic() - start:.0f} s)", err=True)
+    if new is not None:
+        click.echo(f"wrote release {new['version']} ({new['bytes'] / 1e6:.2f} MB)", err=True)
+    failed = [f"{r.artefact} {r.measure} {r.rebuilt} (released {r.released})" for r in rows if r.ok is False]
+    if verify and failed:
+        raise UserError("the rebuild falls short of the release: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

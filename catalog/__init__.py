@@ -1,7 +1,7 @@
 """Storage and query layer of the circuit catalogue.
 
     import catalog
-    cat = catalog.open("catalog")          # read-only queries
+    cat = catalog.open("circuits")         # read-only queries
     cat.sql("SELECT * FROM circuits")      # -> pandas DataFrame
 """
 

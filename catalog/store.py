@@ -70,6 +70,24 @@ def init(root: str | Path) -> Catalog:
     return Catalog(root)
 
 
+def move(old: Path, new: Path) -> list[str]:
+    """Move the catalogue in `old` (a folder it may share with other files, as the `catalog` package's
+    folder was its default) into `new`, which must not exist yet: its file, generations, staged and
+    quarantined runs; the other files of `old` stay. Returns the names moved."""
+    from catalog.integrity import QUARANTINE
+
+    old, new = Path(old), Path(new)
+    if new.exists() or new.is_symlink():
+        raise UserError(f"cannot move the catalogue in {old} to {new}: {new} exists")
+    new.mkdir(parents=True)
+    with commit_lock(old):  # no commit lands in the old folder while it moves
+        names = [p.name for p in sorted(old.iterdir()) if p.name.startswith(DB_FILE) or p.name in (
+            generations.RUNS, generations.GENERATIONS, "staging", QUARANTINE)]
+        for name in names:
+            os.rename(old / name, new / name)  # runs is a relative link into generations: it moves along
+    return names
+
+
 def open_catalog(root: str | Path) -> Catalog:
     """Open an existing catalogue, refusing a missing one or one of a newer schema version; an older
     one, or one whose named-query macros differ from this tool's, is brought up to date."""

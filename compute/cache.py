@@ -38,6 +38,7 @@ from catalog.shards import (
     file_hash,  # noqa: F401  (compute's builds hash files the way manifests do)
     try_lock,
 )
+from compute.release import released
 
 # The environment of each kernel path's builds: set before PyTorch starts (it reads these once).
 # Two threads: two or more threads give one result, one thread another.
@@ -61,6 +62,19 @@ def kernel_path() -> str:
         return "baseline"
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return "avx2" if {"avx2", "fma"} <= set(flags) else "baseline"
+
+
+@cache
+def processor() -> str:
+    """The processor's model name, as the kernel path's results depend on its vendor (README)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                "unknown")
 
 
 def cache_root() -> Path:
@@ -90,7 +104,8 @@ def deterministic() -> Iterator[None]:
 
 
 def cached_dir(kind: str, key: str, build: Callable[..., None], *args, pin: bool = True) -> Path:
-    """Return `<cache>/<kind>/<key>`, building it first if absent.
+    """Return `<cache>/<kind>/<key>` (or the released artefact of that kind and key: `compute.release`),
+    building it first if absent.
 
     `build(folder, *args)` (a module-level function: it runs in a child process, see
     `pinned`) fills a temporary directory that is renamed into place only when it
@@ -141,8 +156,25 @@ def _build(final: Path, build: Callable[..., None], args: tuple, pin: bool) -> P
 
 
 def cache_path(kind: str, key: str) -> Path:
-    """Where a build of this kind and key lives (built or not): the key suffixed with the kernel path."""
-    return cache_root() / kind / f"{key}-{kernel_path()}"
+    """Where a build of this kind and key lives (built or not): the released artefact of that kind and
+    key where the release holds one (checked against its manifest), else the cache's folder, the key
+    suffixed with the kernel path."""
+    return released(kind, key) or cache_root() / kind / f"{key}-{kernel_path()}"
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the body (processes started in it inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def pinned(fn: Callable, *args):
@@ -155,17 +187,9 @@ def pinned(fn: Callable, *args):
     env = {**KERNEL_PATHS[kernel_path()], _INSIDE: kernel_path()}
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the child copies the environment when it starts
-    try:
+    with environment(**env):  # the child copies the environment when it starts
         child = ctx.Process(target=_run_pinned, args=(send, fn, args), name=f"build {fn.__module__}.{fn.__name__}")
         child.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     send.close()
     try:
         try:

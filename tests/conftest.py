@@ -93,7 +93,7 @@ def run_readme_commands(catalog: str, text: str, here: Path) -> list[subprocess.
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory, dicts) -> Path:
     """A catalogue filled by `cli.py demo` (every zoo task), shared by read-only tests."""
-    path = tmp_path_factory.mktemp("demo") / "catalog"
+    path = tmp_path_factory.mktemp("demo") / "circuits"
     r = run_cli("demo", catalog=path)
     assert r.returncode == 0, r.stderr[-2000:]
     return path

@@ -45,7 +45,7 @@ def test_sql_examples_return_rows(demo_catalog, sql):
 def test_python_examples_run(demo_catalog, index):
     code = _blocks("python")[index]
     here = os.getcwd()
-    os.chdir(demo_catalog.parent)  # the examples open ./catalog
+    os.chdir(demo_catalog.parent)  # the examples open ./circuits
     try:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):

@@ -41,7 +41,7 @@ def build_dictionaries(zoo, cfg: SAEConfig | None = None, progress: bool = True,
     zoo's own standard SAEs, trained as its configuration says."""
     cfg = cfg or zoo_dictionaries(zoo.config)
     sites = dictionary_sites(zoo.model, cfg.architecture, tuple(only))
-    folder, key = _dictionaries_key(zoo.path, cfg, tuple(only))
+    folder, key = dictionaries_key(zoo.path, cfg, tuple(only))
     path = cached_dir(folder, key, _train_all, zoo.path, zoo.model_id, cfg, tuple(only), progress)
     return load_all(zoo.model, sites, path)
 
@@ -51,9 +51,14 @@ def zoo_dictionaries(config) -> SAEConfig:
     return SAEConfig(steps=config.dictionary_steps, lr=config.dictionary_lr)
 
 
-def _dictionaries_key(zoo_path: Path, cfg: SAEConfig, only: tuple[str, ...]) -> tuple[str, str]:
+def dictionaries_config(zoo_path: Path, cfg: SAEConfig, only: tuple[str, ...] = ()) -> dict:
+    """What a set of dictionaries of one zoo is built from (its cache key is this dictionary's hash)."""
+    return {"sae": asdict(cfg), "model": zoo_path.name, **({"only": sorted(only)} if only else {})}
+
+
+def dictionaries_key(zoo_path: Path, cfg: SAEConfig, only: tuple[str, ...]) -> tuple[str, str]:
     """(cache kind, key) of a set of dictionaries of one zoo."""
-    key = config_hash({"sae": asdict(cfg), "model": zoo_path.name, **({"only": sorted(only)} if only else {})})
+    key = config_hash(dictionaries_config(zoo_path, cfg, only))
     return ("dictionaries" if cfg.architecture == "standard" else f"dictionaries-{cfg.architecture}"), key
 
 
@@ -73,7 +78,7 @@ def zoo_with_dictionaries(config, identity: bool = False, progress: bool = True)
     from compute.models.zoo import build_zoo, zoo_path
 
     where = zoo_path(config)
-    wanted = [where, cache_path(*_dictionaries_key(where, zoo_dictionaries(config), ()))]
+    wanted = [where, cache_path(*dictionaries_key(where, zoo_dictionaries(config), ()))]
     if identity:
         wanted.append(identity_path(where))
     if not all(p.exists() for p in wanted):

@@ -49,9 +49,14 @@ class PlantedModel:
 VERSION = 2  # bump when a planted model's construction or training changes
 
 
-def _key(name: str) -> str:
-    return config_hash({"model": name, "version": VERSION, "vocabulary": VOCABULARY, "dims": DIMS,
-                        "task": planted_task().content_hash, **({"siit": asdict(SIITConfig())} if name == "siit" else {})})
+def planted_config(name: str) -> dict:
+    """What a planted model is built from (its cache key is this dictionary's hash)."""
+    return {"model": name, "version": VERSION, "vocabulary": VOCABULARY, "dims": DIMS,
+            "task": planted_task().content_hash, **({"siit": asdict(SIITConfig())} if name == "siit" else {})}
+
+
+def planted_key(name: str) -> str:
+    return config_hash(planted_config(name))
 
 
 def _build(out: Path, name: str) -> None:
@@ -66,7 +71,7 @@ def _build_missing(names: list[str], progress: bool) -> None:
     from compute.dictionaries.building import identity_dictionaries
 
     for name in names:
-        cached_dir("planted", _key(name), _build, name)
+        cached_dir("planted", planted_key(name), _build, name)
         identity_dictionaries(load_planted(name), progress, corpus=prompts())
 
 
@@ -77,7 +82,7 @@ def build_planted(names: tuple[str, ...] = MODELS, progress: bool = True) -> dic
     unknown = set(names) - set(MODELS)
     if unknown:
         raise ValueError(f"unknown planted model {sorted(unknown)[0]!r}; choose from {', '.join(MODELS)}")
-    if not all(cache_path("planted", _key(n)).exists() for n in names) or not all(
+    if not all(cache_path("planted", planted_key(n)).exists() for n in names) or not all(
             _identity_built(n) for n in names):
         pinned(_build_missing, list(names), progress)
     out = {}
@@ -90,13 +95,13 @@ def build_planted(names: tuple[str, ...] = MODELS, progress: bool = True) -> dic
 def _identity_built(name: str) -> bool:
     from compute.dictionaries.building import identity_path
 
-    return identity_path(cache_path("planted", _key(name))).exists()
+    return identity_path(cache_path("planted", planted_key(name))).exists()
 
 
 def load_planted(name: str) -> PlantedModel:
     from compute.models.zoo import load_model
 
-    path = cache_path("planted", _key(name))
+    path = cache_path("planted", planted_key(name))
     trained = json.loads((path / "siit.json").read_text()) if (path / "siit.json").exists() else {}
     truth = handset_truth() if name == "handset" else siit_truth()
     return PlantedModel(name, load_model(path), path, planted_task(), truth, trained)

@@ -108,9 +108,12 @@ def build_tokenizer(out_dir: Path, vocabulary: list[str] | None = None):
 
 
 def load_tokenizer(path: Path):
+    """A tokenizer saved by `build_tokenizer`, from its folder only (never a hub: without
+    local_files_only, transformers records the environment's HF_HUB_OFFLINE in the folder it saves
+    next, so two builds of one model would differ in a byte)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def model_config(cfg: ZooConfig, d_vocab: int):

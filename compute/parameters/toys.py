@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compute.cache import cache_path, cached_dir, config_hash, pinned
+from compute.cache import cached_dir, config_hash
 
 TOYS = ("xor", "tms")
 
@@ -140,16 +140,8 @@ def toy_key(name: str) -> str:
     return f"{name}-{config_hash(CONFIGS[name])}"
 
 
-def _build_all() -> None:
-    for name in TOYS:
-        cached_dir("toys", toy_key(name), _train, CONFIGS[name])
-
-
 def build_toy(name: str) -> Toy:
-    """The trained toy model of this name (cached; a missing one is trained with every other missing
-    toy in one pinned process, since starting one costs more than training them)."""
-    if not cache_path("toys", toy_key(name)).exists():
-        pinned(_build_all)
+    """The trained toy model of this name (released, or trained on the pinned kernels and cached)."""
     path = cached_dir("toys", toy_key(name), _train, CONFIGS[name])
     saved = json.loads((path / "config.json").read_text())
     return Toy(CONFIGS[name], load_file(str(path / "model.safetensors")), path, saved["loss"])
