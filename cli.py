@@ -1385,7 +1385,8 @@ def zoo_build(verify: bool, write: bool, cache: Path | None, only: tuple[str, ..
     start = time.monotonic()
     click.echo(f"rebuilding the release on {processor()} ({kernel_path()} kernels) ...", err=True)
     rows, new = rebuild(cache, write, only)
-    _output(pd.DataFrame([vars(r) for r in rows]), fmt)
+    table = pd.DataFrame([vars(r) for r in rows])
+    _output(table.astype(object).where(table.notna(), "") if fmt == "table" else table, fmt)
     same = sum(r.identical == "yes" for r in rows)
     click.echo(f"{same} of {len({r.artefact for r in rows})} artefacts bit-identical to the release "
                f"({time.monotonic() - start:.0f} s)", err=True)

@@ -1,13 +1,15 @@
-"""Do the zoo, its dictionaries and the demo's numbers depend on the processor's kernels?
+"""Do the demo's numbers (and, with --rebuild, the zoo and its dictionaries) depend on the
+processor's kernels?
 
-    python bench/reproducibility.py [--capabilities default avx2 avx512] [--suite]
+    python bench/reproducibility.py [--capabilities default avx2 avx512] [--rebuild] [--suite]
 
 For each of PyTorch's CPU capabilities (forced with ATEN_CPU_CAPABILITY, as a machine without
-the wider instructions would run), this builds the zoo and its dictionaries from scratch in a
-cache of its own, runs `cli.py demo` into a catalogue of its own, and prints side by side: the
-kernel path the builds ran on, the zoo's weights hash, the dictionaries' ids, and the demo's
-features-vs-neurons table. With --suite it also runs the test suite under each capability.
-It exits 1 when the builds or the table differ. A capability the processor lacks is skipped.
+the wider instructions would run), this runs `cli.py demo` into a catalogue and a cache of its
+own, on the released zoo (with --rebuild: on a zoo and dictionaries built from scratch, ignoring
+the release), and prints side by side: the zoo's model id and weights hash, the dictionaries' ids,
+and the demo's features-vs-neurons table. With --suite it also runs the test suite under each
+capability. It exits 1 when the models or the table differ. A capability the processor lacks is
+skipped.
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ def supported(capability: str) -> bool:
     return out.lower() == capability.lower()
 
 
-def run_demo(capability: str, work: Path) -> dict:
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "CIRCUIT_CACHE": str(work / "cache")}
+def environment(capability: str, work: Path, rebuild: bool) -> dict:
+    return {**os.environ, "ATEN_CPU_CAPABILITY": capability, "CIRCUIT_CACHE": str(work / "cache"),
+            **({"CIRCUIT_NO_RELEASE": "1"} if rebuild else {})}
+
+
+def run_demo(capability: str, work: Path, rebuild: bool) -> dict:
+    env = environment(capability, work, rebuild)
     start = time.monotonic()
     subprocess.run([sys.executable, str(ROOT / "cli.py"), "--catalog", str(work / "catalog"), "demo"], env=env,
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -52,8 +59,8 @@ print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(), "model
     return {**json.loads(out.stdout), "demo_s": round(time.monotonic() - start)}
 
 
-def run_suite(capability: str, work: Path) -> str:
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "CIRCUIT_CACHE": str(work / "cache")}
+def run_suite(capability: str, work: Path, rebuild: bool) -> str:
+    env = environment(capability, work, rebuild)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], env=env, cwd=ROOT,
                        capture_output=True, text=True)
     return r.stdout.strip().splitlines()[-1] if r.stdout.strip() else f"exit {r.returncode}"
@@ -62,6 +69,8 @@ def run_suite(capability: str, work: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--capabilities", nargs="+", default=["default", "avx2", "avx512"])
+    ap.add_argument("--rebuild", action="store_true", help="build the zoo and its dictionaries from scratch "
+                    "under each capability instead of loading the release")
     ap.add_argument("--suite", action="store_true", help="also run the test suite under each capability")
     args = ap.parse_args()
     results = {}
@@ -71,9 +80,9 @@ def main() -> int:
                 print(f"{cap}: not supported by this processor, skipped")
                 continue
             work = Path(tmp) / cap
-            results[cap] = run_demo(cap, work)
+            results[cap] = run_demo(cap, work, args.rebuild)
             if args.suite:
-                results[cap]["suite"] = run_suite(cap, work)
+                results[cap]["suite"] = run_suite(cap, work, args.rebuild)
             print(f"{cap}: done in {results[cap]['demo_s']} s", flush=True)
     if not results:
         return 1
@@ -86,7 +95,7 @@ def main() -> int:
             print(f"{'':12} suite: {r['suite']}")
     same = all((r["model_id"], r["weights_hash"], r["dictionaries"], r["table"]) ==
                (first["model_id"], first["weights_hash"], first["dictionaries"], first["table"]) for r in results.values())
-    print("\nbuilds and table identical under every capability" if same else "\nDIFFERENCES: see above")
+    print("\nmodels and table identical under every capability" if same else "\nDIFFERENCES: see above")
     return 0 if same else 1
 
 

@@ -204,6 +204,15 @@ def test_every_architecture_trains(arch):
         assert (sae.threshold > 0).float().mean() > 0.5
 
 
+def test_seeded_training_gives_identical_weights():
+    _, train, _ = make_data(ToyData(d=16, n_features=32, n_train=4000, n_test=10))
+    cfg = SAEConfig(steps=50, expansion=2, batch_size=256)
+    first, second = (train_sae(train, cfg, "h", "m", progress=False).state_dict() for _ in range(2))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    other = train_sae(train, SAEConfig(steps=50, expansion=2, batch_size=256, seed=1), "h", "m", progress=False)
+    assert not torch.equal(other.state_dict()["W_enc"], first["W_enc"])
+
+
 def test_loss_recovered_against_hand_computed_cases(zoo, dicts):
     from compute.models import grammar
 

@@ -350,6 +350,25 @@ def test_a_task_circuit_is_the_mean_of_its_prompts_and_reads_like_any_circuit(lo
     assert all(q in ids and k in ids for n in traced for q, k, _ in n["qk_tracing_results"]["pair_wise_contributors"])
 
 
+def test_the_readme_walkthrough_is_what_its_commands_print(local):
+    """Every node (SITE/FEATURE@POSITION), head and number the README's walk-through names is in what
+    the commands beside it print: a number to the decimals written."""
+    import re
+
+    from test_readme import LOCAL_SECTION
+
+    _, outputs = local
+    printed = "\n".join(r.stdout + r.stderr for r in outputs)
+    paragraph = "The first explains" + LOCAL_SECTION.split("The first explains", 1)[1].split("instead\nof naming")[0]
+    nodes = re.findall(r"`((?:embed|attn_\d|mlp_\d|resid_\d)/(?:\d+|err)@\d+)`", paragraph)
+    assert len(nodes) >= 8 and all(n in printed for n in nodes), [n for n in nodes if n not in printed]
+    values = [float(v) for v in re.findall(r"[-+]?\d+\.\d+", printed)]
+    claims = re.findall(r"(?<![\w/@.])([-+]?\d+\.(\d+))(?![\w@])", paragraph)
+    assert len(claims) >= 10
+    for text, decimals in claims:
+        assert any(abs(v - float(text)) <= 0.5 * 10 ** -len(decimals) + 1e-9 for v in values), text
+
+
 def test_the_readme_queries_of_the_local_section_return_rows(local):
     from test_readme import LOCAL_SECTION, _blocks
 
