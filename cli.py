@@ -1,6 +1,6 @@
 """circuit-catalog: discover feature circuits and question them with SQL.
 
-    python cli.py demo                       # build the zoo, discover every task, commit
+    python cli.py demo                       # load the released zoo, discover every task, commit
     python cli.py query "SELECT ..." --format csv
 """
 
@@ -637,7 +637,7 @@ def _local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | N
         if dictionary_set or dictionary_spec:
             raise UserError("--dictionaries and --dictionary-spec go with --model")
         zoo, _, _ = _zoo_and_dictionaries(zoo_name)
-        click.echo("MLP transcoders and attention SAEs (trained on first use, then cached) ...", err=True)
+        click.echo("its MLP transcoders and attention SAEs ...", err=True)
         return zoo.handle, zoo, *zoo_local_set(zoo)
     if dictionary_set is None:
         raise UserError("--model needs --dictionaries DIR (its MLP transcoders and attention SAEs)")
@@ -767,7 +767,7 @@ def _params(options: dict):
               help="also discover each circuit over neurons (identity dictionaries), the baseline")
 @click.pass_obj
 def demo(path: Path, neurons: bool, **params):
-    """Build the zoo and its dictionaries, discover a circuit for every zoo task, commit."""
+    """Load the released zoo and its dictionaries, discover a circuit for every zoo task, commit."""
     import catalog
 
     start = time.monotonic()
@@ -789,9 +789,11 @@ def demo(path: Path, neurons: bool, **params):
 
 def _zoo_and_dictionaries(name: str = "default", identity: bool = False):
     from compute.dictionaries.building import zoo_with_dictionaries
-    from compute.models.zoo import zoo_config
+    from compute.models.zoo import zoo_config, zoo_path
+    from compute.release import is_released
 
-    click.echo(f"zoo model {name!r} and its dictionaries (cached after the first build) ...", err=True)
+    where = "released" if is_released(zoo_path(zoo_config(name))) else "not in the release: trained on first use, then cached"
+    click.echo(f"zoo model {name!r} and its dictionaries ({where}) ...", err=True)
     return zoo_with_dictionaries(zoo_config(name), identity)
 
 

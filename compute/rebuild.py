@@ -13,7 +13,7 @@ from pathlib import Path
 
 from catalog.errors import UserError
 from compute import release
-from compute.cache import environment, kernel_path, pinned, processor
+from compute.cache import environment, kernel_path, processor
 
 FVE_TOLERANCE = 0.01  # --verify: a rebuilt dictionary may explain this much less variance than the released one
 
@@ -24,16 +24,10 @@ ARTEFACTS = ("zoo", "zoo/saes", "zoo/transcoders", "zoo-cued", "zoo-cued/saes", 
 
 
 def build_all(only: tuple[str, ...] = (), progress: bool = True) -> dict[str, dict]:
-    """Build (or take from the cache) the artefacts the release holds (those named in `only`, or all),
-    in one pinned process: {name: {"path", "kind", "key", "config"}}. The caller decides where to
-    (`CIRCUIT_CACHE`) and whether the release stands in (`CIRCUIT_NO_RELEASE`)."""
-    unknown = set(only) - set(ARTEFACTS)
-    if unknown:
-        raise ValueError(f"not a released artefact: {', '.join(sorted(unknown))}")
-    return pinned(_build_all, tuple(only) or ARTEFACTS, progress)
-
-
-def _build_all(names: tuple[str, ...], progress: bool) -> dict[str, dict]:
+    """Build (or take from the cache) the artefacts the release holds (those named in `only`, or all):
+    {name: {"path", "kind", "key", "config"}}. Each trains in a pinned process of its own, as every
+    cached build does; the caller decides where to (`CIRCUIT_CACHE`) and whether the release stands
+    in (`CIRCUIT_NO_RELEASE`)."""
     from compute.dictionaries.building import (
         build_dictionaries,
         dictionaries_config,
@@ -46,6 +40,10 @@ def _build_all(names: tuple[str, ...], progress: bool) -> dict[str, dict]:
     from compute.models.zoo import ZOOS, build_zoo
     from compute.parameters.toys import CONFIGS, build_toy
 
+    unknown = set(only) - set(ARTEFACTS)
+    if unknown:
+        raise ValueError(f"not a released artefact: {', '.join(sorted(unknown))}")
+    names = tuple(only) or ARTEFACTS
     out = {}
     for zoo_name, cfg in ZOOS.items():
         name = "zoo" if zoo_name == "default" else f"zoo-{zoo_name}"

@@ -86,6 +86,11 @@ def released(kind: str, key: str) -> Path | None:
     return None
 
 
+def is_released(path: Path) -> bool:
+    """Whether a folder (as `compute.cache.cache_path` gives it) is a released artefact's."""
+    return Path(path).resolve().is_relative_to(release_root().resolve())
+
+
 def check(name: str | None = None, root: Path | None = None) -> Path | None:
     """Check one released artefact's files (every artefact's without a name) against the manifest,
     once per process: a file missing, changed or not in the manifest is one line naming it. Returns

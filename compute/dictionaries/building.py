@@ -66,22 +66,14 @@ def _identity_key(zoo_path: Path) -> str:
     return config_hash([zoo_path.name, 2])
 
 
-def identity_path(model_path: Path) -> Path:
-    """Where the identity dictionaries of the model saved at `model_path` are cached (built or not)."""
-    return cache_path("identity", _identity_key(model_path))
-
-
 def zoo_with_dictionaries(config, identity: bool = False, progress: bool = True) -> tuple:
     """The zoo of a configuration with its own dictionaries (and, with `identity`, its identity
-    dictionaries): (zoo, dictionaries, identity dictionaries or None). What is not cached yet is
-    built in one pinned process, not one per artefact (each costs seconds to start)."""
+    dictionaries): (zoo, dictionaries, identity dictionaries or None). What is neither released nor
+    cached yet is trained in one pinned process, not one per artefact (each costs seconds to start)."""
     from compute.models.zoo import build_zoo, zoo_path
 
     where = zoo_path(config)
-    wanted = [where, cache_path(*dictionaries_key(where, zoo_dictionaries(config), ()))]
-    if identity:
-        wanted.append(identity_path(where))
-    if not all(p.exists() for p in wanted):
+    if not (where.exists() and cache_path(*dictionaries_key(where, zoo_dictionaries(config), ())).exists()):
         pinned(_build_zoo_with_dictionaries, config, identity, progress)
     zoo = build_zoo(config, progress)
     return zoo, build_dictionaries(zoo, progress=progress), identity_dictionaries(zoo, progress) if identity else None
@@ -124,9 +116,10 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
 def identity_dictionaries(zoo, progress: bool = True, corpus: list[str] | None = None) -> dict[str, TrainedDictionary]:
     """Identity dictionaries (neurons as features) for every submodule of a zoo (or any model saved
     like one, with `path`, `model` and `model_id`), with their metrics measured on the grammar's
-    sentences or on `corpus` (a model of another vocabulary: its prompts)."""
+    sentences or on `corpus` (a model of another vocabulary: its prompts). Nothing trains, so they are
+    measured in this process (cached like every build; a pinned process would cost seconds to start)."""
     path = cached_dir("identity", _identity_key(zoo.path), _measure_identity, zoo.path, zoo.model_id, progress,
-                      corpus)
+                      corpus, pin=False)
     return load_all(zoo.model, sites(zoo.model.cfg.n_layers), path)
 
 

@@ -82,20 +82,13 @@ def build_planted(names: tuple[str, ...] = MODELS, progress: bool = True) -> dic
     unknown = set(names) - set(MODELS)
     if unknown:
         raise ValueError(f"unknown planted model {sorted(unknown)[0]!r}; choose from {', '.join(MODELS)}")
-    if not all(cache_path("planted", planted_key(n)).exists() for n in names) or not all(
-            _identity_built(n) for n in names):
+    if not all(cache_path("planted", planted_key(n)).exists() for n in names):
         pinned(_build_missing, list(names), progress)
     out = {}
     for n in names:
         pm = load_planted(n)
         out[n] = (pm, identity_dictionaries(pm, progress, corpus=prompts()))
     return out
-
-
-def _identity_built(name: str) -> bool:
-    from compute.dictionaries.building import identity_path
-
-    return identity_path(cache_path("planted", planted_key(name))).exists()
 
 
 def load_planted(name: str) -> PlantedModel:
