@@ -11,11 +11,12 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
 
-from catalog.errors import Terminated, UserError
+from catalog.errors import PartialAnswer, Terminated, UserError
 
 DEFAULT_CATALOG = "circuits"
 OLD_DEFAULT_CATALOG = "catalog"  # until release 1: the catalog package's folder, so a catalogue found there is moved
@@ -49,7 +50,15 @@ class Group(click.Group):
     def invoke(self, ctx):
         previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PartialAnswer)
+                rv = super().invoke(ctx)
+            notes = dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, PartialAnswer))
+            for note in notes:  # runs left out of what a query read: said once, and an answer is marked
+                click.echo(f"warning: {note}", err=True)
+            if notes and ctx.meta.get(ANSWERS):
+                sys.exit(PARTIAL)
+            return rv
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
@@ -73,6 +82,23 @@ class Group(click.Group):
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+ANSWERS = "answers"  # ctx.meta key: the command prints an answer read from the catalogue
+PARTIAL = 3  # the exit code of such an answer read without runs that could not be trusted
+
+
+def answers(command):
+    """Mark a command whose output is an answer read from the catalogue: when runs were left out of
+    what it read (`catalog.verified`), it exits PARTIAL after its output."""
+    import functools
+
+    @functools.wraps(command)
+    def marked(*args, **kwargs):
+        click.get_current_context().meta[ANSWERS] = True
+        return command(*args, **kwargs)
+
+    return marked
 
 
 def _main_thread() -> bool:
@@ -159,6 +185,21 @@ class FeatureOrTop(click.ParamType):
         self.fail(f"{value!r} is neither a feature index (0, 1, ...) nor 'top'", param, ctx)
 
 
+class Text(click.ParamType):
+    """Text given on the command line, which must be UTF-8 (other bytes reach Python as lone surrogates,
+    which no tokenizer or SQL parser takes)."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(f"{os.fsencode(str(value))[:60]!r} is not UTF-8 text", param, ctx)
+        return value
+
+
+TEXT = Text()
 FEATURE_OR_TOP = FeatureOrTop()
 THRESHOLD = Threshold()
 POSITIVE = click.IntRange(min=1)
@@ -209,14 +250,20 @@ FORMAT = click.option("--format", "fmt", type=Choices("catalog.query:FORMATS"), 
                       show_default=True, help="output format")
 
 
-@main.command()
-@click.argument("sql", required=False)
+@main.command(context_settings={"ignore_unknown_options": True})  # SQL may start with "--" (a comment)
+@click.argument("sql", required=False, type=TEXT)
 @click.option("--file", "sql_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="read the SQL from a file")
 @click.option("--list", "list_named", is_flag=True, help="list the named queries (table macros) and exit")
+@click.option("--strict", is_flag=True, help="refuse to answer when runs that fail their checks would be left out "
+              "(without it: left out, named on stderr, exit 3)")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="stop the query after this long (default: no limit; Ctrl-C and SIGTERM stop it at any time)")
 @FORMAT
 @click.pass_obj
-def query(path: Path, sql: str | None, sql_file: Path | None, list_named: bool, fmt: str):
+@answers
+def query(path: Path, sql: str | None, sql_file: Path | None, list_named: bool, strict: bool,
+          timeout: float | None, fmt: str):
     """Run a read-only SQL query against the catalogue (`--list`: the named queries it can call)."""
     import catalog
 
@@ -237,15 +284,16 @@ def query(path: Path, sql: str | None, sql_file: Path | None, list_named: bool, 
     if fmt == "csv":  # streamed a chunk at a time: an export of millions of rows is never held whole
         from catalog.query import csv_chunks
 
-        for chunk in csv_chunks(catalog.open(path).chunks(text)):
+        for chunk in csv_chunks(catalog.open(path).chunks(text, strict=strict, timeout=timeout)):
             click.echo(chunk, nl=False)
         return
-    _output(catalog.open(path).sql(text), fmt)
+    _output(catalog.open(path).sql(text, strict=strict, timeout=timeout), fmt)
 
 
 @main.command()
 @FORMAT
 @click.pass_obj
+@answers
 def circuits(path: Path, fmt: str):
     """List the circuits in the catalogue."""
     import catalog
@@ -408,9 +456,12 @@ def pull(path: Path, url: str, fmt: str):
 @click.option("--push", "push_url", metavar="URL",
               help="a mirror (see `push`) each job pushes its runs to, with the jobs' records: for workers that "
                    "share no filesystem")
+@click.option("--max-jobs", default=10_000, show_default=True, type=POSITIVE,
+              help="refuse a job file that expands to more jobs than this")
 @FORMAT
 @click.pass_obj
-def run(path: Path, job_file: Path, workers: int, backend: str, address: str | None, push_url: str | None, fmt: str):
+def run(path: Path, job_file: Path, workers: int, backend: str, address: str | None, push_url: str | None,
+        max_jobs: int, fmt: str):
     """Run a job file (TOML: cli.py commands, lists expanded) on many workers; jobs already done are
     skipped, failed ones run again."""
     import pandas as pd
@@ -422,7 +473,7 @@ def run(path: Path, job_file: Path, workers: int, backend: str, address: str | N
 
     if address and backend != "ray":
         raise UserError("--address is for --backend ray")
-    jobs = read_jobs(job_file, main)
+    jobs = read_jobs(job_file, main, max_jobs)
     if push_url:  # a mirror that cannot be used stops the sweep before anything is created or run
         check_mirror(path, push_url)
     cat = catalog.init(path)
@@ -650,11 +701,11 @@ def _local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | N
 
 
 @main.command()
-@click.option("--prompt", help="the prompt whose graph is computed")
+@click.option("--prompt", type=TEXT, help="the prompt whose graph is computed")
 @click.option("--task", "task_name", help="instead of --prompt: a zoo task, the mean of its prompts' graphs")
 @click.option("--examples", "n_examples", default=8, show_default=True, type=POSITIVE,
               help="with --task: train examples used")
-@click.option("--target", help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION (FEATURE top: the strongest there); "
+@click.option("--target", type=TEXT, help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION (FEATURE top: the strongest there); "
                                 "default the model's top next token")
 @_local_options
 @click.pass_obj
@@ -703,7 +754,7 @@ def _local_nodes(cat, circuit_id: str):
 @main.command()
 @click.argument("site_name", metavar="SITE")
 @click.argument("feature", type=FEATURE_OR_TOP)
-@click.option("--prompt", required=True, help="the prompt on which the feature fires")
+@click.option("--prompt", required=True, type=TEXT, help="the prompt on which the feature fires")
 @click.option("--position", type=int, default=-1, show_default=True, help="token position (negative: from the end)")
 @_local_options
 @click.pass_obj
@@ -866,7 +917,7 @@ def _circuit_selection(f):
         click.option("--task", "tasks", multiple=True, help="circuits of this task (repeatable)"),
         click.option("--method", "methods", multiple=True, help="circuits found by this method (repeatable)"),
         click.option("--model", "models", multiple=True, help="circuits of this model (repeatable)"),
-        click.option("--sql", "select_sql", help="read-only query returning the circuit_id column"),
+        click.option("--sql", "select_sql", type=TEXT, help="read-only query returning the circuit_id column"),
     ]):
         f = opt(f)
     return f
@@ -881,6 +932,7 @@ def _circuit_selection(f):
                    "measured one")
 @click.option("--out", type=OutPath(), default=Path("faithfulness.png"), show_default=True)
 @click.pass_obj
+@answers
 def plot(path: Path, circuit_ids, tasks, methods, models, select_sql, errors: str, predictions: bool, out: Path):
     """Faithfulness and completeness curves (PNG) for circuits chosen as `compare` chooses them
     (by id, --task, --method, --model, --sql; default all); --predictions: nested node sets,
@@ -896,7 +948,7 @@ def plot(path: Path, circuit_ids, tasks, methods, models, select_sql, errors: st
 
 @main.command()
 @click.option("--task", "task_name", required=True, help="zoo task to measure again")
-@click.option("--features-sql", required=True,
+@click.option("--features-sql", required=True, type=TEXT,
               help="read-only query returning dictionary_id, feature_idx: the features to ablate")
 @click.option("--ablation", type=Choices("compute.attribution.editing:EDIT_ABLATIONS"), default="mean", show_default=True,
               help="value the features are set to (their mean over the measured prompts, or zero)")
@@ -941,6 +993,7 @@ def edit(path: Path, task_name: str, features_sql: str, ablation: str, split: st
                    "'all' mixes features, neurons and parameter directions")
 @FORMAT
 @click.pass_obj
+@answers
 def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matrix_csv, out, basis, fmt):
     """Compare circuits: shared and unique features, Jaccard overlap, rank correlation (default: all,
     one basis at a time)."""
@@ -985,6 +1038,7 @@ def compare(path: Path, circuit_ids, tasks, methods, models, select_sql, k, matr
               help="write nodes.csv, edges.csv, matches.csv and summary.csv to this folder")
 @FORMAT
 @click.pass_obj
+@answers
 def diff(path: Path, a: str, b: str, match: str, min_similarity: float, tol: float, out: Path | None, fmt: str):
     """What circuit B does differently from circuit A: nodes and edges added, removed, changed."""
     import catalog
@@ -1006,6 +1060,7 @@ def diff(path: Path, a: str, b: str, match: str, min_similarity: float, tol: flo
 @click.option("-k", "k", default=5, show_default=True, type=POSITIVE, help="how many paths")
 @FORMAT
 @click.pass_obj
+@answers
 def paths(path: Path, circuit_id: str, target: int | None, k: int, fmt: str):
     """The k strongest paths from the embedding to the metric (or a node): product of edge weights."""
     import catalog
@@ -1025,6 +1080,7 @@ def paths(path: Path, circuit_id: str, target: int | None, k: int, fmt: str):
 @click.option("--hops", default=2, show_default=True, type=POSITIVE, help="at most this many edges away")
 @FORMAT
 @click.pass_obj
+@answers
 def neighbours(path: Path, circuit_id: str, node: int, direction: str, hops: int, fmt: str):
     """The ancestors or descendants of a node within a number of hops."""
     import catalog
@@ -1040,6 +1096,7 @@ def neighbours(path: Path, circuit_id: str, node: int, direction: str, hops: int
 @click.option("--max-per-row", default=40, show_default=True, type=POSITIVE,
               help="strongest nodes drawn per layer and position")
 @click.pass_obj
+@answers
 def render(path: Path, circuit_id: str, other: str | None, out: Path, max_per_row: int):
     """Draw a circuit (or a diff of two) as one self-contained HTML file with inline SVG."""
     import catalog
@@ -1055,8 +1112,10 @@ def render(path: Path, circuit_id: str, other: str | None, out: Path, max_per_ro
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on (anything but this machine's loopback shows the catalogue to the network)")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
+@click.option("--query-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              metavar="SECONDS", help="stop any query after this long (and any whose client has gone)")
 @click.pass_obj
-def serve(path: Path, host: str, port: int):
+def serve(path: Path, host: str, port: int, query_timeout: float):
     """The circuit explorer: a local, read-only web app over the catalogue (circuits, graphs, node
     dashboards, diffs, comparisons, faithfulness curves, SQL)."""
     from catalog.explorer import create_app
@@ -1064,7 +1123,7 @@ def serve(path: Path, host: str, port: int):
     from catalog.explorer.app import LOOPBACK
     from compute.dictionaries.dashboards import promoted_for
 
-    app = create_app(path, promoted=promoted_for)
+    app = create_app(path, promoted=promoted_for, query_timeout=query_timeout)
     if host not in LOOPBACK:
         click.echo(f"warning: listening on {host}: anyone who can reach it can read the catalogue", err=True)
 
@@ -1081,6 +1140,7 @@ def serve(path: Path, host: str, port: int):
               show_default=True, help="graph JSON for circuit-tracer's and Neuronpedia's viewers, or GraphML")
 @click.option("--out", type=OutPath(), required=True)
 @click.pass_obj
+@answers
 def export(path: Path, circuit_id: str, kind: str, out: Path):
     """Export a circuit for other tools: circuit-tracer / Neuronpedia graph JSON, or GraphML."""
     import catalog
@@ -1101,6 +1161,7 @@ def dictionaries(ctx, fmt: str):
     if ctx.invoked_subcommand is None:
         import catalog
 
+        ctx.meta[ANSWERS] = True
         _output(catalog.open(ctx.obj).sql("SELECT * FROM dictionary_quality()"), fmt)
 
 
@@ -1166,6 +1227,7 @@ def _register(path: Path, zoo, dicts, params: dict) -> None:
 @click.option("-n", "n", default=10, show_default=True, type=POSITIVE, help="top examples and promoted tokens to show")
 @FORMAT
 @click.pass_obj
+@answers
 def feature(path: Path, dictionary: str, feature: int, n: int, fmt: str):
     """A feature's dashboard: density, maximum activation, top activating examples (the token
     in [brackets]) and the output tokens its decoder direction promotes."""

@@ -33,8 +33,10 @@ from tqdm import tqdm
 from catalog import generations
 from catalog.errors import UserError
 from catalog.integrity import check_run
+from catalog.progress import hidden
 from catalog.shards import MANIFEST, ROW_GROUP, commit_lock, try_lock
 from catalog.store import SCHEMA_RUN, Catalog, _migrate, new_id
+from catalog.verified import readable
 from schema.derive import arrow_schema
 from schema.tables import SCHEMA_VERSION, TABLES
 
@@ -102,6 +104,10 @@ def compact(cat: Catalog, target_bytes: int = 256 << 20, progress: bool = True) 
     with _compaction_lock(root):
         with commit_lock(root):
             generations.convert(root)  # an old-layout catalogue, once
+        untrusted = readable(generations.current(root)).left_out  # never pack past what queries leave out
+        if untrusted:
+            raise UserError(f"run {untrusted[0]}: `cli.py check --quarantine` moves such runs aside; "
+                            "nothing was compacted")
         groups = plan(root, target_bytes)
         result = Result()
         if not groups:
@@ -116,7 +122,7 @@ def compact(cat: Catalog, target_bytes: int = 256 << 20, progress: bool = True) 
         writers = []
         try:
             bar = tqdm(total=sum(f.bytes for g in groups for f in g), unit="B", unit_scale=True,
-                       desc="packing", disable=not progress, leave=False)
+                       desc="packing", disable=hidden(progress), leave=False)
             for group in groups:
                 writers.append(_write_pack(cat, group, bar))
             bar.close()

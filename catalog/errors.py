@@ -1,8 +1,14 @@
-"""The exception types for what the user should see as one line: bad input, and a stop signal."""
+"""The exception types for what the user should see as one line: bad input, a partial answer, and a stop
+signal."""
 
 
 class UserError(Exception):
     """A problem the user can fix (bad file, unknown name, misfit dictionary)."""
+
+
+class PartialAnswer(UserWarning):
+    """A query answered without the runs it could not trust (damaged, or repeating another's circuits),
+    which its message names (`catalog.verified`)."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -10,13 +10,13 @@ manifests held checksums are checked for presence only, and counted as such. A p
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog.shards import MANIFEST, commit_lock, file_hash
+from catalog.shards import MANIFEST, commit_lock, file_hash, read_manifest
+from catalog.verified import REPEATS, readable
 
 QUARANTINE = "quarantine"
 
@@ -43,18 +43,21 @@ class Report:
 
 def check_run(run: Path) -> tuple[int, int, list[Damage]]:
     """(shards, unverified shards, damage) of one committed run folder."""
+    if run.is_symlink() or not run.is_dir():
+        return 0, 0, [Damage(run.name, run.name, "a symbolic link" if run.is_symlink() else "not a folder")]
     try:
-        manifest = json.loads((run / MANIFEST).read_text())
+        manifest = read_manifest(run)
         tables = manifest["tables"]
-    except FileNotFoundError:
-        return 0, 0, [Damage(run.name, MANIFEST, "missing")]
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0, 0, [Damage(run.name, MANIFEST, "cannot be read")]
+    except ValueError as e:
+        return 0, 0, [Damage(run.name, MANIFEST, str(e))]
     if "packed_into" in manifest and not (run.parent / str(manifest["packed_into"]) / MANIFEST).is_file():
         return 0, 0, [Damage(run.name, MANIFEST, f"its pack {manifest['packed_into']} is missing")]
     damage, unverified = [], 0
     for info in tables.values():
         shard = run / info["file"]
+        if shard.is_symlink() or (shard.exists() and not shard.is_file()):
+            damage.append(Damage(run.name, info["file"], "not a regular file"))
+            continue
         if not shard.is_file():
             damage.append(Damage(run.name, info["file"], "missing"))
             continue
@@ -70,8 +73,10 @@ def check_run(run: Path) -> tuple[int, int, list[Damage]]:
 
 
 def check(root: Path) -> Report:
-    """Check every committed run of the catalogue at `root`."""
-    runs = sorted(p for p in (root / "runs").iterdir() if p.is_dir()) if (root / "runs").is_dir() else []
+    """Check every committed run of the catalogue at `root`, and that no run repeats another's circuits
+    (what queries leave out: `catalog.verified`)."""
+    runs = sorted(p for p in (root / "runs").iterdir() if not p.name.startswith(".")) \
+        if (root / "runs").is_dir() else []
     packs = {p.name for p in runs if p.name.startswith("pack-")}
     report = Report(len(runs) - len(packs), len(packs), 0, 0, [])
     for run in runs:
@@ -79,6 +84,9 @@ def check(root: Path) -> Report:
         report.shards += shards
         report.unverified += unverified
         report.damage += damage
+    damaged = set(report.damaged_runs)
+    report.damage += [Damage(x.folder, "circuits.parquet", x.reason) for x in readable(root / "runs").left_out
+                      if x.folder not in damaged and x.reason.startswith(REPEATS)]
     return report
 
 
@@ -92,8 +100,8 @@ def quarantine(root: Path, run_ids: list[str]) -> list[Path]:
         for run_id in run_ids:
             folder, target = root / "runs" / run_id, root / QUARANTINE / run_id
             try:
-                contains = json.loads((folder / MANIFEST).read_text()).get("contains", [])
-            except (OSError, ValueError, AttributeError):
+                contains = read_manifest(folder).get("contains", [])
+            except ValueError:
                 contains = []
             os.replace(folder, target)
             for run in contains:

@@ -9,6 +9,7 @@ which can open no file but the catalogue's shards and whose configuration is loc
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import duckdb
@@ -23,7 +24,7 @@ def check_read_only(sql: str) -> None:
     """Refuse anything but statements that only read, one line naming what was refused."""
     statements = _statements(sql)
     if not statements:
-        raise UserError("empty query")
+        raise UserError("empty query: nothing but comments or spaces")
     for s in statements:
         _check_statement(s)
 
@@ -32,7 +33,17 @@ def _statements(sql: str) -> list:
     try:
         return duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise UserError(f"SQL error: {first_line(e)}") from None
+        raise UserError(sql_error(e)) from None
+
+
+def sql_error(e: duckdb.Error) -> str:
+    """DuckDB's error as one line, without its advice to change a setting (`Use "SET x TO y" to ...`),
+    which the sandbox's locked configuration refuses: the limit is said to be the sandbox's instead."""
+    message = first_line(e)
+    cut = re.sub(r'\s*Use "SET [^"]*"[^.]*\.?', "", message)
+    if cut != message:
+        message = f"{cut.rstrip('. ')} (a limit of the sandbox, whose settings are locked)"
+    return f"SQL error: {message}"
 
 
 def _check_statement(s) -> None:
@@ -46,8 +57,19 @@ def _check_statement(s) -> None:
                 return
         raise UserError("refused: EXPLAIN is allowed for SELECT statements only (EXPLAIN ANALYZE runs the "
                         "statement it explains); queries are read-only")
-    kind = s.type.name.replace("_", " ")
-    raise UserError(f"refused: {kind} statements are not allowed; queries are read-only")
+    raise UserError(f"refused: {_named(s)} statements are not allowed; queries are read-only")
+
+
+def _named(s) -> str:
+    """What a statement is called by its first word (DuckDB files INSTALL under LOAD, USE and RESET under
+    SET, CHECKPOINT under CALL), or by its type when that word is WITH."""
+    tokens = duckdb.tokenize(s.query)
+    if tokens and tokens[0][1] == duckdb.token_type.keyword:
+        end = tokens[1][0] if len(tokens) > 1 else len(s.query)
+        word = s.query[tokens[0][0]:end].strip().split()[0].upper()
+        if word.isalpha() and word != "WITH":
+            return word
+    return s.type.name.replace("_", " ")
 
 
 def _explained(sql: str) -> str | None:
@@ -87,6 +109,6 @@ def format_frame(df: pd.DataFrame, fmt: str) -> str:
         return "".join(csv_chunks([df]))
     if fmt == "json":
         return df.to_json(orient="records", date_format="iso") + "\n"
-    if df.empty:
-        return "(no rows)\n" if len(df.columns) == 0 else df.to_string(index=False) + "\n(0 rows)\n"
+    if df.empty:  # the columns' names, then how many rows (pandas would print its own "Empty DataFrame")
+        return "(no rows)\n" if len(df.columns) == 0 else "  ".join(map(str, df.columns)) + "\n(0 rows)\n"
     return df.to_string(index=False, max_colwidth=60) + "\n"

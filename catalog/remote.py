@@ -32,7 +32,8 @@ from tqdm import tqdm
 from catalog import generations
 from catalog.errors import UserError, first_line
 from catalog.integrity import check_run
-from catalog.shards import MANIFEST, RunWriter, commit_lock, file_hash
+from catalog.progress import hidden
+from catalog.shards import MANIFEST, RunWriter, commit_lock, file_hash, read_manifest
 from catalog.store import SCHEMA_RUN, Catalog, init
 from schema.tables import SCHEMA_VERSION, TABLES
 
@@ -94,10 +95,17 @@ def push(cat: Catalog, url: str, progress: bool = True, only: Callable[[str], bo
     there = _mirrored(fs, base)
     there |= _packed(fs, base, there)  # a run another machine pushed in a pack is there too
     folders = [p for p in sorted(generations.current(cat.root).iterdir())
-               if p.is_dir() and p.name != SCHEMA_RUN and (only is None or only(p.name)) and (p / MANIFEST).is_file()]
+               if not p.name.startswith(".") and p.name != SCHEMA_RUN and (only is None or only(p.name))]
     out = []
-    for folder in tqdm(folders, desc="pushing runs", unit="run", disable=_bar(progress)):
-        manifest = json.loads((folder / MANIFEST).read_text())
+    for folder in tqdm(folders, desc="pushing runs", unit="run", disable=hidden(progress)):
+        if folder.is_symlink() or not folder.is_dir():
+            out.append(Transfer(folder.name, "refused", reason="a symbolic link or a file, not a run's folder"))
+            continue
+        try:
+            manifest = read_manifest(folder)
+        except ValueError as e:
+            out.append(Transfer(folder.name, "refused", reason=f"{MANIFEST} {e}; `cli.py check` says more"))
+            continue
         if "packed_into" in manifest:
             continue  # its rows are in its pack
         if folder.name in there or (manifest.get("contains") and set(manifest["contains"]) <= there):
@@ -126,9 +134,10 @@ def pull(root: Path, url: str, progress: bool = True) -> list[Transfer]:
     """Download and commit the mirror's runs and packs that the catalogue at `root` lacks (created
     if need be, once the mirror is known to hold runs)."""
     fs, base = check_mirror(root, url, holding_runs=True)
+    names, unreadable = _listing(fs, base)
     cat = init(root)
-    out = []
-    for name in tqdm(sorted(_mirrored(fs, base)), desc="pulling runs", unit="run", disable=_bar(progress)):
+    out = [Transfer(name[:80], "refused", reason=why) for name, why in unreadable]
+    for name in tqdm(sorted(names), desc="pulling runs", unit="run", disable=hidden(progress)):
         if (generations.current(cat.root) / name / MANIFEST).is_file():
             out.append(Transfer(name, "present"))
             continue
@@ -141,17 +150,32 @@ def pull(root: Path, url: str, progress: bool = True) -> list[Transfer]:
     return out
 
 
-def _bar(progress: bool) -> bool | None:
-    """tqdm's `disable`: None shows the bar on a terminal only, never in a pipe or a log."""
-    return None if progress else True
-
-
 def _mirrored(fs, base: str) -> set[str]:
     """The ids of the runs in the mirror (those whose manifest is there), each a safe folder name."""
-    if not fs.exists(f"{base}/runs"):
-        return set()
-    names = {p.rstrip("/").split("/")[-2] for p in fs.glob(f"{base}/runs/*/{MANIFEST}")}
-    return {n for n in names if _NAME.fullmatch(n) and n != SCHEMA_RUN}
+    return _listing(fs, base)[0]
+
+
+def _listing(fs, base: str) -> tuple[set[str], list[tuple[str, str]]]:
+    """(the ids of the runs in the mirror, (entry, why) for each entry of its runs/ that no pull can
+    read: a name no writer makes, a symbolic link, a file). A folder without a manifest is a push
+    still under way (or killed): no pull reads it, and it is not named."""
+    runs = f"{base}/runs"
+    if not fs.exists(runs):
+        return set(), []
+    if fs.isfile(runs):
+        raise UserError(f"mirror {fs.url}: {runs} is a file, not a folder of runs; nothing was pulled")
+    names = {p.rstrip("/").split("/")[-2] for p in fs.glob(f"{runs}/*/{MANIFEST}")}
+    bad = []
+    for entry in fs.ls(runs, detail=True):
+        name = str(entry["name"]).rstrip("/").split("/")[-1]
+        if entry.get("islink"):
+            bad.append((name, "a symbolic link in the mirror, not a run's folder"))
+        elif entry.get("type") != "directory":
+            bad.append((name, "a file in the mirror's runs/, not a run's folder"))
+        elif not _NAME.fullmatch(name):
+            bad.append((name, "not a run id this tool writes"))
+    unreadable = {n for n, _ in bad}
+    return {n for n in names if n not in unreadable and n != SCHEMA_RUN}, sorted(bad)
 
 
 def _packed(fs, base: str, names: set[str]) -> set[str]:
@@ -237,7 +261,7 @@ def _commit_pack(cat: Catalog, writer: RunWriter, manifest: dict) -> None:
         if here:
             raise UserError(f"it packs runs this catalogue has already ({', '.join(here[:3])}"
                             f"{', …' if len(here) > 3 else ''}); pull before compacting, or compact here")
-        cat._check_task_conflicts(writer.dir)
+        cat.check_conflicts(writer.dir)
         markers = writer.dir / ".markers"
         for run_id in manifest["contains"]:
             (markers / run_id).mkdir(parents=True)

@@ -47,6 +47,29 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_manifest(folder: Path) -> dict:
+    """A committed folder's manifest, checked for the shape every reader relies on (a `tables` mapping
+    of known tables to their file, rows, bytes and sha256); ValueError saying what is wrong otherwise."""
+    path = Path(folder) / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError("missing") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot be read ({type(e).__name__})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("tables"), dict):
+        raise ValueError("cannot be read (it has no tables)")
+    for table, info in m["tables"].items():
+        if table not in TABLES:
+            raise ValueError(f"names an unknown table {str(table)[:40]!r}")
+        if not (isinstance(info, dict) and info.get("file") == f"{table}.parquet" and isinstance(info.get("bytes"), int)
+                and isinstance(info.get("rows", 0), int) and isinstance(info.get("sha256", ""), str)):
+            raise ValueError(f"cannot be read (its entry for {table})")
+    if not isinstance(m.get("packed_into", ""), str) or not isinstance(m.get("contains", []), list):
+        raise ValueError("cannot be read (its pack entries)")
+    return m
+
+
 class TableWriter:
     """Streams rows of one table into a shard; visible under its final name only when closed."""
 

@@ -52,7 +52,7 @@ def _describe(root: Path, run_id: str) -> StagedRun:
     folder = root / "staging" / run_id
     owner_file = folder.with_name(run_id + OWNER_SUFFIX)
     alive, owner = _owner(owner_file)
-    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() and not folder.is_symlink() else []
     times = [p.stat().st_mtime for p in [*files, *([folder] if folder.is_dir() else [])]]
     age = time.time() - max(times) if times else 0.0
     size = sum(p.stat().st_size for p in files)
@@ -103,7 +103,13 @@ def clean(cat: Catalog, discard: bool = False) -> list[tuple[StagedRun, str]]:
                     action = "committed"
                 except UserError as e:
                     action = f"removed ({str(e).removeprefix(f'run {run.run_id}: ')})"
-            shutil.rmtree(folder, ignore_errors=True)
+            if folder.is_symlink():  # the link goes, never what it points to
+                folder.unlink()
+                action += " (a symbolic link: the link only)"
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
             owner_file.unlink(missing_ok=True)
+            if folder.exists() or folder.is_symlink():
+                action = "could not be removed"
         done.append((run, action))
     return done

@@ -15,6 +15,7 @@ are never blocked, and the DuckDB file is written only by `init`, migrations and
 from __future__ import annotations
 
 import atexit
+import contextvars
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,10 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog import generations
-from catalog.errors import UserError, first_line
+from catalog.errors import PartialAnswer, UserError, first_line
 from catalog.macros import create_macros, macros_hash
-from catalog.query import check_read_only
+from catalog.query import check_read_only, sql_error
 from catalog.shards import MANIFEST, RunWriter, commit_lock, release_owner
+from catalog.verified import readable
 from schema.derive import view_sql
 from schema.tables import SCHEMA_VERSION, TABLES
 
@@ -184,15 +187,17 @@ class Catalog:
     the process, whose views read the committed shards and which can open no other file
     (`_sandbox`)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, timeout: float | None = None):
         self.root = Path(root)
+        self.timeout = timeout  # the time limit of each query that names none (the explorer sets one)
 
     # ---- reading -------------------------------------------------------------------------
-    def connect(self) -> duckdb.DuckDBPyConnection:
+    def connect(self, strict: bool = False) -> duckdb.DuckDBPyConnection:
         """A connection to the catalogue's sandbox (a cursor of the held instance), reading the current
-        generation. `sql` and `chunks` hold that generation while they read, so that compaction never
-        removes it under them; a query on this connection that outlives two compactions may fail."""
-        return _sandbox(self.root, generations.current(self.root)).cursor()
+        generation's verified shards. `sql` and `chunks` hold that generation while they read, so that
+        compaction never removes it under them; a query on this connection that outlives two
+        compactions may fail."""
+        return _sandbox(self.root, generations.current(self.root), strict).cursor()
 
     def close(self) -> None:
         """Let go of the DuckDB instances this process holds for the catalogue (needed only
@@ -209,38 +214,49 @@ class Catalog:
     def schema_version(self) -> int:
         return int(self.info()["schema_version"])
 
-    def sql(self, query: str, params: list | None = None, limit: int | None = None) -> pd.DataFrame:
+    def sql(self, query: str, params: list | None = None, limit: int | None = None,
+            strict: bool = False, timeout: float | None = None) -> pd.DataFrame:
         """Run a read-only SQL query and return a DataFrame (write statements are refused); with a
-        limit, only the first `limit` rows are fetched (DuckDB stops producing the rest)."""
+        limit, only the first `limit` rows are fetched (DuckDB stops producing the rest). Runs whose
+        shards fail their checks are left out with a `PartialAnswer` warning naming them (`strict`:
+        the query is refused instead). The query stops at Ctrl-C or SIGTERM, and after `timeout`
+        seconds (`stoppable`)."""
         check_read_only(query)
-        with generations.reading(self.root) as gen, _sandbox(self.root, gen).cursor() as con, self._errors():
-            result = con.execute(query, params or [])
-            if limit is None:
-                return result.df()
-            rows = result.fetchmany(limit)
-            return pd.DataFrame(rows, columns=[d[0] for d in result.description or []])
+        with generations.reading(self.root) as gen, _sandbox(self.root, gen, strict).cursor() as con, \
+                self._errors():
+            def answer() -> pd.DataFrame:
+                result = con.execute(query, params or [])
+                if limit is None:
+                    return result.df()
+                rows = result.fetchmany(limit)
+                return pd.DataFrame(rows, columns=[d[0] for d in result.description or []])
 
-    def chunks(self, query: str, params: list | None = None, vectors: int = 32) -> Iterator[pd.DataFrame]:
+            return stoppable(con, answer, self.timeout if timeout is None else timeout)
+
+    def chunks(self, query: str, params: list | None = None, vectors: int = 32, strict: bool = False,
+               timeout: float | None = None) -> Iterator[pd.DataFrame]:
         """A read-only query's result as DataFrames of `vectors` × 2048 rows (the last may be shorter; an
         empty result is one empty frame with its columns), for results too large to hold at once. A
-        mistake in the query is raised by this call, before any chunk is asked for."""
+        mistake in the query is raised by this call, before any chunk is asked for. Untrusted runs are
+        left out, and the query stops, as `sql` says (`timeout` bounds the query and each chunk)."""
         check_read_only(query)
+        timeout = self.timeout if timeout is None else timeout
         held = ExitStack()  # the generation and the cursor, held until the last chunk is read
-        generation = held.enter_context(generations.reading(self.root))
-        con = held.enter_context(_sandbox(self.root, generation).cursor())
         try:
+            generation = held.enter_context(generations.reading(self.root))
+            con = held.enter_context(_sandbox(self.root, generation, strict).cursor())
             with self._errors():
-                result = con.execute(query, params or [])
+                result = stoppable(con, lambda: con.execute(query, params or []), timeout)
         except BaseException:
             held.close()
             raise
 
         def stream() -> Iterator[pd.DataFrame]:
             with held, self._errors():
-                df = result.fetch_df_chunk(vectors)
+                df = stoppable(con, lambda: result.fetch_df_chunk(vectors), timeout)
                 yield df  # the first chunk, even empty: it carries the columns
                 while len(df):
-                    df = result.fetch_df_chunk(vectors)
+                    df = stoppable(con, lambda: result.fetch_df_chunk(vectors), timeout)
                     if len(df):
                         yield df
 
@@ -254,7 +270,11 @@ class Catalog:
         except duckdb.InterruptException:  # Ctrl-C or SIGINT while DuckDB ran: an interrupt, not an SQL error
             raise KeyboardInterrupt from None
         except duckdb.Error as e:
-            raise UserError(f"SQL error: {first_line(e)}{_damage_note(self.root, e)}") from None
+            raise UserError(f"{sql_error(e)}{_damage_note(self.root, e)}") from None
+
+    def left_out(self) -> str:
+        """One line naming the runs queries leave out now ('' when none is): `catalog.verified`."""
+        return readable(generations.current(self.root)).note()
 
     def circuits(self) -> pd.DataFrame:
         return self.sql("SELECT * FROM circuits ORDER BY created_at, task_id")
@@ -297,11 +317,32 @@ class Catalog:
             problem = check_staged(staged)
             if problem:
                 raise UserError(f"run {run_id}: {problem}; nothing was committed")
-            self._check_task_conflicts(staged)
+            self.check_conflicts(staged)
             (self.root / "runs").mkdir(exist_ok=True)
             os.replace(staged, final)
         release_owner(self.root, run_id)
         return True
+
+    def check_conflicts(self, staged: Path) -> None:
+        """Refuse a staged run that the catalogue contradicts or already holds (the caller holds the
+        commit lock)."""
+        self._check_task_conflicts(staged)
+        self._check_circuit_conflicts(staged)
+
+    def _check_circuit_conflicts(self, staged: Path) -> None:
+        """A circuit is committed once, whichever run brings it (a mirror may hold a copy of one under
+        another run id): its rows would otherwise count twice."""
+        shard = staged / "circuits.parquet"
+        if not shard.exists():
+            return
+        ids = pq.read_table(shard, columns=["circuit_id"]).column("circuit_id").to_pylist()
+        held = self.sql("SELECT circuit_id, run_id FROM circuits WHERE list_contains(?, circuit_id)", [ids]) \
+            if ids else None
+        if held is not None and len(held):
+            first = held.iloc[0]
+            more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+            raise UserError(f"its circuit {first.circuit_id}{more} is committed already (run {first.run_id}); "
+                            "nothing was committed")
 
     def _check_task_conflicts(self, staged: Path) -> None:
         """A task name already in the catalogue must keep its content."""
@@ -311,9 +352,80 @@ class Catalog:
             self._check_tasks({r["task_id"]: r["content_hash"] for r in rows})
 
 
+# Whether the one who asked has gone (the explorer's client closed its connection): a query running for
+# this context is then interrupted. Set per request; None outside one.
+stop_when: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("stop_when", default=None)
+_RUNNING: set[duckdb.DuckDBPyConnection] = set()  # connections a query is running on, to interrupt at exit
+
+
+def stoppable(con: duckdb.DuckDBPyConnection, work, timeout: float | None = None):
+    """`work()` (DuckDB calls on `con`) in a thread of its own, so that this one stays free to take a
+    signal: Ctrl-C and SIGTERM (raised here as KeyboardInterrupt and `Terminated`), the end of `timeout`
+    seconds and `stop_when` interrupt DuckDB, which stops within a moment. DuckDB holds no Python lock
+    while it works, and a signal reaches Python only between bytecodes of the main thread."""
+    done = threading.Event()
+    box: dict = {}
+
+    def run() -> None:
+        _name_thread(b"query")  # what `top -H` and /proc/<pid>/task/*/comm show while a query runs
+        try:
+            box["value"] = work()
+        except BaseException as e:  # raised in the caller's thread below
+            box["error"] = e
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=run, name="query", daemon=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    gone = stop_when.get()
+    with _LOCK:
+        _RUNNING.add(con)
+    worker.start()
+    try:
+        while not done.wait(0.05):
+            if deadline is not None and time.monotonic() > deadline:
+                raise UserError(f"query stopped after {timeout:g} s (its time limit)")
+            if gone is not None and gone():
+                raise UserError("query stopped: the client went away")
+    except BaseException:
+        con.interrupt()
+        done.wait()
+        raise
+    finally:
+        with _LOCK:
+            _RUNNING.discard(con)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _name_thread(name: bytes) -> None:
+    """Name the calling thread for the operating system (Linux; elsewhere nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def interrupt_running() -> None:
+    """Interrupt every query this process is running (before it exits: a DuckDB instance torn down
+    under a running query aborts the process)."""
+    with _LOCK:
+        running = list(_RUNNING)
+    for con in running:
+        con.interrupt()
+
+
 def check_staged(staged: Path) -> str | None:
-    """What keeps a staged run from being committed (no manifest, a shard missing or of the wrong
-    length), or None when it is complete."""
+    """What keeps a staged run from being committed (a symbolic link or a special file in its place,
+    no manifest, a shard missing or of the wrong length), or None when it is complete."""
+    if staged.is_symlink():
+        return "it is a symbolic link, not a folder of the catalogue's own"
+    foreign = next((p for p in staged.rglob("*") if p.is_symlink() or not (p.is_file() or p.is_dir())), None)
+    if foreign is not None:
+        return f"{foreign.relative_to(staged)} is not a regular file"
     if not (staged / MANIFEST).exists():
         return "it is incomplete (no manifest)"
     try:
@@ -338,7 +450,7 @@ def check_staged(staged: Path) -> str | None:
 # code, the views find newly committed runs by their glob on every query, and when compaction
 # switches generations the next query gets a new sandbox (the old one is left to the queries
 # still running on it).
-_HELD: dict[str, tuple[Path, duckdb.DuckDBPyConnection]] = {}
+_HELD: dict[str, list] = {}  # catalogue -> [generation, instance, the files its views read]
 _RETIRED: list[duckdb.DuckDBPyConnection] = []
 _INFO: dict[str, tuple[tuple[int, int, int], dict]] = {}
 _LOCK = threading.Lock()
@@ -348,24 +460,46 @@ def _key(root: Path) -> str:
     return str(Path(root).resolve())
 
 
-def _sandbox(root: Path, generation: Path) -> duckdb.DuckDBPyConnection:
-    """The held instance whose views read `generation` (a new one when compaction switched)."""
+def _sandbox(root: Path, generation: Path, strict: bool = False) -> duckdb.DuckDBPyConnection:
+    """The held instance whose views read the verified shards of `generation` (a new instance when
+    compaction switched; its views read again when the verified shards changed). What was left out is
+    said by a `PartialAnswer` warning, or refused with `strict`."""
     key = _key(root)
+    if not (Path(key) / DB_FILE).is_file():
+        raise UserError(f"no catalogue at {root}")
+    found = readable(generation)
+    if found.left_out and strict:
+        raise UserError(found.note(refused=True))
     with _LOCK:
         held = _HELD.get(key)
         if held is None or held[0] != generation:
             if held is not None:
                 _RETIRED.append(held[1])
-            _HELD[key] = (generation, _new_sandbox(Path(key), generation))
-        return _HELD[key][1]
+            held = _HELD[key] = [generation, _new_sandbox(generation, found.files), found.files]
+        elif held[2] != found.files:
+            _verified_views(held[1], found.files)
+            held[2] = found.files
+        con = held[1]
+    if found.left_out:
+        warnings.warn(found.note(), PartialAnswer, stacklevel=3)
+    return con
 
 
-def _new_sandbox(root: Path, runs: Path) -> duckdb.DuckDBPyConnection:
-    if not (root / DB_FILE).is_file():
-        raise UserError(f"no catalogue at {root}")
+def _verified_views(con: duckdb.DuckDBPyConnection, files: dict[str, tuple[str, ...]]) -> None:
+    """One view per table over exactly these shards (checked ones: `catalog.verified`)."""
+    try:
+        for name, shards in files.items():
+            con.execute(view_sql(name, list(shards)))
+    except duckdb.Error as e:
+        raise UserError(f"the catalogue's shards cannot be read: {first_line(e)}; `cli.py check` names "
+                        "damaged runs") from None
+
+
+def _new_sandbox(runs: Path, files: dict[str, tuple[str, ...]]) -> duckdb.DuckDBPyConnection:
+    """An in-memory instance whose views read these shards of the generation `runs`, with the named
+    queries, that may read files under `runs` and nothing else."""
     con = duckdb.connect(":memory:")
-    for name in TABLES:
-        con.execute(view_sql(name, f"{runs}/*/{name}.parquet"))
+    _verified_views(con, files)
     create_macros(con)
     settings = {"temp_directory": "",  # no spilling: a query that needs more memory fails instead
                 "allowed_directories": [f"{runs}/"], "enable_external_access": False,
@@ -393,7 +527,12 @@ def _release(key: str) -> None:
 
 
 def _let_go() -> None:
-    """Close every held instance (before a fork: a DuckDB instance must not cross one)."""
+    """Close every held instance (before a fork: a DuckDB instance must not cross one; at exit, once
+    the queries still running are interrupted)."""
+    interrupt_running()
+    deadline = time.monotonic() + 5
+    while _RUNNING and time.monotonic() < deadline:
+        time.sleep(0.01)
     for key in list(_HELD):
         _release(key)
     while _RETIRED:

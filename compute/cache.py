@@ -208,6 +208,13 @@ def pinned(fn: Callable, *args):
 
 
 def _run_pinned(send, fn: Callable, args: tuple) -> None:
+    import threading
+
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing semaphore: a build interrupted or terminated before its
+    # finalizers run would leave it behind ("leaked semaphore objects" at exit). One process needs none.
+    tqdm.set_lock(threading.RLock())
     try:
         with deterministic():
             result = fn(*args)

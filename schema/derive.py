@@ -63,8 +63,8 @@ def columns_to_arrow(table: str, columns: dict, n: int) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def view_sql(table: str, files_glob: str) -> str:
-    """CREATE VIEW over the committed shards of a table, typed by the schema.
+def view_sql(table: str, files: str | list[str] | tuple[str, ...]) -> str:
+    """CREATE VIEW over the committed shards of a table (a glob, or a list of files), typed by the schema.
 
     `union_by_name` reads older shards that lack newer columns as NULL.
     Dimension tables keep one row per primary key, since many runs register the
@@ -73,11 +73,12 @@ def view_sql(table: str, files_glob: str) -> str:
     """
     t = TABLES[table]
     casts = ", ".join(f'CAST("{c.name}" AS {_duckdb_type(c.type)}) AS "{c.name}"' for c in t.columns)
-    glob = files_glob.replace("'", "''")
+    quoted = ["'" + f.replace("'", "''") + "'" for f in ([files] if isinstance(files, str) else files)]
+    source = quoted[0] if isinstance(files, str) else "[" + ", ".join(quoted) + "]"
     distinct = ""
     if table in DIMENSIONS:  # DISTINCT ON: half the time of a row_number() window on a full scan
         distinct = "DISTINCT ON (" + ", ".join(f'"{c.name}"' for c in t.primary_key.columns) + ") "
-    body = f"SELECT {distinct}{casts} FROM read_parquet('{glob}', union_by_name = true)"
+    body = f"SELECT {distinct}{casts} FROM read_parquet({source}, union_by_name = true)"
     return f'CREATE OR REPLACE VIEW "{table}" AS {body}'
 
 

@@ -176,6 +176,10 @@ activations = Table(
     Column("value", Double, comment='feature activation (nonzero)'),
 )
 
+# How a circuit's curves treat the error terms (evaluations.errors): as nodes kept by the threshold, always
+# kept, always ablated, or removed from the model
+ERROR_MODES = ("node", "kept", "ablated", "removed")
+
 evaluations = Table(
     "evaluations", metadata,
     Column("circuit_id", String, primary_key=True, comment='circuit evaluated'),

@@ -57,6 +57,12 @@ def outside(tmp_path_factory) -> Path:
     with torch.no_grad():
         nan.W_dec[3, 5] = float("nan")
     save_dictionary(nan, d / "nan_saelens")
+    # job files: an option smuggled in as a positional argument, --help as an option, 10 lists of 10 values
+    (d / "jobs_help.toml").write_text('[[job]]\ncommand = "circuits"\nargs = ["--help"]\n')
+    (d / "jobs_help_flag.toml").write_text('[[job]]\ncommand = "circuits"\nhelp = true\n')
+    (d / "jobs_huge.toml").write_text("[[job]]\ncommand = \"discover\"\n" + "".join(
+        f"{k} = [{', '.join(str(v) for v in range(1, 11))}]\n"
+        for k in ("examples", "steps", "node_threshold", "edge_threshold", "max_memory", "seed", "a", "b", "c", "e")))
     return d
 
 
@@ -91,7 +97,9 @@ CASES = [
     (["query", "CREATE TEMP TABLE t AS SELECT 1"], "read-only"),
     (["query", "SET enable_external_access = true"], "read-only"),
     (["query", "reset lock_configuration"], "read-only"),
-    (["query", "INSTALL httpfs"], "read-only"),
+    (["query", "INSTALL httpfs"], "INSTALL statements are not allowed; queries are read-only"),
+    (["query", "USE memory"], "USE statements are not allowed"),
+    (["query", "CHECKPOINT"], "CHECKPOINT statements are not allowed"),
     (["query", "LOAD httpfs"], "read-only"),
     (["query", "PRAGMA database_list"], "read-only"),
     (["query", "CALL pragma_version()"], "read-only"),
@@ -153,6 +161,21 @@ CASES = [
     (["render", "{circuit}", "--max-per-row", "0", "--out", "{out}/c.html"], "--max-per-row"),
     (["diff", "{circuit}", "{circuit}", "--min-similarity", "2"], "--min-similarity"),
     (["dictionaries", "import", "{out}/nan_saelens"], "NaN"),
+    # 8. input that ended in a traceback, a message that misled, or a wait without end (issue 38)
+    (["attribute", "--prompt", "when kate and mary went to the school , kate gave the letter to", "--target",
+      "diff:mary:mary"], "two different tokens"),
+    (["attribute", "--prompt", "the cat \udcff\udcfe"], "b'the cat \\xff\\xfe' is not UTF-8 text"),
+    (["explain", "attn_1", "top", "--prompt", "the \udcfe cat"], "is not UTF-8 text"),
+    (["query", "SELECT 1 AS \udcff"], "is not UTF-8 text"),
+    (["decompose", "--model", "tms", "--features", "1000000"], "at most 10, the number of parameters"),
+    (["query", "-- nothing"], "empty query: nothing but comments"),
+    (["query", "SELECT " + "(" * 1100 + "1" + ")" * 1100], "a limit of the sandbox, whose settings are locked"),
+    (["query", "SELECT count(*) FROM range(1000000000000)", "--timeout", "0.5"], "stopped after 0.5 s"),
+    (["query", "SELECT 1", "--timeout", "0"], "--timeout"),
+    (["run", "/dev/zero"], "/dev/zero is not a regular file"),
+    (["run", "{out}/jobs_help.toml"], "positional arguments are not options"),
+    (["run", "{out}/jobs_help_flag.toml"], "--help"),
+    (["run", "{out}/jobs_huge.toml"], "more than 10,000 jobs (job 1 alone expands to 10,000,000,000)"),
 ]
 
 
@@ -190,7 +213,7 @@ def test_hostile_input_gets_one_line_and_changes_nothing(demo_catalog, outside, 
     r = CliRunner().invoke(main, full)
     assert r.exit_code == 1, (full, r.exit_code, r.output)
     assert isinstance(r.exception, SystemExit), r.exception  # no other exception escaped
-    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith(("zoo model", "dictionaries ("))]
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith(("zoo model", "its MLP", "dictionaries ("))]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert needle in lines[0], lines[0]
     assert "Traceback" not in r.output
@@ -262,3 +285,245 @@ def test_a_one_example_task_is_stored_without_nan(tmp_path, dicts):
     assert "one example" in row.evaluation_note and "resample ablation" in row.evaluation_note
     assert set(c.sql("SELECT DISTINCT ablation FROM evaluations").ablation) == {"zero"}
     assert c.sql("SELECT count(*) AS n FROM evaluations WHERE isnan(value)").n[0] == 0
+
+
+# ---- a damaged, duplicated or hostile catalogue never gives a wrong answer (issue 38) ------------
+
+def _copy(demo_catalog: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    root = tmp_path / "circuits"
+    shutil.copytree(demo_catalog, root, symlinks=True)
+    return root
+
+
+def _runs_of_circuits(root: Path) -> list[tuple[str, str]]:
+    import catalog
+
+    return list(catalog.open(root).sql("SELECT circuit_id, run_id FROM circuits ORDER BY created_at")
+                .itertuples(index=False, name=None))
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _rewrite_manifest(run: Path, **changes) -> None:
+    from catalog.shards import MANIFEST
+
+    m = json.loads((run / MANIFEST).read_text())
+    m.update(changes)
+    (run / MANIFEST).write_text(json.dumps(m))
+
+
+SUM = "SELECT round(sum(effect), 6) AS s FROM nodes"
+
+
+def test_a_flipped_byte_gives_no_wrong_number(demo_catalog, tmp_path):
+    """One flipped byte in a shard: the run is left out of every view and named, the answer is the
+    rest's exactly and marked partial (exit 3); --strict refuses it."""
+    from conftest import run_cli
+
+    import catalog
+
+    root = _copy(demo_catalog, tmp_path)
+    circuit, run = _runs_of_circuits(root)[2]
+    _flip(root / "runs" / run / "nodes.parquet")
+    r = run_cli("query", SUM, "--format", "csv", catalog=root)
+    rest = catalog.open(demo_catalog).sql(SUM.replace("FROM nodes", "FROM nodes WHERE circuit_id <> ?"), [circuit])
+    assert (r.returncode, r.stdout) == (3, f"s\n{rest.s[0]}\n"), (r.stdout, r.stderr)
+    whole = catalog.open(demo_catalog).sql(SUM).s[0]
+    assert rest.s[0] != whole
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("warning: partial answer") and run in line and "nodes.parquet: its content differs" in line
+    r = run_cli("query", SUM, "--strict", catalog=root)
+    assert r.returncode == 1 and r.stdout == "" and "refused (strict)" in r.stderr and run in r.stderr
+
+
+def test_a_damaged_or_foreign_shard_never_breaks_a_query(demo_catalog, tmp_path):
+    """A truncated shard and one that is no Parquet file at all, though its manifest agrees with it:
+    every query still answers, from the rest, in one line each; so does the explorer, which says what it
+    left out on every page."""
+    from conftest import run_cli
+
+    from catalog.explorer import create_app
+    from catalog.shards import file_hash
+
+    root = _copy(demo_catalog, tmp_path)
+    (_, truncated), (_, foreign) = _runs_of_circuits(root)[:2]
+    shard = root / "runs" / truncated / "nodes.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    junk = root / "runs" / foreign / "edges.parquet"
+    junk.write_bytes(b"not parquet at all " * 50)
+    m = json.loads((root / "runs" / foreign / "manifest.json").read_text())
+    m["tables"]["edges"].update(bytes=junk.stat().st_size, sha256=file_hash(junk))
+    (root / "runs" / foreign / "manifest.json").write_text(json.dumps(m))
+    for sql in ("SELECT count(*) AS n FROM circuits", "SELECT count(*) AS n FROM edges", SUM):
+        r = run_cli("query", sql, catalog=root)
+        assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.strip().splitlines()
+        assert truncated in line and foreign in line and "not a readable Parquet file" in line, line
+    client = create_app(root).test_client()
+    for page in ("/", "/sql?q=SELECT+count(*)+FROM+edges"):
+        body = client.get(page).get_data(as_text=True)
+        assert 'id="partial"' in body and truncated in body and foreign in body, page
+    csv = client.get("/sql.csv?q=SELECT+1+AS+one")
+    assert csv.status_code == 200 and truncated in csv.headers["X-Partial-Answer"]
+
+
+def test_a_circuit_is_never_shown_twice_whichever_run_brings_it(demo_catalog, tmp_path):
+    """A mirror that holds a committed circuit under another run id: the pull refuses that run. A copy
+    made by hand inside the catalogue: queries leave it out and name it, `check` finds it, and
+    `check --quarantine` moves it aside."""
+    import shutil
+
+    from conftest import run_cli
+
+    root = _copy(demo_catalog, tmp_path)
+    circuits = run_cli("query", "SELECT count(*) AS n FROM circuits", "--format", "csv", catalog=root).stdout
+    _, run = _runs_of_circuits(root)[0]
+    mirror = tmp_path / "mirror"
+    assert run_cli("push", str(mirror), catalog=root).returncode == 0
+    shutil.copytree(mirror / "runs" / run, mirror / "runs" / "run-copy-of-it")
+    _rewrite_manifest(mirror / "runs" / "run-copy-of-it", run_id="run-copy-of-it")
+    r = run_cli("pull", str(mirror), "--format", "csv", catalog=root)
+    assert r.returncode == 1 and "1 refused" in r.stderr, r.stderr
+    assert "run-copy-of-it,refused" in r.stdout and "is committed already" in r.stdout, r.stdout
+    assert run_cli("query", "SELECT count(*) AS n FROM circuits", "--format", "csv", catalog=root).stdout == circuits
+    shutil.copytree(root / "runs" / run, root / "runs" / "run-copy-by-hand")
+    r = run_cli("query", "SELECT count(*) AS n FROM circuits", "--format", "csv", catalog=root)
+    assert r.returncode == 3 and r.stdout == circuits and "run-copy-by-hand (repeats circuit" in r.stderr
+    r = run_cli("check", catalog=root)
+    assert r.returncode == 1 and "run-copy-by-hand" in r.stdout + r.stderr
+    assert run_cli("check", "--quarantine", catalog=root).returncode == 1
+    r = run_cli("query", "SELECT count(*) AS n FROM circuits", "--format", "csv", catalog=root)
+    assert (r.returncode, r.stdout, r.stderr) == (0, circuits, "")
+
+
+def test_a_symlinked_staged_run_is_never_committed(demo_catalog, tmp_path):
+    """staging/ holding a link to a run folder outside the catalogue: `staging --clean` removes the link,
+    never what it points to, and commits nothing; so does --discard."""
+    import shutil
+
+    from conftest import run_cli
+
+    root = _copy(demo_catalog, tmp_path)
+    _, run = _runs_of_circuits(root)[0]
+    outside = tmp_path / "elsewhere"
+    for name, flags in (("run-linked-in", ["--clean"]), ("run-linked-again", ["--clean", "--discard"])):
+        shutil.copytree(root / "runs" / run, outside / name)
+        _rewrite_manifest(outside / name, run_id=name)
+        (root / "staging").mkdir(exist_ok=True)
+        (root / "staging" / name).symlink_to(outside / name)
+        before = _hashes(outside)
+        r = run_cli("staging", *flags, "--format", "csv", catalog=root)
+        assert r.returncode == 0, r.stderr
+        assert f"{name}," in r.stdout and "symbolic link" in r.stdout, r.stdout
+        assert not (root / "staging" / name).exists() and not (root / "staging" / name).is_symlink()
+        assert not (root / "runs" / name).exists() and _hashes(outside) == before
+    assert run_cli("check", catalog=root).returncode == 0
+
+
+def test_a_run_without_a_manifest_is_never_read_or_packed(demo_catalog, tmp_path):
+    from conftest import run_cli
+
+    root = _copy(demo_catalog, tmp_path)
+    circuit, run = _runs_of_circuits(root)[1]
+    (root / "runs" / run / "manifest.json").unlink()
+    r = run_cli("query", "SELECT count(*) AS n FROM circuits WHERE circuit_id = ?".replace("?", f"'{circuit}'"),
+                "--format", "csv", catalog=root)
+    assert r.returncode == 3 and r.stdout == "n\n0\n" and f"{run} (manifest.json missing)" in r.stderr, r.stderr
+    def data() -> dict[str, str]:  # the catalogue's files but its (empty) lock files
+        return {k: v for k, v in _hashes(root).items() if not k.endswith(".lock")}
+
+    before = data()
+    r = run_cli("compact", catalog=root)
+    assert r.returncode == 1 and r.stderr.startswith(f"error: run {run} (manifest.json missing)"), r.stderr
+    assert data() == before
+    r = run_cli("check", "--format", "csv", catalog=root)
+    assert r.returncode == 1 and f"{run},manifest.json,missing" in r.stdout
+
+
+@pytest.mark.parametrize("damage", ["tables a list", "an entry without bytes", "not JSON"])
+def test_a_malformed_manifest_is_one_line_everywhere(demo_catalog, tmp_path, damage):
+    from conftest import run_cli
+
+    root = _copy(demo_catalog, tmp_path)
+    _, run = _runs_of_circuits(root)[0]
+    manifest = root / "runs" / run / "manifest.json"
+    m = json.loads(manifest.read_text())
+    if damage == "tables a list":
+        m["tables"] = list(m["tables"])
+    elif damage == "an entry without bytes":
+        del m["tables"]["nodes"]["bytes"]
+    manifest.write_text(json.dumps(m) if damage != "not JSON" else "{ not json")
+    for args, code in ((["check"], 1), (["compact"], 1), (["push", str(tmp_path / "mirror")], 1),
+                       (["query", "SELECT count(*) FROM circuits"], 3)):
+        r = run_cli(*args, catalog=root)
+        assert r.returncode == code and "Traceback" not in r.stderr, (args, r.stderr)
+        assert run in r.stdout + r.stderr and "manifest.json" in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+
+
+def test_a_mirror_whose_content_no_pull_can_read_is_named_not_skipped(demo_catalog, tmp_path):
+    from conftest import run_cli
+
+    root = _copy(demo_catalog, tmp_path)
+    mirror = tmp_path / "mirror"
+    (mirror / "runs" / "run with a space").mkdir(parents=True)
+    (mirror / "runs" / "run with a space" / "manifest.json").write_text("{}")
+    (mirror / "runs" / "run-a-file").write_text("x")
+    (tmp_path / "elsewhere").mkdir()
+    (mirror / "runs" / "run-a-link").symlink_to(tmp_path / "elsewhere")
+    r = run_cli("pull", str(mirror), "--format", "csv", catalog=root)
+    assert r.returncode == 1 and "3 refused" in r.stderr, r.stderr
+    for name, why in (("run with a space", "not a run id"), ("run-a-file", "a file"), ("run-a-link", "symbolic link")):
+        assert any(line.startswith(f"{name},refused") and why in line for line in r.stdout.splitlines()), r.stdout
+    (mirror / "runs" / "run-a-file").unlink()
+    (mirror / "runs" / "run-a-link").unlink()
+    import shutil
+
+    shutil.rmtree(mirror / "runs")
+    (mirror / "runs").write_text("a file where the runs should be")
+    r = run_cli("pull", str(mirror), catalog=root)
+    assert r.returncode == 1 and r.stderr.startswith("error: mirror") and "is a file" in r.stderr
+
+
+def _querying(pid: int, timeout: float = 120.0) -> None:
+    """Wait until a process runs a query: its query thread is named so (`catalog.store.stoppable`)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = [p.read_text().strip() for p in Path(f"/proc/{pid}/task").glob("*/comm") if p.exists()]
+        if "query" in names:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the query never started")
+
+
+@pytest.mark.parametrize("sql", ["SELECT count(*) FROM range(1000000000000)",
+                                 "SELECT count(*) FROM nodes a, nodes b, nodes c WHERE a.effect + b.effect > c.effect"])
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_a_running_query_within_a_second(demo_catalog, sql, sig, code):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(demo_catalog), "query", sql],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _querying(p.pid)
+        time.sleep(0.5)  # well into the query
+        sent = time.monotonic()
+        p.send_signal(getattr(signal, sig))
+        out, err = p.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        p.kill()
+    assert p.returncode == code and took < 1.0, (p.returncode, took, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and out == "", err

@@ -4,7 +4,10 @@ run, and quarantined, and the other runs' query results stay as they were."""
 import json
 import shutil
 
+import pytest
+
 import catalog
+from catalog.errors import PartialAnswer
 from catalog.shards import MANIFEST
 from tests.conftest import run_cli
 
@@ -35,12 +38,21 @@ def test_check_names_and_quarantines_each_damaged_shard(demo_catalog, tmp_path):
     assert {k: v[0] for k, v in found.items()} == damaged
     assert "bytes" in found[ra][1] and found[rb][1] == "missing" and "checksum" in found[rc][1]
 
-    # a query that meets a damaged shard fails in one line that names the damaged runs
-    r = run_cli("query", "SELECT count(*) FROM circuits", catalog=root)
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and rc in r.stderr, r.stderr
+    # a query never reads a damaged shard: the damaged runs are left out whole, named in one line, and the
+    # answer is marked partial (exit 3); --strict refuses it
+    count = "SELECT count(*) AS n FROM circuits"
+    r = run_cli("query", count, "--format", "csv", catalog=root)
+    assert r.returncode == 3 and r.stdout == f"n\n{len(kept)}\n", (r.stdout, r.stderr)
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("warning: partial answer: 3 run(s)") and all(x in line for x in (ra, rb, rc)), line
+    assert "nodes.parquet: 12" in line and "edges.parquet: missing" in line and "circuits.parquet: its content" in line
+    r = run_cli("query", count, "--strict", catalog=root)
+    assert r.returncode == 1 and r.stderr.startswith("error: refused (strict): 3 run(s)") and r.stdout == ""
     query = "SELECT circuit_id, count(*) AS n, sum(effect) AS s FROM nodes WHERE list_contains(?, circuit_id) " \
             "GROUP BY ALL ORDER BY circuit_id"
     reference = catalog.open(demo_catalog).sql(query, [kept])
+    with pytest.warns(PartialAnswer, match=rc):
+        assert cat.sql(query, [kept]).equals(reference)  # the rest, exactly
     r = run_cli("check", "--quarantine", catalog=root)
     assert r.returncode == 1 and "3 moved to" in r.stderr
     assert sorted(p.name for p in (root / "quarantine").iterdir()) == sorted(damaged)

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import math
+import select
+import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +34,27 @@ from catalog.graph import QK_KINDS, check_circuit, first_example, node_name
 from catalog.plots import faithfulness_plot
 from catalog.query import csv_chunks
 from catalog.render import circuit_picture, diff_picture, effect_colour, to_html, to_svg
+from catalog.store import interrupt_running, stop_when
+from schema.tables import ERROR_MODES
 
 DEFAULT_EDGES = 300  # a circuit page first shows its strongest edges, at most this many
 MAX_SQL_ROWS = 500  # rows a SQL result shows on the page (the CSV has them all)
 LOCAL_ROWS = 30  # OV and QK rows shown per kind for a local circuit
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+QUERY_TIMEOUT = 10.0  # seconds a query may run (`cli.py serve --query-timeout`)
 
 # Promoted tokens need the model's and dictionary's files, which the catalogue layer does not
 # load; `cli.py serve` passes the function that does: (catalogue, dictionary_id, feature) -> [(token, logit)].
 Promoted = Callable[[catalog.Catalog, str, int], list[tuple[str, float]]]
 
 
-def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Flask:
-    """The explorer over the catalogue at catalog_path (which must exist: opening it checks it)."""
+def create_app(catalog_path: str | Path, promoted: Promoted | None = None,
+               query_timeout: float | None = QUERY_TIMEOUT) -> Flask:
+    """The explorer over the catalogue at catalog_path (which must exist: opening it checks it). Every
+    query stops after `query_timeout` seconds, or as soon as the client that asked has gone."""
     cat = catalog.open(catalog_path)
     cat.info()  # refuses a folder that is not a catalogue, before any page is asked for
+    cat.timeout = query_timeout
     app = Flask(__name__)
     app.config["ALLOWED_HOSTS"] = None  # serve() sets the loopback names when bound to loopback
     plot_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
@@ -59,6 +67,12 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
         host = (request.host or "").rsplit(":", 1)[0].strip("[]")
         if allowed is not None and host not in allowed:
             abort(400, f"unexpected Host {request.host!r}: the explorer answers only to {', '.join(allowed)}")
+
+    @app.before_request
+    def _stop_when_the_client_goes():
+        sock = request.environ.get("werkzeug.socket")
+        if sock is not None:
+            stop_when.set(lambda: _gone(sock))
 
     @app.route("/")
     def circuits():
@@ -153,6 +167,8 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
     def faithfulness_png():
         ids = select_circuits(cat, request.args.getlist("ids"))
         errors = request.args.get("errors", "node")
+        if errors not in ERROR_MODES:
+            abort(400, f"errors must be one of {', '.join(ERROR_MODES)}, not {errors[:40]!r}")
         with plot_lock, tempfile.TemporaryDirectory() as tmp:
             out = faithfulness_plot(cat, ids, Path(tmp) / "curves.png", errors=errors)
             return Response(out.read_bytes(), mimetype="image/png")
@@ -175,8 +191,11 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
     @app.route("/sql.csv")
     def sql_csv():  # streamed a batch at a time: a large result is never held whole
         chunks = csv_chunks(cat.chunks(request.args.get("q", "")))
-        return Response(chunks, mimetype="text/csv",
-                        headers={"Content-Disposition": 'attachment; filename="query.csv"'})
+        first = next(chunks)  # a mistake, or a failure of the first batch, is an error page, not a stream
+        partial = cat.left_out()
+        return Response(_ended_on_error([first], chunks, request.path), mimetype="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="query.csv"',
+                                 **({"X-Partial-Answer": partial} if partial else {})})
 
     @app.errorhandler(UserError)
     def _user_error(e: UserError):
@@ -192,6 +211,10 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None) -> Fl
     def _internal_error(e: Exception):  # one line in the page and on stderr, never a traceback
         print(f"explorer: {request.path}: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
         return _error_page(500, f"internal error: {type(e).__name__}: {first_line(e)}")
+
+    @app.context_processor
+    def _partial():  # every page says when its answers leave runs out, as `cli.py query` does
+        return {"partial": cat.left_out()}
 
     app.jinja_env.filters["num"] = _num
     app.jinja_env.globals["url_for"] = url_for
@@ -249,6 +272,27 @@ GROUP BY ALL ORDER BY abs(sum(n.effect)) DESC, n.circuit_id LIMIT 50
 """
 
 
+def _gone(sock) -> bool:
+    """Whether the client of this connection has closed it (readable, and nothing left to read)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def _ended_on_error(head: list, rest: Iterator, path: str) -> Iterator:
+    """A response body that, when producing it fails after the first bytes went out, says so in one
+    line on stderr and breaks the connection instead of ending the transfer: a client sees a truncated
+    download (curl: exit 18), never a complete-looking file."""
+    yield from head
+    try:
+        yield from rest
+    except (UserError, OSError) as e:
+        print(f"explorer: {path}: {first_line(e)}; the download was cut off", file=sys.stderr)
+        raise ConnectionAbortedError(str(e)) from None  # the server drops the connection, unended
+
+
 def bind(app: Flask, host: str = "127.0.0.1", port: int = 8765, quiet: bool = False):
     """A threaded server for the app bound to host:port (port 0: any free port), answering only to this
     machine's names when bound to loopback. `server.serve_forever()` runs it, `server.shutdown()` stops it;
@@ -282,6 +326,7 @@ def serve(app: Flask, host: str = "127.0.0.1", port: int = 8765, ready: Callable
     try:
         server.serve_forever()
     finally:
+        interrupt_running()  # the queries still running on request threads stop before DuckDB goes
         server.server_close()
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
+from catalog.progress import hidden
 from compute.attribution.atp import node_effects
 from compute.attribution.budget import examples_per_batch, kept_bytes
 from compute.attribution.edges import edge_pairs, edge_weights
@@ -187,7 +188,7 @@ def discover(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
     per_batch = []
     m_clean = m_patch = 0.0
     clean_features = []
-    bar = tqdm(total=n, desc=f"{params.method} node effects", unit="example", disable=not progress, leave=False)
+    bar = tqdm(total=n, desc=f"{params.method} node effects", unit="example", disable=hidden(progress), leave=False)
     for batch in data.batches:
         clean, patch, grads, mc, mp = _batch_pass(model, subs, dicts, batch, params)
         m_clean, m_patch = m_clean + mc, m_patch + mp
@@ -319,7 +320,7 @@ def _edges(model, subs, dicts, replay, kept, index, n, params: DiscoveryParams,
                 torch.tensor([t for _, t in nodes], device=on) if per_position else None)
 
     ends = [(ids_and_positions(kept[p.up.name]), ids_and_positions(kept[p.down.name])) for p in pairs]
-    bar = tqdm(total=len(pairs) * n, desc="edges", unit="example", disable=not progress or not pairs, leave=False)
+    bar = tqdm(total=len(pairs) * n, desc="edges", unit="example", disable=hidden(progress and bool(pairs)), leave=False)
     for batch, clean, patch, grads in replay():
         for pair, total, ((up_ids, up_pos), (down_ids, down_pos)) in zip(pairs, totals, ends, strict=True):
             row = 0

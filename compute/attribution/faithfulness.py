@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from compute.attribution.spliced import State, batch_metric, states, zero_states
 from compute.dictionaries.kinds import SAE
 from compute.tasks import Encoded
 from schema.sites import ERROR, Site
+from schema.tables import ERROR_MODES
 
 ABLATIONS = ("mean", "zero", "resample")
-ERROR_MODES = ("node", "kept", "ablated", "removed")
 # |F(model) - F(empty)| at most this much (relative to |F(model)|, at least 1): splicing reproduces
 # the model to float32 rounding, so a smaller gap is no ablation effect, and dividing by it
 # would turn rounding into faithfulness values
@@ -238,7 +239,7 @@ def curves(model, subs: list[Site], dicts: dict[str, SAE], data: Encoded,
     empty = node_set(subs, dicts, [], length)
     every = [empty, *sets, *(x.complement() for x in sets), *(r for draws in rand for r in draws)]
     out = []
-    for ablation in tqdm(ablations, desc="faithfulness", disable=not progress, leave=False):
+    for ablation in tqdm(ablations, desc="faithfulness", disable=hidden(progress), leave=False):
         f_model, totals = _summed_metrics(model, subs, dicts, data, every, ablation, errors)
         n, k = data.n_examples, len(sets)
         fm, fe = f_model / n, totals[0] / n

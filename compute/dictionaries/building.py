@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
+from catalog.progress import hidden
 from compute.cache import cache_path, cached_dir, config_hash, pinned
 from compute.dictionaries.formats import load_dictionary, save_dictionary
 from compute.dictionaries.kinds import IdentityDictionary, TrainedDictionary, check_fits
@@ -101,7 +102,7 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
     held_sentences = grammar.corpus(LOSS_SENTENCES, seed=cfg.seed + 2)
     acts = collect_activations(model, sorted({s.reads for s in todo} | {s.hook_out for s in todo}), sentences)
     clean_loss = lm_loss(model, held_sentences)  # the same for every dictionary
-    for s in tqdm(todo, desc=f"training {cfg.architecture} dictionaries", disable=not progress, unit="dict"):
+    for s in tqdm(todo, desc=f"training {cfg.architecture} dictionaries", disable=hidden(progress), unit="dict"):
         x = acts[s.reads]
         y = acts[s.hook_out] if s.reads != s.hook_out else None
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))
@@ -133,7 +134,7 @@ def _measure_identity(out: Path, model_path: Path, model_id: str, progress: bool
     acts = collect_activations(model, [s.hook_out for s in every], corpus or grammar.corpus(2000, seed=1))
     held_sentences = corpus or grammar.corpus(LOSS_SENTENCES, seed=2)
     clean_loss = lm_loss(model, held_sentences)
-    for s in tqdm(every, desc="identity dictionaries", disable=not progress, unit="hook"):
+    for s in tqdm(every, desc="identity dictionaries", disable=hidden(progress), unit="hook"):
         d = IdentityDictionary(model.cfg.d_model, s.hook_out, model_id)
         _save_measured(model, out, s, d, acts[s.hook_out], None, held_sentences, clean_loss)
 

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
+from catalog.progress import hidden
 from compute.cache import cached_dir, config_hash, file_hash
 from compute.dictionaries.formats import import_dictionary_learning, load_dictionary
 from compute.dictionaries.kinds import SAE, IdentityDictionary, TrainedDictionary, check_fits
@@ -124,7 +125,7 @@ def load_set(root: Path, handle: ModelHandle, prompts: list[str], spec: Path | N
     found = find(root, model, spec)
     measure = _Measurement(handle, prompts, [f.site for f in found])
     out: dict[str, TrainedDictionary] = {}
-    for f in tqdm(found, desc="dictionaries", disable=not progress, unit="dict", leave=False):
+    for f in tqdm(found, desc="dictionaries", disable=hidden(progress), unit="dict", leave=False):
         sae = _read(f, handle.model_id)
         if not f.site.hook_in:  # an SAE is placed at its site (an equivalent hook holds the same values)
             sae.hook_name = f.site.hook_out

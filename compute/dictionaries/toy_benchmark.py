@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from compute.dictionaries.training import SAEConfig, train_sae
 
 
@@ -88,7 +89,7 @@ def run_sweep(data: ToyData, sweep: ToySweep, progress: bool = True) -> list[dic
     truth, train, test = make_data(data)
     rows, decoders = [], {}
     grid = [(l1, size) for l1 in sweep.l1_coefficients for size in sweep.sizes]
-    for l1, size in tqdm(grid, desc="toy sweep", disable=not progress, unit="sae"):
+    for l1, size in tqdm(grid, desc="toy sweep", disable=hidden(progress), unit="sae"):
         cfg = SAEConfig(l1_coefficient=l1, steps=sweep.steps, batch_size=sweep.batch_size, lr=sweep.lr,
                         seed=data.seed, resample_every=sweep.steps // 5)
         sae = train_sae(train, cfg, "toy", "toy", progress=False, d_sae=size)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from compute.dictionaries.kinds import SAE, JumpReLUSAE, TopKSAE, Transcoder
 
 TRAINABLE = ("standard", "topk", "jumprelu", "transcoder")
@@ -185,7 +186,7 @@ def train_sae(acts: torch.Tensor, cfg: SAEConfig, hook_name: str, model_name: st
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     steps_since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
-    bar = tqdm(range(cfg.steps), desc=f"{cfg.architecture} {hook_name}", disable=not progress, unit="step",
+    bar = tqdm(range(cfg.steps), desc=f"{cfg.architecture} {hook_name}", disable=hidden(progress), unit="step",
                leave=False)
     for step in bar:
         rows = torch.randint(0, n, (cfg.batch_size,), generator=g)

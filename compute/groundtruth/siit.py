@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from compute.groundtruth.planted import LAST, VOCABULARY, Component, Truth, prompts
 from schema.sites import site
 
@@ -122,7 +123,7 @@ def train_siit(out: Path, cfg: SIITConfig = SIITConfig(), progress: bool = True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     ce = torch.nn.functional.cross_entropy
     model.train()
-    bar = tqdm(range(cfg.steps), desc="training the SIIT model", disable=not progress, unit="step")
+    bar = tqdm(range(cfg.steps), desc="training the SIIT model", disable=hidden(progress), unit="step")
     for _ in bar:
         b = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)
         s = torch.randint(len(tokens), (cfg.batch_size,), generator=gen)

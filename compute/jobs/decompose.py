@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
+from catalog.progress import hidden
 from catalog.store import Catalog, new_id
 from compute.cache import cache_path, cached_dir, config_hash, pinned
 from compute.jobs.lifecycle import now, run, run_row
@@ -114,10 +115,15 @@ def _key(spec: DecomposeSpec) -> str:
     from compute.parameters.toys import blank_params, toy_key
 
     if spec.model == "zoo":
-        model = _model_and_target(spec)[0].model_id
+        subject, target, _ = _model_and_target(spec)
+        model = subject.model_id
     else:  # a toy is not trained just to check names: its parameters' shapes are enough
-        make_target(blank_params(spec.model), spec.params, lambda p, x: x, "mse")
+        target = make_target(blank_params(spec.model), spec.params, lambda p, x: x, "mse")
         model = toy_key(spec.model)
+    n_params = target.w0.numel()
+    if spec.config.n_features > n_params:  # eigen-directions of a P-dimensional space: at most P
+        raise UserError(f"--features {spec.config.n_features}: at most {n_params}, the number of parameters "
+                        "decomposed")
     return f"{spec.model}-{config_hash({'spec': asdict(spec), 'model': model, 'version': 3})}"
 
 
@@ -221,7 +227,7 @@ def decomposition_job(cat: Catalog, spec: DecomposeSpec, tasks: list[Task] = (),
         rows = _curvature_rows(evaluation.name, dict_id, c, torch.arange(len(c)))
         acts.write(columns_to_arrow("activations", rows, len(rows["value"])))
         effects = {}
-        for task in tqdm(tasks, desc="tasks", unit="task", disable=not (progress and tasks)):
+        for task in tqdm(tasks, desc="tasks", unit="task", disable=hidden(progress and bool(tasks))):
             chosen = task.split("train")[:TASK_EXAMPLES]
             if not chosen:
                 raise UserError(f"task {task.name} has no train examples")

@@ -25,7 +25,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import stat
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,22 +52,21 @@ class Job:
         return " ".join((*self.command, *self.argv))
 
 
-def read_jobs(path: Path, group: click.Group) -> list[Job]:
-    """The jobs of a job file, expanded and checked against the commands of `group` (cli.py's)."""
-    try:
-        spec = tomllib.loads(Path(path).read_text())
-    except OSError as e:
-        raise UserError(f"cannot read job file {path}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid TOML: {e}") from None
+MAX_JOBS = 10_000  # jobs one file may expand to (`cli.py run --max-jobs`)
+MAX_BYTES = 1 << 20  # a job file's size at most
+
+
+def read_jobs(path: Path, group: click.Group, max_jobs: int = MAX_JOBS) -> list[Job]:
+    """The jobs of a job file, expanded and checked against the commands of `group` (cli.py's). Their
+    number is counted before any is made (at most `max_jobs`), and each option value is checked once."""
+    spec = _read(Path(path))
     unknown = set(spec) - {"defaults", "job"}
     if unknown:
         raise UserError(f"{path}: unknown section {sorted(unknown)[0]!r}; a job file has [defaults] and [[job]] tables")
     defaults, tables = spec.get("defaults", {}), spec.get("job", [])
     if not isinstance(defaults, dict) or not isinstance(tables, list) or not tables:
         raise UserError(f"{path}: no jobs; give one [[job]] table per command")
-    jobs: list[Job] = []
-    used: set[str] = set()
+    plans, used, total = [], set(), 0
     for i, table in enumerate(tables, 1):
         where = f"{path}: job {i}"
         if not isinstance(table, dict):
@@ -76,19 +78,64 @@ def read_jobs(path: Path, group: click.Group) -> list[Job]:
         cmd, names = _command(group, command.split(), where)
         taken = {k: v for k, v in defaults.items() if k not in options and k.replace("_", "-") in _option_names(cmd)}
         used |= set(taken)
-        for values in _expand({**taken, **options}):
-            argv = _argv(cmd, values, where)
-            job = Job(tuple(names), tuple(argv))
-            _check(cmd, job, where)
-            jobs.append(job)
+        choices = _choices({**taken, **options})
+        total += math.prod(len(c) for c in choices.values())
+        if total > max_jobs:
+            raise UserError(f"{path}: more than {max_jobs:,} jobs (job {i} alone expands to "
+                            f"{math.prod(len(c) for c in choices.values()):,}); split the file, or raise --max-jobs")
+        plans.append((cmd, names, choices, where))
     unused = sorted(set(defaults) - used)
     if unused:
         raise UserError(f"{path}: the default {unused[0]!r} is an option of none of the jobs' commands")
-    keys = [j.key for j in jobs]
-    twice = next((j for j in jobs if keys.count(j.key) > 1), None)
-    if twice is not None:
-        raise UserError(f"{path}: the job `{twice.name}` is listed twice")
+    jobs: list[Job] = []
+    keys: set[str] = set()
+    for cmd, names, choices, where in plans:
+        for job in _jobs(cmd, names, choices, where):
+            if job.key in keys:
+                raise UserError(f"{path}: the job `{job.name}` is listed twice")
+            keys.add(job.key)
+            jobs.append(job)
     return jobs
+
+
+def _read(path: Path) -> dict:
+    """A job file's TOML: a regular file of at most MAX_BYTES (never a device, a pipe or a folder)."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise UserError(f"cannot read job file {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path} is not a regular file; a job file is a TOML file")
+    if st.st_size > MAX_BYTES:
+        raise UserError(f"{path} has {st.st_size:,} bytes; a job file has at most {MAX_BYTES:,}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.loads(f.read(MAX_BYTES + 1).decode())
+    except OSError as e:
+        raise UserError(f"cannot read job file {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML: {e}") from None
+
+
+def _jobs(cmd: click.Command, names: list[str], choices: dict[str, list], where: str) -> Iterator[Job]:
+    """The jobs of one [[job]] table, made one at a time: each option value is turned into its part of
+    the command line and checked once (click checks each option on its own, so a combination fails only
+    where one of its values does), then the parts are combined."""
+    parts = {k: [_argv(cmd, {k: v}, where) for v in vs] for k, vs in choices.items()}
+    first = {k: 0 for k in parts}
+    _check(cmd, names, _line(parts, first), where)
+    for k, options in parts.items():
+        for i in range(1, len(options)):
+            _check(cmd, names, _line(parts, {**first, k: i}), where)
+    for combo in itertools.product(*(range(len(v)) for v in parts.values())):
+        yield Job(tuple(names), tuple(_line(parts, dict(zip(parts, combo, strict=True)))))
+
+
+def _line(parts: dict[str, list[list[str]]], chosen: dict[str, int]) -> list[str]:
+    """A job's command line from the chosen value of each key: its options in the file's order, then
+    its positional arguments."""
+    options = [a for k, i in chosen.items() if k != "args" for a in parts[k][i]]
+    return options + (parts["args"][chosen["args"]] if "args" in parts else [])
 
 
 # Commands that cannot be jobs: one never ends, the other would run job files inside a job.
@@ -110,12 +157,10 @@ def _command(group: click.Group, words: list[str], where: str) -> tuple[click.Co
     return cmd, words
 
 
-def _expand(options: dict) -> list[dict]:
-    """Every combination of the list values (a list of lists is one value per job, not expanded further)."""
-    keys = list(options)
-    choices = [options[k] if isinstance(options[k], list) and not (k == "args" and _flat(options[k]))
-               else [options[k]] for k in keys]
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
+def _choices(options: dict) -> dict[str, list]:
+    """Each key's values: a list expands into one job per value (a list of lists is one value per job,
+    not expanded further); args, a flat list, is one job's positional arguments."""
+    return {k: v if isinstance(v, list) and not (k == "args" and _flat(v)) else [v] for k, v in options.items()}
 
 
 def _flat(values: list) -> bool:
@@ -139,6 +184,8 @@ def _argv(cmd: click.Command, values: dict, where: str) -> list[str]:
         if name not in by_name:
             raise UserError(f"{where}: {' '.join(cmd.name.split())} has no option --{name}")
         p, opt = by_name[name]
+        if p.is_eager:  # --help and the like print and exit: a job that runs nothing
+            raise UserError(f"{where}: --{name} does not run the command; it cannot be part of a job")
         if p.is_flag:
             if not isinstance(value, bool):
                 raise UserError(f"{where}: --{name} is a flag; give true or false, not {value!r}")
@@ -156,13 +203,19 @@ def _argv(cmd: click.Command, values: dict, where: str) -> list[str]:
     args = values.get("args", [])
     if not isinstance(args, list) or any(isinstance(a, (dict, list)) for a in args):
         raise UserError(f"{where}: args is a list of positional arguments, e.g. args = [\"attn_1\", \"top\"]")
+    if any(str(a).startswith("-") for a in args):
+        raise UserError(f"{where}: args holds {next(a for a in args if str(a).startswith('-'))!r}; positional "
+                        "arguments are not options: give an option as a key of the job's table")
     return argv + [str(a) for a in args]
 
 
-def _check(cmd: click.Command, job: Job, where: str) -> None:
-    """Parse the job's command line as the command would, so a mistake is found before anything runs."""
+def _check(cmd: click.Command, names: list[str], argv: list[str], where: str) -> None:
+    """Parse a job's command line as the command would, so a mistake is found before anything runs."""
+    name = " ".join((*names, *argv))
     try:
-        with cmd.make_context(job.command[-1], list(job.argv)):
+        with cmd.make_context(names[-1], list(argv)):
             pass
     except click.ClickException as e:
-        raise UserError(f"{where} (`{job.name}`): {e.format_message()}") from None
+        raise UserError(f"{where} (`{name}`): {e.format_message()}") from None
+    except click.exceptions.Exit:  # it would print something (its help) and end without running
+        raise UserError(f"{where} (`{name}`): this command line does not run the command") from None

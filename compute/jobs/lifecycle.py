@@ -49,7 +49,16 @@ def run_row(kind: str, params: dict) -> dict:
 
 def job_runs(key: str) -> str:
     """The prefix of the ids of the runs the job of this key writes."""
-    return f"run-job-{key}-"
+    return f"{JOB_RUN}{key}-"
+
+
+def job_of(run_id: str) -> str | None:
+    """The key of the job that wrote this run (None for a run no job wrote)."""
+    key = run_id.removeprefix(JOB_RUN).split("-", 1)[0]
+    return key if run_id.startswith(job_runs(key)) else None
+
+
+JOB_RUN = "run-job-"
 
 
 @contextmanager

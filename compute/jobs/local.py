@@ -17,6 +17,7 @@ from statistics import mean
 import torch
 
 from catalog.errors import UserError
+from catalog.progress import hidden
 from catalog.shards import RunWriter
 from catalog.store import Catalog, new_id
 from compute.dictionaries.kinds import TrainedDictionary
@@ -63,8 +64,10 @@ def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
     if kind == "logit" and rest:
         return logit_target(rep, _token(model, rest)), "logit"
     if kind == "diff" and rest.count(":") == 1:
-        a, b = rest.split(":")
-        return logit_target(rep, _token(model, a), minus=_token(model, b)), "logit_diff"
+        a, b = (_token(model, t) for t in rest.split(":"))
+        if a == b:
+            raise UserError(f"target {spec!r}: a logit difference needs two different tokens")
+        return logit_target(rep, a, minus=b), "logit_diff"
     where, slash, what = spec.partition("/")
     feature, at, position = what.partition("@")
     if slash and at and (feature.isdigit() or feature == "top") and position.lstrip("-").isdigit():
@@ -157,7 +160,7 @@ def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: di
     with run(cat, row) as w:
         dicts = _dicts(transcoders, attention)
         for idx, tokens, answer, other in tqdm(examples, desc=f"{task.name}: prompts", unit="prompt",
-                                               disable=not progress):
+                                               disable=hidden(progress)):
             rep = Replacement(model, transcoders, attention, tokens)
             graphs.append(prompt_graph(rep, logit_target(rep, answer, minus=other), params))
             _write_activations(w, task.name, idx, rep, dicts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from catalog.store import Catalog
 from compute.dictionaries.kinds import TrainedDictionary
 from compute.jobs.lifecycle import run, run_row
@@ -34,7 +35,7 @@ def dictionary_job(cat: Catalog, handle: ModelHandle, dicts: dict[str, TrainedDi
         prompts = [e["clean_prefix"] for e in corpus.examples]
         table = writer.table("activations")
         todo = [d for d in dicts.values() if d.dictionary_id not in have]
-        for d in tqdm(todo, desc="feature dashboards", disable=not progress, unit="dict"):
+        for d in tqdm(todo, desc="feature dashboards", disable=hidden(progress), unit="dict"):
             top = {k: v.numpy() for k, v in top_activations(handle.model, d.sae, d.hook_in, prompts, n_top).items()}
             n = len(top["value"])
             table.write(columns_to_arrow("activations", {"task_id": corpus.name, "dictionary_id": d.dictionary_id,

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from catalog.errors import UserError
+from catalog.progress import hidden
 from catalog.remote import push as push_runs
 from catalog.store import Catalog, open_catalog
 from compute.jobs.jobfile import Job
-from compute.jobs.lifecycle import job_runs, record_end, run_row
+from compute.jobs.lifecycle import job_of, job_runs, record_end, run_row
 
 BACKENDS = ("local", "ray")
 
@@ -62,7 +63,7 @@ def run_jobs(cat: Catalog, jobs: list[Job], execute: Execute, workers: int = 1, 
     done = committed_jobs(cat)
     outcomes = {j.key: Outcome(j, "skipped") for j in jobs if j.key in done}
     todo = [j for j in jobs if j.key not in done]
-    bar = tqdm(total=len(jobs), initial=len(outcomes), desc="jobs", unit="job", disable=not progress)
+    bar = tqdm(total=len(jobs), initial=len(outcomes), desc="jobs", unit="job", disable=hidden(progress))
 
     def finished(job: Job, status: int, reason: str, seconds: float) -> None:
         ok = status == 0
@@ -101,13 +102,20 @@ def run_job(execute: Execute, root: str, command: list, argv: list, key: str, th
 
 
 def push_records(cat: Catalog, jobs: list[Job], url: str) -> None:
-    """Push the `job` runs of these jobs that the mirror lacks (one line if the mirror refuses one)."""
+    """Push what the mirror lacks of these jobs: their `job` runs, and the runs of every job that ended
+    well (those of a sweep run before without --push too), so the mirror holds the sweep; one line if
+    the mirror refuses one."""
     keys = {j.key for j in jobs}
-    df = cat.sql("SELECT run_id, params->>'job_key' AS key FROM runs WHERE kind = 'job'")
+    df = cat.sql("SELECT run_id, params->>'job_key' AS key, status FROM runs WHERE kind = 'job'")
     ids = set(df.run_id[df.key.isin(keys)])
-    refused = [t for t in push_runs(cat, url, progress=False, only=ids.__contains__) if t.status == "refused"]
+    ok = set(df.key[df.key.isin(keys) & (df.status == "ok")])
+
+    def wanted(run_id: str) -> bool:
+        return run_id in ids or job_of(run_id) in ok
+
+    refused = [t for t in push_runs(cat, url, progress=False, only=wanted) if t.status == "refused"]
     if refused:
-        raise UserError(f"the record of job run {refused[0].run_id} was not pushed to {url}: {refused[0].reason}")
+        raise UserError(f"job run {refused[0].run_id} was not pushed to {url}: {refused[0].reason}")
 
 
 def record(cat: Catalog, job: Job, ok: bool, seconds: float, reason: str) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from catalog.errors import UserError
+from catalog.progress import hidden
 from compute.local.replacement import EMBED, Replacement, Trace
 from schema.sites import attention_hook, parse_site_name, transcoder_input
 
@@ -122,7 +123,7 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
     z_layers = sorted(t.z) if ov else []
     wanted = leaves + [t.z[i] for i in z_layers]
     starts = range(0, len(targets), batch)
-    for start in tqdm(starts, desc="attributing", unit="batch", disable=not progress or len(starts) < 2):
+    for start in tqdm(starts, desc="attributing", unit="batch", disable=hidden(progress and len(starts) > 1)):
         chunk = targets[start:start + batch]
         rows = slice(start, start + len(chunk))
         recorded.clear()
@@ -172,7 +173,7 @@ def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: i
     groups = rep.writers_by_position()
     starts = range(0, len(targets), batch_size)
     with torch.no_grad():
-        for start in tqdm(starts, desc="attributing", unit="batch", disable=not progress or len(starts) < 2):
+        for start in tqdm(starts, desc="attributing", unit="batch", disable=hidden(progress and len(starts) > 1)):
             chunk = targets[start:start + batch_size]
             r, r_heads = _readers(rep, chunk, ov)  # [B, pos, d], [B, pos, heads, d]
             reading = r.abs().sum(-1) > 0  # [B, pos]: where each target reads the stream

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from compute.local.attribution import Target, attribute, feature_target
 from compute.local.qk import QK, qk
 from compute.local.replacement import EMBED, Node, Replacement
@@ -80,7 +81,7 @@ def _edges(g: PromptGraph, p: GraphParams, progress: bool) -> None:
     sources = torch.tensor(g.kept)
     weights, heads = [], []
     chunks = range(0, len(targets), p.batch_size)
-    for start in tqdm(chunks, desc="edges", unit="batch", disable=not progress or len(chunks) < 2):
+    for start in tqdm(chunks, desc="edges", unit="batch", disable=hidden(progress and len(chunks) > 1)):
         a = attribute(rep, targets[start:start + p.batch_size], ov=True, batch_size=p.batch_size)
         weights.append(a.scores[:, sources])
         heads.append(a.ov[:, sources])

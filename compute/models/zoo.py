@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from compute.cache import cache_path, cached_dir, config_hash, file_hash
 from compute.models import grammar
 from compute.models.handle import ModelHandle, jsonable
@@ -172,7 +173,7 @@ def train(cfg: ZooConfig, tokenizer, progress: bool = True):
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    bar = tqdm(range(cfg.steps), desc="training zoo model", disable=not progress, unit="step")
+    bar = tqdm(range(cfg.steps), desc="training zoo model", disable=hidden(progress), unit="step")
     for _ in bar:
         batch = ids[torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)]
         logits = model(batch[:, :-1])

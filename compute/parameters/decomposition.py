@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from catalog.progress import hidden
 from compute.parameters.targets import Target
 
 
@@ -74,7 +75,7 @@ def decompose(target: Target, inputs: torch.Tensor, cfg: DecompositionConfig, ma
     positions of token inputs count)."""
     n = len(inputs)
     batch = min(cfg.batch_size or n, n)
-    bar = tqdm(total=cfg.restarts * cfg.steps, desc="decomposing", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.restarts * cfg.steps, desc="decomposing", unit="step", disable=hidden(progress))
     best, finals = None, []
     for restart in range(cfg.restarts):
         g = torch.Generator().manual_seed(cfg.seed * 1000 + restart)
