@@ -268,7 +268,9 @@ class Catalog:
         try:
             yield
         except duckdb.InterruptException:  # Ctrl-C or SIGINT while DuckDB ran: an interrupt, not an SQL error
-            raise KeyboardInterrupt from None
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt from None
+            raise UserError("query interrupted (the process is stopping)") from None  # a server's request
         except duckdb.Error as e:
             raise UserError(f"{sql_error(e)}{_damage_note(self.root, e)}") from None
 

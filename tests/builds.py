@@ -53,3 +53,13 @@ def ask_for_slow_build(cache: str, log: str) -> str:
     from compute.cache import cached_dir
 
     return str(cached_dir("slow", "one-key", slow_build, log, pin=False))
+
+
+def slow_bar() -> None:
+    """A build that shows a progress bar (tqdm's lock) for a minute, to be interrupted."""
+    import time
+
+    from tqdm import tqdm
+
+    for _ in tqdm(range(600), desc="slow"):
+        time.sleep(0.1)

@@ -527,3 +527,119 @@ def test_a_signal_stops_a_running_query_within_a_second(demo_catalog, sql, sig, 
         p.kill()
     assert p.returncode == code and took < 1.0, (p.returncode, took, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and out == "", err
+
+
+def _serve(root: Path, query_timeout: float):
+    import threading
+
+    from catalog.explorer import bind, create_app, url_of
+
+    server = bind(create_app(root, query_timeout=query_timeout), "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, url_of(server)
+
+
+def test_the_explorer_bounds_every_query_and_stops_one_whose_client_went(demo_catalog):
+    import socket
+    import time
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    endless = urllib.parse.quote("SELECT count(*) FROM range(400000000000)")
+    server, url = _serve(demo_catalog, query_timeout=1.5)
+    try:
+        start = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}sql.csv?q={endless}", timeout=30)
+        assert e.value.code == 400 and "stopped after 1.5 s" in e.value.read().decode()
+        assert time.monotonic() - start < 10
+    finally:
+        server.shutdown()
+    server, url = _serve(demo_catalog, query_timeout=600)
+    try:
+        host, port = url.split("//")[1].rstrip("/").split(":")
+        client = socket.create_connection((host, int(port)))
+        client.sendall(f"GET /sql?q={endless} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        time.sleep(1.0)  # the query runs
+        client.close()  # and its client goes
+        time.sleep(2.0)
+        cpu = time.process_time()
+        time.sleep(1.0)
+        assert time.process_time() - cpu < 0.3, "the query kept running after its client went"
+    finally:
+        server.shutdown()
+
+
+def test_a_csv_download_that_fails_midway_is_cut_off_not_completed(demo_catalog, monkeypatch, capfd):
+    import http.client
+
+    import catalog.explorer.app as explorer
+    from catalog.errors import UserError
+
+    real = explorer.csv_chunks
+
+    def failing(frames):
+        chunks = real(frames)
+        yield next(chunks)
+        raise UserError("SQL error: boom after the first rows")
+
+    monkeypatch.setattr(explorer, "csv_chunks", failing)
+    server, url = _serve(demo_catalog, query_timeout=30)
+    try:
+        host, port = url.split("//")[1].rstrip("/").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/sql.csv?q=SELECT+1+AS+one")
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead):  # what curl reports as "transfer closed" (exit 18)
+            response.read()
+        monkeypatch.setattr(explorer, "csv_chunks", real)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/sql.csv?q=" + "SELECT+error('boom')")  # fails before the first byte: a page
+        response = conn.getresponse()
+        assert response.status == 400 and "boom" in response.read().decode()
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/faithfulness.png?errors=evil")
+        response = conn.getresponse()
+        assert response.status == 400 and "errors must be one of node, kept" in response.read().decode()
+    finally:
+        server.shutdown()
+    err = capfd.readouterr().err
+    assert "boom after the first rows; the download was cut off" in err and "Traceback" not in err
+
+
+def test_progress_bars_stay_out_of_logs_and_pipes(tmp_path, capfd):
+    """A command whose output goes to a file or a pipe writes no progress bar there (a terminal shows it),
+    from this process or from its pinned build process."""
+    from conftest import run_cli
+
+    r = run_cli("benchmark", "toy", "--d", "8", "--features", "12", "--l1", "1", "--size", "8", "--size", "16",
+                "--steps", "200", "--out", str(tmp_path / "grid.png"), catalog=tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+    err = r.stderr + capfd.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "sae/s" not in err, err
+
+
+def test_an_interrupted_build_leaves_no_semaphore_behind():
+    """Ctrl-C during a pinned build that shows a progress bar: no leaked-semaphore warning at exit."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "from compute.cache import pinned; from tests.builds import slow_bar; pinned(slow_bar)"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        seen = b""
+        while b"slow" not in seen:  # the build process shows its bar
+            chunk = os.read(p.stderr.fileno(), 4096)
+            assert chunk, "the build ended before it showed its bar"
+            seen += chunk
+        os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C does: the whole process group
+        err = seen.decode() + p.communicate(timeout=60)[1].decode()
+    finally:
+        p.kill()
+    assert "KeyboardInterrupt" in err and "leaked semaphore" not in err, err

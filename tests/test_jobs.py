@@ -250,3 +250,54 @@ def test_ctrl_c_stops_a_sweep_cleanly_and_a_rerun_finishes_it(tmp_path, dicts):
     assert (again.status == "done").sum() == 6 - recorded
     # a job that committed its circuit before the runner recorded it ran again: its circuit is not doubled
     assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 6  # each job's circuit once
+
+
+def test_a_large_job_file_is_counted_before_it_is_made_and_each_value_checked_once(tmp_path, monkeypatch):
+    """10^5 jobs: every one made, each distinct, while click parses each option value once (not each
+    combination); 10^10 jobs: refused by their count, before any is made."""
+    import compute.jobs.jobfile as jobfile
+
+    checks = []
+    real = jobfile._check
+    monkeypatch.setattr(jobfile, "_check", lambda *a: (checks.append(a[2]), real(*a)))
+    examples, steps = ", ".join(map(str, range(1, 1001))), ", ".join(map(str, range(1, 101)))
+    path = _write(tmp_path, f"""
+        [[job]]
+        command = "discover"
+        task = "sva_simple"
+        examples = [{examples}]
+        steps = [{steps}]
+        """)
+    jobs = read_jobs(path, main, max_jobs=100_000)
+    assert len(jobs) == 100_000 and len({j.key for j in jobs}) == 100_000
+    assert jobs[0].argv == ("--task", "sva_simple", "--examples", "1", "--steps", "1")
+    assert jobs[-1].argv == ("--task", "sva_simple", "--examples", "1000", "--steps", "100")
+    assert len(checks) == 1 + 999 + 99
+    with pytest.raises(Exception, match="more than 10,000 jobs"):
+        read_jobs(path, main)
+    monkeypatch.setattr(jobfile, "_jobs", lambda *a: pytest.fail("jobs were made before they were counted"))
+    huge = _write(tmp_path, "[[job]]\ncommand = \"discover\"\n" + "".join(
+        f"{k} = [{', '.join(map(str, range(1, 11)))}]\n" for k in ("examples", "steps", "seed", "a", "b", "c", "d", "e",
+                                                                    "f", "g")), "huge.toml")
+    with pytest.raises(Exception, match="expands to 10,000,000,000"):
+        read_jobs(huge, main)
+
+
+def test_a_rerun_with_push_sends_the_runs_of_the_jobs_done_before(tmp_path, dicts):
+    """A sweep run without a mirror, then again with --push: every job is skipped, and the mirror gets
+    their runs as well as their records, so a catalogue pulled from it holds the sweep."""
+    jobs = _write(tmp_path, """
+        [[job]]
+        command = "discover"
+        task = ["sva_simple", "ioi"]
+        method = "atp"
+        examples = 4
+        no-eval = true
+        """)
+    root, mirror = tmp_path / "c", tmp_path / "mirror"
+    assert run_cli("run", str(jobs), catalog=root).returncode == 0
+    r = run_cli("run", str(jobs), "--push", str(mirror), catalog=root)
+    assert r.returncode == 0 and "0 done, 2 skipped" in r.stderr, r.stderr
+    assert run_cli("pull", str(mirror), catalog=tmp_path / "pulled").returncode == 0
+    query = "SELECT task_id, n_nodes FROM circuits ORDER BY task_id"
+    assert catalog.open(tmp_path / "pulled").sql(query).equals(catalog.open(root).sql(query))
