@@ -3,6 +3,7 @@
     python bench/queries.py                 # 1M edges, then 10M
     python bench/queries.py --scales 1e6    # one scale
     python bench/queries.py --ops diff      # the diff only
+    python bench/queries.py --ops verify    # what verifying the shards costs a query
     python bench/queries.py --scales 1e8    # 100M edges over 10,000 runs, before and after compaction
 
 Synthetic circuits are written into a temporary catalogue as Parquet shards, exactly as a
@@ -17,6 +18,10 @@ At 1e8 and above (`--runs`, default 10,000): a catalogue of that many edges spre
 runs (one circuit each, written and committed one after another, so memory stays flat), the
 named queries timed on it, then `cli.py compact`'s compaction, and the same queries again; the
 answers before and after must be equal.
+verify: the diff with every shard checked against its manifest (`catalog.verified`) the first time a
+process reads the catalogue with no verification cache (every shard hashed), warm (every shard
+stat-ed; taken in turns with the unverified diff in one process), and as a new process's first query
+(the verdicts read from the cache), each beside the same diff over unchecked shards.
 DuckDB runs the catalogue's own macros (`diff_summary`, what `cli.py diff` reports: node_diff
 and edge_diff's joined edge pairs, counted with the total |delta|; `feature_overlap`); pandas does
 the same computation, the same way, with merges and group-bys on the same shards. Beside them, in
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import sys
 import tempfile
@@ -120,6 +126,52 @@ def edge_join(root: Path, threads: int | None = None) -> int:
         "WITH ea AS (SELECT src_idx::BIGINT * 4294967296 + dst_idx AS k, weight FROM edges WHERE circuit_id = 'A'), "
         "eb AS (SELECT src_idx::BIGINT * 4294967296 + dst_idx AS k, weight FROM edges WHERE circuit_id = 'A') "
         "SELECT count(*) AS n, sum(ea.weight) AS wa, sum(eb.weight) AS wb FROM ea FULL JOIN eb USING (k)").n[0])
+
+
+def diff_unverified(root: Path) -> dict:
+    """The diff with the views over every shard unchecked (what queries read before they verified)."""
+    import catalog.store
+
+    catalog.store.readable = _unchecked
+    return duckdb_diff(root)
+
+
+def _unchecked(generation: Path):
+    from catalog.verified import Readable
+    from schema.tables import TABLES
+
+    return Readable({t: tuple(sorted(str(p) for p in Path(generation).glob(f"*/{t}.parquet"))) for t in TABLES})
+
+
+def diff_alternating(root: Path, repeat: int) -> dict:
+    """The warm verified diff and the unverified one taken in turns in one process (so that the machine's
+    drift falls on both alike): the best of each, and the answers."""
+    import catalog.store
+
+    checked, best = catalog.store.readable, {"verified": [], "unverified": []}
+    duckdb_diff(root)  # the shards verified once, as any first query does
+    for _ in range(repeat):
+        for mode, fn in (("unverified", _unchecked), ("verified", checked)):
+            catalog.store.readable = fn
+            t = time.perf_counter()
+            answer = duckdb_diff(root)
+            best[mode].append(time.perf_counter() - t)
+    catalog.store.readable = checked
+    return {"unverified": min(best["unverified"]), "verified": min(best["verified"]), "answer": answer}
+
+
+def diff_cold(root: Path) -> dict:
+    """The diff as the first query on a catalogue no process has verified: every shard hashed."""
+    import catalog.verified
+
+    catalog.verified._memo.clear()
+    os.environ["CIRCUIT_VERIFIED_CACHE"] = tempfile.mkdtemp()
+    return duckdb_diff(root)
+
+
+def diff_warm(root: Path) -> dict:
+    """The diff in a process whose first query finds the verdicts in the verification cache."""
+    return duckdb_diff(root)
 
 
 def _open(root: Path, threads: int | None):
@@ -347,14 +399,15 @@ def measure(fn_name: str, root: Path, repeat: int, timeout: float, *args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scales", nargs="+", type=float, default=[1e6, 1e7], help="edges per circuit")
-    ap.add_argument("--ops", nargs="+", choices=("diff", "compare"), default=["diff", "compare"],
-                    help="what to time at scales below 1e8")
+    ap.add_argument("--ops", nargs="+", choices=("diff", "compare", "verify"), default=["diff", "compare", "verify"],
+                    help="what to time at scales below 1e8 (verify: what checking the shards costs a query)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600, help="seconds before a measurement is stopped")
     ap.add_argument("--runs", type=int, default=10_000, help="runs the edges are spread over, at 1e8 and above")
     ap.add_argument("--dir", type=Path, help="where to write the catalogues (default: a temporary folder)")
     args = ap.parse_args()
-    rows = []
+    os.environ["CIRCUIT_VERIFIED_CACHE"] = tempfile.mkdtemp(prefix="verified-")  # this run's own, inherited
+    rows, verified_rows = [], []
     for scale in args.scales:
         if scale >= 1e8:
             with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -367,6 +420,9 @@ def main() -> None:
             print(f"{int(scale):,} edges per circuit: catalogue written in {time.perf_counter() - t:.1f}s "
                   f"({sum(f.stat().st_size for f in root.rglob('*.parquet')) / 2**20:.0f} MiB of Parquet)", flush=True)
             for op in args.ops:
+                if op == "verify":
+                    verify_row(root, scale, args, verified_rows)
+                    continue
                 d = measure(f"duckdb_{op}", root, args.repeat, args.timeout)
                 d1 = measure(f"duckdb_{op}", root, args.repeat, args.timeout, 1)
                 p = measure(f"pandas_{op}", root, args.repeat, args.timeout)
@@ -385,6 +441,12 @@ def main() -> None:
                              "duckdb_peak_MiB": round(d[1]) if d else None, "pandas_peak_MiB": round(p[1]) if p else None,
                              "answers_agree": bool(d and p)})
                 print(pd.DataFrame([rows[-1]]).to_string(index=False, header=len(rows) == 1), flush=True)
+    if verified_rows:
+        v = pd.DataFrame(verified_rows)
+        print("\n" + v.to_string(index=False))
+        for r in v.itertuples():
+            print(f"goal: a warm verified query at {r.edges} edges <= 1.05x the unverified one: {r.warm_x}x "
+                  f"({'met' if r.warm_x is not None and r.warm_x <= 1.05 else 'missed'}); the first costs {r.cold_x}x")
     if not rows:
         return
     df = pd.DataFrame(rows)
@@ -401,6 +463,26 @@ def main() -> None:
             print(f"goal: {op} at {r.edges} edges {goal}: {r.duckdb_s} s, {r.speedup}x pandas "
                   f"({'met' if met else 'missed'}); {where}; DuckDB's {threads} threads made it "
                   f"{r.threads_gain}x faster than one")
+
+
+def verify_row(root: Path, scale: float, args, out: list) -> None:
+    """The diff with its shards verified, cold (every shard hashed), warm in the process (stat-ed), and
+    in a new process (the verdicts read from the verification cache), beside the unverified diff."""
+    off = measure("diff_unverified", root, args.repeat, args.timeout)
+    cold = measure("diff_cold", root, args.repeat, args.timeout)
+    turns = measure("diff_alternating", root, 1, args.timeout, args.repeat)  # warm and unverified in turns
+    fresh = measure("diff_warm", root, 1, args.timeout)  # one query in a new process: the verdicts from disk
+    off1 = measure("diff_unverified", root, 1, args.timeout)  # and its twin: one unverified query in a new one
+    for m in (cold, fresh, off1):
+        assert m and off and _same_summary(m[2], off[2]), "verified and unverified diffs disagree"
+    assert turns and _same_summary(turns[2]["answer"], off[2]), "verified and unverified diffs disagree"
+    warm, unverified = (turns[2]["verified"],), (turns[2]["unverified"],)
+    out.append({"edges": f"{int(scale):,}", "unverified_s": _s(off), "cold_s": _s(cold), "cold_x": _ratio(cold, off),
+                "warm_s": _s(warm), "unverified_in_turn_s": _s(unverified), "warm_x": _ratio(warm, unverified),
+                "new_process_s": _s(fresh), "unverified_new_process_s": _s(off1),
+                "new_process_x": _ratio(fresh, off1),
+                "parquet_MiB": round(sum(f.stat().st_size for f in root.rglob("*.parquet")) / 2**20)})
+    print(pd.DataFrame([out[-1]]).to_string(index=False, header=len(out) == 1), flush=True)
 
 
 def _s(m) -> float | None:
