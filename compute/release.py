@@ -101,10 +101,10 @@ def check(name: str | None = None, root: Path | None = None) -> Path | None:
         return None
     names = [name] if name else list(m["artefacts"])
     for n in names:
-        a = m["artefacts"][n]
-        folder = _inside(root, a["folder"])
         if (root, n) in _checked:
             continue
+        a = m["artefacts"][n]
+        folder = _inside(root, a["folder"])
         if not folder.is_dir():
             raise UserError(f"{folder}: missing from the release ({n}); `git checkout -- {root}` restores it")
         on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}

@@ -30,6 +30,7 @@ import stat
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import click
@@ -42,7 +43,7 @@ class Job:
     command: tuple[str, ...]  # ("discover",) or ("dictionaries", "train")
     argv: tuple[str, ...]  # its options and arguments, as on the command line
 
-    @property
+    @cached_property
     def key(self) -> str:
         """A stable key: the same command line always gets it, another never does."""
         return hashlib.sha256(json.dumps([self.command, self.argv]).encode()).hexdigest()[:16]
