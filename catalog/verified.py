@@ -159,18 +159,27 @@ def _regular(st: os.stat_result) -> bool:
 
 
 class _Store:
-    """The verdicts remembered across processes for one generation (see the module docstring)."""
+    """The verdicts remembered across processes for one generation (see the module docstring): read
+    from disk only when this process has not seen a shard before, written when that taught it
+    something, so that a warm query touches neither."""
 
     def __init__(self, generation: Path):
         root = Path(os.environ.get("CIRCUIT_VERIFIED_CACHE") or Path.home() / ".cache" / "circuit-catalog" / "verified")
         self.path = root / (hashlib.sha256(str(generation).encode()).hexdigest()[:24] + ".json")
-        try:
-            self.saved = json.loads(self.path.read_text())
-            if not isinstance(self.saved, dict):
-                self.saved = {}
-        except (OSError, ValueError):
-            self.saved = {}
+        self._saved: dict | None = None
         self.seen: dict[str, list] = {}
+        self.learnt = False  # a verdict this process did not hold: the file is written anew
+
+    @property
+    def saved(self) -> dict:
+        if self._saved is None:
+            try:
+                self._saved = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._saved = {}
+            if not isinstance(self._saved, dict):
+                self._saved = {}
+        return self._saved
 
     def verify(self, shard: Path, info: dict) -> str:
         """'' when the shard is as the manifest says, else what is wrong with it."""
@@ -187,6 +196,7 @@ class _Store:
         with _LOCK:
             verdict = _memo.get(key)
         if verdict is None:
+            self.learnt = True
             remembered = self.saved.get(str(shard))
             if remembered is not None and remembered[:4] == stamp and remembered[4] == info.get("sha256", ""):
                 verdict = ""
@@ -209,6 +219,7 @@ class _Store:
         with _LOCK:
             ids = _memo.get(key)
         if ids is None:
+            self.learnt = True
             remembered = self.saved.get(f"{shard}#circuits")
             if remembered is not None and tuple(remembered[0]) == stamp:
                 ids = tuple(remembered[1])
@@ -221,7 +232,7 @@ class _Store:
 
     def save(self) -> None:
         """Remember this generation's verdicts for the next process (best effort: a cache)."""
-        if self.seen == self.saved:
+        if not self.learnt or self.seen == self.saved:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
