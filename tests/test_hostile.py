@@ -490,6 +490,15 @@ def test_a_mirror_whose_content_no_pull_can_read_is_named_not_skipped(demo_catal
     assert r.returncode == 1 and r.stderr.startswith("error: mirror") and "is a file" in r.stderr
 
 
+def _as_in_a_terminal() -> None:
+    """In the child, before it starts: Ctrl-C's signal as a terminal delivers it. A shell ignores SIGINT
+    in the jobs it runs in the background, and children inherit that (a test run started so would
+    otherwise see no SIGINT at all)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _querying(pid: int, timeout: float = 120.0) -> None:
     """Wait until a process runs a query: its query thread is named so (`catalog.store.stoppable`)."""
     import time
@@ -515,7 +524,7 @@ def test_a_signal_stops_a_running_query_within_a_second(demo_catalog, sql, sig, 
     from conftest import ROOT
 
     p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(demo_catalog), "query", sql],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_in_a_terminal)
     try:
         _querying(p.pid)
         time.sleep(0.5)  # well into the query
@@ -631,7 +640,7 @@ def test_an_interrupted_build_leaves_no_semaphore_behind():
 
     code = "from compute.cache import pinned; from tests.builds import slow_bar; pinned(slow_bar)"
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         start_new_session=True)
+                         start_new_session=True, preexec_fn=_as_in_a_terminal)
     try:
         seen = b""
         while b"slow" not in seen:  # the build process shows its bar
