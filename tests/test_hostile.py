@@ -618,18 +618,6 @@ def test_a_csv_download_that_fails_midway_is_cut_off_not_completed(demo_catalog,
     assert "boom after the first rows; the download was cut off" in err and "Traceback" not in err
 
 
-def test_progress_bars_stay_out_of_logs_and_pipes(tmp_path, capfd):
-    """A command whose output goes to a file or a pipe writes no progress bar there (a terminal shows it),
-    from this process or from its pinned build process."""
-    from conftest import run_cli
-
-    r = run_cli("benchmark", "toy", "--d", "8", "--features", "12", "--l1", "1", "--size", "8", "--size", "16",
-                "--steps", "200", "--out", str(tmp_path / "grid.png"), catalog=tmp_path / "c")
-    assert r.returncode == 0, r.stderr
-    err = r.stderr + capfd.readouterr().err
-    assert "\r" not in err and "it/s" not in err and "sae/s" not in err, err
-
-
 def test_an_interrupted_build_leaves_no_semaphore_behind():
     """Ctrl-C during a pinned build that shows a progress bar: no leaked-semaphore warning at exit."""
     import signal
