@@ -272,7 +272,7 @@ class Catalog:
                 raise KeyboardInterrupt from None
             raise UserError("query interrupted (the process is stopping)") from None  # a server's request
         except duckdb.Error as e:
-            raise UserError(f"{sql_error(e)}{_damage_note(self.root, e)}") from None
+            raise UserError(sql_error(e)) from None  # never a damaged shard's: queries read verified ones
 
     def left_out(self) -> str:
         """One line naming the runs queries leave out now ('' when none is): `catalog.verified`."""
@@ -582,27 +582,3 @@ def _file_info(path: Path, retries: float = 10.0) -> dict[str, str]:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
-# Errors raised before a query reads any shard: the query's own mistakes, never a damaged shard's.
-_QUERY_MISTAKES = (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)
-
-
-def _damage_note(root: Path, error: duckdb.Error) -> str:
-    """When a query fails reading, whether damaged shards may be why (a truncated or corrupted shard makes
-    DuckDB fail with a message that names neither): the damaged runs, and what to do. A mistake in the
-    query itself is answered at once, without checking every shard."""
-    from catalog.integrity import check
-
-    if isinstance(error, _QUERY_MISTAKES):
-        return ""
-
-    try:
-        damage = check(root).damage
-    except OSError:
-        return ""
-    if not damage:
-        return ""
-    named = "; ".join(f"run {d.run_id}: {d.shard} {d.problem}" for d in damage[:3])
-    more = f"; and {len(damage) - 3} more" if len(damage) > 3 else ""
-    return f" (the catalogue has damaged shards: {named}{more}; `cli.py check --quarantine` moves those runs aside)"
