@@ -163,7 +163,7 @@ def _listing(fs, base: str) -> tuple[set[str], list[tuple[str, str]]]:
     if not fs.exists(runs):
         return set(), []
     if fs.isfile(runs):
-        raise UserError(f"mirror {fs.url}: {runs} is a file, not a folder of runs; nothing was pulled")
+        raise UserError(f"mirror {fs.url}: {runs} is a file, not a folder of runs")
     names = {p.rstrip("/").split("/")[-2] for p in fs.glob(f"{runs}/*/{MANIFEST}")}
     bad = []
     for entry in fs.ls(runs, detail=True):
