@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean browser
+.PHONY: demo test lint bench clean browser docs docs-serve docs-reference
 
 # The CPU build of PyTorch lies in /opt/wheels on this project's machines (a bare PyPI 'torch' is
 # the CUDA build, several GB). uv installs in parallel and compiles the bytecode on every core:
@@ -32,8 +32,18 @@ browser:
 test: $(STAMP) browser
 	$(PY) -m pytest -q
 
+# The documentation site (docs/, mkdocs.yml) into site/; the reference pages are generated from the code.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+docs-reference: $(STAMP)
+	$(PY) -m commands.reference
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache site

@@ -6,7 +6,7 @@ For each seed this builds the zoo (same configuration, another `seed`: other wei
 task examples, other dictionaries) with its SAEs and identity dictionaries, discovers every task's
 circuit over features and over neurons with the default settings into a catalogue of its own, and
 prints per task: the model's accuracy, the nodes needed for faithfulness >= 0.8 over features and
-over neurons for each seed, and their spread (min-max). The README's table is seed 0's row; this is
+over neurons for each seed, and their spread (min-max). The table in docs/sql.md is seed 0's row; this is
 what varies around it. Zoos are cached like the default's, so a rerun costs only the discovery.
 """
 

@@ -362,6 +362,26 @@ WHERE e.circuit_id = cid
 ORDER BY e.kind, abs(e.weight) DESC
 """
 
+# A circuit's in-circuit nodes named, strongest first, each with its first example's token there.
+_CIRCUIT_NODES = f"""
+WITH tokens AS (
+    SELECT clean_tokens FROM examples
+    WHERE task_id = (SELECT task_id FROM circuits WHERE circuit_id = cid)
+    ORDER BY split <> 'train', example_idx LIMIT 1)
+SELECT n.node_idx, {_NODE_NAME.format(n="n")} AS node, coalesce(t.clean_tokens[n.position + 1], '') AS token, n.effect
+FROM nodes n LEFT JOIN tokens t ON true
+WHERE n.circuit_id = cid AND n.in_circuit AND n.component <> 'metric'
+ORDER BY abs(n.effect) DESC, n.node_idx
+"""
+
+# Every feature of a dictionary with its top examples (a parameter dictionary's directions, say).
+_DICTIONARY_EXAMPLES = """
+SELECT f.feature_idx, f.density, f.max_activation, t.value, t.text
+FROM features f, LATERAL (SELECT * FROM top_examples(f.dictionary_id, f.feature_idx, n)) t
+WHERE f.dictionary_id = dict
+ORDER BY f.feature_idx, t.value DESC
+"""
+
 NAMED_QUERIES = [
     NamedQuery("circuit_basis", "cid", "(scalar) 'features', 'neurons' (identity dictionaries) or 'parameters'",
                _CIRCUIT_BASIS, scalar=True),
@@ -399,6 +419,9 @@ NAMED_QUERIES = [
     NamedQuery("circuit_edges", "cid",
                "every edge of a circuit (attribution, and a local circuit's ov and qk) with its ends named "
                "and the prompt's tokens", _CIRCUIT_EDGES),
+    NamedQuery("circuit_nodes", "cid",
+               "a circuit's in-circuit nodes named as the command line names them, strongest first, with the "
+               "token at each one's position (first example)", _CIRCUIT_NODES),
     NamedQuery("ancestors", "cid, node, hops := 2",
                "nodes with a path of at most hops edges into node, with the distance",
                _NEIGHBOURS.format(frm="dst_idx", to="src_idx")),
@@ -410,6 +433,9 @@ NAMED_QUERIES = [
     NamedQuery("features_examples", "dicts, features, n := 10",
                "top_examples of many features at once (a list of dictionary ids and one of feature indices), "
                "n per feature", _FEATURES_EXAMPLES),
+    NamedQuery("dictionary_examples", "dict, n := 10",
+               "every feature of a dictionary with its density, largest value and top n examples",
+               _DICTIONARY_EXAMPLES),
     NamedQuery("circuit_list", "", "every circuit with its basis, size, total effect, faithfulness and accuracy",
                _CIRCUIT_LIST),
     NamedQuery("nodes_for_faithfulness", "level := 0.8, under := 'mean'",

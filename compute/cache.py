@@ -66,7 +66,7 @@ def kernel_path() -> str:
 
 @cache
 def processor() -> str:
-    """The processor's model name, as the kernel path's results depend on its vendor (README)."""
+    """The processor's model name, as the kernel path's results depend on its vendor (docs/reproducibility.md)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:

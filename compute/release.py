@@ -5,7 +5,7 @@ models and the toy models are trained once (`cli.py zoo build --release`) and co
 manifest: each file's sha256, each artefact's configuration and its hash (the cache key it is
 found by), the kernel path and processor it was trained on, the command and the date. Every
 machine then loads the same weights, so every number computed from them is the same everywhere
-up to the last bits of in-process float arithmetic (`README.md`, What is reproducible).
+up to the last bits of in-process float arithmetic (docs/reproducibility.md, What is reproducible).
 
 A released artefact takes the place of the cache entry of the same kind and key
 (`compute.cache.cache_path`), whatever this machine's kernel path: the cache stays for

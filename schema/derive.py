@@ -83,6 +83,6 @@ def view_sql(table: str, files: str | list[str] | tuple[str, ...]) -> str:
 
 
 def column_docs() -> dict[str, list[tuple[str, str, str]]]:
-    """(column, DuckDB type, comment) for every table, for the README and `cli.py schema`."""
+    """(column, DuckDB type, comment) for every table, for the tables reference (docs/reference/tables.md, `commands.reference`)."""
     return {name: [(c.name, _duckdb_type(c.type), c.comment or "") for c in t.columns]
             for name, t in TABLES.items()}

@@ -64,7 +64,7 @@ def run_cli(*args: str, catalog: Path | None = None, cwd: Path = ROOT, separate:
                               cwd=cwd, timeout=900)
     from click.testing import CliRunner
 
-    from cli import main
+    from commands import main
 
     here = os.getcwd()
     os.chdir(cwd)
@@ -79,7 +79,7 @@ def run_cli(*args: str, catalog: Path | None = None, cwd: Path = ROOT, separate:
 
 
 def run_readme_commands(catalog: str, text: str, here: Path) -> list[subprocess.CompletedProcess]:
-    """Run, as written and in order, the README block of `python cli.py --catalog CATALOG ...` commands
+    """Run, as written and in order, the documentation's block of `python cli.py --catalog CATALOG ...` commands
     found in `text`, in the folder `here`; each must succeed. Returns their outputs."""
     block = re.search(rf"```bash\n(python cli.py --catalog {catalog} .*?)```", text, flags=re.S).group(1)
     outputs = []
@@ -101,8 +101,8 @@ def demo_catalog(tmp_path_factory, dicts) -> Path:
 
 @pytest.fixture(scope="session")
 def local(tmp_path_factory, dicts):
-    """The README's local-circuit commands, run as written in a fresh folder: (catalogue, outputs)."""
-    from tests.test_readme import LOCAL_SECTION
+    """The local-circuit page's commands, run as written in a fresh folder: (catalogue, outputs)."""
+    from tests.docs import page
 
     here = tmp_path_factory.mktemp("local")
-    return here / "local", run_readme_commands("local", LOCAL_SECTION, here)
+    return here / "local", run_readme_commands("local", page("local-circuits.md"), here)

@@ -67,14 +67,14 @@ def test_ig_matches_exact_patching_on_every_zoo_task(zoo, subs, saes, task):
 
 
 def test_the_readme_agreement_table_is_measured_on_the_release(zoo, subs, saes):
-    """Every cell of the README's agreement table (IG / AtP, pooled and per submodule) is what this
+    """Every cell of the agreement table (docs/discovery.md) (IG / AtP, pooled and per submodule) is what this
     session measures, to its three decimals (half a unit, and as much again for the last bits of
     float32 that another processor's kernels change)."""
     import re
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme.split("## Measured agreement with exact activation patching")[1].split("\n\n")[2]
+    from tests.docs import page
+
+    table = page("discovery.md").split("## Measured agreement with exact activation patching")[1].split("\n\n")[2]
     rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
     assert [r[0].strip() for r in rows] == list(grammar.TASKS)
     for task, *cells in rows:

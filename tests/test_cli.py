@@ -2,7 +2,6 @@
 
 import io
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -209,13 +208,13 @@ def test_demo_evaluates_every_circuit_and_features_beat_neurons(demo_catalog):
 
 
 def test_the_readme_table_of_features_and_neurons_is_the_demos(demo_catalog):
-    """The README's features-vs-neurons table is what `make demo` gives on the released zoo, here."""
+    """The features-vs-neurons table (docs/sql.md) is what `make demo` gives on the released zoo, here."""
     import re
 
     import catalog
+    from tests.docs import page
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme.split("| task | features | neurons |\n|---|---|---|\n")[1].split("\n\n")[0]
+    table = page("sql.md").split("| task | features | neurons |\n|---|---|---|\n")[1].split("\n\n")[0]
     documented = {m[0]: (int(m[1]), int(m[2])) for m in re.findall(r"\| (\w+) \| (\d+) \| (\d+) \|", table)}
     measured = catalog.open(demo_catalog).sql("SELECT * FROM nodes_for_faithfulness(0.8)")
     assert documented == {r.task_id: (int(r.features), int(r.neurons)) for r in measured.itertuples()}

@@ -123,12 +123,12 @@ def test_the_autograd_engine_of_local_attribution_on_an_accelerator_gives_the_cp
     OV edges exactly, handed back on the CPU. (Computing `grad_outputs` on the CPU fails here, as on a GPU.)"""
     from test_local_circuits import _targets
 
-    from cli import _local_model
+    from compute.jobs.local import local_model
     from compute.local.attribution import attribute
     from compute.local.replacement import Replacement
 
     def run(device):
-        handle, _, transcoders, attention = _local_model("default", str(local_disk / "neox"), local_disk / "set",
+        handle, _, transcoders, attention = local_model("default", str(local_disk / "neox"), local_disk / "set",
                                                          None, device, "float32", [PROMPT])
         rep = Replacement(handle.model, transcoders, attention, handle.model.to_tokens(PROMPT))
         assert rep.device.type == device

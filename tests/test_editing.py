@@ -1,7 +1,6 @@
 """Editing: ablating features chosen by SQL and measuring the task again."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ from conftest import run_cli, run_readme_commands
 from compute.attribution.editing import edit_and_measure
 from compute.attribution.spliced import batch_metric, states
 from compute.tasks import encode
-
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def test_edit_equals_a_hand_written_ablation(zoo, subs, saes):
@@ -47,9 +44,11 @@ def test_ablating_silent_features_changes_nothing(zoo, subs, saes):
 
 @pytest.fixture(scope="module")
 def shift(tmp_path_factory, dicts):
-    """The README's SHIFT commands, run as written in a fresh folder."""
+    """The editing page's SHIFT commands, run as written in a fresh folder."""
+    from tests.docs import page
+
     here = tmp_path_factory.mktemp("shift")
-    return here, run_readme_commands("shift", README, here)
+    return here, run_readme_commands("shift", page("editing.md"), here)
 
 
 def test_removing_the_spurious_cue_raises_worst_group_accuracy(shift):
@@ -74,15 +73,14 @@ def test_removing_the_spurious_cue_raises_worst_group_accuracy(shift):
     assert (here / "shift.png").stat().st_size > 10_000
 
 
-def test_the_readme_queries_of_the_editing_section_return_rows(shift):
-    from test_readme import SHIFT_SECTION, _blocks
-
+def test_the_queries_of_the_editing_page_return_rows(shift):
     import catalog
+    from tests.docs import blocks, page
 
     here, _ = shift
-    blocks = _blocks("sql", SHIFT_SECTION)
-    assert blocks
-    for sql in blocks:
+    found = blocks("sql", page("editing.md"))
+    assert found
+    for sql in found:
         assert len(catalog.open(here / "shift").sql(sql)) > 0, sql
 
 

@@ -120,9 +120,9 @@ def test_ground_truth_benchmark_scores_every_method(tmp_path):
     # the scores are evaluations of the discovered circuits, readable through the named query
     named = cat.sql("SELECT * FROM ground_truth_scores()")
     assert len(named) == len(rows) and set(named.circuit_id) <= set(cat.sql("SELECT circuit_id FROM circuits").circuit_id)
-    from tests.test_readme import GROUND_TRUTH_SECTION, _blocks
+    from tests.docs import blocks, page
 
-    for sql in _blocks("sql", GROUND_TRUTH_SECTION):  # the README's queries run on this catalogue
+    for sql in blocks("sql", page("ground-truth.md")):  # the page's queries run on this catalogue
         assert len(cat.sql(sql)) == len(rows)
     # a second benchmark writes the same truth again: the catalogue keeps one row per key
     r = run_cli("benchmark", "ground-truth", "--model", "handset", "--method", "ig", catalog=path)

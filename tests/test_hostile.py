@@ -206,7 +206,7 @@ def test_there_are_enough_cases():
 
 @pytest.mark.parametrize("args,needle", CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
 def test_hostile_input_gets_one_line_and_changes_nothing(demo_catalog, outside, args, needle):
-    from cli import main
+    from commands import main
 
     before = _hashes(demo_catalog)
     full = _fill(args, demo_catalog, outside)
@@ -274,7 +274,7 @@ def test_a_one_example_task_is_stored_without_nan(tmp_path, dicts):
     f.write_text(json.dumps({"clean_prefix": "the cat", "patch_prefix": "the cats", "clean_answer": " runs",
                              "patch_answer": " run"}) + "\n")
     cat = tmp_path / "cat"
-    r = CliRunner().invoke(__import__("cli").main, ["--catalog", str(cat), "discover", "--task-file", str(f),
+    r = CliRunner().invoke(__import__("commands").main, ["--catalog", str(cat), "discover", "--task-file", str(f),
                                                     "--full-eval"])
     assert r.exit_code == 0, r.output
     assert "not evaluated: mean ablation of every node leaves the metric unchanged" in r.stderr

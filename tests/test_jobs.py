@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import catalog
-from cli import main
+from commands import main
 from compute.jobs.jobfile import read_jobs
 from tests.conftest import run_cli
 
@@ -146,16 +146,16 @@ def test_many_workers_and_ray_give_the_rows_of_one_by_one_and_a_rerun_skips_what
     again = pd.read_csv(io.StringIO(r.stdout))
     assert r.returncode == 1 and list(again.status) == ["skipped"] * 8 + ["failed"]
     assert len(catalog.open(tmp_path / "eight").sql("SELECT * FROM circuits")) == 8
-    from tests.test_readme import SWEEPS_SECTION, _blocks
+    from tests.docs import blocks, page, section
 
-    for sql in _blocks("sql", SWEEPS_SECTION):  # the README's queries of the section
+    for sql in blocks("sql", section(page("sweeps.md"), "Sweeps")):  # the queries of the section
         assert len(catalog.open(tmp_path / "eight").sql(sql)) > 0
 
 
 def test_the_readme_job_file_is_a_valid_job_file(tmp_path):
-    from tests.test_readme import SWEEPS_SECTION, _blocks
+    from tests.docs import blocks, page, section
 
-    (toml,) = _blocks("toml", SWEEPS_SECTION)
+    (toml,) = blocks("toml", section(page("sweeps.md"), "Sweeps"))
     jobs = read_jobs(_write(tmp_path, toml), main)
     assert len(jobs) == 3 * 2 * 2 + 1 and jobs[-1].name.startswith("explain --prompt")
 
@@ -164,16 +164,18 @@ def test_a_job_run_again_after_its_worker_died_writes_nothing_twice(tmp_path, di
     """A worker killed after its job committed (before the runner heard) runs the job again on the rerun:
     the job's runs get the same ids, so the second commit changes nothing; a stale staged copy of one
     of them (its writer killed mid-write) is replaced."""
-    import cli
+    from commands.base import ENTRY
+    from compute.jobs.command import executor
 
+    execute = executor(ENTRY)
     root = tmp_path / "c"
     argv = ["--task", "sva_simple", "--method", "atp", "--examples", "4", "--no-eval"]
-    assert cli._execute_job(str(root), ["discover"], argv, "k" * 16, 1) == (0, "")
+    assert execute(str(root), ["discover"], argv, "k" * 16, 1) == (0, "")
     runs = catalog.open(root).sql("SELECT run_id FROM runs WHERE kind = 'discover'").run_id
     assert len(runs) == 1 and runs[0].startswith("run-job-" + "k" * 16)
     (root / "staging" / runs[0]).mkdir()  # what a writer of that id killed mid-write leaves
     (root / "staging" / runs[0] / "nodes.parquet.tmp").write_bytes(b"half")
-    assert cli._execute_job(str(root), ["discover"], argv, "k" * 16, 1) == (0, "")
+    assert execute(str(root), ["discover"], argv, "k" * 16, 1) == (0, "")
     assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 1
     assert not (root / "staging" / runs[0]).exists()
     r = run_cli("discover", *argv, catalog=root)  # outside a job: a new run, as before
@@ -183,16 +185,17 @@ def test_a_job_run_again_after_its_worker_died_writes_nothing_twice(tmp_path, di
 def test_a_job_whose_push_fails_has_failed_and_its_rerun_pushes_its_runs(tmp_path, dicts):
     """A job's push is its last step: when the mirror cannot take its runs, the job fails with the reason
     (its runs stay committed here); run again, it commits nothing twice and pushes them."""
-    import cli
+    from commands.base import ENTRY
+    from compute.jobs.command import executor
     from compute.jobs.runner import run_job
 
     root, mirror = tmp_path / "c", tmp_path / "mirror"
     (tmp_path / "a-file").write_text("not a folder")
     argv = ["--task", "sva_simple", "--method", "atp", "--examples", "4", "--no-eval"]
-    status, reason = run_job(cli._execute_job, str(root), ["discover"], argv, "k" * 16, 1, str(tmp_path / "a-file" / "m"))
+    status, reason = run_job(executor(ENTRY), str(root), ["discover"], argv, "k" * 16, 1, str(tmp_path / "a-file" / "m"))
     assert status == 1 and reason.startswith("its runs are committed but not pushed: mirror "), reason
     assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 1
-    assert run_job(cli._execute_job, str(root), ["discover"], argv, "k" * 16, 1, str(mirror)) == (0, "")
+    assert run_job(executor(ENTRY), str(root), ["discover"], argv, "k" * 16, 1, str(mirror)) == (0, "")
     assert len(catalog.open(root).sql("SELECT * FROM circuits")) == 1  # nothing landed twice
     (pushed,) = [p.name for p in (mirror / "runs").iterdir()]
     assert pushed.startswith("run-job-" + "k" * 16)

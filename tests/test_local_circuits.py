@@ -351,15 +351,15 @@ def test_a_task_circuit_is_the_mean_of_its_prompts_and_reads_like_any_circuit(lo
 
 
 def test_the_readme_walkthrough_is_what_its_commands_print(local):
-    """Every node (SITE/FEATURE@POSITION), head and number the README's walk-through names is in what
+    """Every node (SITE/FEATURE@POSITION), head and number the walk-through (docs/local-circuits.md) names is in what
     the commands beside it print: a number to the decimals written."""
     import re
 
-    from test_readme import LOCAL_SECTION
+    from tests.docs import page
 
     _, outputs = local
     printed = "\n".join(r.stdout + r.stderr for r in outputs)
-    paragraph = "The first explains" + LOCAL_SECTION.split("The first explains", 1)[1].split("instead\nof naming")[0]
+    paragraph = "The first explains" + page("local-circuits.md").split("The first explains", 1)[1].split("instead\nof naming")[0]
     nodes = re.findall(r"`((?:embed|attn_\d|mlp_\d|resid_\d)/(?:\d+|err)@\d+)`", paragraph)
     assert len(nodes) >= 8 and all(n in printed for n in nodes), [n for n in nodes if n not in printed]
     values = [float(v) for v in re.findall(r"[-+]?\d+\.\d+", printed)]
@@ -370,10 +370,10 @@ def test_the_readme_walkthrough_is_what_its_commands_print(local):
 
 
 def test_the_readme_queries_of_the_local_section_return_rows(local):
-    from test_readme import LOCAL_SECTION, _blocks
+    from tests.docs import blocks, page
 
     cat, _ = local
-    for sql in _blocks("sql", LOCAL_SECTION):
+    for sql in blocks("sql", page("local-circuits.md")):
         assert len(_sql(cat, sql)) > 0, sql
 
 

@@ -279,17 +279,18 @@ def test_networkx_graphml_and_circuit_tracer_exports(pair, tmp_path):
     assert all(ln["source"] in ids and ln["target"] in ids for ln in j["links"])
 
 
-def test_query_list_names_every_named_query_and_the_readme_runs_each():
+def test_query_list_names_every_named_query_and_the_docs_run_each():
     r = run_cli("query", "--list", catalog=None)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == len(listed())
-    from tests.test_readme import README, _blocks
+    from tests.docs import blocks, page, pages
 
+    examples = [b for name in pages() for b in blocks("sql", page(name))]
     for q in listed():
         assert any(line.startswith(q.signature) for line in lines)
-        assert f"`{q.signature}`" in README, q.name  # documented
-        assert any(f"{q.name}(" in block for block in _blocks("sql")), q.name  # with an example the tests run
+        assert f"`{q.signature}`" in page("reference/queries.md"), q.name  # documented
+        assert any(f"{q.name}(" in block for block in examples), q.name  # with an example the tests run
 
 
 def test_bad_input_fails_in_one_line(pair):

@@ -191,10 +191,9 @@ def test_a_catalogue_is_not_its_own_mirror(demo_catalog):
 
 def test_the_readme_mirror_commands_run_as_written(tmp_path, dicts):
     from tests.conftest import run_readme_commands
-    from tests.test_readme import README
+    from tests.docs import page, section
 
-    section = "## Mirrors" + README.split("## Mirrors", 1)[1].split("\n## ", 1)[0]
-    outputs = run_readme_commands("node1", section, tmp_path)
+    outputs = run_readme_commands("node1", section(page("sweeps.md"), "Mirrors"), tmp_path)
     assert [ln.split()[:2] for ln in outputs[-1].stdout.splitlines() if ln.split()[:1] in (["ioi"], ["sva_simple"])] \
         == [["ioi", "atp"], ["sva_simple", "atp"]]
     for node in ("node1", "node2"):  # each node's circuits, pulled whole

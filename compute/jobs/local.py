@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from statistics import mean
 
 import torch
@@ -23,7 +24,7 @@ from catalog.store import Catalog, new_id
 from compute.dictionaries.kinds import TrainedDictionary
 from compute.jobs.lifecycle import now, run, run_row
 from compute.jobs.rows import EDGE_ROWS, write_model_and_dictionaries, write_task
-from compute.local.attribution import Target, feature_target, logit_target
+from compute.local.attribution import Target, feature_target, logit_target, node_label
 from compute.local.graph import ROOT, GraphParams, PromptGraph, prompt_graph
 from compute.local.qk import BIAS
 from compute.local.replacement import EMBED, Replacement
@@ -51,6 +52,29 @@ def zoo_local_set(zoo, progress: bool = True) -> tuple[dict[int, TrainedDictiona
     attention = build_dictionaries(zoo, progress=progress)
     return ({i: transcoders[transcoder_site(i).name] for i in range(n)},
             {i: attention[site("attn", i).name] for i in range(n)})
+
+
+def local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
+                device: str, dtype: str, prompts: list[str]):
+    """(model handle, zoo or None, transcoders, attention SAEs by layer): the zoo's, or a checkpoint's
+    from its dictionary set (which must hold a transcoder at every MLP and an SAE at every attention
+    output; the replacement model names what is missing)."""
+    from compute.jobs.loading import checkpoint_and_dictionaries, say, zoo_and_dictionaries
+
+    if model_name is None:
+        if dictionary_set or dictionary_spec:
+            raise UserError("--dictionaries and --dictionary-spec go with --model")
+        zoo, _, _ = zoo_and_dictionaries(zoo_name)
+        say("its MLP transcoders and attention SAEs ...")
+        return zoo.handle, zoo, *zoo_local_set(zoo)
+    if dictionary_set is None:
+        raise UserError("--model needs --dictionaries DIR (its MLP transcoders and attention SAEs)")
+    handle, dicts = checkpoint_and_dictionaries(model_name, device, dtype, dictionary_set, dictionary_spec, False,
+                                                prompts)
+    by = {(d.site.component, d.site.layer): d for d in dicts.values()}
+    n = handle.model.cfg.n_layers
+    return handle, None, {i: by[("mlp", i)] for i in range(n) if ("mlp", i) in by}, \
+        {i: by[("attn", i)] for i in range(n) if ("attn", i) in by}
 
 
 def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
@@ -170,6 +194,39 @@ def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: di
         _write_graph(w, circuit_id, row["run_id"], handle, task, graphs, "answer_logit_diff", params, dicts,
                      sum(data.dropped.values()))
     return circuit_id, graphs
+
+
+def inputs_of_root(g: PromptGraph) -> list[dict]:
+    """What feeds a graph's root, strongest direct contribution first: each kept node with its token,
+    its direct contribution, its influence, and the head that moves most of it (`explain`'s table)."""
+    rep = g.rep
+    into = {src: w for src, dst, w in g.edges if dst == g.root_node}
+    heads: dict[int, list] = {}
+    for src, dst, head, w in g.ov:
+        if dst == g.root_node:
+            heads.setdefault(src, []).append((abs(w), head, w))
+    layer, tokens = g.root.component_layer[1], rep.model.to_str_tokens(rep.tokens[0])
+    rows = [{"node": node_label(rep, i), "token": tokens[rep.nodes[i].position], "direct": into.get(i, 0.0),
+             "influence": float(g.influence[i]),
+             "top_head": (f"{layer}.{max(heads[i])[1]} ({max(heads[i])[2]:+.3f})" if i in heads else "")}
+            for i in g.kept]
+    return sorted(rows, key=lambda r: -abs(r["direct"]))
+
+
+def score_parts(g: PromptGraph, top: int = 3) -> list[tuple[str, str, str]]:
+    """Each decomposed attention score of a graph: (the head's move and score, its strongest query-side
+    parts, its strongest key-side parts), as `explain` prints them."""
+    rep = g.rep
+
+    def label(n) -> str:
+        return "bias" if n.site == "bias" else node_label(rep, rep.index[n])
+
+    def strongest(nodes, marginals) -> str:
+        ranked = sorted(zip(nodes, marginals.tolist(), strict=True), key=lambda t: -abs(t[1]))[:top]
+        return ", ".join(f"{label(n)} {m:+.3f}" for n, m in ranked)
+
+    return [(f"head {q.layer}.{q.head} attends from {q.query} to {q.key}: score {q.score:+.3f}",
+             strongest(q.query_nodes, q.query_marginals), strongest(q.key_nodes, q.key_marginals)) for _, q in g.qk]
 
 
 def _dicts(transcoders: dict, attention: dict) -> dict[str, TrainedDictionary]:

@@ -30,13 +30,14 @@ from catalog.errors import UserError
 from catalog.progress import hidden
 from catalog.remote import push as push_runs
 from catalog.store import Catalog, open_catalog
+from compute.jobs.command import entry_module, executor
 from compute.jobs.jobfile import Job
 from compute.jobs.lifecycle import job_of, job_runs, record_end, run_row
 
 BACKENDS = ("local", "ray")
 
 # execute(catalog_path, command, argv, job_key, threads) -> (exit status, one-line reason): runs one
-# cli.py command in this process (cli.py passes it in; the compute layer cannot import the CLI).
+# command of the CLI in this process (`compute.jobs.command.executor` of the entry point the CLI names).
 Execute = Callable[[str, list, list, str, int], tuple[int, str]]
 
 
@@ -54,10 +55,12 @@ def committed_jobs(cat: Catalog) -> set[str]:
     return set(df.key.dropna())
 
 
-def run_jobs(cat: Catalog, jobs: list[Job], execute: Execute, workers: int = 1, backend: str = "local",
+def run_jobs(cat: Catalog, jobs: list[Job], entry: str, workers: int = 1, backend: str = "local",
              address: str | None = None, progress: bool = True, push: str | None = None) -> list[Outcome]:
     """Run the jobs not yet done; returns one outcome per job, in the file's order. With `push` (a
-    mirror's URL), each job pushes the runs it committed, and the runner the jobs' `job` runs."""
+    mirror's URL), each job pushes the runs it committed, and the runner the jobs' `job` runs. `entry`
+    names the CLI's click group ("module:group"), whose commands the jobs are."""
+    execute = executor(entry)
     if push:
         push_records(cat, jobs, push)  # what an interrupted sweep recorded and did not push yet
     done = committed_jobs(cat)
@@ -77,7 +80,7 @@ def run_jobs(cat: Catalog, jobs: list[Job], execute: Execute, workers: int = 1, 
         if todo and backend == "ray":
             _run_ray(str(cat.root), todo, execute, workers, threads, address, push, finished)
         elif todo:
-            _run_local(str(cat.root), todo, execute, workers, threads, push, finished)
+            _run_local(str(cat.root), todo, execute, workers, threads, push, finished, entry_module(entry))
     finally:
         bar.close()
     if push:
@@ -147,10 +150,10 @@ def _worker(root: str, execute: Execute, threads: int, push: str | None, jobs: m
 
 
 def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threads: int, push: str | None,
-               finished) -> None:
+               finished, preload: str) -> None:
     # forkserver: workers start from a clean process that has imported the heavy modules once
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformer_lens", "cli"])
+    ctx.set_forkserver_preload(["torch", "transformer_lens", preload])
     jobs, results = ctx.Queue(), ctx.Queue()
     by_key = {j.key: j for j in todo}
     for j in todo:

@@ -1,0 +1,84 @@
+"""Local circuits: a prompt's attribution graph in the replacement model (`attribute`), and why a
+feature fires (`explain`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from catalog.errors import UserError
+from commands.base import main, output
+from commands.options import FEATURE_OR_TOP, LOCAL_OPTIONS, POSITIVE, TEXT, graph_params
+
+
+@main.command()
+@click.option("--prompt", type=TEXT, help="the prompt whose graph is computed")
+@click.option("--task", "task_name", help="instead of --prompt: a zoo task, the mean of its prompts' graphs")
+@click.option("--examples", "n_examples", default=8, show_default=True, type=POSITIVE,
+              help="with --task: train examples used")
+@click.option("--target", type=TEXT, help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION (FEATURE top: the strongest there); "
+                                "default the model's top next token")
+@LOCAL_OPTIONS
+@click.pass_obj
+def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples: int, target: str | None,
+              zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
+              device: str, dtype: str, fmt: str, **options):
+    """Attribution graph of a prompt (or a task) in the local replacement model, committed as a circuit."""
+    import catalog
+    from compute.jobs.loading import zoo_tasks
+    from compute.jobs.local import local_model, prompt_job, task_job
+
+    if (prompt is None) == (task_name is None):
+        raise UserError("give either --prompt or --task")
+    if task_name is not None and target is not None:
+        raise UserError("--target goes with --prompt (a task's root is each example's answer logit difference)")
+    if task_name is not None and model_name is not None:
+        raise UserError("--task names a zoo task; with --model give --prompt")
+    params = graph_params(**options)
+    cat = catalog.init(path)
+    handle, zoo, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
+                                                       dtype, [prompt] if prompt else [])
+    if task_name is not None:
+        task, = zoo_tasks(zoo.tasks, [task_name], zoo_name)
+        circuit_id, graphs = task_job(cat, handle, transcoders, attention, task, n_examples, params)
+    else:
+        circuit_id, g = prompt_job(cat, handle, transcoders, attention, prompt, target, params)
+        graphs = [g]
+    kept = cat.sql("SELECT count(*) AS n FROM edges WHERE circuit_id = ? AND kind = 'attribution'", [circuit_id])
+    click.echo(f"circuit {circuit_id}: {len(graphs)} prompt(s), root {graphs[0].root.site} "
+               f"{sum(g.root_value for g in graphs) / len(graphs):+.3f} (mean), {int(kept.n[0])} edges", err=True)
+    output(cat.sql("SELECT * FROM circuit_nodes(?)", [circuit_id]), fmt)
+
+
+@main.command()
+@click.argument("site_name", metavar="SITE")
+@click.argument("feature", type=FEATURE_OR_TOP)
+@click.option("--prompt", required=True, type=TEXT, help="the prompt on which the feature fires")
+@click.option("--position", type=int, default=-1, show_default=True, help="token position (negative: from the end)")
+@LOCAL_OPTIONS
+@click.pass_obj
+def explain(path: Path, site_name: str, feature: str, prompt: str, position: int, zoo_name: str,
+            model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None, device: str, dtype: str,
+            fmt: str, **options):
+    """Why a feature fires here: its local circuit (SITE is attn_LAYER or mlp_LAYER; FEATURE a number, or
+    'top' for the site's strongest feature at the position), committed as a circuit."""
+    import pandas as pd
+
+    import catalog
+    from compute.jobs.local import inputs_of_root, local_model, prompt_job, score_parts
+    from compute.local.attribution import node_label
+
+    params = graph_params(**options)
+    cat = catalog.init(path)
+    handle, _, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
+                                                     dtype, [prompt])
+    circuit_id, g = prompt_job(cat, handle, transcoders, attention, prompt, f"{site_name}/{feature}@{position}",
+                               params)
+    rep = g.rep
+    click.echo(f"circuit {circuit_id}: {node_label(rep, g.root_node)} has pre-activation {g.root_value:+.3f} "
+               f"(value {float(rep.values[g.root.site][g.root.position, g.root.feature]):.3f})", err=True)
+    output(pd.DataFrame(inputs_of_root(g)), fmt)
+    if fmt == "table":
+        for head, query_side, key_side in score_parts(g):
+            click.echo(f"\n{head}\n  query side: {query_side}\n  key side:   {key_side}")
