@@ -1,7 +1,7 @@
 """Attribution cost on the zoo (or any loadable checkpoint), side by side in one run.
 
-    python bench/attribution.py [--examples 32] [--repeat 5]
-    python bench/attribution.py --model PATH --task-file FILE [--dictionaries DIR]
+    python -m bench.attribution [--examples 32] [--repeat 5]
+    python -m bench.attribution --model PATH --task-file FILE [--dictionaries DIR]
 
 With --model, the checkpoint (a Hugging Face directory or a name in the local cache) runs with
 its dictionary set (neurons where it has none) on the task file's longest batch. A model of GPT-2's
@@ -41,25 +41,23 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from compute.attribution.atp import node_effects  # noqa: E402
-from compute.attribution.discovery import DiscoveryParams  # noqa: E402
-from compute.attribution.edges import edge_pairs, edge_weights, edge_weights_looped  # noqa: E402
-from compute.attribution.ig import ig_grads  # noqa: E402
-from compute.attribution.patching import joint_effects  # noqa: E402
-from compute.attribution.spliced import (  # noqa: E402
+from compute.attribution.atp import node_effects
+from compute.attribution.discovery import DiscoveryParams
+from compute.attribution.edges import edge_pairs, edge_weights, edge_weights_looped
+from compute.attribution.ig import ig_grads
+from compute.attribution.patching import joint_effects
+from compute.attribution.spliced import (
     clean_and_patch,
     output_grads,
     spliced_pass,
     states,
 )
-from compute.dictionaries.building import build_dictionaries  # noqa: E402
-from compute.models.zoo import build_zoo  # noqa: E402
-from compute.tasks import encode  # noqa: E402
-from schema.sites import ERROR, sites  # noqa: E402
+from compute.dictionaries.building import build_dictionaries
+from compute.models.zoo import build_zoo
+from compute.tasks import encode
+from schema.sites import ERROR, sites
 
 STEPS = DiscoveryParams().ig_steps
 RULE = DiscoveryParams().ig_rule
@@ -150,8 +148,8 @@ def peak_mb(step: str, examples: int) -> float:
     """Peak resident memory (MiB) that one step adds, measured in a fresh process."""
     given = [a for k in ("model", "task_file", "dictionaries", "nodes", "looped") if getattr(ARGS, k)
              for a in (f"--{k.replace('_', '-')}", str(getattr(ARGS, k)))]
-    r = subprocess.run([sys.executable, __file__, "--examples", str(examples), "--measure", step, *given],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "bench.attribution", "--examples", str(examples), "--measure", step,
+                        *given], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 

@@ -1,10 +1,10 @@
 """The CPU against an accelerator, side by side in one run: the check a machine with a GPU runs once.
 
-    python bench/devices.py                               # cuda (or mps), float32, tiny checkpoints
-    python bench/devices.py --dtype bfloat16              # the device in half precision, against float32 on the CPU
-    python bench/devices.py --d-model 768 --layers 12     # a GPT-2-small-shaped checkpoint (random weights)
-    python bench/devices.py --zoo                         # also the trained zoo model and its SAEs
-    python bench/devices.py --virtual cuda                # on this CPU, under tests/virtual_device.py
+    python -m bench.devices                               # cuda (or mps), float32, tiny checkpoints
+    python -m bench.devices --dtype bfloat16              # the device in half precision, against float32 on the CPU
+    python -m bench.devices --d-model 768 --layers 12     # a GPT-2-small-shaped checkpoint (random weights)
+    python -m bench.devices --zoo                         # also the trained zoo model and its SAEs
+    python -m bench.devices --virtual cuda                # on this CPU, under tests/virtual_device.py
                                                           # (against the CPU in the same dtype: all equal)
 
 Nothing is downloaded: the checkpoints, dictionary sets and task file are random ones written
@@ -32,23 +32,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import numpy as np
+import pandas as pd
+import torch
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-import catalog  # noqa: E402
+import catalog
 
 PROMPT = "the cat near the dogs runs"
 
 
 def write_inputs(root: Path, d_model: int, layers: int, d_sae: int) -> dict[str, Path]:
     """The tests' kind of checkpoints and sets, at the size asked for."""
-    from checkpoints import write_checkpoint, write_local_set, write_sfc_set, write_task
-
     from compute.models.checkpoints import load_checkpoint
+    from tests.checkpoints import write_checkpoint, write_local_set, write_sfc_set, write_task
 
     paths = {"gpt2": write_checkpoint(root / "gpt2", "gpt2", d_model=d_model, n_layers=layers),
              "sfc": write_sfc_set(root / "sfc", layers, d_model, d_sae), "task": write_task(root / "task.jsonl"),
@@ -160,7 +156,7 @@ def main() -> None:
                     "device paths: every result must equal the CPU's)")
     args = ap.parse_args()
     if args.virtual:
-        from virtual_device import virtual_device
+        from tests.virtual_device import virtual_device
 
         VIRTUAL, args.device = True, args.virtual
         VIRTUAL_MODE = lambda: virtual_device(args.virtual)  # noqa: E731

@@ -1,6 +1,6 @@
 """Dictionary training throughput against the floor of its own matrix products, side by side.
 
-    python bench/dictionaries.py [--steps 300] [--d-in 64] [--expansion 8] [--batch 1024]
+    python -m bench.dictionaries [--steps 300] [--d-in 64] [--expansion 8] [--batch 1024]
 
 For every trainable architecture, training tokens per second (steps x batch over
 wall time of `train_sae`, optimiser, resampling checks and progress bookkeeping
@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from compute.allocator import keep_freed_memory  # noqa: E402
-from compute.dictionaries.training import TRAINABLE, SAEConfig, train_sae  # noqa: E402
+from compute.allocator import keep_freed_memory
+from compute.dictionaries.training import TRAINABLE, SAEConfig, train_sae
 
 
 def floor_tokens_per_s(batch: int, d_in: int, d_sae: int, d_out: int, steps: int) -> float:

@@ -1,7 +1,7 @@
 """Explorer benchmark: how long a large circuit's page takes to open in the browser.
 
-    python bench/explorer.py                     # circuits of about 1,000, 5,000 and 20,000 edges
-    python bench/explorer.py --edges 5000 --repeat 5
+    python -m bench.explorer                     # circuits of about 1,000, 5,000 and 20,000 edges
+    python -m bench.explorer --edges 5000 --repeat 5
 
 A synthetic circuit in the zoo's shape (4 layers; rows of 40 or more features, of which the
 picture draws the strongest 40; random edges between consecutive rows; tests/synthetic.py) is committed to a temporary catalogue, `cli.py serve`'s app
@@ -16,7 +16,6 @@ Goal: a 5,000-edge circuit opens in under 2 s.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 import time
@@ -26,14 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import catalog  # noqa: E402
-from catalog.explorer import bind, create_app, url_of  # noqa: E402
-from catalog.render import render_circuit  # noqa: E402
-from schema.sites import sites  # noqa: E402
-from tests.synthetic import layered_circuit, write_circuit  # noqa: E402
-from tests.test_render import FLAGS, _chromium  # noqa: E402
+import catalog
+from catalog.explorer import bind, create_app, url_of
+from catalog.render import render_circuit
+from schema.sites import sites
+from tests.browser import FLAGS, chromium
+from tests.synthetic import layered_circuit, write_circuit
 
 N_LAYERS, WIDTH = 4, 40
 
@@ -84,7 +81,7 @@ def main() -> None:
 
     rows = []
     with sync_playwright() as p, tempfile.TemporaryDirectory() as tmp:
-        browser = p.chromium.launch(executable_path=_chromium(), args=[f for f in FLAGS if f != "--headless"])
+        browser = p.chromium.launch(executable_path=chromium(), args=[f for f in FLAGS if f != "--headless"])
         for n in args.edges:
             root = Path(tmp) / f"c{n}"
             cid = build(root, n)

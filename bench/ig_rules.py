@@ -1,6 +1,6 @@
 """Which quadrature rule and step count make integrated gradients complete on the zoo?
 
-    python bench/ig_rules.py [--examples 64] [--steps 2 4 6 8 10 20 100]
+    python -m bench.ig_rules [--examples 64] [--steps 2 4 6 8 10 20 100]
 
 IG's effects over one submodule's nodes add up to (patch - clean) . integrated gradient,
 which equals the joint effect of patching the whole submodule when the integral is exact.
@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from compute.attribution.ig import RULES, ig_grads  # noqa: E402
-from compute.attribution.patching import joint_effects  # noqa: E402
-from compute.attribution.spliced import states  # noqa: E402
-from compute.dictionaries.building import zoo_with_dictionaries  # noqa: E402
-from compute.models import grammar  # noqa: E402
-from compute.models.zoo import ZooConfig  # noqa: E402
-from compute.tasks import encode  # noqa: E402
-from schema.sites import sites  # noqa: E402
+from compute.attribution.ig import RULES, ig_grads
+from compute.attribution.patching import joint_effects
+from compute.attribution.spliced import states
+from compute.dictionaries.building import zoo_with_dictionaries
+from compute.models import grammar
+from compute.models.zoo import ZooConfig
+from compute.tasks import encode
+from schema.sites import sites
 
 
 def errors(model, subs, saes, task, n_examples: int, grid) -> dict[tuple[str, int], list[float]]:

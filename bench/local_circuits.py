@@ -1,6 +1,6 @@
 """Local circuits' cost, side by side in one run, on the zoo and on a random model 8x+ larger.
 
-    python bench/local_circuits.py [--repeat 3] [--targets 64]
+    python -m bench.local_circuits [--repeat 3] [--targets 64]
 
 For each model: a per-prompt attribution graph (the replacement model frozen on the prompt,
 influences, edges between the kept nodes, OV split and QK decompositions, as `cli.py attribute`
@@ -19,20 +19,21 @@ attention SAEs 4096 wide of which about 1% fire, on a prompt of 64 random tokens
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import torch
 
-import torch  # noqa: E402
-from attribution import sampled_peak_mb, timed  # noqa: E402
-from checkpoints import random_local_dictionaries  # noqa: E402
-
-from compute.local.attribution import _node_scores, _values, attribute, feature_target, logit_target  # noqa: E402
-from compute.local.graph import GraphParams, prompt_graph  # noqa: E402
-from compute.local.replacement import Replacement  # noqa: E402
-from schema.sites import block_input  # noqa: E402
+from bench.attribution import sampled_peak_mb, timed
+from compute.local.contributions import (
+    _node_scores,
+    _values,
+    attribute,
+    feature_target,
+    logit_target,
+)
+from compute.local.prompt_graph import GraphParams, prompt_graph
+from compute.local.replacement import Replacement
+from schema.sites import block_input
+from tests.checkpoints import random_local_dictionaries
 
 ACTIVE = 0.01  # the larger model's dictionaries: about 41 of 4096 features fire per token (GPT-2-small SAEs: 20-100)
 ZOO_PROMPT = "when kate and mary went to the school , kate gave the letter to"

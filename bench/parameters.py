@@ -1,6 +1,6 @@
 """What one batched curvature evaluation costs, against one gradient pass over the same batch.
 
-    python bench/parameters.py [--batches 64 256] [--directions 8] [--repeats 5]
+    python -m bench.parameters [--batches 64 256] [--directions 8] [--repeats 5]
 
 On one head's W_K of the zoo (layer 0, head 0: 1024 parameters) and zoo corpus sentences, it times
 side by side (round-robin, median of the repeats): one gradient pass of the summed divergence
@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 OPS = ("gradient", "curvature (jvp)", "curvature (nested)", "training step (jvp)")
 

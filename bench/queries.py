@@ -1,10 +1,10 @@
 """Query-layer benchmark: diff of two circuits and comparison of 100 circuits, DuckDB against pandas.
 
-    python bench/queries.py                 # 1M edges, then 10M
-    python bench/queries.py --scales 1e6    # one scale
-    python bench/queries.py --ops diff      # the diff only
-    python bench/queries.py --ops verify    # what verifying the shards costs a query
-    python bench/queries.py --scales 1e8    # 100M edges over 10,000 runs, before and after compaction
+    python -m bench.queries                 # 1M edges, then 10M
+    python -m bench.queries --scales 1e6    # one scale
+    python -m bench.queries --ops diff      # the diff only
+    python -m bench.queries --ops verify    # what verifying the shards costs a query
+    python -m bench.queries --scales 1e8    # 100M edges over 10,000 runs, before and after compaction
 
 Synthetic circuits are written into a temporary catalogue as Parquet shards, exactly as a
 worker writes them. At each scale E:
@@ -49,10 +49,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import catalog  # noqa: E402
-from tests.synthetic import layered_circuit, write_circuit  # noqa: E402
+import catalog
+from tests.synthetic import layered_circuit, write_circuit
 
 SUBS = [("embed", -1)] + [(c, i) for i in range(6) for c in ("attn", "mlp", "resid")]
 

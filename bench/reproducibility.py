@@ -1,7 +1,7 @@
 """Do the demo's numbers (and, with --rebuild, the zoo and its dictionaries) depend on the
 processor's kernels?
 
-    python bench/reproducibility.py [--capabilities default avx2 avx512] [--rebuild] [--suite]
+    python -m bench.reproducibility [--capabilities default avx2 avx512] [--rebuild] [--suite]
 
 For each of PyTorch's CPU capabilities (forced with ATEN_CPU_CAPABILITY, as a machine without
 the wider instructions would run), this runs `cli.py demo` into a catalogue and a cache of its
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def supported(capability: str) -> bool:

@@ -1,6 +1,6 @@
 """How much do the demo's features-vs-neurons numbers depend on the zoo's training seed?
 
-    python bench/seeds.py [--seeds 0 1 2]
+    python -m bench.seeds [--seeds 0 1 2]
 
 For each seed this builds the zoo (same configuration, another `seed`: other weights, other
 task examples, other dictionaries) with its SAEs and identity dictionaries, discovers every task's
@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def seed_table(seed: int, work: Path) -> dict[str, dict]:
@@ -28,7 +27,7 @@ def seed_table(seed: int, work: Path) -> dict[str, dict]:
     import catalog
     from compute.attribution.discovery import DiscoveryParams
     from compute.dictionaries.building import zoo_with_dictionaries
-    from compute.jobs.discover import discovery_job
+    from compute.jobs.discovery_job import discovery_job
     from compute.models.zoo import ZooConfig
 
     zoo, dicts, identity = zoo_with_dictionaries(dataclasses.replace(ZooConfig(), seed=seed), identity=True)

@@ -1,7 +1,7 @@
 """Soak test of the commit protocol and the job runner: discovery runs killed at random, readers throughout.
 
-    python bench/soak.py                  # 100 discovery jobs, 2 workers, a worker killed every 1-4 s
-    python bench/soak.py --jobs 30 --kills 10
+    python -m bench.soak                  # 100 discovery jobs, 2 workers, a worker killed every 1-4 s
+    python -m bench.soak --jobs 30 --kills 10
 
 A job file of `--jobs` zoo discoveries (tasks x methods x example counts, 4-16 examples, no
 evaluation) runs under `cli.py run --workers W`, while this script SIGKILLs one of the runner's
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 TASKS = ["sva_simple", "sva_across_pp", "sva_across_rc", "sva_within_rc", "pronoun_gender", "ioi"]
 

@@ -101,7 +101,7 @@ def _run_tasks(path: Path, handle, dicts, tasks, params, basis: str = "features"
     from rich.table import Table
 
     import catalog
-    from compute.jobs.discover import discovery_job, top_features
+    from compute.jobs.discovery_job import discovery_job, top_features
 
     cat = catalog.init(path)
     t = Table(title=f"circuits over {basis} ({params.method}, node > {params.node_threshold}, "

@@ -67,7 +67,7 @@ def explain(path: Path, site_name: str, feature: str, prompt: str, position: int
 
     import catalog
     from compute.jobs.local import inputs_of_root, local_model, prompt_job, score_parts
-    from compute.local.attribution import node_label
+    from compute.local.contributions import node_label
 
     params = graph_params(**options)
     cat = catalog.init(path)

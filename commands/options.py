@@ -202,7 +202,7 @@ LOCAL_OPTIONS = options(
 
 def graph_params(node_budget: int, edge_budget: int, threshold: float, qk_scores: int):
     """GraphParams from the local-graph options."""
-    from compute.local.graph import GraphParams
+    from compute.local.prompt_graph import GraphParams
 
     return GraphParams(node_budget=node_budget, edge_budget=edge_budget, threshold=threshold, qk_scores=qk_scores)
 

@@ -158,3 +158,15 @@ def write_local_set(root: Path, model, prompt: str, d_sae: int = 64, seed: int =
     for i, d in enumerate([*transcoders.values(), *attention.values()]):
         save_dictionary(d.sae, root / f"dictionary{i}")
     return transcoders, attention
+
+
+def some_targets(rep, per_site: int = 4) -> list:
+    """Some active features of every site (spread over positions) and a logit difference."""
+    from compute.local.contributions import feature_target, logit_target
+
+    found = []
+    for name in rep.order:
+        active = rep.active[name]
+        for i in torch.linspace(0, len(active) - 1, per_site).long().tolist():
+            found.append(feature_target(rep, name, int(active[i, 1]), int(active[i, 0])))
+    return found + [logit_target(rep, 5, minus=7)]

@@ -94,3 +94,33 @@ def layered_circuit(rng: np.random.Generator, n_layers: int, width: int, n_edges
     src, dst = np.concatenate(src), np.concatenate(dst)
     edges = {"src_idx": src, "dst_idx": dst, "weight": rng.normal(size=len(src))}
     return nodes, edges
+
+
+# Two small hand-written circuits A and B (node rows, edge rows) that the query and picture tests share.
+def node_columns(rows):
+    """(component, layer, dictionary, feature or None, is_error, effect, in_circuit[, position]) -> columns."""
+    cols = {k: [] for k in ("node_idx", "component", "layer", "dictionary_id", "feature_idx", "is_error",
+                            "position", "effect", "in_circuit")}
+    for i, r in enumerate(rows):
+        comp, layer, d, f, err, eff, inc, *pos = r
+        for k, v in zip(cols, (i, comp, layer, d, f, err, pos[0] if pos else None, eff, inc), strict=True):
+            cols[k].append(v)
+    return {k: np.array(v, dtype=object if k in ("dictionary_id", "feature_idx", "position", "component") else None)
+            for k, v in cols.items()}
+
+
+def edge_columns(rows):
+    s, d, w = zip(*rows, strict=True) if rows else ((), (), ())
+    return {"src_idx": np.array(s, dtype=np.int64), "dst_idx": np.array(d, dtype=np.int64),
+            "weight": np.array(w, dtype=float)}
+
+
+# A and B share some nodes; B's node_idx order differs on purpose (nodes match by key, not index).
+A_NODES = [("embed", -1, "dE", 1, False, 2.0, True), ("embed", -1, "dE", 2, False, 1.0, True),
+           ("attn", 0, "dA", 5, False, 0.5, True), ("attn", 0, "dA", None, True, 0.3, True),
+           ("resid", 0, "dR", 7, False, 0.05, False), ("metric", 1, None, None, False, 3.0, True)]
+A_EDGES = [(0, 2, 1.0), (1, 2, 0.5), (2, 5, 2.0), (3, 5, 0.1)]
+B_NODES = [("metric", 1, None, None, False, 3.5, True), ("attn", 0, "dA", 5, False, 0.8, True),
+           ("embed", -1, "dE", 1, False, 2.0, True), ("resid", 0, "dR", 7, False, 0.6, True),
+           ("attn", 0, "dA", None, True, 0.3, True), ("embed", -1, "dE", 3, False, 0.4, True)]
+B_EDGES = [(2, 1, 1.0), (1, 0, 2.5), (4, 0, 0.1), (3, 0, 0.7), (5, 1, 0.2)]

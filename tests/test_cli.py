@@ -6,12 +6,9 @@ import json
 import pandas as pd
 import pytest
 from conftest import run_cli
+from expect import one_line_error, snapshot
 
 from compute.models import grammar
-
-
-def _snapshot(path):
-    return sorted((p.relative_to(path), p.stat().st_size) for p in path.rglob("*") if p.is_file())
 
 
 def test_demo_catalogue_lists_every_task(demo_catalog):
@@ -56,15 +53,6 @@ def test_query_formats(demo_catalog):
     assert sorted(listing.basis.unique()) == ["features", "neurons"] and listing.faithfulness.notna().all()
 
 
-def _assert_one_line_error(r, *needles):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
-    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.lower().startswith(("zoo model", "dictionaries"))]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for n in needles:
-        assert n in lines[0]
-
-
 @pytest.mark.parametrize("sql,needle", [
     ("DELETE FROM nodes", "read-only"),
     ("CREATE TABLE x (a INT)", "read-only"),
@@ -72,13 +60,13 @@ def _assert_one_line_error(r, *needles):
     ("SELEC 1", "SQL error"),
 ])
 def test_bad_queries_fail_clearly_and_change_nothing(demo_catalog, sql, needle):
-    before = _snapshot(demo_catalog)
-    _assert_one_line_error(run_cli("query", sql, catalog=demo_catalog), needle)
-    assert _snapshot(demo_catalog) == before
+    before = snapshot(demo_catalog)
+    one_line_error(run_cli("query", sql, catalog=demo_catalog), needle)
+    assert snapshot(demo_catalog) == before
 
 
 def test_missing_catalogue(tmp_path):
-    _assert_one_line_error(run_cli("query", "SELECT 1", catalog=tmp_path / "none", separate=True), "no catalogue")
+    one_line_error(run_cli("query", "SELECT 1", catalog=tmp_path / "none", separate=True), "no catalogue")
     assert not (tmp_path / "none").exists()
 
 
@@ -87,25 +75,25 @@ def test_malformed_task_file_names_the_line(demo_catalog, tmp_path):
     good = json.dumps({"clean_prefix": "the cat", "patch_prefix": "the cats",
                        "clean_answer": " runs", "patch_answer": " run"})
     f.write_text(good + "\n" + good + "\n{\"clean_prefix\": \"the cat\", oops}\n")
-    before = _snapshot(demo_catalog)
-    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:3")
+    before = snapshot(demo_catalog)
+    one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:3")
     f.write_text(good + "\n" + json.dumps({"clean_prefix": "the cat"}) + "\n")
-    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:2",
+    one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:2",
                            "missing field")
     f.write_text(good + "\n" + json.dumps({"clean_prefix": "the cat", "clean_answer": " runs"}) + "\n")
-    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:2",
+    one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:2",
                            "with and without a patch prompt")
     f.write_text(json.dumps({"clean_prefix": "the cat", "clean_answer": " runs", "patch_answer": " run"}) + "\n")
-    _assert_one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:1",
+    one_line_error(run_cli("discover", "--task-file", str(f), catalog=demo_catalog), "bad.jsonl:1",
                            "come together")
-    assert _snapshot(demo_catalog) == before
+    assert snapshot(demo_catalog) == before
 
 
 def test_unknown_task(demo_catalog):
-    before = _snapshot(demo_catalog)
-    _assert_one_line_error(run_cli("discover", "--task", "no_such_task", catalog=demo_catalog),
+    before = snapshot(demo_catalog)
+    one_line_error(run_cli("discover", "--task", "no_such_task", catalog=demo_catalog),
                            "unknown task", "sva_simple")
-    assert _snapshot(demo_catalog) == before
+    assert snapshot(demo_catalog) == before
 
 
 def test_discover_from_a_task_file(tmp_path, dicts):

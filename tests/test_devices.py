@@ -121,18 +121,17 @@ def test_the_autograd_engine_of_local_attribution_on_an_accelerator_gives_the_cp
     """The frozen replacement model's vectorised backward pass (`is_grads_batched`: what a transcoder
     read through another hook falls back to) under a virtual cuda: the CPU's direct contributions and
     OV edges exactly, handed back on the CPU. (Computing `grad_outputs` on the CPU fails here, as on a GPU.)"""
-    from test_local_circuits import _targets
-
     from compute.jobs.local import local_model
-    from compute.local.attribution import attribute
+    from compute.local.contributions import attribute
     from compute.local.replacement import Replacement
+    from tests.checkpoints import some_targets
 
     def run(device):
         handle, _, transcoders, attention = local_model("default", str(local_disk / "neox"), local_disk / "set",
                                                          None, device, "float32", [PROMPT])
         rep = Replacement(handle.model, transcoders, attention, handle.model.to_tokens(PROMPT))
         assert rep.device.type == device
-        return attribute(rep, _targets(rep), ov=True, engine="autograd")
+        return attribute(rep, some_targets(rep), ov=True, engine="autograd")
 
     on_cpu = run("cpu")
     with virtual_device("cuda"):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import run_cli
-from test_cli import _assert_one_line_error, _snapshot
+from expect import one_line_error, snapshot
 
 from catalog.errors import UserError
 from compute.dictionaries.formats import (
@@ -179,10 +179,10 @@ def test_a_dictionary_that_does_not_fit_its_hook_is_refused(zoo, demo_catalog, t
         check_fits(Transcoder(64, 64, "blocks.0.ln2.hook_normalized", d_out=12,
                               hook_name_out="blocks.0.hook_mlp_out"), zoo.model)
     save_dictionary(SAE(32, 64, "blocks.0.hook_resid_post"), tmp_path / "narrow")
-    before = _snapshot(demo_catalog)
-    _assert_one_line_error(run_cli("dictionaries", "import", str(tmp_path / "narrow"), catalog=demo_catalog),
+    before = snapshot(demo_catalog)
+    one_line_error(run_cli("dictionaries", "import", str(tmp_path / "narrow"), catalog=demo_catalog),
                            "d_in=32", "width 64")
-    assert _snapshot(demo_catalog) == before
+    assert snapshot(demo_catalog) == before
 
 
 # ---- training and metrics ---------------------------------------------------------------------
@@ -272,8 +272,8 @@ def test_feature_dashboard_matches_the_dictionary(demo_catalog, zoo, dicts):
     assert r.returncode == 0, r.stderr
     assert "top activating examples" in r.stdout and "promoted tokens" in r.stdout
     assert dash.examples.text[0] in r.stdout
-    _assert_one_line_error(run_cli("feature", d.dictionary_id, "100000", catalog=demo_catalog), "features 0..511")
-    _assert_one_line_error(run_cli("feature", "nope", "1", catalog=demo_catalog), "no dictionary 'nope'")
+    one_line_error(run_cli("feature", d.dictionary_id, "100000", catalog=demo_catalog), "features 0..511")
+    one_line_error(run_cli("feature", "nope", "1", catalog=demo_catalog), "no dictionary 'nope'")
 
 
 # ---- the ground-truth benchmark ---------------------------------------------------------------
@@ -312,7 +312,7 @@ def test_cli_benchmark_toy_writes_heat_maps(tmp_path, capfd):
     from PIL import Image
 
     assert Image.open(out).size[0] > 1000
-    _assert_one_line_error(run_cli("benchmark", "toy", "--d", "1", catalog=tmp_path / "cat"), "--d", "x>=2")
+    one_line_error(run_cli("benchmark", "toy", "--d", "1", catalog=tmp_path / "cat"), "--d", "x>=2")
 
 
 def test_cli_trains_and_registers_a_transcoder(tmp_path):
@@ -335,7 +335,7 @@ def test_cli_trains_and_registers_a_transcoder(tmp_path):
     busiest = catalog.open(cat).sql("SELECT feature_idx FROM features ORDER BY density DESC LIMIT 1").feature_idx[0]
     r = run_cli("feature", df.dictionary_id[0], str(busiest), catalog=cat)
     assert r.returncode == 0 and "[" in r.stdout.split("top activating examples:")[1], r.stdout
-    _assert_one_line_error(run_cli("dictionaries", "train", "--architecture", "transcoder", "--submodule", "attn_0",
+    one_line_error(run_cli("dictionaries", "train", "--architecture", "transcoder", "--submodule", "attn_0",
                                    catalog=cat), "no submodule attn_0")
 
 

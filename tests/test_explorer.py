@@ -22,9 +22,9 @@ import pytest
 import catalog
 from catalog.explorer import bind, create_app, url_of
 from catalog.explorer.app import DEFAULT_EDGES, LOCAL_ROWS, MAX_SQL_ROWS
+from tests.browser import FLAGS, chromium
 from tests.conftest import ROOT, run_cli
 from tests.synthetic import layered_circuit, write_circuit
-from tests.test_render import FLAGS, _chromium
 
 SHOTS = ROOT / "tests" / "screenshots"
 
@@ -53,7 +53,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=_chromium(), args=[f for f in FLAGS if f != "--headless"])
+        b = p.chromium.launch(executable_path=chromium(), args=[f for f in FLAGS if f != "--headless"])
         yield b
         b.close()
 

@@ -76,7 +76,15 @@ def test_the_command_line_is_a_thin_layer():
     """cli.py only runs the commands package; no command module is long; nothing below the CLI names
     it (not even as a string: job workers get the entry point from the CLI), and no test or bench
     script reaches into it for a private name."""
+    import tomllib
+
+    import cli
+    import commands
+    from commands.base import ENTRY
+
     assert len((ROOT / "cli.py").read_text().splitlines()) <= 150
+    script = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["circuit-catalog"]
+    assert cli.main is commands.main and script == ENTRY == "commands:main"  # python cli.py = circuit-catalog
     for f in (ROOT / "commands").glob("*.py"):
         assert len(f.read_text().splitlines()) <= 400, f.name
     for f in (ROOT / "compute").rglob("*.py"):
@@ -86,6 +94,15 @@ def test_the_command_line_is_a_thin_layer():
         text = f.read_text()
         assert not re.search(r"^\s*(from cli import|import cli\b)", text, re.M) or f.name == "test_layout.py", f
         assert not re.search(r"from commands[.\w]* import _|commands\.\w+\._", text), f"{f} imports a private name"
+
+
+def test_tests_and_benchmarks_share_helpers_through_helper_modules():
+    """No test imports from another test file (shared helpers live in tests/*.py helper modules), and no
+    bench script edits sys.path (they run as `python -m bench.NAME` from the repository)."""
+    for f in (ROOT / "tests").glob("*.py"):
+        assert not re.search(r"^\s*from (tests\.)?test_\w+ import", f.read_text(), re.M), f.name
+    for f in (ROOT / "bench").glob("*.py"):
+        assert "sys.path" not in f.read_text(), f.name
 
 
 def test_every_command_is_documented():

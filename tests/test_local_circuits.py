@@ -12,11 +12,11 @@ import math
 
 import pytest
 import torch
-from checkpoints import random_local_dictionaries
+from checkpoints import random_local_dictionaries, some_targets
 from conftest import run_cli
 
 from catalog.errors import UserError
-from compute.local.attribution import DIRECT, attribute, feature_target, logit_target
+from compute.local.contributions import DIRECT, attribute, feature_target, logit_target
 from compute.local.qk import BIAS, qk
 from compute.local.replacement import EMBED, Node, Replacement
 from schema.sites import attention_hook
@@ -28,16 +28,6 @@ PROMPT = "the dogs near the cat run"
 def rep(zoo):
     transcoders, attention = random_local_dictionaries(zoo.model, d_sae=96, seed=0)
     return Replacement(zoo.model, transcoders, attention, zoo.model.to_tokens(PROMPT))
-
-
-def _targets(rep, per_site: int = 4):
-    """Some active features of every site (spread over positions) and a logit difference."""
-    found = []
-    for name in rep.order:
-        active = rep.active[name]
-        for i in torch.linspace(0, len(active) - 1, per_site).long().tolist():
-            found.append(feature_target(rep, name, int(active[i, 1]), int(active[i, 0])))
-    return found + [logit_target(rep, 5, minus=7)]
 
 
 def _rel(a, b):
@@ -52,7 +42,7 @@ def test_the_replacement_model_reproduces_the_model(rep):
 
 
 def test_direct_contributions_sum_to_the_target(rep):
-    targets = _targets(rep)
+    targets = some_targets(rep)
     a = attribute(rep, targets)
     recon = a.scores.sum(1) + a.bias
     assert ((recon - a.values).abs() / a.values.abs().clamp_min(1e-3)).max() <= 1e-4
@@ -71,7 +61,7 @@ def test_direct_contributions_sum_to_the_target(rep):
 def test_reading_vectors_equal_the_replacement_models_backward_pass(rep):
     """Direct contributions from reading vectors (no backward pass) against the frozen model's own
     vectorised backward pass, for every kind of target, a logit with and without a difference among them."""
-    targets = _targets(rep) + [logit_target(rep, 5), logit_target(rep, 9, minus=5, position=3)]
+    targets = some_targets(rep) + [logit_target(rep, 5), logit_target(rep, 9, minus=5, position=3)]
     readers = attribute(rep, targets, ov=True)
     autograd = attribute(rep, targets, ov=True, engine="autograd")
     assert _rel(readers.scores, autograd.scores) <= 1e-5 and _rel(readers.ov, autograd.ov) <= 1e-5
@@ -79,7 +69,7 @@ def test_reading_vectors_equal_the_replacement_models_backward_pass(rep):
 
 
 def test_ov_edges_split_attention_contributions_per_head(rep):
-    targets = [t for t in _targets(rep) if t.site.startswith("attn")]
+    targets = [t for t in some_targets(rep) if t.site.startswith("attn")]
     a = attribute(rep, targets, ov=True)
     # per node, the heads add up to its direct contribution; over nodes and heads, to the target less its bias
     assert _rel(a.ov.sum(-1), a.scores) <= 1e-4
@@ -124,14 +114,14 @@ def _hierarchical_reference(rep, tg, threshold):
 
 @pytest.mark.parametrize("threshold", [0.0, 0.05, DIRECT])
 def test_hierarchical_attribution_matches_the_recursion_over_direct_contributions(rep, threshold):
-    tg = next(t for t in _targets(rep) if t.site == "mlp_1")
+    tg = next(t for t in some_targets(rep) if t.site == "mlp_1")
     got = attribute(rep, [tg], threshold=threshold).scores[0]
     want = _hierarchical_reference(rep, tg, threshold)
     assert _rel(got, want) <= 1e-4
 
 
 def test_threshold_zero_and_infinity_bracket_the_pruned_attribution(rep):
-    tg = next(t for t in _targets(rep) if t.site == "attn_1")
+    tg = next(t for t in some_targets(rep) if t.site == "attn_1")
     direct = attribute(rep, [tg]).scores[0]
     total = attribute(rep, [tg], threshold=0.0).scores[0]
     threshold = total[total != 0].abs().quantile(0.9).item()  # keeps a tenth of the nodes
@@ -145,7 +135,7 @@ def test_batched_targets_give_the_same_attributions_as_one_backward_each(rep):
     """Direct contributions of a batch (reading vectors, and the vectorised backward pass) against one
     backward pass of the replacement model per target; hierarchical attribution of 8 copies at once
     against one copy per target."""
-    targets = _targets(rep, per_site=6)
+    targets = some_targets(rep, per_site=6)
     one = torch.cat([attribute(rep, [t], engine="autograd").scores for t in targets])
     for engine in ("readers", "autograd"):
         assert _rel(attribute(rep, targets, batch_size=8, engine=engine).scores, one) <= 1e-5
@@ -230,7 +220,7 @@ def test_exact_on_rotary_checkpoints(tmp_path, family):
     model = load_checkpoint(str(write_checkpoint(tmp_path / family, family)), progress=False).model
     transcoders, attention = random_local_dictionaries(model, d_sae=64, seed=1)
     r = Replacement(model, transcoders, attention, model.to_tokens("the cat near the dogs runs"))
-    targets = _targets(r, per_site=2)
+    targets = some_targets(r, per_site=2)
     a = attribute(r, targets, ov=True)
     assert ((a.scores.sum(1) + a.bias - a.values).abs() / a.values.abs().clamp_min(1e-3)).max() <= 1e-4
     assert _rel(a.scores, attribute(r, targets, engine="autograd").scores) <= 1e-5

@@ -18,43 +18,24 @@ from catalog.diff import diff
 from catalog.graph import circuit_tracer_json, neighbours, paths, to_networkx, write_graphml
 from catalog.macros import listed
 from tests.conftest import run_cli
-from tests.synthetic import layered_circuit, save_decoder, write_circuit
-
-
-def _nodes(rows):
-    """(component, layer, dictionary, feature or None, is_error, effect, in_circuit[, position]) -> columns."""
-    cols = {k: [] for k in ("node_idx", "component", "layer", "dictionary_id", "feature_idx", "is_error",
-                            "position", "effect", "in_circuit")}
-    for i, r in enumerate(rows):
-        comp, layer, d, f, err, eff, inc, *pos = r
-        for k, v in zip(cols, (i, comp, layer, d, f, err, pos[0] if pos else None, eff, inc), strict=True):
-            cols[k].append(v)
-    return {k: np.array(v, dtype=object if k in ("dictionary_id", "feature_idx", "position", "component") else None)
-            for k, v in cols.items()}
-
-
-def _edges(rows):
-    s, d, w = zip(*rows, strict=True) if rows else ((), (), ())
-    return {"src_idx": np.array(s, dtype=np.int64), "dst_idx": np.array(d, dtype=np.int64),
-            "weight": np.array(w, dtype=float)}
-
-
-# A and B share some nodes; B's node_idx order differs on purpose (nodes match by key, not index).
-A_NODES = [("embed", -1, "dE", 1, False, 2.0, True), ("embed", -1, "dE", 2, False, 1.0, True),
-           ("attn", 0, "dA", 5, False, 0.5, True), ("attn", 0, "dA", None, True, 0.3, True),
-           ("resid", 0, "dR", 7, False, 0.05, False), ("metric", 1, None, None, False, 3.0, True)]
-A_EDGES = [(0, 2, 1.0), (1, 2, 0.5), (2, 5, 2.0), (3, 5, 0.1)]
-B_NODES = [("metric", 1, None, None, False, 3.5, True), ("attn", 0, "dA", 5, False, 0.8, True),
-           ("embed", -1, "dE", 1, False, 2.0, True), ("resid", 0, "dR", 7, False, 0.6, True),
-           ("attn", 0, "dA", None, True, 0.3, True), ("embed", -1, "dE", 3, False, 0.4, True)]
-B_EDGES = [(2, 1, 1.0), (1, 0, 2.5), (4, 0, 0.1), (3, 0, 0.7), (5, 1, 0.2)]
+from tests.synthetic import (
+    A_EDGES,
+    A_NODES,
+    B_EDGES,
+    B_NODES,
+    edge_columns,
+    layered_circuit,
+    node_columns,
+    save_decoder,
+    write_circuit,
+)
 
 
 @pytest.fixture
 def pair(tmp_path):
     cat = catalog.init(tmp_path / "c")
-    a = write_circuit(cat, _nodes(A_NODES), _edges(A_EDGES), task_id="task_a", circuit_id="A")
-    b = write_circuit(cat, _nodes(B_NODES), _edges(B_EDGES), task_id="task_b", circuit_id="B")
+    a = write_circuit(cat, node_columns(A_NODES), edge_columns(A_EDGES), task_id="task_a", circuit_id="A")
+    b = write_circuit(cat, node_columns(B_NODES), edge_columns(B_EDGES), task_id="task_b", circuit_id="B")
     return cat, a, b
 
 
@@ -118,15 +99,15 @@ def test_decoder_matching_recovers_a_permuted_dictionary(tmp_path):
               "component": c, "layer": lyr}
              for d, w, c, lyr in (("dE", w_e, "embed", -1), ("dA", w_a, "attn", 0), ("dB", w_b, "attn", 0))]
     a_feats, effects = [3, 7, 11], [1.0, 0.7, 0.4]
-    a = write_circuit(cat, _nodes([("embed", -1, "dE", 1, False, 2.0, True),
+    a = write_circuit(cat, node_columns([("embed", -1, "dE", 1, False, 2.0, True),
                                    *[("attn", 0, "dA", f, False, e, True) for f, e in zip(a_feats, effects, strict=True)],
                                    ("attn", 0, "dA", None, True, 0.2, True), ("metric", 1, None, None, False, 3.0, True)]),
-                      _edges([(0, 1, 1.0), (1, 5, 0.9), (2, 5, 0.5)]), circuit_id="A", dictionaries=dicts)
-    b = write_circuit(cat, _nodes([("embed", -1, "dE", 1, False, 2.0, True),
+                      edge_columns([(0, 1, 1.0), (1, 5, 0.9), (2, 5, 0.5)]), circuit_id="A", dictionaries=dicts)
+    b = write_circuit(cat, node_columns([("embed", -1, "dE", 1, False, 2.0, True),
                                    *[("attn", 0, "dB", int(inv[f]), False, e, True)
                                      for f, e in zip(a_feats, effects, strict=True)],
                                    ("attn", 0, "dB", None, True, 0.2, True), ("metric", 1, None, None, False, 3.0, True)]),
-                      _edges([(0, 1, 1.0), (1, 5, 0.9), (2, 5, 0.5)]), circuit_id="B")
+                      edge_columns([(0, 1, 1.0), (1, 5, 0.9), (2, 5, 0.5)]), circuit_id="B")
     d = diff(cat, a, b)
     assert d.match == "decoder"
     attn = d.matches[d.matches.component == "attn"].set_index("feature_a")
@@ -161,7 +142,7 @@ def three(tmp_path):
                     ("embed", -1, "dE", 6, False, 0.25, True, 2)]
         rows += [("embed", -1, "dE", 99, False, 0.01, False), ("embed", -1, "dE", None, True, 5.0, True),
                  ("metric", 0, None, None, False, 8.0, True)]
-        write_circuit(cat, _nodes(rows), _edges([]), task_id=f"task_{cid}", circuit_id=cid)
+        write_circuit(cat, node_columns(rows), edge_columns([]), task_id=f"task_{cid}", circuit_id=cid)
     return cat
 
 

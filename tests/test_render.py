@@ -6,7 +6,6 @@ from __future__ import annotations
 import html as html_lib
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,26 +13,24 @@ import numpy as np
 
 import catalog
 from catalog.render import render_circuit, render_diff
+from tests.browser import FLAGS, chromium
 from tests.conftest import run_cli
-from tests.synthetic import write_circuit
-from tests.test_queries import A_EDGES, A_NODES, B_EDGES, B_NODES, _edges, _nodes
-
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-         "--force-device-scale-factor=1"]
-
-
-def _chromium() -> str:
-    exe = shutil.which("chromium")
-    assert exe, "Debian's chromium is needed for this test: `make test` installs it (apt-get install chromium)"
-    return exe
+from tests.synthetic import (
+    A_EDGES,
+    A_NODES,
+    B_EDGES,
+    B_NODES,
+    edge_columns,
+    node_columns,
+    write_circuit,
+)
 
 
 def _open(html: Path, tmp: Path) -> tuple[str, np.ndarray]:
     """The DOM after the page ran, and a screenshot of the page at the SVG's own size."""
     text = html.read_text()
     w, h = (int(v) for v in re.search(r'<svg[^>]* width="(\d+)" height="(\d+)"', text).groups())
-    common = [_chromium(), *FLAGS, f"--user-data-dir={tmp / 'profile'}"]
+    common = [chromium(), *FLAGS, f"--user-data-dir={tmp / 'profile'}"]
     dom = subprocess.run([*common, "--dump-dom", html.resolve().as_uri()], capture_output=True, text=True,
                          timeout=120).stdout
     png = tmp / "shot.png"
@@ -61,8 +58,8 @@ def _check_drawn(html: Path, tmp: Path, n_expected: int) -> str:
 
 def test_a_diff_renders_every_node_in_its_status_colour(tmp_path):
     cat = catalog.init(tmp_path / "c")
-    write_circuit(cat, _nodes(A_NODES), _edges(A_EDGES), task_id="task_a", circuit_id="A")
-    write_circuit(cat, _nodes(B_NODES), _edges(B_EDGES), task_id="task_b", circuit_id="B")
+    write_circuit(cat, node_columns(A_NODES), edge_columns(A_EDGES), task_id="task_a", circuit_id="A")
+    write_circuit(cat, node_columns(B_NODES), edge_columns(B_EDGES), task_id="task_b", circuit_id="B")
     dom = _check_drawn(render_diff(cat, "A", "B", tmp_path / "d.html"), tmp_path, 7)
     assert len(re.findall(r'class="node added"', dom)) == 2 and len(re.findall(r'class="node removed"', dom)) == 1
     assert dom.count('class="edge"') == 6
@@ -73,7 +70,7 @@ def test_per_position_circuits_put_positions_in_columns(tmp_path):
     rows = [("embed", -1, "dE", 1, False, 1.0, True, 0), ("embed", -1, "dE", 2, False, -0.5, True, 2),
             ("attn", 0, "dA", 4, False, 0.7, True, 2), ("resid", 0, "dR", None, True, 0.2, True, 1),
             ("metric", 1, None, None, False, 1.2, True)]
-    write_circuit(cat, _nodes(rows), _edges([(0, 2, 0.3), (1, 2, -0.2), (2, 4, 0.6), (3, 4, 0.1)]), circuit_id="P")
+    write_circuit(cat, node_columns(rows), edge_columns([(0, 2, 0.3), (1, 2, -0.2), (2, 4, 0.6), (3, 4, 0.1)]), circuit_id="P")
     html = render_circuit(cat, "P", tmp_path / "p.html")
     dom = _check_drawn(html, tmp_path, 5)
     at = {}  # (component, feature or -1, position or -1) -> (x, y, fill)

@@ -158,7 +158,7 @@ def test_clean_commits_finished_runs_removes_broken_ones_and_leaves_live_ones(tm
 
 def test_a_commit_that_fails_leaves_no_staging_and_records_a_failed_run(tmp_path, zoo, dicts, monkeypatch):
     from compute.attribution.discovery import DiscoveryParams
-    from compute.jobs.discover import discovery_job
+    from compute.jobs.discovery_job import discovery_job
 
     cat = catalog.init(tmp_path / "c")
     real, calls = cat.commit, []

@@ -20,11 +20,11 @@ from catalog.errors import UserError
 from catalog.progress import hidden
 from catalog.store import Catalog, new_id
 from compute.cache import cache_path, cached_dir, config_hash, pinned
-from compute.jobs.lifecycle import now, run, run_row
+from compute.jobs.lifecycle import run, run_row
+from compute.jobs.rows import circuit_row, write_activation_values
 from compute.parameters.decomposition import DecompositionConfig
 from compute.parameters.storage import ParameterDictionary, load
 from compute.tasks import Task
-from schema.derive import columns_to_arrow
 
 MODELS = ("xor", "tms", "zoo")
 DEFAULT_PARAMS = {"xor": ("W", "b"), "tms": ("W",), "zoo": ("blocks.0.attn.W_K[0]",)}
@@ -155,13 +155,12 @@ def toy_task(toy, inputs: torch.Tensor) -> Task:
                 examples=[{"clean_prefix": t, "clean_answer": "", "split": "corpus"} for t in texts])
 
 
-def _curvature_rows(task_id: str, dictionary_id: str, c: torch.Tensor, example_idx: torch.Tensor) -> dict:
-    """activations columns for curvatures c [N, T, K] of these examples (position t; only values > 0)."""
+def _write_curvatures(table, task_id: str, dictionary_id: str, c: torch.Tensor, example_idx: torch.Tensor) -> None:
+    """Curvatures c [N, T, K] of these examples as activations (position t; only values > 0)."""
     n, t, k = c.nonzero(as_tuple=True)
     keep = c[n, t, k] > 0
     n, t, k = n[keep], t[keep], k[keep]
-    return {"task_id": task_id, "example_idx": example_idx[n].numpy(), "dictionary_id": dictionary_id,
-            "feature_idx": k.numpy(), "position": t.numpy(), "value": c[n, t, k].double().numpy()}
+    write_activation_values(table, task_id, dictionary_id, example_idx[n], k, t, c[n, t, k])
 
 
 def _lm_curvature(model, target, prompts: list[str], directions: torch.Tensor, whole_sentences: bool,
@@ -224,8 +223,7 @@ def decomposition_job(cat: Catalog, spec: DecomposeSpec, tasks: list[Task] = (),
                                                     / max(int((c.sum(-1) != 0).sum()), 1))}
                                   for k in range(u.shape[0])])
         acts = writer.table("activations")
-        rows = _curvature_rows(evaluation.name, dict_id, c, torch.arange(len(c)))
-        acts.write(columns_to_arrow("activations", rows, len(rows["value"])))
+        _write_curvatures(acts, evaluation.name, dict_id, c, torch.arange(len(c)))
         effects = {}
         for task in tqdm(tasks, desc="tasks", unit="task", disable=hidden(progress and bool(tasks))):
             chosen = task.split("train")[:TASK_EXAMPLES]
@@ -237,8 +235,7 @@ def decomposition_job(cat: Catalog, spec: DecomposeSpec, tasks: list[Task] = (),
             last = torch.tensor([len(subject.model.to_tokens(p)[0]) - 1 for p in prompts])
             effects[task.name] = (c[torch.arange(len(c)), last].mean(0), len(chosen))
             write_task(writer, subject.handle, task)
-            rows = _curvature_rows(task.name, dict_id, c, idx)
-            acts.write(columns_to_arrow("activations", rows, len(rows["value"])))
+            _write_curvatures(acts, task.name, dict_id, c, idx)
         if effects:
             threshold = (FIRES * max(float(e.max()) for e, _ in effects.values()) if node_threshold is None
                          else node_threshold)
@@ -279,12 +276,11 @@ def _write_curvature_circuit(writer, run_id: str, model_id: str, task_id: str, d
                             "hook_name": ",".join(pd_.params), "dictionary_id": dict_id, "feature_idx": k,
                             "is_error": False, "position": None, "effect": float(e), "in_circuit": float(e) > threshold}
                            for k, e in enumerate(effect.tolist())])
-    writer.write("circuits", [{
-        "circuit_id": circuit_id, "run_id": run_id, "model_id": model_id, "task_id": task_id, "method": "curvature",
-        "aggregation": "last", "metric": "kl", "node_threshold": threshold, "n_examples": n_examples, "n_dropped": 0,
-        "n_nodes": int((effect > threshold).sum()), "n_edges": 0,
-        "evaluation_note": "parameter features: directions in weight space are not ablated, so there is no "
-                           "faithfulness curve", "created_at": now()}])
+    writer.write("circuits", [circuit_row(
+        circuit_id, run_id, model_id, task_id, "curvature", aggregation="last", metric="kl", node_threshold=threshold,
+        n_examples=n_examples, n_dropped=0, n_nodes=int((effect > threshold).sum()), n_edges=0,
+        evaluation_note="parameter features: directions in weight space are not ablated, so there is no "
+                        "faithfulness curve")])
     return circuit_id
 
 

@@ -19,7 +19,7 @@ from compute.attribution.faithfulness import node_set, set_faithfulness
 from compute.groundtruth.build import PlantedModel, build_planted
 from compute.groundtruth.planted import MODELS, Truth
 from compute.groundtruth.scoring import Score, score_circuit
-from compute.jobs.discover import discovery_job
+from compute.jobs.discovery_job import discovery_job
 from compute.jobs.lifecycle import run, run_row
 from compute.models.zoo import accuracy
 from compute.tasks import encode

@@ -11,27 +11,29 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
-from statistics import mean
-
-import torch
 
 from catalog.errors import UserError
 from catalog.progress import hidden
 from catalog.shards import RunWriter
 from catalog.store import Catalog, new_id
 from compute.dictionaries.kinds import TrainedDictionary
-from compute.jobs.lifecycle import now, run, run_row
-from compute.jobs.rows import EDGE_ROWS, write_model_and_dictionaries, write_task
-from compute.local.attribution import Target, feature_target, logit_target, node_label
-from compute.local.graph import ROOT, GraphParams, PromptGraph, prompt_graph
-from compute.local.qk import BIAS
+from compute.jobs.lifecycle import run, run_row
+from compute.jobs.rows import (
+    EDGE_ROWS,
+    circuit_row,
+    require_usable_examples,
+    write_activation_values,
+    write_model_and_dictionaries,
+    write_task,
+)
+from compute.local.contributions import Target, feature_target, logit_target, node_label
+from compute.local.merge import MergedGraph, merge_graphs
+from compute.local.prompt_graph import GraphParams, PromptGraph, prompt_graph
 from compute.local.replacement import EMBED, Replacement
 from compute.models.handle import ModelHandle
 from compute.tasks import Task, encode, tokenize, unknown_token
-from schema.derive import columns_to_arrow
-from schema.sites import ERROR, METRIC, block_input, parse_site_name, site, transcoder_site
+from schema.sites import ERROR, METRIC, block_input, site, transcoder_site
 
 METHOD = "local"  # circuits.method of local circuits (hierarchical attribution in the replacement model)
 # The zoo's MLP transcoders: 1000 steps at twice the SAEs' learning rate reach what 2000 steps at
@@ -156,7 +158,7 @@ def prompt_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: 
         write_model_and_dictionaries(w, handle, dicts)
         write_task(w, handle, task)
         _write_activations(w, task.name, 0, rep, dicts)
-        _write_graph(w, circuit_id, row["run_id"], handle, task, [g], metric, params, dicts)
+        _write_graph(w, circuit_id, row["run_id"], handle, task, merge_graphs([g], params), metric, params, dicts)
     return circuit_id, g
 
 
@@ -173,9 +175,7 @@ def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: di
     if not task.has_patch:
         raise UserError(f"task {task.name}: a local circuit needs examples with patch answers")
     data = encode(model, task, "train", n_examples)
-    if data.n_examples == 0:
-        reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
-        raise UserError(f"task {task.name}: no usable examples ({reasons})")
+    require_usable_examples(task, data)
     row = run_row("attribute", {**asdict(params), "task": task.name, "n_examples": data.n_examples,
                                 "dropped": data.dropped})
     examples = [(int(b.example_idx[i]), b.clean[i], int(b.clean_answer[i]), int(b.patch_answer[i]))
@@ -191,7 +191,8 @@ def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: di
         circuit_id = new_id("circuit")
         write_model_and_dictionaries(w, handle, dicts)
         write_task(w, handle, task)
-        _write_graph(w, circuit_id, row["run_id"], handle, task, graphs, "answer_logit_diff", params, dicts,
+        _write_graph(w, circuit_id, row["run_id"], handle, task, merge_graphs(graphs, params), "answer_logit_diff",
+                     params, dicts,
                      sum(data.dropped.values()))
     return circuit_id, graphs
 
@@ -237,114 +238,28 @@ def _write_activations(w: RunWriter, task_id: str, example_idx: int, rep: Replac
     """The prompt's nonzero feature values (what `features` dashboards and 'why does it fire' read)."""
     table = w.table("activations")
     for name, act in rep.active.items():
-        values = rep.values[name][act[:, 0], act[:, 1]].cpu()
-        act = act.cpu()
-        table.write(columns_to_arrow("activations", {
-            "task_id": task_id, "example_idx": example_idx, "dictionary_id": dicts[name].dictionary_id,
-            "feature_idx": act[:, 1].numpy(), "position": act[:, 0].numpy(), "value": values.double().numpy()},
-            len(act)))
+        write_activation_values(table, task_id, dicts[name].dictionary_id, example_idx, act[:, 1], act[:, 0],
+                                rep.values[name][act[:, 0], act[:, 1]])
 
 
-def _node_key(rep: Replacement, i: int, positions: bool, one_prompt: bool = True) -> tuple:
-    """A node's key across prompts: (site, feature, position). A prompt's embedding is keyed by its
-    token; across prompts, by its position alone (feature None)."""
-    n = rep.nodes[i]
-    feature = (int(rep.tokens[0, n.position]) if one_prompt else None) if n.site == EMBED else n.feature
-    return n.site, feature, n.position if positions else None
-
-
-def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle, task: Task,
-                 graphs: list[PromptGraph], metric: str, params: GraphParams, dicts: dict, n_dropped: int = 0) -> None:
-    """Nodes (the union of the graphs' kept nodes, with the mean influence), edges (mean direct
-    contributions and their OV split; QK for a single prompt) and the circuit's row."""
-    n_layers = handle.model.cfg.n_layers
-    positions = len({g.rep.n_pos for g in graphs}) == 1
-    key = partial(_node_key, positions=positions, one_prompt=len(graphs) == 1)
-
-    g0 = graphs[0]
-    root_key = ("root", 0, None) if g0.root_node == ROOT else key(g0.rep, g0.root_node)
-    effect: dict[tuple, float] = {root_key: mean(g.root_value for g in graphs)}
-    for g in graphs:
-        for i in g.kept:
-            k = key(g.rep, i)
-            effect[k] = effect.get(k, 0.0) + float(g.influence[i]) / len(graphs)
-    ranked = sorted((k for k in effect if k != root_key), key=lambda k: -abs(effect[k]))
-    in_circuit = set(ranked[:params.node_budget]) | {root_key}
-    keys = [root_key, *ranked]
-    index = {k: i for i, k in enumerate(keys)}
-
-    def ends(g: PromptGraph, src: int, dst: int) -> tuple[int, int] | None:
-        s = index.get(key(g.rep, src))
-        d = index[root_key] if dst in (ROOT, g.root_node) else index.get(key(g.rep, dst))
-        return None if s is None or d is None else (s, d)
-
-    edges: dict[tuple, float] = {}  # stored as flows: what reaches the root along the edge (mean over prompts)
-    for g in graphs:
-        for src, dst, wt in g.edges:
-            if (e := ends(g, src, dst)) is not None:
-                k = (*e, "attribution", None)
-                edges[k] = edges.get(k, 0.0) + wt * g.per_unit[dst] / len(graphs)
-        for src, dst, head, wt in g.ov:
-            if (e := ends(g, src, dst)) is not None:
-                edges[(*e, "ov", head)] = edges.get((*e, "ov", head), 0.0) + wt * g.per_unit[dst] / len(graphs)
-    attribution = sorted((k for k in edges if k[2] == "attribution" and keys[k[0]] in in_circuit and
-                          keys[k[1]] in in_circuit), key=lambda k: -abs(edges[k]))
-    kept_pairs = {k[:2] for k in attribution[:params.edge_budget]}
-    rows = [{"src_idx": s, "dst_idx": d, "kind": kind, "weight": wt, "head": h,
-             "head_layer": None if h is None else parse_site_name(keys[d][0])[1]}
-            for (s, d, kind, h), wt in edges.items() if (s, d) in kept_pairs]
-    if len(graphs) == 1:
-        rows += _qk_rows(g0, keys, index, positions, params.qk_pairs)
-    _write_nodes(w, circuit_id, keys, effect, in_circuit, dicts, n_layers)
+def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle, task: Task, graph: MergedGraph,
+                 metric: str, params: GraphParams, dicts: dict, n_dropped: int = 0) -> None:
+    """A merged graph's nodes, its edges (streamed in batches) and the circuit's row."""
+    _write_nodes(w, circuit_id, graph, dicts, handle.model.cfg.n_layers)
     table = w.table("edges")
-    for i in range(0, len(rows), EDGE_ROWS):
-        table.write([{"circuit_id": circuit_id, **r} for r in rows[i:i + EDGE_ROWS]])
-    w.write("circuits", [{
-        "circuit_id": circuit_id, "run_id": run_id, "model_id": handle.model_id, "task_id": task.name,
-        "method": METHOD, "aggregation": "none" if positions else "sum", "metric": metric,
-        "node_threshold": params.threshold, "n_examples": len(graphs), "n_dropped": n_dropped,
-        "metric_clean": effect[root_key], "n_nodes": len(in_circuit), "n_edges": len(kept_pairs),
-        "created_at": now(), "evaluation_note": "a local circuit is not ablated: its edges are exact direct "
-                                                "contributions in the replacement model"}])
+    for i in range(0, len(graph.edges), EDGE_ROWS):
+        table.write([{"circuit_id": circuit_id, **r} for r in graph.edges[i:i + EDGE_ROWS]])
+    w.write("circuits", [circuit_row(
+        circuit_id, run_id, handle.model_id, task.name, METHOD, aggregation="none" if graph.positions else "sum",
+        metric=metric, node_threshold=params.threshold, n_examples=graph.n_prompts, n_dropped=n_dropped,
+        metric_clean=graph.effect[graph.root_key], n_nodes=len(graph.in_circuit), n_edges=graph.n_edges,
+        evaluation_note="a local circuit is not ablated: its edges are exact direct contributions in the "
+                        "replacement model")])
 
 
-def _qk_rows(g: PromptGraph, keys: list, index: dict, positions: bool, n_pairs: int) -> list[dict]:
-    """A prompt's decomposed attention scores: the strongest query x key pairs, and every node's
-    part on each side, as edges. Nodes not yet in the graph are added as nodes outside the circuit."""
+def _write_nodes(w: RunWriter, circuit_id: str, graph: MergedGraph, dicts: dict, n_layers: int) -> None:
     rows = []
-
-    def idx(node) -> int | None:
-        """A QK node's index among the circuit's nodes (added outside the circuit when new); None for BIAS."""
-        if node == BIAS:
-            return None
-        k = _node_key(g.rep, g.rep.index[node], positions)
-        if k not in index:
-            index[k] = len(keys)
-            keys.append(k)
-        return index[k]
-
-    for dst, q in g.qk:
-        t = index.get(_node_key(g.rep, dst, positions))
-        if t is None:
-            continue
-        head = {"head_layer": q.layer, "head": q.head, "key_position": q.key}
-        for side, nodes, marginals in (("qk_query", q.query_nodes, q.query_marginals),
-                                       ("qk_key", q.key_nodes, q.key_marginals)):
-            rows += [{"src_idx": i, "dst_idx": t, "kind": side, "weight": float(m), **head}
-                     for n, m in zip(nodes, marginals, strict=True) if (i := idx(n)) is not None]
-        flat = torch.argsort(q.pairs[:-1, :-1].abs().flatten(), descending=True)[:n_pairs]
-        width = q.pairs.shape[1] - 1
-        for k in flat.tolist():
-            qi, ki = divmod(k, width)
-            rows.append({"src_idx": idx(q.key_nodes[ki]), "dst_idx": idx(q.query_nodes[qi]), "kind": "qk",
-                         "weight": float(q.pairs[qi, ki]), **head})
-    return rows
-
-
-def _write_nodes(w: RunWriter, circuit_id: str, keys: list, effect: dict, in_circuit: set, dicts: dict,
-                 n_layers: int) -> None:
-    rows = []
-    for i, (name, feature, position) in enumerate(keys):
+    for i, (name, feature, position) in enumerate(graph.keys):
         if name == "root":
             row = {"component": METRIC, "layer": n_layers, "is_error": False}
         elif name == EMBED:  # feature: the token (NULL for a position's embeddings across prompts)
@@ -356,6 +271,6 @@ def _write_nodes(w: RunWriter, circuit_id: str, keys: list, effect: dict, in_cir
                    "dictionary_id": d.dictionary_id, "feature_idx": None if feature == ERROR else feature,
                    "is_error": feature == ERROR}
         rows.append({**row, "circuit_id": circuit_id, "node_idx": i, "position": position,
-                     "effect": effect.get((name, feature, position), 0.0),
-                     "in_circuit": (name, feature, position) in in_circuit})
+                     "effect": graph.effect.get((name, feature, position), 0.0),
+                     "in_circuit": (name, feature, position) in graph.in_circuit})
     w.write("nodes", rows)

@@ -10,11 +10,11 @@ from compute.dictionaries.kinds import TrainedDictionary
 from compute.jobs.lifecycle import run, run_row
 from compute.jobs.rows import (
     dictionaries_with_activations,
+    write_activation_values,
     write_model_and_dictionaries,
     write_task,
 )
 from compute.models.handle import ModelHandle
-from schema.derive import columns_to_arrow
 
 
 def dictionary_job(cat: Catalog, handle: ModelHandle, dicts: dict[str, TrainedDictionary], n_top: int = 10,
@@ -37,8 +37,6 @@ def dictionary_job(cat: Catalog, handle: ModelHandle, dicts: dict[str, TrainedDi
         todo = [d for d in dicts.values() if d.dictionary_id not in have]
         for d in tqdm(todo, desc="feature dashboards", disable=hidden(progress), unit="dict"):
             top = {k: v.numpy() for k, v in top_activations(handle.model, d.sae, d.hook_in, prompts, n_top).items()}
-            n = len(top["value"])
-            table.write(columns_to_arrow("activations", {"task_id": corpus.name, "dictionary_id": d.dictionary_id,
-                                                         **top, "value": top["value"].astype("float64")}, n))
-            n_rows += n
+            n_rows += write_activation_values(table, corpus.name, d.dictionary_id, top["example_idx"],
+                                              top["feature_idx"], top["position"], top["value"])
     return row["run_id"], n_rows

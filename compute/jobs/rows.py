@@ -1,18 +1,61 @@
-"""The rows jobs write: a model and its dictionaries, a task and its examples, activations, a circuit."""
+"""The rows jobs write: a model and its dictionaries, a task and its examples, activations, a circuit.
+
+Each kind of row has one helper here, used by every job: `circuit_row`, `write_activation_values`,
+`require_usable_examples` (a task with nothing usable is refused before a run starts)."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from catalog.errors import UserError
 from catalog.shards import RunWriter
 from catalog.store import Catalog
 from compute.attribution.discovery import Circuit
 from compute.dictionaries.kinds import TrainedDictionary
 from compute.dictionaries.metrics import METRIC_KEYS
+from compute.jobs.lifecycle import now
 from compute.models.handle import ModelHandle
-from compute.tasks import Task, str_tokens
+from compute.tasks import Encoded, Task, str_tokens
 from schema.derive import columns_to_arrow
 from schema.sites import METRIC
+from schema.tables import TABLES
 
 EDGE_ROWS = 50_000  # edges per batch written (a circuit's edges are streamed, never one big list of rows)
+
+
+def circuit_row(circuit_id: str, run_id: str, model_id: str, task_id: str, method: str, **columns) -> dict:
+    """A `circuits` row: its ids and method, and the other columns given (created now unless given).
+    A column the table does not have is a bug, refused here rather than dropped by the writer."""
+    row = {"circuit_id": circuit_id, "run_id": run_id, "model_id": model_id, "task_id": task_id, "method": method,
+           "created_at": now(), **columns}
+    unknown = set(row) - set(TABLES["circuits"].columns.keys())
+    if unknown:
+        raise ValueError(f"circuits has no column {', '.join(sorted(unknown))}")
+    return row
+
+
+def write_activation_values(table, task_id: str, dictionary_id: str, example_idx, feature_idx, position,
+                            value) -> int:
+    """Feature values as `activations` rows, one per (example, feature, position): arrays or tensors of
+    one length (example_idx may be one number for all). Returns how many rows were written."""
+    def array(x):
+        return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+    if hasattr(value, "detach"):  # float64 (on the CPU: MPS has none) before numpy, which has no bfloat16
+        value = value.detach().cpu().double()
+    n = len(feature_idx)
+    table.write(columns_to_arrow("activations", {
+        "task_id": task_id, "example_idx": example_idx if isinstance(example_idx, int) else array(example_idx),
+        "dictionary_id": dictionary_id, "feature_idx": array(feature_idx), "position": array(position),
+        "value": array(value).astype("float64")}, n))
+    return n
+
+
+def require_usable_examples(task: Task, data: Encoded) -> None:
+    """Refuse a task none of whose examples can be used, saying how many were dropped for what."""
+    if data.n_examples == 0:
+        reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
+        raise UserError(f"task {task.name}: no usable examples ({reasons})")
 
 
 def write_context(w: RunWriter, handle: ModelHandle, dicts: dict[str, TrainedDictionary], task: Task) -> None:
@@ -71,9 +114,7 @@ def write_activations(cat: Catalog, w: RunWriter, task: Task, dicts: dict[str, T
         else:
             b, t, i = (f != 0).nonzero(as_tuple=True)
             values = f[b, t, i]
-        table.write(columns_to_arrow("activations", {
-            "task_id": task.name, "example_idx": example_idx[b].numpy(), "dictionary_id": d.dictionary_id,
-            "feature_idx": i.numpy(), "position": t.numpy(), "value": values.double().numpy()}, len(b)))
+        write_activation_values(table, task.name, d.dictionary_id, example_idx[b], i, t, values)
 
 
 def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, task: Task, c: Circuit,
@@ -96,15 +137,14 @@ def write_circuit(w: RunWriter, circuit_id: str, run_id: str, model_id: str, tas
     for i in range(0, len(c.edges), EDGE_ROWS):
         edges.write([{"circuit_id": circuit_id, "src_idx": s, "dst_idx": d, "kind": "attribution", "weight": wt}
                      for s, d, wt in c.edges[i : i + EDGE_ROWS]])
-    w.write("circuits", [{
-        "circuit_id": circuit_id, "run_id": run_id, "model_id": model_id, "task_id": task.name,
-        "method": p.method, "ig_steps": p.ig_steps if p.method == "ig" else None,
-        "ig_rule": p.ig_rule if p.method == "ig" else None, "aggregation": p.aggregation,
-        "metric": "logit_diff" if task.has_patch else "neg_logit", "node_threshold": p.node_threshold,
-        "edge_threshold": p.edge_threshold, "n_examples": c.n_examples, "n_dropped": sum(c.dropped.values()),
-        "metric_clean": c.metric_clean, "metric_patch": c.metric_patch, "accuracy": acc,
-        "n_nodes": sum(n.in_circuit for n in c.nodes), "n_edges": len(c.edges), "faithfulness": chosen[0],
-        "completeness": chosen[1], "evaluation_note": c.evaluation_note, "created_at": created_at}])
+    w.write("circuits", [circuit_row(
+        circuit_id, run_id, model_id, task.name, p.method, ig_steps=p.ig_steps if p.method == "ig" else None,
+        ig_rule=p.ig_rule if p.method == "ig" else None, aggregation=p.aggregation,
+        metric="logit_diff" if task.has_patch else "neg_logit", node_threshold=p.node_threshold,
+        edge_threshold=p.edge_threshold, n_examples=c.n_examples, n_dropped=sum(c.dropped.values()),
+        metric_clean=c.metric_clean, metric_patch=c.metric_patch, accuracy=acc,
+        n_nodes=sum(n.in_circuit for n in c.nodes), n_edges=len(c.edges), faithfulness=chosen[0],
+        completeness=chosen[1], evaluation_note=c.evaluation_note, created_at=created_at)])
     w.write("evaluations", [
         {"circuit_id": circuit_id, "kind": kind, "ablation": cv.ablation, "errors": cv.errors,
          "threshold": t, "n_nodes": n, "value": v}

@@ -10,7 +10,7 @@ every feature's pre-activation is an affine function of the upstream nodes (Ge e
 
 `Replacement.trace(batch)` runs that model on `batch` copies of the prompt with the nodes as
 gradient endpoints: each copy can carry its own target, so one backward pass serves a batch
-of targets (see compute.local.attribution).
+of targets (see compute.local.contributions).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catalog.progress import hidden
-from compute.local.attribution import Target, attribute, feature_target
+from compute.local.contributions import Target, attribute, feature_target
 from compute.local.qk import QK, qk
 from compute.local.replacement import EMBED, Node, Replacement
 from schema.sites import parse_site_name

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from catalog.errors import UserError
 from catalog.store import Catalog, new_id
 from compute.attribution.discovery import Circuit, DiscoveryParams, discover
 from compute.dictionaries.kinds import TrainedDictionary
 from compute.jobs.lifecycle import now, run, run_row
-from compute.jobs.rows import write_activations, write_circuit, write_context
+from compute.jobs.rows import (
+    require_usable_examples,
+    write_activations,
+    write_circuit,
+    write_context,
+)
 from compute.models.handle import ModelHandle
 from compute.models.zoo import accuracy
 from compute.tasks import Task, encode
@@ -24,9 +28,7 @@ def discovery_job(cat: Catalog, handle: ModelHandle, dicts: dict[str, TrainedDic
     cat.check_task(task.name, task.content_hash)
     model = handle.model
     data = encode(model, task, "train", params.n_examples, one_length=params.aggregation == "none")
-    if data.n_examples == 0:
-        reasons = ", ".join(f"{n} {r}" for r, n in data.dropped.items()) or "no train examples"
-        raise UserError(f"task {task.name}: no usable examples ({reasons})")
+    require_usable_examples(task, data)
     with run(cat, row) as writer:
         acc = accuracy(model, task, "test")
         acc = accuracy(model, task, "train") if acc is None else acc
