@@ -128,7 +128,6 @@ def _move_old_default(new: Path) -> None:
                    err=True)
 
 
-
 def output(df, fmt: str) -> None:
     """A data frame as the table, CSV or JSON the user asked for (--format)."""
     from catalog.query import format_frame

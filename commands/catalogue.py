@@ -22,7 +22,6 @@ def init(path: Path):
     click.echo(f"catalogue ready at {path}")
 
 
-
 @main.command(context_settings={"ignore_unknown_options": True})  # SQL may start with "--" (a comment)
 @click.argument("sql", required=False, type=TEXT)
 @click.option("--file", "sql_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -98,6 +98,7 @@ def demo(path: Path, neurons: bool, **params):
 
 
 def _run_tasks(path: Path, handle, dicts, tasks, params, basis: str = "features") -> None:
+    """Discover and commit a circuit per task (one run each), then print a summary row per circuit."""
     from rich.table import Table
 
     import catalog
@@ -125,6 +126,7 @@ def _run_tasks(path: Path, handle, dicts, tasks, params, basis: str = "features"
 
 
 def _print_features_vs_neurons(path: Path) -> None:
+    """The demo's last table: nodes each task needs for faithfulness >= 0.8, over features and neurons."""
     from rich.table import Table
 
     import catalog
