@@ -178,7 +178,8 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
             "token_prob": 0.0, "is_target_logit": r.component == METRIC, "run_idx": 0,
             "reverse_ctx_idx": last - pos, "jsNodeId": f"{layer}_{feature}-{pos}",
             "clerp": (r.label if isinstance(r.label, str) and r.label else node_name(r)),
-            "influence": float(abs(r.effect)), "activation": None, "is_from_qk_tracing": not r.in_circuit})
+            "influence": float(abs(r.effect)), "activation": None, "is_from_qk_tracing": not r.in_circuit,
+            "catalog": _own_key(r)})  # read back by `import-graph`: the node as it was (viewers ignore it)
     for idx, node in zip(ids, out_nodes, strict=True):  # Neuronpedia's fields for an attention feature whose
         results = _qk_results(qk, ids, idx)  # score was decomposed
         if results:
@@ -198,6 +199,16 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
         "nodes": out_nodes,
         "links": links,
     }
+
+
+def _own_key(r) -> dict:
+    """A node's key and effect as this catalogue stores them (NULLs as None)."""
+    def value(x, kind):
+        return None if pd.isna(x) else kind(x)
+
+    return {"component": r.component, "layer": int(r.layer), "dictionary_id": value(r.dictionary_id, str),
+            "feature_idx": value(r.feature_idx, int), "is_error": bool(r.is_error), "position": value(r.position, int),
+            "hook_name": value(r.hook_name, str), "effect": float(r.effect)}
 
 
 def _qk_results(qk: pd.DataFrame, ids: dict[int, str], node: int) -> dict | None:

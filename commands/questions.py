@@ -152,3 +152,23 @@ def export(path: Path, circuit_id: str, kind: str, out: Path):
     cat = catalog.open(path)
     done = write_graphml(cat, circuit_id, out) if kind == "graphml" else write_circuit_tracer_json(cat, circuit_id, out)
     click.echo(f"wrote {done}")
+
+
+@main.command("import-graph")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@FORMAT
+@click.pass_obj
+def import_graph(path: Path, files: tuple[Path, ...], fmt: str):
+    """Import attribution graphs made elsewhere (circuit-tracer's or Neuronpedia's graph JSON, or
+    `export --to circuit-tracer`) as circuits of method circuit-tracer: every file is checked before
+    anything is committed, and all land in one run."""
+    import pandas as pd
+
+    import catalog
+    from compute.jobs.import_graph import import_job
+
+    run_id, done = import_job(catalog.init(path), list(files))
+    output(pd.DataFrame([{"circuit_id": c, "file": str(g.path), "model": g.model_id, "nodes": len(g.nodes),
+                          "edges": sum(e["kind"] == "attribution" for e in g.edges),
+                          "qk_edges": sum(e["kind"] != "attribution" for e in g.edges)} for c, g in done]), fmt)
+    click.echo(f"imported {len(done)} graph{'s' if len(done) != 1 else ''} as circuits of run {run_id}", err=True)
