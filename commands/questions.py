@@ -171,4 +171,5 @@ def import_graph(path: Path, files: tuple[Path, ...], fmt: str):
     output(pd.DataFrame([{"circuit_id": c, "file": str(g.path), "model": g.model_id, "nodes": len(g.nodes),
                           "edges": sum(e["kind"] == "attribution" for e in g.edges),
                           "qk_edges": sum(e["kind"] != "attribution" for e in g.edges)} for c, g in done]), fmt)
-    click.echo(f"imported {len(done)} graph{'s' if len(done) != 1 else ''} as circuits of run {run_id}", err=True)
+    what = "1 graph as a circuit" if len(done) == 1 else f"{len(done)} graphs as circuits"
+    click.echo(f"imported {what} of run {run_id}", err=True)
