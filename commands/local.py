@@ -82,3 +82,45 @@ def explain(path: Path, site_name: str, feature: str, prompt: str, position: int
     if fmt == "table":
         for head, query_side, key_side in score_parts(g):
             click.echo(f"\n{head}\n  query side: {query_side}\n  key side:   {key_side}")
+
+
+@main.command()
+@click.option("--prompt", required=True, type=TEXT, help="the prompt to intervene on")
+@click.option("--set", "set_", multiple=True, type=TEXT, metavar="SITE/FEATURE@POS=VALUE",
+              help="set a feature's value (repeatable)")
+@click.option("--scale", multiple=True, type=TEXT, metavar="SITE/FEATURE@POS=FACTOR",
+              help="multiply a feature's value (repeatable)")
+@click.option("--zero", multiple=True, type=TEXT, metavar="SITE/FEATURE@POS", help="zero a feature (repeatable)")
+@click.option("--target", type=TEXT, help="the logit measured: logit:TOKEN or diff:TOKEN:OTHER; default the model's "
+                                          "top next token")
+@click.option("--top", default=5, show_default=True, type=POSITIVE, help="top next tokens shown before and after")
+@LOCAL_OPTIONS
+@click.pass_obj
+def steer(path: Path, prompt: str, set_, scale, zero, target: str | None, top: int, zoo_name: str,
+          model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None, device: str, dtype: str,
+          fmt: str, **options):
+    """Set, scale or zero features in the real model (the dictionary spliced in, its error term kept):
+    the target logit's change beside the graph's linear prediction, and the top tokens before and
+    after; committed as a run of kind steer."""
+    import pandas as pd
+
+    import catalog
+    from compute.jobs.local import local_model, steer_job
+
+    given = [("set", s) for s in set_] + [("scale", s) for s in scale] + [("zero", s) for s in zero]
+    if not given:
+        raise UserError("give at least one --set, --scale or --zero")
+    cat = catalog.init(path)
+    handle, _, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
+                                                     dtype, [prompt])
+    run_id, result = steer_job(cat, handle, transcoders, attention, prompt, target, given)
+    output(pd.DataFrame(result.rows), fmt)
+    if fmt == "table":
+        decode = handle.model.to_string
+        for name, logits in (("before", result.logits_before), ("after", result.logits_after)):
+            best = logits.softmax(-1).topk(top)
+            click.echo(f"{name:>6}: " + "  ".join(f"{decode([int(i)])!r} {p:.3f}" for p, i in
+                                                    zip(best.values.tolist(), best.indices.tolist(), strict=True)))
+    click.echo(f"run {run_id}: target {result.before:+.3f} -> {result.after:+.3f} "
+               f"(change {result.after - result.before:+.3f}; the graph predicts {result.predicted_joint:+.3f})",
+               err=True)

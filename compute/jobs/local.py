@@ -162,6 +162,28 @@ def prompt_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: 
     return circuit_id, g
 
 
+def steer_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: dict, prompt: str, target: str | None,
+              given: list[tuple[str, str]]):
+    """Interventions (mode, SITE/FEATURE@POSITION[=VALUE]) on a prompt, measured in the real model beside
+    the graph's predictions, and committed as a run of kind steer (its params hold every number)."""
+    from compute.local.steering import parse_intervention, steer
+
+    model = handle.model
+    check_prompt(model, prompt)
+    rep = Replacement(model, transcoders, attention, model.to_tokens(prompt))
+    root, _ = parse_root(rep, target)
+    interventions = [parse_intervention(rep, mode, spec) for mode, spec in given]
+    result = steer(rep, root, interventions)
+    tokens = [model.to_string([t]) for t in (root.feature, root.minus) if t is not None]
+    row = run_row("steer", {"prompt": prompt, "model_id": handle.model_id, "target": target, "root": " - ".join(tokens),
+                            "before": result.before, "after": result.after, "predicted": result.predicted_joint,
+                            "interventions": result.rows,
+                            "dictionaries": sorted({rep.dicts[iv.site].dictionary_id for iv in interventions})})
+    with run(cat, row):
+        pass  # the run's row is the record
+    return row["run_id"], result
+
+
 def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: dict, task: Task, n_examples: int,
                params: GraphParams, progress: bool = True) -> tuple[str, list[PromptGraph]]:
     """A task's local circuit: each usable train example's graph of logit(clean answer) -
