@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from catalog.errors import UserError
 from catalog.store import Catalog, new_id
+from compute.inputs import read_bounded
 from compute.jobs.lifecycle import run, run_row
 from compute.jobs.rows import EDGE_ROWS, circuit_row, write_task
 from compute.tasks import Task
@@ -57,16 +57,9 @@ class ImportedGraph:
 def read_graph(path: Path) -> ImportedGraph:
     """Read and check one graph JSON file; anything that cannot be used is a UserError naming the file."""
     where = str(path)
+    data = read_bounded(path, MAX_BYTES, "graph file")
     try:
-        info = path.stat()
-    except OSError as e:
-        raise UserError(f"{where}: {e.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"{where}: not a regular file (a graph file is read only as one)")
-    if info.st_size > MAX_BYTES:
-        raise UserError(f"{where}: {info.st_size:,} bytes; graph files over {MAX_BYTES:,} bytes are refused")
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
     except UnicodeDecodeError as e:
         raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
     except (json.JSONDecodeError, ValueError) as e:

@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import math
-import stat
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 import click
 
 from catalog.errors import UserError
+from compute.inputs import read_bounded
 
 
 @dataclass(frozen=True)
@@ -101,19 +101,9 @@ def read_jobs(path: Path, group: click.Group, max_jobs: int = MAX_JOBS) -> list[
 
 def _read(path: Path) -> dict:
     """A job file's TOML: a regular file of at most MAX_BYTES (never a device, a pipe or a folder)."""
+    data = read_bounded(path, MAX_BYTES, "job file")
     try:
-        st = path.stat()
-    except OSError as e:
-        raise UserError(f"cannot read job file {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{path} is not a regular file; a job file is a TOML file")
-    if st.st_size > MAX_BYTES:
-        raise UserError(f"{path} has {st.st_size:,} bytes; a job file has at most {MAX_BYTES:,}")
-    try:
-        with open(path, "rb") as f:
-            return tomllib.loads(f.read(MAX_BYTES + 1).decode())
-    except OSError as e:
-        raise UserError(f"cannot read job file {path}: {e.strerror or e}") from None
+        return tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid TOML: {e}") from None
 
