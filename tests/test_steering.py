@@ -82,7 +82,9 @@ def test_zeroing_the_graphs_top_features_moves_the_logit_as_the_docs_say(ioi):
                              for i in top]).rows
     predicted, measured = [r["predicted"] for r in rows], [r["measured"] for r in rows]
     assert statistics.correlation(predicted, measured) == pytest.approx(0.928, abs=0.01)
-    assert sum((p > 0) == (m > 0) for p, m in zip(predicted, measured, strict=True)) == 7
+    # 7 of 10 here; zeroing attn_0/272@4 moves the logit by -0.001 only, a sign another processor's last
+    # bits could turn
+    assert sum((p > 0) == (m > 0) for p, m in zip(predicted, measured, strict=True)) in (6, 7)
     assert statistics.median(m / p for p, m in zip(predicted, measured, strict=True)) == pytest.approx(0.27, abs=0.01)
 
 
