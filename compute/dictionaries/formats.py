@@ -83,14 +83,14 @@ def load_dictionary(path: Path) -> SAE:
             sae = IdentityDictionary(d_in, *names)
         elif cls is TopKSAE:
             sae = TopKSAE(d_in, d_sae, *names, k=int(cfg.get("k", 100)))
-        elif cls is Transcoder:
-            sae = Transcoder(d_in, d_sae, *names, d_out=int(cfg.get("d_out", d_in)),
+        elif issubclass(cls, Transcoder):
+            sae = cls(d_in, d_sae, *names, d_out=int(cfg.get("d_out", d_in)),
                              hook_name_out=meta.get("hook_name_out", cfg.get("hook_name_out", "")))
         else:
             sae = cls(d_in, d_sae, *names)
     except (ValueError, TypeError) as e:
         raise UserError(f"{cfg_file}: not an SAELens config ({e})") from None
-    if cls not in (Transcoder, IdentityDictionary):
+    if not issubclass(cls, Transcoder | IdentityDictionary):
         sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
     if cls is TopKSAE and cfg.get("rescale_acts_by_decoder_norm"):
         raise UserError(f"{path}: topk with rescale_acts_by_decoder_norm is not supported; fold the decoder "

@@ -123,6 +123,21 @@ class Transcoder(SAE):
         return {"d_out": self.d_out}
 
 
+class JumpReLUTranscoder(Transcoder):
+    """A transcoder whose features are gated by a per-feature threshold (Gemma Scope's, circuit-tracer's
+    JumpReLU per-layer transcoders): f = pre if pre > threshold, else 0."""
+
+    architecture = "jumprelu_transcoder"
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", model_name: str = "",
+                 d_out: int | None = None, hook_name_out: str = ""):
+        super().__init__(d_in, d_sae, hook_name, model_name, d_out, hook_name_out)
+        self.threshold = torch.nn.Parameter(torch.zeros(d_sae))
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre) * (pre > self.threshold)
+
+
 class IdentityDictionary(SAE):
     """Neurons as features: encode and decode are the identity (signed values, no ReLU).
 
@@ -149,7 +164,7 @@ class IdentityDictionary(SAE):
 
 
 ARCHITECTURES: dict[str, type[SAE]] = {c.architecture: c for c in (SAE, TopKSAE, JumpReLUSAE, Transcoder,
-                                                                     IdentityDictionary)}
+                                                                     JumpReLUTranscoder, IdentityDictionary)}
 
 
 def hook_width(model, hook_name: str) -> int:

@@ -1,8 +1,9 @@
 """Dictionary sets: a directory of dictionaries for one model, found, mapped to sites and checked.
 
 A set holds dictionaries in the SAELens layout (`cfg.json` + `sae_weights.safetensors`,
-whose config names the hook; a transcoder's names the hook it writes too) or the dictionary_learning one (`ae.pt` + `config.json`),
-at any depth. Each is placed at a site by, in order: the set's spec file
+whose config names the hook; a transcoder's names the hook it writes too), the dictionary_learning one (`ae.pt` + `config.json`),
+or circuit-tracer's transcoder sets (`config.yaml` + `layer_{i}.safetensors` or Gemma Scope's
+`params.npz`, see compute.dictionaries.circuit_tracer), at any depth. Each is placed at a site by, in order: the set's spec file
 (`dictionaries.json`: {"relative/folder": "site name or hook name"}), the hook its own
 config names, or its folder's name — which is how the Sparse Feature Circuits Pythia
 layout (`embed`, `attn_out_layer{i}`, `mlp_out_layer{i}`, `resid_out_layer{i}`, each with
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from catalog.errors import UserError
 from catalog.progress import hidden
 from compute.cache import cached_dir, config_hash, file_hash
+from compute.dictionaries import circuit_tracer
 from compute.dictionaries.formats import import_dictionary_learning, load_dictionary
 from compute.dictionaries.kinds import SAE, IdentityDictionary, TrainedDictionary, check_fits
 from compute.models.handle import ModelHandle
@@ -40,8 +42,8 @@ SPEC_FILE = "dictionaries.json"
 class Found:
     """A dictionary found in a set: its folder, its format and the site it is placed at."""
 
-    folder: Path
-    format: str  # saelens | dictionary_learning
+    folder: Path  # (a circuit-tracer set's transcoder: its file)
+    format: str  # saelens | dictionary_learning | circuit-tracer
     site: Site
     how: str  # spec | config | folder
 
@@ -56,6 +58,13 @@ def find(root: Path, model, spec: Path | None = None) -> list[Found]:
     rotary = model.cfg.positional_embedding_type != "standard"
     given = _read_spec(spec or root / SPEC_FILE, root, n_layers) if spec or (root / SPEC_FILE).is_file() else {}
     found: dict[str, Found] = {}
+    for config in sorted(root.rglob(circuit_tracer.CONFIG)):  # circuit-tracer transcoder sets
+        cfg = circuit_tracer.read_config(config.parent)
+        for layer, file in (circuit_tracer.layer_files(config.parent).items() if cfg else ()):
+            at = _transcoder_site(cfg, layer, model, config)
+            if at.name in found:
+                raise UserError(f"two dictionaries for {at.name}: {found[at.name].folder} and {file}")
+            found[at.name] = Found(file, "circuit-tracer", at, "config")
     folders = sorted({p.parent for name in ("cfg.json", "ae.pt") for p in root.rglob(name)})
     for folder in folders:
         fmt = "saelens" if (folder / "cfg.json").is_file() else "dictionary_learning"
@@ -79,6 +88,19 @@ def find(root: Path, model, spec: Path | None = None) -> list[Found]:
         raise UserError(f"{root}: no dictionaries (SAELens cfg.json or dictionary_learning ae.pt) found")
     order = [s.name for s in sites(n_layers)]
     return sorted(found.values(), key=lambda f: order.index(f.site.name))
+
+
+def _transcoder_site(cfg: dict, layer: int, model, config: Path) -> Site:
+    """The site of a circuit-tracer set's transcoder at a layer: the MLP whose output it writes, read
+    from the hook its config names (both must be hooks the model has)."""
+    hook_in, hook_out = (f"blocks.{layer}.{cfg[k]}" for k in ("feature_input_hook", "feature_output_hook"))
+    if layer >= model.cfg.n_layers:
+        raise UserError(f"{config}: a transcoder for layer {layer}, but the model has {model.cfg.n_layers} layers")
+    at = site_of_equivalent_hook(hook_out, model.cfg.n_layers)
+    if hook_in not in model.hook_dict or at is None or at.component != "mlp":
+        raise UserError(f"{config}: {hook_in} -> {hook_out} is not a hook of the model read and an MLP output "
+                        "written (feature_input_hook, feature_output_hook)")
+    return Site("mlp", layer, at.hook_out, hook_in)
 
 
 def _read_spec(path: Path, root: Path, n_layers: int) -> dict[str, Site]:
@@ -133,9 +155,7 @@ def load_set(root: Path, handle: ModelHandle, prompts: list[str], spec: Path | N
             check_fits(sae, model)
         except UserError as e:
             raise UserError(f"{f.folder}: {e}") from None
-        files = [f.folder / n for n in (("cfg.json", "sae_weights.safetensors") if f.format == "saelens"
-                                        else ("config.json", "ae.pt"))]
-        key = config_hash([file_hash(p) for p in files] + [f.site.name, handle.model_id])
+        key = config_hash([file_hash(p) for p in _files(f)] + [f.site.name, handle.model_id])
         path = cached_dir("imported", key, measure, sae, f.site, str(f.folder), pin=False)
         out[f.site.name] = _loaded(model, f.site, path)
     filled = [s for s in sites(model.cfg.n_layers) if s.name not in out] if fill else []
@@ -157,7 +177,23 @@ def _identity(measure: _Measurement, s: Site) -> TrainedDictionary:
     return _loaded(handle.model, s, cached_dir("identity", key, measure, sae, s, "", pin=False))
 
 
+def _files(f: Found) -> list[Path]:
+    """The files a found dictionary is read from (what its cached copy's key hashes)."""
+    if f.format == "circuit-tracer":
+        return [f.folder, _ct_config(f)]
+    return [f.folder / n for n in (("cfg.json", "sae_weights.safetensors") if f.format == "saelens"
+                                   else ("config.json", "ae.pt"))]
+
+
+def _ct_config(f: Found) -> Path:
+    """The config.yaml of the circuit-tracer set a transcoder file belongs to (the nearest above it)."""
+    return next(p / circuit_tracer.CONFIG for p in f.folder.parents if (p / circuit_tracer.CONFIG).is_file())
+
+
 def _read(f: Found, model_id: str) -> SAE:
+    if f.format == "circuit-tracer":
+        return circuit_tracer.read_transcoder(f.folder, f.site.layer, circuit_tracer.read_config(_ct_config(f).parent),
+                                              model_id)
     if f.format == "saelens":
         return load_dictionary(f.folder)
     return import_dictionary_learning(f.folder, f.site.hook_out, model_id)

@@ -1,0 +1,121 @@
+"""circuit-tracer's transcoder sets from a local directory (what `circuit_tracer.utils.hf_utils`
+downloads, read here without a hub).
+
+A set is a folder with circuit-tracer's `config.yaml` (`model_kind: transcoder_set`,
+`feature_input_hook` and `feature_output_hook`, e.g. `ln2.hook_normalized` and `hook_mlp_out`, named
+within a block) and one transcoder per layer:
+
+- `layer_{i}.safetensors` (circuit-tracer's own `SingleLayerTranscoder.to_safetensors`): `W_enc` and
+  `W_dec` [d_transcoder, d_model], `b_enc` [d_transcoder], `b_dec` [d_model], and for a JumpReLU
+  transcoder `activation_function.threshold` [d_transcoder];
+- Gemma Scope's `params.npz` under a folder naming its layer (`layer_{i}/...`): `W_enc` [d_model,
+  d_transcoder], `W_dec`, `b_enc`, `b_dec`, `threshold`.
+
+Each becomes a transcoder of this catalogue (ReLU, or JumpReLU with the threshold), reading
+`blocks.{i}.{feature_input_hook}` and writing `blocks.{i}.{feature_output_hook}`, with the same
+numbers (the encoder transposed where the layouts differ). Not read yet: skip connections
+(`W_skip`) and cross-layer transcoders (`model_kind: cross_layer_transcoder`), each refused in one
+line; any other key, a shape that does not fit, or NaN weights are refused naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catalog.errors import UserError
+from compute.dictionaries.kinds import JumpReLUTranscoder, Transcoder
+
+CONFIG = "config.yaml"
+SAFETENSORS_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold"}
+GEMMA_SCOPE_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+_LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
+_LAYER_FOLDER = re.compile(r"layer_(\d+)")
+
+
+def read_config(folder: Path) -> dict | None:
+    """The set's config.yaml, checked; None when the folder holds no circuit-tracer set."""
+    import yaml
+
+    path = folder / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not a readable circuit-tracer config ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict) or "model_kind" not in cfg:
+        return None  # some other tool's config.yaml
+    if cfg["model_kind"] == "cross_layer_transcoder":
+        raise UserError(f"{path}: cross-layer transcoders are not supported yet (per-layer transcoder sets are)")
+    if cfg["model_kind"] != "transcoder_set":
+        raise UserError(f"{path}: model_kind {cfg['model_kind']!r} is not a circuit-tracer transcoder set")
+    for key in ("feature_input_hook", "feature_output_hook"):
+        if not isinstance(cfg.get(key), str) or not re.fullmatch(r"[A-Za-z0-9_.]+", cfg[key]):
+            raise UserError(f"{path}: {key} must name a hook within a block (e.g. ln2.hook_normalized)")
+    return cfg
+
+
+def layer_files(folder: Path) -> dict[int, Path]:
+    """The set's transcoder file per layer: layer_{i}.safetensors, or a params.npz under layer_{i}/."""
+    found: dict[int, Path] = {}
+    for f in sorted([*folder.glob("layer_*.safetensors"), *folder.rglob("params.npz")]):
+        m = _LAYER_FILE.fullmatch(f.name) if f.suffix == ".safetensors" else next(
+            (m for part in reversed(f.relative_to(folder).parts[:-1]) if (m := _LAYER_FOLDER.fullmatch(part))), None)
+        if m is None:
+            raise UserError(f"{f}: cannot tell which layer this transcoder is for (a layer_N folder or file name)")
+        if int(m.group(1)) in found:
+            raise UserError(f"two transcoders for layer {m.group(1)}: {found[int(m.group(1))]} and {f}")
+        found[int(m.group(1))] = f
+    if not found:
+        raise UserError(f"{folder}: {CONFIG} names a transcoder set, but no layer_N.safetensors or params.npz is there")
+    return found
+
+
+def read_transcoder(path: Path, layer: int, cfg: dict, model_name: str = "") -> Transcoder:
+    """One layer's transcoder file as a transcoder of this catalogue, with the same numbers."""
+    state = _read_state(path)
+    keys = GEMMA_SCOPE_KEYS if path.suffix == ".npz" else SAFETENSORS_KEYS
+    if "W_skip" in state:
+        raise UserError(f"{path}: skip transcoders (W_skip) are not supported yet")
+    unknown = sorted(set(state) - keys)
+    if unknown or not {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(state):
+        what = f"unknown weights {', '.join(unknown)}" if unknown else "missing weights"
+        raise UserError(f"{path}: {what} (a transcoder holds {', '.join(sorted(keys))})")
+    if path.suffix != ".npz":  # circuit-tracer keeps W_enc as [d_transcoder, d_model]
+        state["W_enc"] = state["W_enc"].T
+    threshold = state.pop("threshold", state.pop("activation_function.threshold", None))
+    d_in, d_sae = state["W_enc"].shape if state["W_enc"].dim() == 2 else (0, 0)
+    d_out = state["b_dec"].shape[0] if state["b_dec"].dim() == 1 else 0
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
+    if threshold is not None:
+        state["threshold"], shapes["threshold"] = threshold, (d_sae,)
+    wrong = [f"{k} {tuple(state[k].shape)}" for k, shape in shapes.items() if tuple(state[k].shape) != shape]
+    if wrong or not d_in * d_sae * d_out:
+        raise UserError(f"{path}: weights of shapes that do not fit one transcoder ({', '.join(wrong) or 'empty'})")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: {', '.join(bad)} hold NaN or infinite values")
+    cls = Transcoder if threshold is None else JumpReLUTranscoder
+    sae = cls(d_in, d_sae, f"blocks.{layer}.{cfg['feature_input_hook']}", model_name, d_out,
+              f"blocks.{layer}.{cfg['feature_output_hook']}")
+    sae.load_state_dict(state)
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
+        from safetensors.torch import load_file
+
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    except Exception as e:  # numpy and safetensors raise their own types for damaged files
+        raise UserError(f"{path}: not a readable transcoder file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ) from None

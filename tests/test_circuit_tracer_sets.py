@@ -1,0 +1,130 @@
+"""circuit-tracer's transcoder sets on disk (its layer_{i}.safetensors and Gemma Scope's params.npz, with
+config.yaml): written here in each format, read to the same numbers, used for local circuits, and
+refused in one line when they cannot be used."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import save_file
+
+from compute.dictionaries.circuit_tracer import read_config, read_transcoder
+from compute.dictionaries.kinds import JumpReLUTranscoder, Transcoder
+
+PROMPT = "the cat near the dogs runs"
+CONFIG = "model_kind: transcoder_set\nfeature_input_hook: {i}\nfeature_output_hook: {o}\nscan: test-set\n"
+
+
+def _config(folder, hook_in="ln2.hook_normalized", hook_out="hook_mlp_out", kind="transcoder_set"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(CONFIG.format(i=hook_in, o=hook_out).replace("transcoder_set", kind))
+
+
+def write_safetensors(folder, layer: int, sae, threshold=None, **extra):
+    """One layer as circuit-tracer's SingleLayerTranscoder.to_safetensors writes it."""
+    state = {"W_enc": sae.W_enc.T.contiguous(), "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": sae.b_dec, **extra}
+    if threshold is not None:
+        state["activation_function.threshold"] = threshold
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(folder / f"layer_{layer}.safetensors"))
+
+
+def write_gemma_scope(folder, layer: int, sae, threshold):
+    """One layer as Gemma Scope's params.npz (W_enc as [d_model, d_transcoder])."""
+    where = folder / f"layer_{layer}" / "width_16k" / "average_l0_8"
+    where.mkdir(parents=True)
+    np.savez(where / "params.npz", W_enc=sae.W_enc.detach().numpy(), W_dec=sae.W_dec.detach().numpy(),
+             b_enc=sae.b_enc.detach().numpy(), b_dec=sae.b_dec.detach().numpy(), threshold=threshold.numpy())
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    """A GPT-NeoX checkpoint with a SAELens set (transcoders and attention SAEs) that fire on the prompt."""
+    from checkpoints import write_checkpoint, write_local_set
+
+    from compute.models.checkpoints import load_checkpoint
+
+    root = tmp_path_factory.mktemp("ct")
+    checkpoint = write_checkpoint(root / "neox", "neox")
+    model = load_checkpoint(str(checkpoint), progress=False).model
+    transcoders, attention = write_local_set(root / "set", model, PROMPT)
+    return root, checkpoint, model, transcoders, attention
+
+
+def test_each_format_reads_to_the_same_numbers(neox, tmp_path):
+    _, _, model, transcoders, _ = neox
+    sae = transcoders[0].sae
+    threshold = torch.rand(sae.d_sae) * 0.2
+    _config(tmp_path)
+    write_safetensors(tmp_path, 0, sae)
+    write_safetensors(tmp_path, 1, sae, threshold)
+    write_gemma_scope(tmp_path / "gs", 1, sae, threshold)
+    cfg = read_config(tmp_path)
+    relu = read_transcoder(tmp_path / "layer_0.safetensors", 0, cfg)
+    jump = read_transcoder(tmp_path / "layer_1.safetensors", 1, cfg)
+    gemma = read_transcoder(next((tmp_path / "gs").rglob("params.npz")), 1, cfg)
+    assert type(relu) is Transcoder and type(jump) is type(gemma) is JumpReLUTranscoder
+    assert (relu.hook_name, relu.hook_name_out) == ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
+    x = torch.randn(5, sae.d_in)
+    pre = x @ sae.W_enc + sae.b_enc  # circuit-tracer's F.linear(x, W_enc, b_enc) with its [d_sae, d_model] W_enc
+    assert torch.equal(relu.encode(x), sae.encode(x)) and torch.equal(relu.decode(relu.encode(x)), sae(x))
+    for t in (jump, gemma):
+        assert torch.allclose(t.encode(x), pre * (pre > threshold), atol=1e-6)  # circuit-tracer's JumpReLU
+        assert torch.equal(t.threshold, threshold)
+
+
+def test_a_circuit_tracer_set_gives_the_local_circuit_of_the_same_transcoders(neox, tmp_path):
+    """The checkpoint's transcoders written in circuit-tracer's format beside its attention SAEs: `attribute`
+    prints the same nodes, with the same effects, as with the SAELens copies."""
+    import shutil
+
+    root, checkpoint, _, transcoders, _ = neox
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "set", mixed)
+    _config(mixed / "transcoders")
+    for i, d in transcoders.items():
+        shutil.rmtree(mixed / f"dictionary{i}")  # write_local_set saves the transcoders first
+        write_safetensors(mixed / "transcoders", i, d.sae)
+    given = ["attribute", "--model", str(checkpoint), "--prompt", PROMPT, "--format", "csv"]
+    saelens = run_cli(*given, "--dictionaries", str(root / "set"), catalog=tmp_path / "a")
+    ct = run_cli(*given, "--dictionaries", str(mixed), catalog=tmp_path / "b")
+    assert saelens.returncode == 0 and ct.returncode == 0, ct.stderr[-2000:]
+    assert ct.stdout == saelens.stdout and len(ct.stdout.splitlines()) > 10
+
+
+def _set_with(tmp_path, neox, **change):
+    """The checkpoint's SAELens set with its layer-0 transcoder replaced by a circuit-tracer set's file."""
+    import shutil
+
+    root, _, _, transcoders, _ = neox
+    folder = tmp_path / "set"
+    shutil.copytree(root / "set", folder)
+    shutil.rmtree(folder / "dictionary0")
+    _config(folder / "ct", **{k: v for k, v in change.items() if k in ("hook_in", "hook_out", "kind")})
+    sae = transcoders[0].sae
+    extra = {k: v for k, v in change.items() if k not in ("hook_in", "hook_out", "kind", "layer", "b_dec")}
+    if "b_dec" in change:
+        sae = type("Bad", (), {"W_enc": sae.W_enc, "W_dec": sae.W_dec, "b_enc": sae.b_enc, "b_dec": change["b_dec"]})
+    write_safetensors(folder / "ct", change.get("layer", 0), sae, **extra)
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"W_skip": torch.zeros(16, 16)}, "skip transcoders (W_skip) are not supported yet"),
+    ({"log_thresholds": torch.zeros(64)}, "unknown weights log_thresholds"),
+    ({"b_dec": torch.zeros(7)}, "shapes that do not fit"),
+    ({"b_enc_extra": torch.zeros(1)}, "unknown weights"),
+    ({"kind": "cross_layer_transcoder"}, "cross-layer transcoders are not supported yet"),
+    ({"hook_in": "hook_nowhere"}, "is not a hook of the model"),
+    ({"hook_out": "hook_attn_out"}, "an MLP output"),
+    ({"layer": 9}, "the model has 2 layers"),
+    ({"activation_function.threshold": torch.full((64,), float("nan"))}, "NaN or infinite"),
+])
+def test_what_cannot_be_used_is_one_line(neox, tmp_path, change, message):
+    _, checkpoint, _, _, _ = neox
+    folder = _set_with(tmp_path, neox, **change)
+    r = run_cli("attribute", "--model", str(checkpoint), "--dictionaries", str(folder), "--prompt", PROMPT,
+                catalog=tmp_path / "c")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr
