@@ -1,9 +1,10 @@
 """circuit-tracer's transcoder sets from a local directory (what `circuit_tracer.utils.hf_utils`
 downloads, read here without a hub).
 
-A set is a folder with circuit-tracer's `config.yaml` (`model_kind: transcoder_set`,
-`feature_input_hook` and `feature_output_hook`, e.g. `ln2.hook_normalized` and `hook_mlp_out`, named
-within a block) and one transcoder per layer:
+A set is a folder with circuit-tracer's `config.yaml` (`model_kind: transcoder_set`;
+`feature_input_hook` and `feature_output_hook`, the hooks within a block that the transcoders read,
+the normalised MLP input or the residual stream before it, and write, the MLP output) and one
+transcoder per layer:
 
 - `layer_{i}.safetensors` (circuit-tracer's own `SingleLayerTranscoder.to_safetensors`): `W_enc` and
   `W_dec` [d_transcoder, d_model], `b_enc` [d_transcoder], `b_dec` [d_model], and for a JumpReLU
@@ -55,7 +56,7 @@ def read_config(folder: Path) -> dict | None:
         raise UserError(f"{path}: model_kind {cfg['model_kind']!r} is not a circuit-tracer transcoder set")
     for key in ("feature_input_hook", "feature_output_hook"):
         if not isinstance(cfg.get(key), str) or not re.fullmatch(r"[A-Za-z0-9_.]+", cfg[key]):
-            raise UserError(f"{path}: {key} must name a hook within a block (e.g. ln2.hook_normalized)")
+            raise UserError(f"{path}: {key} must name a hook within a block (as circuit-tracer's configs do)")
     return cfg
 
 
