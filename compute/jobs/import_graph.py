@@ -246,14 +246,14 @@ def import_job(cat: Catalog, paths: list[Path]) -> tuple[str, list[tuple[str, Im
     known_dicts = set(cat.sql("SELECT dictionary_id FROM dictionaries").dictionary_id)
     tasks = []
     for g in graphs:
-        content = json.dumps([g.prompt, g.tokens])
+        content = json.dumps([g.prompt, g.tokens, g.answer])  # one task per prompt and answer
         task = Task("graph-" + hashlib.sha256(content.encode()).hexdigest()[:12],
                     [{"clean_prefix": g.prompt, "clean_answer": g.answer}], "imported graph", g.prompt)
         cat.check_task(task.name, task.content_hash)
         tasks.append(task)
     row = run_row("import-graph", {"files": [str(g.path) for g in graphs],
                                    "supernodes": {str(g.path): g.supernodes for g in graphs if g.supernodes}})
-    done = []
+    done, written = [], set()
     with run(cat, row) as w:
         for g, task in zip(graphs, tasks, strict=True):
             circuit_id = new_id("circuit")
@@ -264,7 +264,9 @@ def import_job(cat: Catalog, paths: list[Path]) -> tuple[str, list[tuple[str, Im
             if new:
                 w.write("dictionaries", new)
                 known_dicts |= {d["dictionary_id"] for d in new}
-            write_task(w, None, task, tokens=lambda _text, t=g.tokens: t)
+            if task.name not in written:  # graphs of one prompt and answer share their task
+                write_task(w, None, task, tokens=lambda _text, t=g.tokens: t)
+                written.add(task.name)
             n_layers = max((n["layer"] for n in g.nodes if n["component"] == METRIC), default=0)
             w.write("nodes", [{"circuit_id": circuit_id, "node_idx": i, **n} for i, n in enumerate(g.nodes)])
             edges = w.table("edges")
