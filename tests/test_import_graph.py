@@ -147,6 +147,7 @@ def _hostile(tmp_path):
         "unknown link end": {**good, "links": [*good["links"], {"source": "E_17_0", "target": "9_9_9", "weight": 1.0}]},
         "repeated node": {**good, "nodes": [*good["nodes"], good["nodes"][0]]},
         "repeated link": {**good, "links": [*good["links"], good["links"][0]]},
+        "one node twice": {**good, "nodes": [*good["nodes"], {**good["nodes"][2], "node_id": "0_5_1b"}]},
         "unknown type": {**good, "nodes": [{**good["nodes"][0], "feature_type": "mystery"}, *good["nodes"][1:]]},
         "bad position": {**good, "nodes": [{**good["nodes"][0], "ctx_idx": -3}, *good["nodes"][1:]]},
         "bad layer": {**good, "nodes": [*good["nodes"][:2], {**good["nodes"][2], "layer": "../0"}, *good["nodes"][3:]]},

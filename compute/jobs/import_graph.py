@@ -89,6 +89,9 @@ def read_graph(path: Path) -> ImportedGraph:
             raise UserError(f"{where}: node id {row['node_id']!r} appears twice")
         index[row.pop("node_id")] = len(g.nodes)
         g.nodes.append(row)
+    keys = {tuple(n[k] for k in KEY) for n in g.nodes}
+    if len(keys) < len(g.nodes):  # a node twice under two ids would count twice in every comparison
+        raise UserError(f"{where}: two nodes are the same node (same site, feature and position)")
     if not any(n["component"] == METRIC for n in g.nodes):
         raise UserError(f"{where}: no logit node (feature_type 'logit'): a graph explains a logit")
     seen = set()
