@@ -46,6 +46,20 @@ def write_checkpoint(out: Path, family: str, seed: int = 0, d_model: int = D_MOD
         cfg, cls = LlamaConfig(vocab_size=vocab, max_position_embeddings=32, hidden_size=d_model,
                                num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=2,
                                intermediate_size=3 * d_model, bos_token_id=1, eos_token_id=1), LlamaForCausalLM
+    elif family == "qwen3":  # Llama's with RMSNorm on each head's queries and keys (QK-norm)
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        cfg, cls = Qwen3Config(vocab_size=vocab, max_position_embeddings=32, hidden_size=d_model,
+                               num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=2,
+                               head_dim=d_model // heads, intermediate_size=3 * d_model, bos_token_id=1,
+                               eos_token_id=1), Qwen3ForCausalLM
+    elif family == "gemma2":  # post-attention and post-MLP norms, soft-capping, tied embeddings
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        cfg, cls = Gemma2Config(vocab_size=vocab, max_position_embeddings=32, hidden_size=d_model,
+                                num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=2,
+                                head_dim=d_model // heads, intermediate_size=3 * d_model, sliding_window=16,
+                                bos_token_id=1, eos_token_id=1, pad_token_id=0), Gemma2ForCausalLM
     else:
         raise ValueError(family)
     cfg.initializer_range = 0.2  # larger than the 0.02 of real training, so that a patch moves the metric

@@ -233,3 +233,35 @@ def test_a_memory_budget_gives_the_same_circuit(disk, handles, method):
     assert budgeted.curves[0].faithfulness == pytest.approx(whole.curves[0].faithfulness, abs=1e-6)
     assert sum(int((f.to_dense() if f.is_sparse else f).count_nonzero()) for _, _, f in budgeted.clean_features) \
         == sum(int(f.count_nonzero()) for _, _, f in whole.clean_features)
+
+
+def test_qwen3_loads_with_its_logits_and_local_circuits_refuse_its_qk_norm(tmp_path):
+    """Qwen3 (QK-norm) converts with Hugging Face's logits; a local circuit of it is refused in one line
+    naming QK-norm, as its per-head query and key scales are not frozen."""
+    from checkpoints import write_local_set
+    from transformers import AutoModelForCausalLM
+
+    from compute.models.checkpoints import load_checkpoint
+
+    prompt = "the cat near the dogs runs"
+    checkpoint = write_checkpoint(tmp_path / "qwen3", "qwen3")
+    model = load_checkpoint(str(checkpoint), progress=False).model
+    hf = AutoModelForCausalLM.from_pretrained(str(checkpoint), local_files_only=True)
+    tokens = model.to_tokens(prompt)
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+    write_local_set(tmp_path / "set", model, prompt)
+    r = run_cli("attribute", "--model", str(checkpoint), "--dictionaries", str(tmp_path / "set"), "--prompt", prompt,
+                catalog=tmp_path / "c")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "QK-norm" in errors[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_gemma2_checkpoint_is_refused_in_one_line(tmp_path):
+    """TransformerLens 3.9 does not convert Gemma2ForCausalLM from a checkpoint directory: one line says so."""
+    checkpoint = write_checkpoint(tmp_path / "gemma2", "gemma2")
+    r = run_cli("attribute", "--model", str(checkpoint), "--dictionaries", str(tmp_path), "--prompt", "the cat",
+                catalog=tmp_path / "c")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "Gemma2ForCausalLM" in errors[0], r.stderr
+

@@ -82,6 +82,9 @@ class Replacement:
         if missing:
             raise UserError(f"a local replacement model needs a transcoder at every MLP and an SAE at every "
                             f"attention output; missing: {', '.join(missing)}")
+        if getattr(cfg, "use_qk_norm", False):  # Qwen3: queries and keys normalised per head
+            raise UserError("local circuits do not support QK-norm yet (Qwen3's RMSNorm of each head's queries and "
+                            "keys): its scales are not frozen, so the attention scores would not decompose exactly")
         if cfg.normalization_type not in _NORMS:
             raise UserError(f"cannot freeze normalisation {cfg.normalization_type!r} (known: LN, LNPre, RMS, RMSPre)")
         for i, d in transcoders.items():
