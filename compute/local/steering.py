@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from catalog.errors import UserError
-from compute.local.contributions import Target, attribute
+from compute.local.contributions import Target, attribute, feature_target
 from compute.local.replacement import Node, Replacement
 
 MODES = ("set", "scale", "zero")
@@ -49,13 +49,10 @@ def parse_intervention(rep: Replacement, mode: str, spec: str) -> Intervention:
     if not (slash and at and feature.isdigit() and position.lstrip("-").isdigit()) or (mode == "zero") == bool(eq):
         form = "SITE/FEATURE@POSITION" + ("" if mode == "zero" else "=VALUE")
         raise UserError(f"--{mode} {spec!r}: give {form} (e.g. mlp_1/12@4{'' if mode == 'zero' else '=2.5'})")
-    if site not in rep.dicts:
-        raise UserError(f"--{mode} {spec!r}: no dictionary at {site}; sites: {', '.join(rep.order)}")
-    if int(feature) >= rep.dicts[site].sae.d_sae:
-        raise UserError(f"--{mode} {spec!r}: {site} has {rep.dicts[site].sae.d_sae} features")
-    p = int(position) + rep.n_pos if int(position) < 0 else int(position)
-    if not 0 <= p < rep.n_pos:
-        raise UserError(f"--{mode} {spec!r}: position {position} is outside the prompt's {rep.n_pos} tokens")
+    try:  # the site, feature and position checked as every local-circuit target is
+        t = feature_target(rep, site, int(feature), int(position))
+    except UserError as e:
+        raise UserError(f"--{mode} {spec!r}: {e}") from None
     value = 0.0
     if mode != "zero":
         try:
@@ -64,7 +61,7 @@ def parse_intervention(rep: Replacement, mode: str, spec: str) -> Intervention:
             value = math.nan
         if not math.isfinite(value):
             raise UserError(f"--{mode} {spec!r}: {amount!r} is not a finite number")
-    return Intervention(site, int(feature), p, mode, value)
+    return Intervention(t.site, t.feature, t.position, mode, value)
 
 
 def root_value(root: Target, logits: torch.Tensor) -> float:
@@ -111,9 +108,9 @@ def steer(rep: Replacement, root: Target, interventions: list[Intervention]) -> 
                         "or diff:TOKEN:OTHER)")
     model = rep.model
     influence = attribute(rep, [root], threshold=0.0).scores[0]
+    before_logits = rep.logits.detach()  # the real model's, from the run that froze the replacement model
+    before = root_value(root, before_logits)
     with torch.no_grad():
-        before_logits = model(rep.tokens)
-        before = root_value(root, before_logits)
         rows = []
         for iv in interventions:
             old = float(rep.values[iv.site][iv.position, iv.feature])
