@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench clean browser docs docs-serve docs-reference
+.PHONY: demo test lint bench-ct clean browser docs docs-serve docs-reference
 
 # The CPU build of PyTorch lies in /opt/wheels on this project's machines (a bare PyPI 'torch' is
 # the CUDA build, several GB). uv installs in parallel and compiles the bytecode on every core:
@@ -41,6 +41,10 @@ docs-serve: $(STAMP)
 
 docs-reference: $(STAMP)
 	$(PY) -m commands.reference
+
+# circuit-tracer's graphs beside ours on the zoo (it gets a virtual environment of its own on first use).
+bench-ct: $(STAMP)
+	$(PY) -m bench.ct_parity
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

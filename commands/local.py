@@ -23,7 +23,7 @@ from commands.options import FEATURE_OR_TOP, LOCAL_OPTIONS, POSITIVE, TEXT, grap
 @click.pass_obj
 def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples: int, target: str | None,
               zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
-              device: str, dtype: str, fmt: str, **options):
+              device: str, dtype: str, attention_mode: str, fmt: str, **options):
     """Attribution graph of a prompt (or a task) in the local replacement model, committed as a circuit."""
     import catalog
     from compute.jobs.loading import zoo_tasks
@@ -38,7 +38,7 @@ def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples:
     params = graph_params(**options)
     cat = catalog.init(path)
     handle, zoo, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
-                                                       dtype, [prompt] if prompt else [])
+                                                       dtype, [prompt] if prompt else [], attention_mode)
     if task_name is not None:
         task, = zoo_tasks(zoo.tasks, [task_name], zoo_name)
         circuit_id, graphs = task_job(cat, handle, transcoders, attention, task, n_examples, params)
@@ -60,7 +60,7 @@ def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples:
 @click.pass_obj
 def explain(path: Path, site_name: str, feature: str, prompt: str, position: int, zoo_name: str,
             model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None, device: str, dtype: str,
-            fmt: str, **options):
+            attention_mode: str, fmt: str, **options):
     """Why a feature fires here: its local circuit (SITE is attn_LAYER or mlp_LAYER; FEATURE a number, or
     'top' for the site's strongest feature at the position), committed as a circuit."""
     import pandas as pd
@@ -72,7 +72,7 @@ def explain(path: Path, site_name: str, feature: str, prompt: str, position: int
     params = graph_params(**options)
     cat = catalog.init(path)
     handle, _, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
-                                                     dtype, [prompt])
+                                                     dtype, [prompt], attention_mode)
     circuit_id, g = prompt_job(cat, handle, transcoders, attention, prompt, f"{site_name}/{feature}@{position}",
                                params)
     rep = g.rep
@@ -98,7 +98,7 @@ def explain(path: Path, site_name: str, feature: str, prompt: str, position: int
 @click.pass_obj
 def steer(path: Path, prompt: str, set_, scale, zero, target: str | None, top: int, zoo_name: str,
           model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None, device: str, dtype: str,
-          fmt: str, **options):
+          attention_mode: str, fmt: str, **options):
     """Set, scale or zero features in the real model (the dictionary spliced in, its error term kept):
     the target logit's change beside the graph's linear prediction, and the top tokens before and
     after; committed as a run of kind steer."""
@@ -112,7 +112,7 @@ def steer(path: Path, prompt: str, set_, scale, zero, target: str | None, top: i
         raise UserError("give at least one --set, --scale or --zero")
     cat = catalog.init(path)
     handle, _, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
-                                                     dtype, [prompt])
+                                                     dtype, [prompt], attention_mode)
     run_id, result = steer_job(cat, handle, transcoders, attention, prompt, target, given)
     output(pd.DataFrame(result.rows), fmt)
     if fmt == "table":

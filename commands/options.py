@@ -196,6 +196,10 @@ LOCAL_OPTIONS = options(
                       "(0: every path counts)"),
     click.option("--qk-scores", default=4, show_default=True, type=click.IntRange(min=0),
                  help="attention scores (the strongest head moves) decomposed into query x key pairs"),
+    click.option("--attention", "attention_mode", type=click.Choice(["auto", "saes", "frozen"]), default="auto",
+                 show_default=True,
+                 help="attention outputs as nodes of their SAEs, or as a frozen linear path between nodes (as in "
+                      "circuit-tracer; no OV/QK edges); auto: SAEs when the dictionary set has them"),
     FORMAT,
 )
 

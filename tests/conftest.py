@@ -79,11 +79,12 @@ def run_cli(*args: str, catalog: Path | None = None, cwd: Path = ROOT, separate:
 
 
 def run_readme_commands(catalog: str, text: str, here: Path) -> list[subprocess.CompletedProcess]:
-    """Run, as written and in order, the documentation's block of `python cli.py --catalog CATALOG ...` commands
+    """Run, as written and in order, the documentation's blocks of `python cli.py --catalog CATALOG ...` commands
     found in `text`, in the folder `here`; each must succeed. Returns their outputs."""
-    block = re.search(rf"```bash\n(python cli.py --catalog {catalog} .*?)```", text, flags=re.S).group(1)
+    blocks = re.findall(rf"```bash\n(python cli.py --catalog {catalog} .*?)```", text, flags=re.S)
+    assert blocks, f"no block of `python cli.py --catalog {catalog}` commands"
     outputs = []
-    for command in re.split(r"\n(?=python cli.py)", block.strip()):
+    for command in re.split(r"\n(?=python cli.py)", "\n".join(b.strip() for b in blocks)):
         r = run_cli(*shlex.split(command)[2:], cwd=here)  # without "python cli.py"
         assert r.returncode == 0, (command, r.stderr[-2000:])
         outputs.append(r)

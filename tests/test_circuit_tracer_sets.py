@@ -11,7 +11,12 @@ from conftest import run_cli
 from safetensors.torch import save_file
 
 from compute.dictionaries.circuit_tracer import read_config, read_transcoder
-from compute.dictionaries.kinds import JumpReLUTranscoder, Transcoder
+from compute.dictionaries.kinds import (
+    JumpReLUSkipTranscoder,
+    JumpReLUTranscoder,
+    SkipTranscoder,
+    Transcoder,
+)
 
 PROMPT = "the cat near the dogs runs"
 CONFIG = "model_kind: transcoder_set\nfeature_input_hook: {i}\nfeature_output_hook: {o}\nscan: test-set\n"
@@ -72,6 +77,14 @@ def test_each_format_reads_to_the_same_numbers(neox, tmp_path):
     for t in (jump, gemma):
         assert torch.allclose(t.encode(x), pre * (pre > threshold), atol=1e-6)  # circuit-tracer's JumpReLU
         assert torch.equal(t.threshold, threshold)
+    # a skip transcoder: circuit-tracer adds x @ W_skip.T to the decoded features
+    w_skip = torch.randn(sae.d_out, sae.d_in)
+    write_safetensors(tmp_path, 0, sae, W_skip=w_skip)
+    write_safetensors(tmp_path, 1, sae, threshold, W_skip=w_skip)
+    skip, jump_skip = (read_transcoder(tmp_path / f"layer_{i}.safetensors", i, cfg) for i in (0, 1))
+    assert type(skip) is SkipTranscoder and type(jump_skip) is JumpReLUSkipTranscoder
+    assert torch.allclose(skip(x), sae(x) + x @ w_skip.T, atol=1e-5)
+    assert torch.allclose(jump_skip(x), jump(x) + x @ w_skip.T, atol=1e-5)
 
 
 def test_a_circuit_tracer_set_gives_the_local_circuit_of_the_same_transcoders(neox, tmp_path):
@@ -111,7 +124,8 @@ def _set_with(tmp_path, neox, **change):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"W_skip": torch.zeros(16, 16)}, "skip transcoders (W_skip) are not supported yet"),
+    ({"W_skip": torch.zeros(7, 7)}, "shapes that do not fit"),
+    ({"W_skip": None}, "skip transcoders (W_skip) go with attention as a frozen path"),
     ({"log_thresholds": torch.zeros(64)}, "unknown weights log_thresholds"),
     ({"b_dec": torch.zeros(7)}, "shapes that do not fit"),
     ({"b_enc_extra": torch.zeros(1)}, "unknown weights"),
@@ -122,7 +136,9 @@ def _set_with(tmp_path, neox, **change):
     ({"activation_function.threshold": torch.full((64,), float("nan"))}, "NaN or infinite"),
 ])
 def test_what_cannot_be_used_is_one_line(neox, tmp_path, change, message):
-    _, checkpoint, _, _, _ = neox
+    _, checkpoint, model, _, _ = neox
+    if change.get("W_skip", 0) is None:  # a skip that fits, beside the set's attention SAEs
+        change = {"W_skip": torch.zeros(model.cfg.d_model, model.cfg.d_model)}
     folder = _set_with(tmp_path, neox, **change)
     r = run_cli("attribute", "--model", str(checkpoint), "--dictionaries", str(folder), "--prompt", PROMPT,
                 catalog=tmp_path / "c")

@@ -19,7 +19,7 @@ from catalog.errors import UserError
 from compute.local.contributions import DIRECT, attribute, feature_target, logit_target
 from compute.local.qk import BIAS, qk
 from compute.local.replacement import EMBED, Node, Replacement
-from schema.sites import attention_hook
+from schema.sites import ERROR, attention_hook
 
 PROMPT = "the dogs near the cat run"
 
@@ -143,12 +143,12 @@ def test_batched_targets_give_the_same_attributions_as_one_backward_each(rep):
     assert _rel(attribute(rep, targets, threshold=0.05, batch_size=8).scores, one) <= 1e-5
 
 
-def hand_model():
+def hand_model(attention_saes: bool = True):
     """Two layers, d_model 2, one head, no LayerNorm, tokens e0 and e1. Layer 0's head attends
     uniformly (W_Q = W_K = 0) and copies (W_V = W_O = I); layer 0's MLP is relu(x) @ [[2, 0], [0, 0]];
     layer 1's attention writes nothing. Its dictionaries are exact: the attention SAE is the identity
-    with ReLU, the transcoder is the MLP itself; layer 1's transcoder has feature 0 reading (1, 2)
-    with b_enc 0.1."""
+    with ReLU (left out without `attention_saes`), the transcoder is the MLP itself; layer 1's
+    transcoder has feature 0 reading (1, 2) with b_enc 0.1."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from compute.dictionaries.kinds import SAE, TrainedDictionary, Transcoder
@@ -178,7 +178,7 @@ def hand_model():
         return TrainedDictionary(at if cls is Transcoder else site("attn", layer), d, None, {})
 
     attention = {i: dictionary(SAE, i, eye, eye, torch.zeros(2), f"blocks.{i}.hook_attn_out",
-                               f"blocks.{i}.hook_attn_out") for i in (0, 1)}
+                               f"blocks.{i}.hook_attn_out") for i in (0, 1)} if attention_saes else {}
     transcoders = {0: dictionary(Transcoder, 0, eye, dec, torch.zeros(2), "blocks.0.hook_resid_mid",
                                  "blocks.0.hook_mlp_out"),
                    1: dictionary(Transcoder, 1, torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.zeros(2, 2),
@@ -209,6 +209,50 @@ def test_a_hand_computed_two_layer_example():
     assert ov.values.item() == pytest.approx(0.5)
 
 
+def test_a_hand_computed_example_with_attention_as_a_frozen_path():
+    """Without attention SAEs the head is a path, not a node: embed@0 reaches mlp_1/0@1 through it
+    (0.5 x e0 . (1, 2) = 0.5), embed@1 directly and through it (2 + 0.5 x 2 = 3), mlp_0/0@1 writes
+    (1, 0) (1.0): 4.5 plus b_enc 0.1 is the pre-activation 4.6. mlp_0/0@1 reads 0.5 of e0 through the
+    head, so every path gives embed@0 another 2 x 0.5."""
+    rep = hand_model(attention_saes=False)
+    assert rep.order == ["mlp_0", "mlp_1"] and rep.frozen_attention
+    target = feature_target(rep, "mlp_1", 0, 1)
+    wanted = [Node(EMBED, 0, 0), Node(EMBED, 0, 1), Node("mlp_0", 0, 1), Node("mlp_0", 1, 1), Node("mlp_0", 0, 0)]
+    direct = attribute(rep, [target])
+    assert direct.values.tolist() == pytest.approx([4.6]) and direct.bias.tolist() == pytest.approx([0.1])
+    assert [round(float(direct.scores[0, rep.index[n]]), 5) for n in wanted] == [0.5, 3.0, 1.0, 0.0, 0.0]
+    total = attribute(rep, [target], threshold=0.0)
+    assert [round(float(total.scores[0, rep.index[n]]), 5) for n in wanted] == [1.5, 3.0, 1.0, 0.0, 0.0]
+    with pytest.raises(UserError, match="no dictionary at 'attn_0'"):
+        feature_target(rep, "attn_0", 0, 1)
+    with pytest.raises(UserError, match="only with attention SAEs"):
+        qk(rep, 0, 0, 1, 0)
+
+
+def test_a_hand_computed_example_with_a_skip_transcoder():
+    """mlp_0's transcoder gets a skip connection W_skip = [[0, 0], [0, 1]] (it now adds the input's second
+    coordinate): the input at position 1 is (0.5, 1.5), so the skip adds (0, 1.5) and the error term
+    becomes (0, -1.5). embed@1 reaches the target through the skip as well: 2 + 1 + 1.5 x 2 = 6; the
+    error term gives -3; the pre-activation stays 4.6 = 0.5 + 6 + 1 - 3 + 0.1."""
+    from compute.dictionaries.kinds import SkipTranscoder, TrainedDictionary
+
+    hand = hand_model(attention_saes=False)
+    plain = hand.dicts["mlp_0"]
+    sae = SkipTranscoder(2, 2, plain.sae.hook_name, "hand", d_out=2, hook_name_out=plain.sae.hook_name_out)
+    with torch.no_grad():
+        sae.load_state_dict(plain.sae.state_dict() | {"W_skip": torch.tensor([[0.0, 0.0], [0.0, 1.0]])})
+    transcoders = {0: TrainedDictionary(plain.site, sae, None, {}), 1: hand.dicts["mlp_1"]}
+    rep = Replacement(hand.model, transcoders, {}, hand.tokens)
+    target = feature_target(rep, "mlp_1", 0, 1)
+    wanted = [Node(EMBED, 0, 0), Node(EMBED, 0, 1), Node("mlp_0", 0, 1), Node("mlp_0", ERROR, 1)]
+    direct = attribute(rep, [target])
+    assert direct.values.tolist() == pytest.approx([4.6]) and direct.bias.tolist() == pytest.approx([0.1])
+    assert [round(float(direct.scores[0, rep.index[n]]), 5) for n in wanted] == [0.5, 6.0, 1.0, -3.0]
+    saes = hand_model().dicts
+    with pytest.raises(UserError, match="go with attention as a frozen path"):
+        Replacement(hand.model, transcoders, {i: saes[f"attn_{i}"] for i in (0, 1)}, hand.tokens)
+
+
 @pytest.mark.parametrize("family", ["neox", "llama"])
 def test_exact_on_rotary_checkpoints(tmp_path, family):
     """Parallel attention with partial rotary (GPT-NeoX); RMSNorm, gated MLP and grouped-query
@@ -229,6 +273,14 @@ def test_exact_on_rotary_checkpoints(tmp_path, family):
     for head in range(model.cfg.n_heads):
         q = qk(r, 1, head, -1, 2)
         assert abs(q.pairs.sum().item() - q.score) <= 1e-4 * max(1.0, abs(q.score))
+    # transcoders only: attention a frozen path (GPT-NeoX's MLP reads what its block's attention reads)
+    frozen = Replacement(model, transcoders, {}, r.tokens)
+    targets = some_targets(frozen, per_site=3) + [logit_target(frozen, 7)]
+    a = attribute(frozen, targets)
+    assert ((a.scores.sum(1) + a.bias - a.values).abs() / a.values.abs().clamp_min(1e-3)).max() <= 1e-4
+    assert _rel(a.values, attribute(r, targets).values) <= 1e-5  # the same model, whatever is a node
+    tg = next(t for t in targets if t.site == "mlp_1")
+    assert _rel(attribute(frozen, [tg], threshold=0.05).scores[0], _hierarchical_reference(frozen, tg, 0.05)) <= 1e-4
 
 
 def test_refuses_what_it_cannot_make_linear(zoo):
@@ -238,6 +290,8 @@ def test_refuses_what_it_cannot_make_linear(zoo):
         Replacement(zoo.model, {0: transcoders[0]}, attention, tokens)
     with pytest.raises(UserError, match="not an MLP transcoder"):
         Replacement(zoo.model, {0: transcoders[0], 1: attention[1]}, attention, tokens)
+    with pytest.raises(UserError, match="at every attention output or at none .*missing: attn_1"):
+        Replacement(zoo.model, transcoders, {0: attention[0]}, tokens)
     r = Replacement(zoo.model, transcoders, attention, tokens)
     with pytest.raises(UserError, match="features 0..31"):
         feature_target(r, "mlp_0", 32, 1)
@@ -257,11 +311,12 @@ def _sql(cat, sql, *params):
 
 
 def _circuit(cat, metric):
-    return _sql(cat, "SELECT * FROM circuits WHERE metric = ? ORDER BY created_at DESC LIMIT 1", metric).iloc[0]
+    """The first circuit of this metric (the page's frozen-attention graph of the same prompt comes later)."""
+    return _sql(cat, "SELECT * FROM circuits WHERE metric = ? ORDER BY created_at LIMIT 1", metric).iloc[0]
 
 
 def test_attribute_commits_a_prompt_graph(local):
-    cat, (out, _, _) = local
+    cat, (out, *_) = local
     c = _circuit(cat, "logit")
     assert (c.method, c.aggregation, c.n_examples) == ("local", "none", 1)
     nodes = _sql(cat, "SELECT * FROM nodes WHERE circuit_id = ?", c.circuit_id)
@@ -284,7 +339,7 @@ def test_attribute_commits_a_prompt_graph(local):
 
 
 def test_explain_keeps_the_feature_as_root_and_its_qk_story(local, zoo):
-    cat, (_, out, _) = local
+    cat, (_, out, *_) = local
     c = _circuit(cat, "feature")
     root = _sql(cat, "SELECT * FROM nodes WHERE circuit_id = ? AND node_idx = 0", c.circuit_id).iloc[0]
     from compute.jobs.local import zoo_local_set
@@ -359,6 +414,19 @@ def test_the_readme_walkthrough_is_what_its_commands_print(local):
         assert any(abs(v - float(text)) <= 0.5 * 10 ** -len(decimals) + 1e-9 for v in values), text
 
 
+def test_the_pages_frozen_attention_graph_has_no_attention_nodes_or_head_edges(local):
+    """The page's `attribute --attention frozen` (run by the fixture): a graph of transcoder features, error
+    terms and embeddings only, whose run says so."""
+    cat, outputs = local
+    assert all(r.returncode == 0 for r in outputs)
+    frozen = _sql(cat, "SELECT c.circuit_id, c.n_edges FROM circuits c JOIN runs r USING (run_id) "
+                  "WHERE r.params->>'attention' = 'frozen'")
+    assert len(frozen) == 1 and frozen.n_edges[0] > 10
+    kinds = _sql(cat, "SELECT DISTINCT n.component, e.kind FROM nodes n JOIN edges e ON e.circuit_id = n.circuit_id "
+                 "WHERE n.circuit_id = ? AND n.in_circuit", frozen.circuit_id[0])
+    assert set(kinds.kind) == {"attribution"} and "attn" not in set(kinds.component)
+
+
 def test_the_readme_queries_of_the_local_section_return_rows(local):
     from tests.docs import blocks, page
 
@@ -426,6 +494,21 @@ def test_attribute_and_explain_a_checkpoint_with_its_dictionary_set(tmp_path):
                 "WHERE c.metric = 'feature' AND n.node_idx = 0").effect[0]
     assert root == pytest.approx(float(attribute(rep, [feature_target(rep, "attn_1", feature, -1)]).values[0]),
                                  rel=1e-5)
+    # transcoders alone (what a circuit-tracer release is): attention a frozen path, no OV or QK edges
+    frozen = run_cli("attribute", *given, "--attention", "frozen", "--format", "csv", catalog=tmp_path / "cat")
+    shutil.rmtree(tmp_path / "set" / "dictionary3")  # attn_1's SAE: an SAE at some attention outputs only
+    r = run_cli("attribute", *given, catalog=tmp_path / "cat")
+    assert r.returncode == 1 and "at every attention output or at none" in r.stderr and "missing: attn_1" in r.stderr
+    shutil.rmtree(tmp_path / "set" / "dictionary2")
+    auto = run_cli("attribute", *given, "--format", "csv", catalog=tmp_path / "cat")
+    assert frozen.returncode == 0 and auto.returncode == 0 and auto.stdout == frozen.stdout, auto.stderr[-2000:]
+    runs = _sql(tmp_path / "cat", "SELECT r.params->>'attention' AS attention, count(e.kind) FILTER (e.kind <> "
+                "'attribution') AS others, count(e.kind) AS edges FROM runs r JOIN circuits c USING (run_id) "
+                "JOIN edges e USING (circuit_id) GROUP BY ALL ORDER BY r.params->>'attention'")
+    assert runs.attention.tolist() == ["frozen", "saes"] and runs.others[0] == 0 < runs.others[1]
+    assert runs.edges.min() > 10
+    r = run_cli("attribute", *given, "--attention", "saes", catalog=tmp_path / "cat")
+    assert r.returncode == 1 and "has no attention SAEs" in r.stderr
     shutil.rmtree(tmp_path / "set" / "dictionary1")  # mlp_1's transcoder
     r = run_cli("attribute", *given, catalog=tmp_path / "cat")
     assert r.returncode == 1 and "missing: mlp_1" in r.stderr

@@ -7,16 +7,18 @@ the normalised MLP input or the residual stream before it, and write, the MLP ou
 transcoder per layer:
 
 - `layer_{i}.safetensors` (circuit-tracer's own `SingleLayerTranscoder.to_safetensors`): `W_enc` and
-  `W_dec` [d_transcoder, d_model], `b_enc` [d_transcoder], `b_dec` [d_model], and for a JumpReLU
-  transcoder `activation_function.threshold` [d_transcoder];
+  `W_dec` [d_transcoder, d_model], `b_enc` [d_transcoder], `b_dec` [d_model], for a JumpReLU
+  transcoder `activation_function.threshold` [d_transcoder], and for a skip transcoder `W_skip`
+  [d_model, d_model] (applied as x W_skip^T);
 - Gemma Scope's `params.npz` under a folder naming its layer (`layer_{i}/...`): `W_enc` [d_model,
   d_transcoder], `W_dec`, `b_enc`, `b_dec`, `threshold`.
 
-Each becomes a transcoder of this catalogue (ReLU, or JumpReLU with the threshold), reading
-`blocks.{i}.{feature_input_hook}` and writing `blocks.{i}.{feature_output_hook}`, with the same
-numbers (the encoder transposed where the layouts differ). Not read yet: skip connections
-(`W_skip`) and cross-layer transcoders (`model_kind: cross_layer_transcoder`), each refused in one
-line; any other key, a shape that does not fit, or NaN weights are refused naming the file.
+Each becomes a transcoder of this catalogue (ReLU, or JumpReLU with the threshold, each with its
+skip connection if it has one), reading `blocks.{i}.{feature_input_hook}` and writing
+`blocks.{i}.{feature_output_hook}`, with the same numbers (the encoder and skip transposed where the
+layouts differ). Not read yet: cross-layer transcoders (`model_kind: cross_layer_transcoder`),
+refused in one line; any other key, a shape that does not fit, or NaN weights are refused naming
+the file.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ import numpy as np
 import torch
 
 from catalog.errors import UserError
-from compute.dictionaries.kinds import JumpReLUTranscoder, Transcoder
+from compute.dictionaries.kinds import (
+    JumpReLUSkipTranscoder,
+    JumpReLUTranscoder,
+    SkipTranscoder,
+    Transcoder,
+)
 
 CONFIG = "config.yaml"
-SAFETENSORS_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold"}
+SAFETENSORS_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.threshold", "W_skip"}
 GEMMA_SCOPE_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
 _LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
 _LAYER_FOLDER = re.compile(r"layer_(\d+)")
@@ -80,27 +87,30 @@ def read_transcoder(path: Path, layer: int, cfg: dict, model_name: str = "") -> 
     """One layer's transcoder file as a transcoder of this catalogue, with the same numbers."""
     state = _read_state(path)
     keys = GEMMA_SCOPE_KEYS if path.suffix == ".npz" else SAFETENSORS_KEYS
-    if "W_skip" in state:
-        raise UserError(f"{path}: skip transcoders (W_skip) are not supported yet")
     unknown = sorted(set(state) - keys)
     if unknown or not {"W_enc", "W_dec", "b_enc", "b_dec"} <= set(state):
         what = f"unknown weights {', '.join(unknown)}" if unknown else "missing weights"
         raise UserError(f"{path}: {what} (a transcoder holds {', '.join(sorted(keys))})")
-    if path.suffix != ".npz":  # circuit-tracer keeps W_enc as [d_transcoder, d_model]
+    if path.suffix != ".npz":  # circuit-tracer keeps W_enc as [d_transcoder, d_model], W_skip as [d_out, d_in]
         state["W_enc"] = state["W_enc"].T
+        if "W_skip" in state:
+            state["W_skip"] = state["W_skip"].T
     threshold = state.pop("threshold", state.pop("activation_function.threshold", None))
     d_in, d_sae = state["W_enc"].shape if state["W_enc"].dim() == 2 else (0, 0)
     d_out = state["b_dec"].shape[0] if state["b_dec"].dim() == 1 else 0
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_enc": (d_sae,), "b_dec": (d_out,)}
     if threshold is not None:
         state["threshold"], shapes["threshold"] = threshold, (d_sae,)
+    if "W_skip" in state:
+        shapes["W_skip"] = (d_in, d_out)
     wrong = [f"{k} {tuple(state[k].shape)}" for k, shape in shapes.items() if tuple(state[k].shape) != shape]
     if wrong or not d_in * d_sae * d_out:
         raise UserError(f"{path}: weights of shapes that do not fit one transcoder ({', '.join(wrong) or 'empty'})")
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{path}: {', '.join(bad)} hold NaN or infinite values")
-    cls = Transcoder if threshold is None else JumpReLUTranscoder
+    cls = {(False, False): Transcoder, (True, False): JumpReLUTranscoder, (False, True): SkipTranscoder,
+           (True, True): JumpReLUSkipTranscoder}[(threshold is not None, "W_skip" in state)]
     sae = cls(d_in, d_sae, f"blocks.{layer}.{cfg['feature_input_hook']}", model_name, d_out,
               f"blocks.{layer}.{cfg['feature_output_hook']}")
     sae.load_state_dict(state)

@@ -7,7 +7,8 @@ attribution methods need nothing but `encode`, `decode`, `W_dec` and `active`.
 
 Architectures: standard (ReLU, L1), topk (the k largest pre-activations, ReLU),
 jumprelu (ReLU gated by a learned per-feature threshold), transcoder (reads the
-normalised MLP input, writes mlp_out) and identity (neurons as features).
+normalised MLP input, writes mlp_out; with a JumpReLU, and with a linear skip connection, whose
+output adds x W_skip: `reconstruct(x, f)`) and identity (neurons as features).
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ class SAE(torch.nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
 
+    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        """What the dictionary outputs for input x whose features are f (a skip transcoder adds its skip of x)."""
+        return self.decode(f)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.reconstruct(x, self.encode(x))
 
     def active(self, f: torch.Tensor) -> torch.Tensor:
         """Where a feature's value moves with its pre-activation (its local derivative is 1)."""
@@ -138,6 +143,48 @@ class JumpReLUTranscoder(Transcoder):
         return torch.relu(pre) * (pre > self.threshold)
 
 
+class _Skip:
+    """A transcoder's linear skip connection (Paulo et al. 2025, "Transcoders beat sparse autoencoders"):
+    it outputs f W_dec + b_dec + x W_skip, W_skip [d_in, d_out] (SAELens's layout; circuit-tracer's
+    is transposed)."""
+
+    def _add_skip(self) -> None:
+        self.W_skip = torch.nn.Parameter(torch.zeros(self.d_in, self.d_out))
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.W_skip.dtype) @ self.W_skip
+
+    def reconstruct(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return self.decode(f) + self.skip(x)
+
+
+class SkipTranscoder(_Skip, Transcoder):
+    """A ReLU transcoder with a skip connection (SAELens's `skip_transcoder`)."""
+
+    architecture = "skip_transcoder"
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", model_name: str = "",
+                 d_out: int | None = None, hook_name_out: str = ""):
+        super().__init__(d_in, d_sae, hook_name, model_name, d_out, hook_name_out)
+        self._add_skip()
+
+
+class JumpReLUSkipTranscoder(_Skip, JumpReLUTranscoder):
+    """A JumpReLU transcoder with a skip connection (circuit-tracer's files with both a threshold and W_skip)."""
+
+    architecture = "jumprelu_skip_transcoder"
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", model_name: str = "",
+                 d_out: int | None = None, hook_name_out: str = ""):
+        super().__init__(d_in, d_sae, hook_name, model_name, d_out, hook_name_out)
+        self._add_skip()
+
+
+def has_skip(sae: SAE) -> bool:
+    """Whether a dictionary's output has a linear skip of its input besides its features."""
+    return isinstance(sae, _Skip)
+
+
 class IdentityDictionary(SAE):
     """Neurons as features: encode and decode are the identity (signed values, no ReLU).
 
@@ -164,7 +211,8 @@ class IdentityDictionary(SAE):
 
 
 ARCHITECTURES: dict[str, type[SAE]] = {c.architecture: c for c in (SAE, TopKSAE, JumpReLUSAE, Transcoder,
-                                                                     JumpReLUTranscoder, IdentityDictionary)}
+                                                                     JumpReLUTranscoder, SkipTranscoder,
+                                                                     JumpReLUSkipTranscoder, IdentityDictionary)}
 
 
 def hook_width(model, hook_name: str) -> int:

@@ -31,7 +31,7 @@ def evaluate(sae: SAE, acts: torch.Tensor, targets: torch.Tensor | None = None) 
     and per-feature density and max activation."""
     y = acts if targets is None else targets
     f = sae.encode(acts)
-    y_hat = sae.decode(f)
+    y_hat = sae.reconstruct(acts, f)
     mse = (y - y_hat).pow(2).sum(-1).mean().item()
     var = (y - y.mean(0)).pow(2).sum(-1).mean().item()
     fires = (f != 0).float()  # f > 0 for ReLU dictionaries; signed for the identity

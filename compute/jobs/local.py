@@ -56,27 +56,45 @@ def zoo_local_set(zoo, progress: bool = True) -> tuple[dict[int, TrainedDictiona
             {i: attention[site("attn", i).name] for i in range(n)})
 
 
+ATTENTION_MODES = ("auto", "saes", "frozen")
+
+
 def local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
-                device: str, dtype: str, prompts: list[str]):
+                device: str, dtype: str, prompts: list[str], attention_mode: str = "auto"):
     """(model handle, zoo or None, transcoders, attention SAEs by layer): the zoo's, or a checkpoint's
-    from its dictionary set (which must hold a transcoder at every MLP and an SAE at every attention
-    output; the replacement model names what is missing)."""
+    from its dictionary set (which must hold a transcoder at every MLP, and an SAE at every
+    attention output or at none; the replacement model names what is missing). Attention mode
+    `frozen` leaves the attention SAEs out (attention is then a frozen linear path), `saes`
+    requires them, `auto` takes them when the set has any."""
     from compute.jobs.loading import checkpoint_and_dictionaries, say, zoo_and_dictionaries
 
+    if attention_mode not in ATTENTION_MODES:
+        raise UserError(f"attention mode {attention_mode!r}: choose from {', '.join(ATTENTION_MODES)}")
     if model_name is None:
         if dictionary_set or dictionary_spec:
             raise UserError("--dictionaries and --dictionary-spec go with --model")
         zoo, _, _ = zoo_and_dictionaries(zoo_name)
         say("its MLP transcoders and attention SAEs ...")
-        return zoo.handle, zoo, *zoo_local_set(zoo)
-    if dictionary_set is None:
-        raise UserError("--model needs --dictionaries DIR (its MLP transcoders and attention SAEs)")
-    handle, dicts = checkpoint_and_dictionaries(model_name, device, dtype, dictionary_set, dictionary_spec, False,
-                                                prompts)
-    by = {(d.site.component, d.site.layer): d for d in dicts.values()}
-    n = handle.model.cfg.n_layers
-    return handle, None, {i: by[("mlp", i)] for i in range(n) if ("mlp", i) in by}, \
-        {i: by[("attn", i)] for i in range(n) if ("attn", i) in by}
+        handle, transcoders, attention = zoo.handle, *zoo_local_set(zoo)
+    else:
+        if dictionary_set is None:
+            raise UserError("--model needs --dictionaries DIR (its MLP transcoders, and attention SAEs if any)")
+        handle, dicts = checkpoint_and_dictionaries(model_name, device, dtype, dictionary_set, dictionary_spec, False,
+                                                    prompts)
+        by = {(d.site.component, d.site.layer): d for d in dicts.values()}
+        n = handle.model.cfg.n_layers
+        zoo = None
+        transcoders = {i: by[("mlp", i)] for i in range(n) if ("mlp", i) in by}
+        attention = {i: by[("attn", i)] for i in range(n) if ("attn", i) in by}
+    if attention_mode == "saes" and not attention:
+        raise UserError("--attention saes: the dictionary set has no attention SAEs (--attention frozen makes "
+                        "attention a frozen path)")
+    return handle, zoo, transcoders, {} if attention_mode == "frozen" else attention
+
+
+def attention_of(rep: Replacement) -> str:
+    """How a replacement model treats attention, as a run's params record it."""
+    return "frozen" if rep.frozen_attention else "saes"
 
 
 def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
@@ -150,7 +168,7 @@ def prompt_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: 
     task = prompt_task(prompt, model.to_string(rep.logits[0, -1].argmax().reshape(1)))
     root, metric = parse_root(rep, target)
     cat.check_task(task.name, task.content_hash)
-    row = run_row("attribute", {**asdict(params), "prompt": prompt, "target": target})
+    row = run_row("attribute", {**asdict(params), "prompt": prompt, "target": target, "attention": attention_of(rep)})
     with run(cat, row) as w:
         g = prompt_graph(rep, root, params, progress)
         circuit_id = new_id("circuit")
@@ -176,6 +194,7 @@ def steer_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: d
     result = steer(rep, root, interventions)
     tokens = [model.to_string([t]) for t in (root.feature, root.minus) if t is not None]
     row = run_row("steer", {"prompt": prompt, "model_id": handle.model_id, "target": target, "root": " - ".join(tokens),
+                            "attention": attention_of(rep),
                             "before": result.before, "after": result.after, "predicted": result.predicted_joint,
                             "interventions": result.rows,
                             "dictionaries": sorted({rep.dicts[iv.site].dictionary_id for iv in interventions})})
@@ -199,7 +218,7 @@ def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: di
     data = encode(model, task, "train", n_examples)
     require_usable_examples(task, data)
     row = run_row("attribute", {**asdict(params), "task": task.name, "n_examples": data.n_examples,
-                                "dropped": data.dropped})
+                                "dropped": data.dropped, "attention": "saes" if attention else "frozen"})
     examples = [(int(b.example_idx[i]), b.clean[i], int(b.clean_answer[i]), int(b.patch_answer[i]))
                 for b in data.batches for i in range(len(b))]
     graphs = []

@@ -31,7 +31,7 @@ import torch
 from catalog.errors import UserError
 from catalog.progress import hidden
 from compute.local.replacement import EMBED, Replacement, Trace
-from schema.sites import attention_hook, parse_site_name, transcoder_input
+from schema.sites import attention_hook, parse_site_name, site_name, transcoder_input
 
 DIRECT = math.inf  # the threshold of direct contributions: every feature detached
 
@@ -120,7 +120,7 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
     t = rep.trace(1, "direct") if direct else rep.trace(batch, "live", _gate(rep, threshold, recorded))
     sites = t.outputs if direct else t.errors
     leaves = [t.embed, *(sites[n] for n in rep.order)]
-    z_layers = sorted(t.z) if ov else []
+    z_layers = [i for i in sorted(t.z) if site_name("attn", i) in rep.dicts] if ov else []
     wanted = leaves + [t.z[i] for i in z_layers]
     starts = range(0, len(targets), batch)
     for start in tqdm(starts, desc="attributing", unit="batch", disable=hidden(progress and len(starts) > 1)):
@@ -154,7 +154,12 @@ def _on_cpu(a: Attribution) -> Attribution:
 
 def _readable(rep: Replacement, targets: list[Target]) -> bool:
     """Whether every target's reading vector is known: logits, attention features, and features of
-    transcoders that read the MLP's normalised input or the stream itself."""
+    transcoders that read the MLP's normalised input or the stream itself, in a model whose
+    attention outputs are all nodes (a frozen attention path carries a target's reading to every
+    earlier position, and a skip connection to the stream its transcoder reads: the backward pass
+    follows them)."""
+    if rep.frozen_attention or rep.skips:
+        return False
     for tg in targets:
         component, layer = tg.component_layer
         if component == "mlp" and transcoder_input(rep.dicts[tg.site].hook_in, layer) is None:

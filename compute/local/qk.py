@@ -55,6 +55,9 @@ def qk(rep: Replacement, layer: int, head: int, query: int, key: int) -> QK:
     query, key = (p + rep.n_pos if p < 0 else p for p in (query, key))
     if not 0 <= key <= query < rep.n_pos:
         raise UserError(f"a query at {query} attends to keys 0..{query} of the prompt's {rep.n_pos} tokens")
+    if rep.frozen_attention:
+        raise UserError("attention scores decompose into nodes only with attention SAEs: with attention a frozen path, "
+                        "the stream a head reads also holds earlier attention outputs, which are not nodes")
     if getattr(cfg, "attn_scores_soft_cap", -1) > 0 or getattr(cfg, "use_qk_norm", False):
         raise UserError("this model's attention scores are not bilinear in the stream (soft cap or QK norm)")
     attn = rep.model.blocks[layer].attn

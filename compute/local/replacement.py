@@ -3,7 +3,12 @@
 For a given prompt, every MLP is replaced by its transcoder and every attention output is
 read by an attention SAE; each dictionary's error term (what it fails to reconstruct on this
 prompt) is a node, and the attention patterns and LayerNorm scales are frozen at their values
-on the prompt. Then the residual stream at every position is an exact sum of node write
+on the prompt. Without attention SAEs (transcoders only, as every circuit-tracer release is),
+each attention layer is a frozen linear path between nodes instead of a site of nodes: its
+output is computed from the stream through the frozen patterns and scales, so an edge between
+two features also carries what attention moves between positions (circuit-tracer's graph). A
+skip transcoder's skip connection (x W_skip) is such a path too: computed from its input, never a
+node, so a transcoder's output is its features, its error term and the skip of its input. Then the residual stream at every position is an exact sum of node write
 vectors (token embedding, feature value x decoder row, error term) and dictionary biases, and
 every feature's pre-activation is an affine function of the upstream nodes (Ge et al. 2024,
 "linear computation graphs"; circuit-tracer's local replacement model).
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from catalog.errors import UserError
-from compute.dictionaries.kinds import TrainedDictionary
+from compute.dictionaries.kinds import TrainedDictionary, has_skip
 from compute.tasks import model_device
 from schema.sites import (
     ERROR,
@@ -28,6 +33,7 @@ from schema.sites import (
     block_input,
     is_frozen_by_local_circuits,
     ln_scale_hook,
+    parse_site_name,
     site_name,
 )
 
@@ -70,18 +76,21 @@ TRACE_MODES = ("direct", "live", "zero", "pair")
 
 
 class Replacement:
-    """A model with a transcoder at every MLP and an SAE at every attention output, frozen on one
-    prompt (`tokens`, one row). `nodes` lists the graph's nodes in stream order: embeddings, then
-    per layer the attention features and errors, then the transcoder features and errors."""
+    """A model with a transcoder at every MLP and an SAE at every attention output (or at none),
+    frozen on one prompt (`tokens`, one row). `nodes` lists the graph's nodes in stream order:
+    embeddings, then per layer the attention features and errors, then the transcoder features
+    and errors."""
 
     def __init__(self, model, transcoders: dict[int, TrainedDictionary], attention: dict[int, TrainedDictionary],
                  tokens: torch.Tensor):
         cfg = model.cfg
-        missing = [f"mlp_{i}" for i in range(cfg.n_layers) if i not in transcoders] + \
-                  [f"attn_{i}" for i in range(cfg.n_layers) if i not in attention]
+        missing = [f"mlp_{i}" for i in range(cfg.n_layers) if i not in transcoders]
         if missing:
-            raise UserError(f"a local replacement model needs a transcoder at every MLP and an SAE at every "
-                            f"attention output; missing: {', '.join(missing)}")
+            raise UserError(f"a local replacement model needs a transcoder at every MLP; missing: {', '.join(missing)}")
+        missing = [f"attn_{i}" for i in range(cfg.n_layers) if i not in attention]
+        if attention and missing:
+            raise UserError(f"a local replacement model needs an SAE at every attention output or at none (attention is "
+                            f"then a frozen linear path, as in circuit-tracer); missing: {', '.join(missing)}")
         if getattr(cfg, "use_qk_norm", False):  # Qwen3: queries and keys normalised per head
             raise UserError("local circuits do not support QK-norm yet (Qwen3's RMSNorm of each head's queries and "
                             "keys): its scales are not frozen, so the attention scores would not decompose exactly")
@@ -90,15 +99,21 @@ class Replacement:
         for i, d in transcoders.items():
             if d.sae.kind != "transcoder" or d.site.component != "mlp":
                 raise UserError(f"mlp_{i}: a {d.sae.kind} at {d.site.name} is not an MLP transcoder")
+        self.skips = {site_name("mlp", i) for i, d in transcoders.items() if has_skip(d.sae)}
+        if self.skips and attention:
+            raise UserError("skip transcoders (W_skip) go with attention as a frozen path, as in circuit-tracer "
+                            "(--attention frozen): an attention feature's OV split would miss what the skips carry")
         for i, d in attention.items():
             if d.site.component != "attn" or d.site.reads != d.site.hook_out:
                 raise UserError(f"attn_{i}: the dictionary at {d.site.name} does not read the attention output")
         self.model, self.tokens = model, tokens.reshape(1, -1)
         self.device = model_device(model)  # where everything of this prompt is computed, in the model's dtype
         self.dtype = model.cfg.dtype
-        self.dicts = {site_name("attn", i): attention[i] for i in range(cfg.n_layers)} | \
+        self.frozen_attention = not attention  # attention a frozen linear path, not a site of nodes
+        self.dicts = {site_name("attn", i): attention[i] for i in attention} | \
                      {site_name("mlp", i): transcoders[i] for i in range(cfg.n_layers)}
-        self.order = [site_name(c, i) for i in range(cfg.n_layers) for c in ("attn", "mlp")]  # forward order
+        self.order = [site_name(c, i) for i in range(cfg.n_layers) for c in ("attn", "mlp")
+                      if site_name(c, i) in self.dicts]  # forward order
         self.n_pos = self.tokens.shape[1]
         self._writers = None
         self._freeze()
@@ -120,10 +135,12 @@ class Replacement:
         self.embed_value = cache[block_input(0)][0]
         self.values, self.output_values, self.error_values, self.active = {}, {}, {}, {}
         for name, d in self.dicts.items():
-            f = d.sae.encode(cache[d.hook_in])
+            x = cache[d.hook_in]
+            f = d.sae.encode(x)
             self.values[name] = f[0]
-            self.output_values[name] = cache[d.site.hook_out][0]
-            self.error_values[name] = (cache[d.site.hook_out] - d.sae.decode(f))[0]
+            skip = d.sae.skip(x)[0] if name in self.skips else 0.0
+            self.output_values[name] = cache[d.site.hook_out][0] - skip  # what the nodes write (and b_dec)
+            self.error_values[name] = (cache[d.site.hook_out] - d.sae.reconstruct(x, f))[0]
             self.active[name] = (f[0] != 0).nonzero()  # [n, 2]: (position, feature), in position order
         self.nodes = [Node(EMBED, 0, p) for p in range(self.n_pos)]
         self.offsets = {EMBED: 0}  # where each site's nodes start in `nodes`
@@ -183,6 +200,8 @@ class Replacement:
                     t.outputs[name] = d.sae.decode(pending.pop(name)) + t.errors[name]
                 else:
                     t.outputs[name] = leaf(self.output_values[name], x, when_zero=d.sae.b_dec.detach())
+                if name in self.skips:  # a path from the input, as attention is (the nodes stay the leaves)
+                    return t.outputs[name] + d.sae.skip(t.inputs[name])
                 return t.outputs[name]
             return fn
 
@@ -241,10 +260,13 @@ class Replacement:
     def upstream(self, layer: int, component: str = "attn") -> list[str]:
         """The sites that write into the stream a component of `layer` reads (in a parallel-attention
         model, block `layer`'s MLP reads what its attention reads)."""
-        stop = self.order.index(site_name(component, layer))
-        if component == "mlp" and self.model.cfg.parallel_attn_mlp:
-            stop -= 1
-        return self.order[:stop]
+        def before(name: str) -> bool:
+            c, i = parse_site_name(name)
+            if i != layer:
+                return i < layer
+            return c == "attn" and component == "mlp" and not self.model.cfg.parallel_attn_mlp
+
+        return [n for n in self.order if before(n)]
 
     def normalise(self, x: torch.Tensor, ln, scale: torch.Tensor | float, weight: bool = True) -> torch.Tensor:
         """The linear part of a frozen LayerNorm/RMSNorm `ln` at the given scale [.., 1]: centring (LN),
