@@ -89,7 +89,7 @@ ENGINES = ("readers", "autograd")
 
 
 def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT, batch_size: int = 32,
-              ov: bool = False, progress: bool = False, engine: str = "readers") -> Attribution:
+              ov: bool = False, progress: bool = False, engine: str = "readers", values: bool = True) -> Attribution:
     """Attribute each target to every node (direct contributions by default; a finite threshold
     gives hierarchical attribution), `batch_size` targets at a time. With `ov`, direct
     contributions into attention features are also split per head.
@@ -101,7 +101,9 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
     the frozen replacement model's backward pass instead: one forward of one copy of the prompt
     and a vectorised backward per batch (`is_grads_batched`); it is the readers' independent
     reference in the tests, and what a dictionary read through another hook falls back to.
-    Hierarchical attribution's backward hooks see one target per row: `batch_size` copies."""
+    Hierarchical attribution's backward hooks see one target per row: `batch_size` copies.
+    Without `values`, reading vectors skip the trace that measures the targets' values and biases
+    (a graph's edges need only the contributions): they are then NaN."""
     from tqdm.auto import tqdm
 
     direct = threshold == DIRECT
@@ -110,7 +112,7 @@ def attribute(rep: Replacement, targets: list[Target], threshold: float = DIRECT
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
     if direct and engine == "readers" and _readable(rep, targets):
-        return _attribute_by_readers(rep, targets, batch_size, ov, progress)
+        return _attribute_by_readers(rep, targets, batch_size, ov, progress, values)
     on = rep.device
     scores = rep.zeros(len(targets), len(rep.nodes))
     per_head = rep.zeros(len(targets), len(rep.nodes), rep.model.cfg.n_heads) if ov else None
@@ -168,7 +170,7 @@ def _readable(rep: Replacement, targets: list[Target]) -> bool:
 
 
 def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: int, ov: bool,
-                          progress: bool) -> Attribution:
+                          progress: bool, values: bool = True) -> Attribution:
     from tqdm.auto import tqdm
 
     n_heads = rep.model.cfg.n_heads
@@ -199,7 +201,8 @@ def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: i
                         if ov:
                             per_head[start + rows[:, None], cols] = torch.einsum("bhd,nd->bnh", r_heads[rows, p],
                                                                                  vectors)
-    return _on_cpu(Attribution(scores, *_values_and_bias(rep, targets), per_head))
+    unknown = torch.full((len(targets),), torch.nan, device=rep.device, dtype=rep.dtype)
+    return _on_cpu(Attribution(scores, *(_values_and_bias(rep, targets) if values else (unknown, unknown)), per_head))
 
 
 def _upstream(rep: Replacement, tg: Target) -> list[str]:

@@ -82,7 +82,7 @@ def _edges(g: PromptGraph, p: GraphParams, progress: bool) -> None:
     weights, heads = [], []
     chunks = range(0, len(targets), p.batch_size)
     for start in tqdm(chunks, desc="edges", unit="batch", disable=hidden(progress and len(chunks) > 1)):
-        a = attribute(rep, targets[start:start + p.batch_size], ov=True, batch_size=p.batch_size)
+        a = attribute(rep, targets[start:start + p.batch_size], ov=True, batch_size=p.batch_size, values=False)
         weights.append(a.scores[:, sources])
         heads.append(a.ov[:, sources])
     weights, heads = torch.cat(weights), torch.cat(heads)  # [dsts, kept], [dsts, kept, heads]
@@ -92,12 +92,13 @@ def _edges(g: PromptGraph, p: GraphParams, progress: bool) -> None:
     flow = (weights * per_unit[:, None]).abs()
     top = torch.argsort(flow.flatten(), descending=True)[:p.edge_budget]
     top = top[flow.flatten()[top] > 0]
-    for k in top.tolist():
-        r, c = divmod(k, len(g.kept))
-        src, dst = g.kept[c], dsts[r]
-        g.edges.append((src, dst, float(weights[r, c])))
-        for h in heads[r, c].nonzero()[:, 0].tolist():
-            g.ov.append((src, dst, h, float(heads[r, c, h])))
+    rows, cols = top // len(g.kept), top % len(g.kept)
+    g.edges = [(g.kept[c], dsts[r], w) for r, c, w in zip(rows.tolist(), cols.tolist(), weights[rows, cols].tolist(),
+                                                          strict=True)]
+    split = heads[rows, cols]  # [edges, heads]: each kept edge's part through each head (0 unless into attention)
+    for e, h in split.nonzero().tolist():
+        src, dst, _ = g.edges[e]
+        g.ov.append((src, dst, h, float(split[e, h])))
 
 
 def _value(rep: Replacement, i: int) -> float:
