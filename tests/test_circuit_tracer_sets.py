@@ -11,6 +11,7 @@ from conftest import run_cli
 from safetensors.torch import save_file
 
 from compute.dictionaries.circuit_tracer import read_config, read_transcoder
+from compute.dictionaries.formats import load_dictionary, save_dictionary
 from compute.dictionaries.kinds import (
     JumpReLUSkipTranscoder,
     JumpReLUTranscoder,
@@ -85,6 +86,10 @@ def test_each_format_reads_to_the_same_numbers(neox, tmp_path):
     assert type(skip) is SkipTranscoder and type(jump_skip) is JumpReLUSkipTranscoder
     assert torch.allclose(skip(x), sae(x) + x @ w_skip.T, atol=1e-5)
     assert torch.allclose(jump_skip(x), jump(x) + x @ w_skip.T, atol=1e-5)
+    for i, t in enumerate((skip, jump_skip)):
+        save_dictionary(t, tmp_path / f"saelens{i}")
+        back = load_dictionary(tmp_path / f"saelens{i}")
+        assert type(back) is type(t) and torch.equal(back(x), t(x))
 
 
 def test_a_circuit_tracer_set_gives_the_local_circuit_of_the_same_transcoders(neox, tmp_path):

@@ -148,7 +148,8 @@ class _Skip:
     it outputs f W_dec + b_dec + x W_skip, W_skip [d_in, d_out] (SAELens's layout; circuit-tracer's
     is transposed)."""
 
-    def _add_skip(self) -> None:
+    def __init__(self, *args, **kwargs):  # a transcoder's arguments
+        super().__init__(*args, **kwargs)
         self.W_skip = torch.nn.Parameter(torch.zeros(self.d_in, self.d_out))
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,21 +164,11 @@ class SkipTranscoder(_Skip, Transcoder):
 
     architecture = "skip_transcoder"
 
-    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", model_name: str = "",
-                 d_out: int | None = None, hook_name_out: str = ""):
-        super().__init__(d_in, d_sae, hook_name, model_name, d_out, hook_name_out)
-        self._add_skip()
-
 
 class JumpReLUSkipTranscoder(_Skip, JumpReLUTranscoder):
     """A JumpReLU transcoder with a skip connection (circuit-tracer's files with both a threshold and W_skip)."""
 
     architecture = "jumprelu_skip_transcoder"
-
-    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", model_name: str = "",
-                 d_out: int | None = None, hook_name_out: str = ""):
-        super().__init__(d_in, d_sae, hook_name, model_name, d_out, hook_name_out)
-        self._add_skip()
 
 
 def has_skip(sae: SAE) -> bool:
