@@ -116,6 +116,12 @@ def ln_scale_hook(layer: int | None, norm: str = "ln1") -> str:
     return "ln_final.hook_scale" if layer is None else f"blocks.{layer}.{norm}.hook_scale"
 
 
+def qk_norm_scale_hook(layer: int, norm: str) -> str:
+    """The scale of block `layer`'s QK-norm (Qwen3): of each head's query (q_norm) or key (k_norm), shaped
+    [batch x positions x heads, 1]."""
+    return f"blocks.{layer}.attn.{norm}.hook_scale"
+
+
 def transcoder_input(hook: str, layer: int) -> str | None:
     """How a block's MLP transcoder reads the stream through the hook it reads: 'normalized' (the MLP's
     LayerNorm before its weight: what transcoders trained here read), 'stream' (the residual stream

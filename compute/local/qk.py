@@ -5,8 +5,9 @@ residual stream there, which is the sum of the write vectors of the nodes at d p
 dictionaries' biases; the same holds for the key at s. The attention score
 q[d] . k[s] / scale is then exactly the sum, over pairs (query-side node, key-side node),
 of q_u . k_v / scale, where the bias of each side (dictionary biases, LayerNorm bias, b_Q or
-b_K) is one more node. Rotary embeddings rotate q_u by d and k_v by s; they are linear, so
-the decomposition stays exact.
+b_K) is one more node. Rotary embeddings rotate q_u by d and k_v by s, and QK-norm (Qwen3)
+divides each head's query and key by its frozen scale and multiplies them by its weight; both are
+linear, so the decomposition stays exact.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from catalog.errors import UserError
 from compute.local.replacement import EMBED, Node, Replacement
+from schema.sites import qk_norm_scale_hook
 
 BIAS = Node("bias", 0, -1)  # the pseudo-node of what no node accounts for (one per side)
 
@@ -58,19 +60,20 @@ def qk(rep: Replacement, layer: int, head: int, query: int, key: int) -> QK:
     if rep.frozen_attention:
         raise UserError("attention scores decompose into nodes only with attention SAEs: with attention a frozen path, "
                         "the stream a head reads also holds earlier attention outputs, which are not nodes")
-    if getattr(cfg, "attn_scores_soft_cap", -1) > 0 or getattr(cfg, "use_qk_norm", False):
-        raise UserError("this model's attention scores are not bilinear in the stream (soft cap or QK norm)")
+    if getattr(cfg, "attn_scores_soft_cap", -1) > 0:
+        raise UserError("this model's attention scores are not bilinear in the stream (they are soft-capped)")
     attn = rep.model.blocks[layer].attn
-    q_nodes, q = _side(rep, layer, head, query, attn.W_Q, attn.b_Q)
-    k_nodes, k = _side(rep, layer, head, key, attn.W_K, attn.b_K)
+    q_nodes, q = _side(rep, layer, head, query, attn.W_Q, attn.b_Q, "q_norm")
+    k_nodes, k = _side(rep, layer, head, key, attn.W_K, attn.b_K, "k_norm")
     pairs = q @ k.T / attn.attn_scale
     return QK(layer, head, query, key, q_nodes, k_nodes, pairs, float(rep.scores[layer][head, query, key]))
 
 
-def _side(rep: Replacement, layer: int, head: int, position: int, W: torch.Tensor, b: torch.Tensor
+def _side(rep: Replacement, layer: int, head: int, position: int, W: torch.Tensor, b: torch.Tensor, norm: str
           ) -> tuple[list[Node], torch.Tensor]:
     """The nodes at `position` that the head's layer reads, and each one's part of the query (or
-    key) there, rotated to the position when the model is rotary: [nodes + 1 (bias), d_head]."""
+    key) there, through the head's frozen QK-norm if the model has one (`norm`: q_norm or k_norm),
+    rotated to the position when the model is rotary: [nodes + 1 (bias), d_head]."""
     block, cfg = rep.model.blocks[layer], rep.model.cfg
     scale = rep.ln_scale(layer, position)
     names = rep.upstream(layer, "attn")
@@ -86,6 +89,11 @@ def _side(rep: Replacement, layer: int, head: int, position: int, W: torch.Tenso
     bias = (rep.normalise(rep.dictionary_bias(names)[None], block.ln1, scale) + rep.ln_bias(block.ln1)) @ W[head] \
         + b[head]
     parts = torch.cat([parts, bias.reshape(1, -1)])
+    if getattr(cfg, "use_qk_norm", False):  # RMSNorm of each head's query or key, its scale frozen
+        module = getattr(block.attn, norm)
+        scale = rep.frozen[qk_norm_scale_hook(layer, norm)].reshape(rep.n_pos, -1)  # [positions, its heads]
+        heads = scale.shape[1]  # a key norm covers the key-value heads of grouped-query attention
+        parts = parts / scale[position, head // (cfg.n_heads // heads)] * module.w
     if cfg.positional_embedding_type == "rotary":
         parts = block.attn.apply_rotary(parts[:, None, None, :], position)[:, 0, 0]
     return nodes + [BIAS], parts

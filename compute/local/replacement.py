@@ -2,16 +2,19 @@
 
 For a given prompt, every MLP is replaced by its transcoder and every attention output is
 read by an attention SAE; each dictionary's error term (what it fails to reconstruct on this
-prompt) is a node, and the attention patterns and LayerNorm scales are frozen at their values
-on the prompt. Without attention SAEs (transcoders only, as every circuit-tracer release is),
-each attention layer is a frozen linear path between nodes instead of a site of nodes: its
-output is computed from the stream through the frozen patterns and scales, so an edge between
-two features also carries what attention moves between positions (circuit-tracer's graph). A
-skip transcoder's skip connection (x W_skip) is such a path too: computed from its input, never a
-node, so a transcoder's output is its features, its error term and the skip of its input. Then the residual stream at every position is an exact sum of node write
-vectors (token embedding, feature value x decoder row, error term) and dictionary biases, and
-every feature's pre-activation is an affine function of the upstream nodes (Ge et al. 2024,
-"linear computation graphs"; circuit-tracer's local replacement model).
+prompt) is a node, and the attention patterns and LayerNorm scales (with QK-norm, Qwen3's, also
+each head's query and key scales) are frozen at their values on the prompt. Then the residual
+stream at every position is an exact sum of node write vectors (token embedding, feature value x
+decoder row, error term) and dictionary biases, and every feature's pre-activation is an affine
+function of the upstream nodes (Ge et al. 2024, "linear computation graphs"; circuit-tracer's
+local replacement model).
+
+Without attention SAEs (transcoders only, as every circuit-tracer release is), each attention
+layer is a frozen linear path between nodes instead of a site of nodes: its output is computed
+from the stream through the frozen patterns and scales, so an edge between two features also
+carries what attention moves between positions (circuit-tracer's graph). A skip transcoder's skip
+connection (x W_skip) is such a path too: computed from its input, never a node, so a
+transcoder's output is its features, its error term and the skip of its input.
 
 `Replacement.trace(batch)` runs that model on `batch` copies of the prompt with the nodes as
 gradient endpoints: each copy can carry its own target, so one backward pass serves a batch
@@ -91,9 +94,6 @@ class Replacement:
         if attention and missing:
             raise UserError(f"a local replacement model needs an SAE at every attention output or at none (attention is "
                             f"then a frozen linear path, as in circuit-tracer); missing: {', '.join(missing)}")
-        if getattr(cfg, "use_qk_norm", False):  # Qwen3: queries and keys normalised per head
-            raise UserError("local circuits do not support QK-norm yet (Qwen3's RMSNorm of each head's queries and "
-                            "keys): its scales are not frozen, so the attention scores would not decompose exactly")
         if cfg.normalization_type not in _NORMS:
             raise UserError(f"cannot freeze normalisation {cfg.normalization_type!r} (known: LN, LNPre, RMS, RMSPre)")
         for i, d in transcoders.items():
@@ -176,7 +176,10 @@ class Replacement:
             return (zero if mode == "zero" else value.expand_as(like).clone()).requires_grad_(True)
 
         def freeze(x, hook):
-            return frozen[hook.name].expand_as(x)
+            value = frozen[hook.name]
+            if value.shape[0] in (1, x.shape[0]):
+                return value.expand_as(x)
+            return value.repeat(x.shape[0] // value.shape[0], 1)  # QK-norm's scales: [batch x pos x heads, 1]
 
         def embed(x, hook):
             t.embed = leaf(self.embed_value, x.expand(batch, -1, -1))
