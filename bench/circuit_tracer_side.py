@@ -10,7 +10,7 @@ layer_{i}.safetensors) and `prompts.json` (token ids and the logit to explain). 
 writes `SET_{k}.safetensors` (the dense adjacency, the active features, the tokens) and times
 `circuit_tracer.attribute` (one thread, the min of RUNS runs) into `SET_times.json`; for the set
 `transcoders` it also writes the graph JSON of the first two prompts with circuit-tracer's own
-`create_graph_files`, for import-graph.
+`create_graph_files`, and the graphs themselves (`Graph.to_pt`), for import-graph.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main(work: Path, name: str, runs: int) -> None:
             g.cfg.tokenizer_name = str(work / "tokenizer")
             create_graph_files(g, slug=f"ct-prompt-{k}", output_path=str(work / "graphs"), scan="zoo",
                                node_threshold=0.8, edge_threshold=0.98)
+            g.to_pt(str(work / "graphs" / f"ct-prompt-{k}.pt"))
     (work / f"{name}_times.json").write_text(json.dumps({"version": circuit_tracer.__version__, "seconds": times}))
 
 

@@ -22,7 +22,9 @@ For prompts of 6, 15 and 24 tokens it prints
   SAEs as nodes (the default, with OV and QK edges); ratios are circuit-tracer's time / ours; one
   thread, the min of `--runs` runs each.
 Then circuit-tracer's own graph JSON of two prompts (`create_graph_files`) goes through
-`cli.py import-graph` into a scratch catalogue, and `cli.py diff` compares the two.
+`cli.py import-graph` into a scratch catalogue, and `cli.py diff` compares the two; and the same
+graphs' `.pt` files (`Graph.to_pt`), read and pruned here, are compared with circuit-tracer's JSON
+of them (pruned by circuit-tracer): the same nodes and links, influences and weights within 1e-6.
 """
 
 from __future__ import annotations
@@ -210,8 +212,31 @@ def main() -> None:
               "of its largest |value| (15 tokens)")
         print(f"largest difference {worst:.1e} of the largest |value| (goal <= 1e-5): {'ok' if worst <= 1e-5 else 'FAIL'}")
         import_and_diff(work)
-    if worst > 1e-5:
+        print()
+        pruned_alike = pt_against_json(work)
+    if worst > 1e-5 or not pruned_alike:
         raise SystemExit(1)
+
+
+def pt_against_json(work: Path) -> bool:
+    """Each graph's .pt (read and pruned here) against circuit-tracer's own JSON of it (pruned by
+    circuit-tracer): the same nodes with the same influences, the same links with the same weights."""
+    from compute.jobs.import_graph import KEY, read_graph
+
+    same = True
+    for pt in sorted((work / "graphs").glob("ct-prompt-*.pt")):
+        graphs = [read_graph(pt.with_suffix(".json")), read_graph(pt)]
+        nodes = [{tuple(n[k] for k in KEY): n["effect"] for n in g.nodes} for g in graphs]
+        edges = [{(tuple(g.nodes[e["src_idx"]][k] for k in KEY), tuple(g.nodes[e["dst_idx"]][k] for k in KEY)):
+                  e["weight"] for e in g.edges} for g in graphs]
+        agree = nodes[0].keys() == nodes[1].keys() and edges[0].keys() == edges[1].keys()
+        worst = max([abs(nodes[0][k] - nodes[1][k]) for k in nodes[0] if k in nodes[1]] +
+                    [abs(edges[0][k] - edges[1][k]) for k in edges[0] if k in edges[1]])
+        print(f"{pt.name} read and pruned here vs circuit-tracer's {pt.with_suffix('.json').name}: "
+              f"{len(nodes[1])} / {len(nodes[0])} nodes, {len(edges[1])} / {len(edges[0])} links, "
+              f"{'the same' if agree else 'DIFFERENT'}; largest difference of an influence or weight {worst:.1e}")
+        same &= agree and worst <= 1e-6
+    return same
 
 
 def import_and_diff(work: Path) -> None:

@@ -159,7 +159,8 @@ def export(path: Path, circuit_id: str, kind: str, out: Path):
 @FORMAT
 @click.pass_obj
 def import_graph(path: Path, files: tuple[Path, ...], fmt: str):
-    """Import attribution graphs made elsewhere (circuit-tracer's or Neuronpedia's graph JSON, or
+    """Import attribution graphs made elsewhere (circuit-tracer's or Neuronpedia's graph JSON,
+    circuit-tracer's .pt graphs, read without running code and pruned as circuit-tracer prunes, or
     `export --to circuit-tracer`) as circuits of method circuit-tracer: every file is checked before
     anything is committed, and all land in one run."""
     import pandas as pd

@@ -185,3 +185,102 @@ def test_a_malformed_or_hostile_file_is_one_line_and_nothing_is_committed(tmp_pa
 def test_import_graph_output_fits_pipes(tmp_path):
     r = run_cli("import-graph", _write(tmp_path / "g.json", ct_graph()), "--format", "csv", catalog=tmp_path / "c")
     assert r.returncode == 0 and r.stdout.startswith("circuit_id,file,model,nodes,edges,qk_edges\n")
+
+
+# ---- circuit-tracer's Graph.to_pt files ----------------------------------------------------------------
+
+def write_pt_graph(path, adjacency=None, extra=None):
+    """A graph as circuit-tracer 0.5's Graph.to_pt saves it (its UnifiedConfig and LogitTarget pickled by
+    name, which this test defines as circuit-tracer does), for a 2-layer model on 2 tokens: features
+    0_5 and 1_9 at position 1 and layer 0's error term there carry the logit; 0_3 at position 0 and
+    three links are weak."""
+    import sys
+    import types
+    from typing import NamedTuple
+
+    import torch
+
+    class UnifiedConfig:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    class LogitTarget(NamedTuple):
+        token_str: str
+        vocab_idx: int
+
+    modules = {"circuit_tracer": types.ModuleType("circuit_tracer"),
+               "circuit_tracer.utils": types.ModuleType("circuit_tracer.utils"),
+               "circuit_tracer.utils.tl_nnsight_mapping": types.ModuleType("circuit_tracer.utils.tl_nnsight_mapping"),
+               "circuit_tracer.attribution": types.ModuleType("circuit_tracer.attribution"),
+               "circuit_tracer.attribution.targets": types.ModuleType("circuit_tracer.attribution.targets")}
+    for cls, module in ((UnifiedConfig, "circuit_tracer.utils.tl_nnsight_mapping"),
+                        (LogitTarget, "circuit_tracer.attribution.targets")):
+        cls.__module__, cls.__qualname__ = module, cls.__name__
+        setattr(modules[module], cls.__name__, cls)
+    # nodes: features 0..2, errors 3..6 ([layer, position]), tokens 7..8, the logit 9
+    A = torch.zeros(10, 10)
+    for dst, src, w in [(0, 8, 2.0), (0, 7, 0.01), (1, 0, 1.0), (1, 4, 1.0), (1, 2, 0.01), (2, 7, 1.0),
+                        (9, 1, 3.0), (9, 8, 1.0), (9, 2, 0.02)]:
+        A[dst, src] = w
+    d = {"input_string": "<bos> paris", "adjacency_matrix": A if adjacency is None else adjacency,
+         "cfg": UnifiedConfig(n_layers=2, d_model=8, model_name="tiny", tokenizer_name="tiny"),
+         "active_features": torch.tensor([[0, 1, 5], [1, 1, 9], [0, 0, 3]]),
+         "logit_targets": [LogitTarget(" Paris", 88)], "logit_probabilities": torch.tensor([0.7]), "vocab_size": 100,
+         "input_tokens": torch.tensor([1, 42]), "selected_features": torch.tensor([0, 1, 2]),
+         "activation_values": torch.tensor([2.5, 1.5, 0.3]), "scan": "tiny-set", **(extra or {})}
+    saved = {k: sys.modules.get(k) for k in modules}
+    sys.modules.update(modules)
+    try:
+        torch.save(d, path)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k)
+            else:
+                sys.modules[k] = v
+    return path
+
+
+def test_a_circuit_tracer_pt_graph_is_read_without_its_code_and_pruned_as_circuit_tracer_prunes(tmp_path):
+    from compute.jobs.import_graph import read_graph
+
+    g = read_graph(write_pt_graph(tmp_path / "g.pt"))
+    names = {(n["component"], n["layer"], n["feature_idx"], n["is_error"], n["position"]) for n in g.nodes}
+    assert names == {("embed", -1, 1, False, 0), ("embed", -1, 42, False, 1), ("mlp", 0, 5, False, 1),
+                     ("mlp", 1, 9, False, 1), ("mlp", 0, None, True, 1), ("metric", 2, 88, False, 1)}
+    # the weak feature 0_3 and the weak links are pruned; the chain to the logit and the error term stay
+    weights = sorted(round(e["weight"], 3) for e in g.edges)
+    assert weights == [1.0, 1.0, 1.0, 2.0, 3.0] and g.answer.startswith('Output " Paris"')
+    assert g.tokens == ["<1>", "<42>"] and g.model_id == "tiny-set"
+    r = run_cli("import-graph", str(tmp_path / "g.pt"), catalog=tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_pt_file_that_needs_code_or_does_not_fit_is_one_line(tmp_path):
+    import pickle
+    import zipfile
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"PK\x03\x04 not a zip at all")
+    with zipfile.ZipFile(tmp_path / "plain.pt", "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"x": 1}))
+    torch.save({"adjacency_matrix": torch.zeros(2, 2)}, tmp_path / "fields.pt")
+    write_pt_graph(tmp_path / "shape.pt", adjacency=torch.zeros(9, 9))
+    write_pt_graph(tmp_path / "nan.pt", adjacency=torch.full((10, 10), float("nan")))
+    good = write_pt_graph(tmp_path / "good.pt")
+    cases = {"evil.pt": "needs code to load", "garbage.pt": "not a readable PyTorch file",
+             "plain.pt": "not a readable PyTorch file", "fields.pt": "not a circuit-tracer graph (Graph.to_pt's fields",
+             "shape.pt": "does not fit 3 features", "nan.pt": "NaN or infinite"}
+    catalog.init(tmp_path / "c")
+    before = snapshot(tmp_path / "c")
+    for name, message in cases.items():
+        r = run_cli("import-graph", str(good), str(tmp_path / name), catalog=tmp_path / "c")
+        one_line_error(r, message)
+        assert snapshot(tmp_path / "c") == before, name
+    assert not (tmp_path / "pwned").exists()

@@ -1,5 +1,7 @@
 """Attribution graphs made elsewhere into the catalogue: the graph JSON that circuit-tracer writes
-(`create_graph_files`) and Neuronpedia serves, and this catalogue's own `export --to circuit-tracer`.
+(`create_graph_files`) and Neuronpedia serves, circuit-tracer's `Graph.to_pt` files (read safely and
+pruned as `create_graph_files` prunes: compute.jobs.circuit_tracer_pt), and this catalogue's own
+`export --to circuit-tracer`.
 
 Each graph becomes a circuit (method `circuit-tracer`) of a one-example task holding its prompt and
 tokens, so `compare`, `diff`, `paths`, `render`, `serve` and SQL read it like any other. Nodes keep
@@ -58,14 +60,12 @@ def read_graph(path: Path) -> ImportedGraph:
     """Read and check one graph JSON file; anything that cannot be used is a UserError naming the file."""
     where = str(path)
     data = read_bounded(path, MAX_BYTES, "graph file")
-    try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
-    except (json.JSONDecodeError, ValueError) as e:
-        raise UserError(f"{where}: not graph JSON ({e})") from None
-    except RecursionError:
-        raise UserError(f"{where}: nested too deeply to be graph JSON") from None
+    if path.suffix == ".pt" or data.startswith(b"PK\x03\x04"):  # circuit-tracer's Graph.to_pt (a zip)
+        from compute.jobs.circuit_tracer_pt import graph_document
+
+        doc = graph_document(path, data)
+    else:
+        doc = _json_document(data, where)
     if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list) or not isinstance(doc.get("links"), list):
         raise UserError(f"{where}: not graph JSON (an object with 'nodes' and 'links' lists)")
     meta = _object(doc.get("metadata", {}), where, "metadata")
@@ -112,6 +112,17 @@ def read_graph(path: Path) -> ImportedGraph:
         raise UserError(f"{where}: qParams.supernodes is not a list of [label, node id, ...] lists")
     g.supernodes = supernodes
     return g
+
+
+def _json_document(data: bytes, where: str) -> dict:
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise UserError(f"{where}: not graph JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to be graph JSON") from None
 
 
 def _node(node: dict, where: str, i: int, set_id: str, g: ImportedGraph) -> dict:
