@@ -29,6 +29,7 @@ from circuit_tracer.attribution.targets import CustomTarget
 from circuit_tracer.replacement_model.replacement_model_transformerlens import (
     TransformerLensReplacementModel,
 )
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
 from circuit_tracer.utils.create_graph_files import create_graph_files
 from safetensors.torch import load_file, save_file
@@ -42,9 +43,13 @@ def main(work: Path, name: str, runs: int) -> None:
     spec["tokenizer_name"] = str(work / "tokenizer")
     cfg = HookedTransformerConfig(**spec)
     ct = yaml.safe_load((work / name / "config.yaml").read_text())
-    paths = {i: str(work / name / f"layer_{i}.safetensors") for i in range(cfg.n_layers)}
-    transcoders = load_transcoder_set(paths, "zoo", ct["feature_input_hook"], ct["feature_output_hook"],
-                                      device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
+    hooks, cpu = (ct["feature_input_hook"], ct["feature_output_hook"]), torch.device("cpu")
+    if ct["model_kind"] == "cross_layer_transcoder":
+        transcoders = load_clt(str(work / name), *hooks, scan="zoo", device=cpu, dtype=torch.float32,
+                               lazy_decoder=False)
+    else:
+        paths = {i: str(work / name / f"layer_{i}.safetensors") for i in range(cfg.n_layers)}
+        transcoders = load_transcoder_set(paths, "zoo", *hooks, device=cpu, lazy_encoder=False, lazy_decoder=False)
     model = TransformerLensReplacementModel(cfg)  # what from_config does, with the weights loaded in between
     missing, unexpected = model.load_state_dict(load_file(str(work / "model.safetensors")), strict=False)
     weights = [k for k in missing if not k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos"))]

@@ -6,8 +6,10 @@ transcoders only (no attention SAEs: attention is a frozen linear path in both).
 circuit-tracer pins other transformers/TransformerLens versions, so it runs in its own virtual
 environment, created here on first use (pip: circuit-tracer 0.5.0 beside this machine's CPU
 torch; about a minute), through `bench/circuit_tracer_side.py`. Both halves read the same files:
-the zoo's weights, its tokenizer, its transcoders written in circuit-tracer's own layout (read by
-circuit-tracer's `load_transcoder_set`) and the prompts.
+the zoo's weights, its tokenizer, its transcoders written in circuit-tracer's own layouts (read by
+circuit-tracer's `load_transcoder_set` and `load_clt`, and by our reader) and the prompts. Three
+sets: the zoo's transcoders; the same with a random skip connection; the same as a cross-layer
+transcoder whose features also write random vectors into every later MLP output.
 
 For prompts of 6, 15 and 24 tokens it prints
 - the largest difference between circuit-tracer's dense adjacency and our direct contributions, as
@@ -51,7 +53,8 @@ REQUIREMENTS = ["torch==2.13.0", "circuit-tracer==0.5.0", "transformers==4.57.3"
 PROMPTS = ["the dogs near the cat",  # 6 tokens with BOS
            "when kate and mary went to the school , kate gave the letter to",  # 15
            "when kate and mary went to the school , kate gave the letter to mary and the dogs near the cat run and"]  # 24
-SETS = ("transcoders", "skip_transcoders")  # the zoo's, and the same with a random skip connection
+SETS = ("transcoders", "skip_transcoders", "cross_layer_transcoder")  # the zoo's; with a random skip connection;
+# as a cross-layer transcoder whose features also write random vectors into the later MLP outputs
 CONFIG_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab", "act_fn", "normalization_type",
                "positional_embedding_type", "default_prepend_bos", "eps", "original_architecture")
 
@@ -82,15 +85,32 @@ def write_set(folder: Path, transcoders: dict, skips: dict | None = None) -> Non
         save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"layer_{i}.safetensors"))
 
 
+def write_clt(folder: Path, transcoders: dict, later: dict) -> None:
+    """The transcoders as a cross-layer transcoder in circuit-tracer's files (W_enc_{i}, W_dec_{i}), each
+    layer's features also writing `later[i]` [d_sae, n_layers - 1 - i, d_model] into the later MLP outputs."""
+    import yaml
+
+    folder.mkdir()
+    hook_in, hook_out = (transcoders[0].hook_in.split(".", 2)[2], transcoders[0].site.hook_out.split(".", 2)[2])
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder",
+                                                        "feature_input_hook": hook_in, "feature_output_hook": hook_out}))
+    for i, d in transcoders.items():
+        sae = d.sae
+        save_file({f"W_enc_{i}": sae.W_enc.detach().T.contiguous(), f"b_enc_{i}": sae.b_enc.detach().contiguous(),
+                   f"b_dec_{i}": sae.b_dec.detach().contiguous()}, str(folder / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": torch.cat([sae.W_dec.detach()[:, None], later[i]], 1).contiguous()},
+                  str(folder / f"W_dec_{i}.safetensors"))
+
+
 def read_set(folder: Path, model) -> dict:
-    """A set written by `write_set`, read back by our circuit-tracer reader."""
-    from compute.dictionaries.circuit_tracer import read_config, read_transcoder
+    """A set written by `write_set` or `write_clt`, read back by our circuit-tracer reader."""
+    from compute.dictionaries.circuit_tracer import layer_files, read_config, read_transcoder
     from compute.dictionaries.kinds import TrainedDictionary
     from schema.sites import transcoder_site
 
     cfg = read_config(folder)
-    return {i: TrainedDictionary(transcoder_site(i), read_transcoder(folder / f"layer_{i}.safetensors", i, cfg),
-                                 folder, {}) for i in range(model.cfg.n_layers)}
+    return {i: TrainedDictionary(transcoder_site(i), read_transcoder(f, i, cfg), folder, {})
+            for i, f in layer_files(folder, cfg).items()}
 
 
 def write_inputs(work: Path, model, transcoders: dict) -> list[dict]:
@@ -108,6 +128,9 @@ def write_inputs(work: Path, model, transcoders: dict) -> list[dict]:
     rng = torch.Generator().manual_seed(0)
     write_set(work / "skip_transcoders", transcoders, {i: torch.randn(d, d, generator=rng) * 0.5 / d ** 0.5
                                                        for i in transcoders})
+    n = cfg.n_layers
+    write_clt(work / "cross_layer_transcoder", transcoders,
+              {i: torch.randn(t.sae.d_sae, n - 1 - i, d, generator=rng) * 0.3 for i, t in transcoders.items()})
     prompts = []
     for text in PROMPTS:
         tokens = model.to_tokens(text)[0]
@@ -207,9 +230,10 @@ def main() -> None:
             subprocess.run([str(python), str(ROOT / "bench" / "circuit_tracer_side.py"), str(work), name,
                             str(args.runs)], check=True)
             worst = max(worst, compare(work, name, model, read_set(work / name, model), attention, prompts, args.runs))
-        moved = [load_file(str(work / f"{name}_1.safetensors"))["adjacency"] for name in SETS]
-        print(f"\nthe skip connections move circuit-tracer's adjacency by {(moved[1] - moved[0]).abs().max() / moved[0].abs().max():.2f} "
-              "of its largest |value| (15 tokens)")
+        plain, *others = [load_file(str(work / f"{name}_1.safetensors"))["adjacency"] for name in SETS]
+        print("\nhow far each set moves circuit-tracer's adjacency from the plain transcoders' (15 tokens): " +
+              ", ".join(f"{name.replace('_', ' ')} {(a - plain).abs().max() / plain.abs().max():.2f} of its largest |value|"
+                        for name, a in zip(SETS[1:], others, strict=True)))
         print(f"largest difference {worst:.1e} of the largest |value| (goal <= 1e-5): {'ok' if worst <= 1e-5 else 'FAIL'}")
         import_and_diff(work)
         print()

@@ -134,7 +134,7 @@ def _set_with(tmp_path, neox, **change):
     ({"log_thresholds": torch.zeros(64)}, "unknown weights log_thresholds"),
     ({"b_dec": torch.zeros(7)}, "shapes that do not fit"),
     ({"b_enc_extra": torch.zeros(1)}, "unknown weights"),
-    ({"kind": "cross_layer_transcoder"}, "cross-layer transcoders are not supported yet"),
+    ({"kind": "cross_layer_transcoder"}, "names a cross-layer transcoder, but no W_enc_N.safetensors is there"),
     ({"hook_in": "hook_nowhere"}, "is not a hook of the model"),
     ({"hook_out": "hook_attn_out"}, "an MLP output"),
     ({"layer": 9}, "the model has 2 layers"),
@@ -149,3 +149,48 @@ def test_what_cannot_be_used_is_one_line(neox, tmp_path, change, message):
                 catalog=tmp_path / "c")
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 1 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def write_clt(folder, transcoders, n_layers, seed=0, threshold=None):
+    """The checkpoint's transcoders as a cross-layer transcoder in circuit-tracer's files, each layer's
+    features also writing random vectors into every later MLP output."""
+    g = torch.Generator().manual_seed(seed)
+    _config(folder, kind="cross_layer_transcoder")
+    for i, d in transcoders.items():
+        sae = d.sae
+        later = torch.randn(sae.d_sae, n_layers - 1 - i, sae.d_out, generator=g) * 0.3
+        enc = {f"W_enc_{i}": sae.W_enc.T, f"b_enc_{i}": sae.b_enc, f"b_dec_{i}": sae.b_dec}
+        if threshold is not None:
+            enc[f"threshold_{i}"] = threshold
+        save_file({k: v.detach().float().contiguous() for k, v in enc.items()}, str(folder / f"W_enc_{i}.safetensors"))
+        save_file({f"W_dec_{i}": torch.cat([sae.W_dec.detach()[:, None], later], 1).contiguous()},
+                  str(folder / f"W_dec_{i}.safetensors"))
+
+
+def test_a_cross_layer_transcoder_reads_and_gives_exact_local_circuits(neox, tmp_path):
+    """circuit-tracer's CLT files read to per-layer CrossLayerTranscoders with the same numbers; its local
+    circuit (attention a frozen path) adds up for every active feature and the logit; `attribute` commits it."""
+    from compute.dictionaries.kinds import CrossLayerTranscoder, TrainedDictionary
+    from compute.local.contributions import attribute, feature_target, logit_target
+    from compute.local.replacement import Replacement
+    from schema.sites import transcoder_site
+
+    _, checkpoint, model, transcoders, _ = neox
+    n = model.cfg.n_layers
+    write_clt(tmp_path / "clt", transcoders, n)
+    cfg = read_config(tmp_path / "clt")
+    layers = {i: read_transcoder(tmp_path / "clt" / f"W_enc_{i}.safetensors", i, cfg) for i in range(n)}
+    assert all(type(t) is CrossLayerTranscoder and t.n_later == n - 1 - i for i, t in layers.items())
+    x = torch.randn(5, model.cfg.d_model)
+    assert torch.equal(layers[0].encode(x), transcoders[0].sae.encode(x))
+    save_dictionary(layers[0], tmp_path / "copy")  # its SAELens copy keeps the later decoders
+    assert torch.equal(load_dictionary(tmp_path / "copy").W_dec_later, layers[0].W_dec_later)
+    clt = {i: TrainedDictionary(transcoder_site(i), t, tmp_path, {}) for i, t in layers.items()}
+    rep = Replacement(model, clt, {}, model.to_tokens(PROMPT))
+    targets = [feature_target(rep, name, f, pos) for name in rep.order for pos, f in rep.active[name].tolist()]
+    targets.append(logit_target(rep, 3))  # every active feature, and a logit
+    a = attribute(rep, targets)
+    assert ((a.scores.sum(1) + a.bias - a.values).abs() / a.values.abs().clamp_min(1e-3)).max() <= 1e-4
+    r = run_cli("attribute", "--model", str(checkpoint), "--dictionaries", str(tmp_path / "clt"), "--prompt", PROMPT,
+                catalog=tmp_path / "c")
+    assert r.returncode == 0, r.stderr[-2000:]

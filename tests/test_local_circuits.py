@@ -253,6 +253,51 @@ def test_a_hand_computed_example_with_a_skip_transcoder():
         Replacement(hand.model, transcoders, {i: saes[f"attn_{i}"] for i in (0, 1)}, hand.tokens)
 
 
+def hand_clt(hand):
+    """A cross-layer transcoder for `hand_model`: layer 0's reconstructs its MLP (W_enc I, W_dec [[2, 0], [0, 0]])
+    and its feature 0 also writes (0, 1) into layer 1's MLP output; layer 1's feature 0 reads (1, 2) with
+    b_enc 0.1 and writes nothing."""
+    from compute.dictionaries.kinds import CrossLayerTranscoder, TrainedDictionary
+
+    def layer(i, w_enc, w_dec, b_enc, later):
+        plain = hand.dicts[f"mlp_{i}"]
+        d = CrossLayerTranscoder(2, 2, plain.sae.hook_name, "hand", 2, plain.sae.hook_name_out, n_later=len(later[0]))
+        with torch.no_grad():
+            d.W_enc.copy_(w_enc), d.W_dec.copy_(w_dec), d.b_enc.copy_(b_enc), d.W_dec_later.copy_(later)
+        return TrainedDictionary(plain.site, d, None, {})
+
+    return {0: layer(0, torch.eye(2), torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.zeros(2),
+                     torch.tensor([[[0.0, 1.0]], [[0.0, 0.0]]])),
+            1: layer(1, torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.zeros(2, 2), torch.tensor([0.1, 0.0]),
+                     torch.zeros(2, 0, 2))}
+
+
+def test_a_hand_set_two_layer_cross_layer_transcoder():
+    """Layer 0's feature 0 (value 0.5 at position 1) writes (1, 0) into mlp_0's output and (0, 0.5) into
+    mlp_1's, whose real output is 0: mlp_1's error term there is (0, -0.5). Into logit(e1) at position 1
+    (1.5): embed@1 1 + 0.5 through the head, mlp_0/0@1 0.5 (its later write), mlp_1/err@1 -0.5. Into
+    mlp_1/0@1 (4.6) the later write does not count (it lands after mlp_1 reads). Zeroing mlp_0/0@1 in
+    the real model moves the logit by -0.5, as the graph predicts."""
+    from compute.local.steering import parse_intervention, steer
+
+    hand = hand_model(attention_saes=False)
+    rep = Replacement(hand.model, hand_clt(hand), {}, hand.tokens)
+    assert rep.cross and [o for o, _ in rep.writes["mlp_0"]] == ["mlp_0", "mlp_1"]
+    wanted = [Node(EMBED, 0, 0), Node(EMBED, 0, 1), Node("mlp_0", 0, 1), Node("mlp_0", ERROR, 1),
+              Node("mlp_1", ERROR, 1), Node("mlp_1", 0, 1)]
+    logit = logit_target(rep, 1, position=1)
+    a = attribute(rep, [logit, feature_target(rep, "mlp_1", 0, 1)])
+    assert a.values.tolist() == pytest.approx([1.5, 4.6]) and a.bias.tolist() == pytest.approx([0.0, 0.1])
+    assert [round(float(a.scores[0, rep.index[n]]), 5) for n in wanted] == [0.0, 1.5, 0.5, 0.0, -0.5, 0.0]
+    assert [round(float(a.scores[1, rep.index[n]]), 5) for n in wanted] == [0.5, 3.0, 1.0, 0.0, 0.0, 0.0]
+    total = attribute(rep, [logit], threshold=0.0)  # the same paths: no feature in between carries anything
+    assert total.scores[0, rep.index[Node("mlp_0", 0, 1)]].item() == pytest.approx(0.5)
+    result = steer(rep, logit, [parse_intervention(rep, "zero", "mlp_0/0@1")])
+    assert result.rows[0]["measured"] == pytest.approx(-0.5) and result.rows[0]["predicted"] == pytest.approx(-0.5)
+    with pytest.raises(UserError, match="cross-layer transcoders go with attention as a frozen path"):
+        Replacement(hand.model, hand_clt(hand), {i: hand_model().dicts[f"attn_{i}"] for i in (0, 1)}, hand.tokens)
+
+
 @pytest.mark.parametrize("family", ["neox", "llama"])
 def test_exact_on_rotary_checkpoints(tmp_path, family):
     """Parallel attention with partial rotary (GPT-NeoX); RMSNorm, gated MLP and grouped-query

@@ -16,9 +16,11 @@ transcoder per layer:
 Each becomes a transcoder of this catalogue (ReLU, or JumpReLU with the threshold, each with its
 skip connection if it has one), reading `blocks.{i}.{feature_input_hook}` and writing
 `blocks.{i}.{feature_output_hook}`, with the same numbers (the encoder and skip transposed where the
-layouts differ). Not read yet: cross-layer transcoders (`model_kind: cross_layer_transcoder`),
-refused in one line; any other key, a shape that does not fit, or NaN weights are refused naming
-the file.
+layouts differ). A cross-layer transcoder (`model_kind: cross_layer_transcoder`: per layer i,
+`W_enc_{i}.safetensors` with `W_enc_{i}`, `b_enc_{i}`, `b_dec_{i}` and `threshold_{i}` for a JumpReLU
+one, and `W_dec_{i}.safetensors` with `W_dec_{i}` [d_transcoder, n_layers - i, d_model]) becomes one
+`CrossLayerTranscoder` per layer, whose features also write into every later MLP output. Any other
+key, a shape that does not fit, or NaN weights are refused naming the file.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from catalog.errors import UserError
 from compute.dictionaries.kinds import (
+    CrossLayerTranscoder,
     JumpReLUSkipTranscoder,
     JumpReLUTranscoder,
     SkipTranscoder,
@@ -42,6 +45,7 @@ SAFETENSORS_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "activation_function.thr
 GEMMA_SCOPE_KEYS = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
 _LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
 _LAYER_FOLDER = re.compile(r"layer_(\d+)")
+_CLT_FILE = re.compile(r"W_enc_(\d+)\.safetensors")
 
 
 def read_config(folder: Path) -> dict | None:
@@ -57,9 +61,7 @@ def read_config(folder: Path) -> dict | None:
         raise UserError(f"{path}: not a readable circuit-tracer config ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, dict) or "model_kind" not in cfg:
         return None  # some other tool's config.yaml
-    if cfg["model_kind"] == "cross_layer_transcoder":
-        raise UserError(f"{path}: cross-layer transcoders are not supported yet (per-layer transcoder sets are)")
-    if cfg["model_kind"] != "transcoder_set":
+    if cfg["model_kind"] not in ("transcoder_set", "cross_layer_transcoder"):
         raise UserError(f"{path}: model_kind {cfg['model_kind']!r} is not a circuit-tracer transcoder set")
     for key in ("feature_input_hook", "feature_output_hook"):
         if not isinstance(cfg.get(key), str) or not re.fullmatch(r"[A-Za-z0-9_.]+", cfg[key]):
@@ -67,9 +69,15 @@ def read_config(folder: Path) -> dict | None:
     return cfg
 
 
-def layer_files(folder: Path) -> dict[int, Path]:
-    """The set's transcoder file per layer: layer_{i}.safetensors, or a params.npz under layer_{i}/."""
-    found: dict[int, Path] = {}
+def layer_files(folder: Path, cfg: dict) -> dict[int, Path]:
+    """The set's transcoder file per layer: layer_{i}.safetensors, or a params.npz under layer_{i}/; a
+    cross-layer transcoder's W_enc_{i}.safetensors (beside it, W_dec_{i}.safetensors)."""
+    if cfg["model_kind"] == "cross_layer_transcoder":
+        found = {int(m.group(1)): f for f in folder.glob("W_enc_*.safetensors") if (m := _CLT_FILE.fullmatch(f.name))}
+        if not found:
+            raise UserError(f"{folder}: {CONFIG} names a cross-layer transcoder, but no W_enc_N.safetensors is there")
+        return found
+    found = {}
     for f in sorted([*folder.glob("layer_*.safetensors"), *folder.rglob("params.npz")]):
         m = _LAYER_FILE.fullmatch(f.name) if f.suffix == ".safetensors" else next(
             (m for part in reversed(f.relative_to(folder).parts[:-1]) if (m := _LAYER_FOLDER.fullmatch(part))), None)
@@ -83,8 +91,15 @@ def layer_files(folder: Path) -> dict[int, Path]:
     return found
 
 
+def decoder_file(path: Path) -> Path:
+    """A cross-layer transcoder's decoder file beside its encoder file W_enc_{i}.safetensors."""
+    return path.with_name(path.name.replace("W_enc_", "W_dec_"))
+
+
 def read_transcoder(path: Path, layer: int, cfg: dict, model_name: str = "") -> Transcoder:
     """One layer's transcoder file as a transcoder of this catalogue, with the same numbers."""
+    if cfg["model_kind"] == "cross_layer_transcoder":
+        return _read_clt_layer(path, layer, cfg, model_name)
     state = _read_state(path)
     keys = GEMMA_SCOPE_KEYS if path.suffix == ".npz" else SAFETENSORS_KEYS
     unknown = sorted(set(state) - keys)
@@ -114,6 +129,37 @@ def read_transcoder(path: Path, layer: int, cfg: dict, model_name: str = "") -> 
     sae = cls(d_in, d_sae, f"blocks.{layer}.{cfg['feature_input_hook']}", model_name, d_out,
               f"blocks.{layer}.{cfg['feature_output_hook']}")
     sae.load_state_dict(state)
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae
+
+
+def _read_clt_layer(path: Path, layer: int, cfg: dict, model_name: str) -> CrossLayerTranscoder:
+    """Layer i of circuit-tracer's cross-layer transcoder: W_enc_{i} [d_transcoder, d_model], b_enc_{i},
+    b_dec_{i} (the bias of layer i's output), threshold_{i} for a JumpReLU one, and in W_dec_{i}.safetensors
+    W_dec_{i} [d_transcoder, n_layers - i, d_model] (what it writes into layer i's output and each later one's)."""
+    i = layer
+    state = _read_state(path) | _read_state(decoder_file(path))
+    keys = {f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}", f"threshold_{i}", f"W_dec_{i}"}
+    unknown, missing = sorted(set(state) - keys), sorted(keys - {f"threshold_{i}"} - set(state))
+    if unknown or missing:
+        raise UserError(f"{path}: {'unknown weights ' + ', '.join(unknown) if unknown else 'missing ' + ', '.join(missing)}"
+                        f" (layer {i} of a cross-layer transcoder holds {', '.join(sorted(keys))})")
+    w_enc, w_dec = state[f"W_enc_{i}"], state[f"W_dec_{i}"]
+    d_sae, d_in = w_enc.shape if w_enc.dim() == 2 else (0, 0)
+    d_out = state[f"b_dec_{i}"].shape[0] if state[f"b_dec_{i}"].dim() == 1 else 0
+    threshold = state.get(f"threshold_{i}", torch.zeros(d_sae))
+    if w_dec.dim() != 3 or w_dec.shape[0] != d_sae or w_dec.shape[2] != d_out or w_dec.shape[1] < 1 \
+            or tuple(state[f"b_enc_{i}"].shape) != (d_sae,) or tuple(threshold.shape) != (d_sae,) or not d_sae * d_in * d_out:
+        raise UserError(f"{path}: weights of shapes that do not fit one layer of a cross-layer transcoder "
+                        f"(W_enc {tuple(w_enc.shape)}, W_dec {tuple(w_dec.shape)})")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: {', '.join(bad)} hold NaN or infinite values")
+    sae = CrossLayerTranscoder(d_in, d_sae, f"blocks.{layer}.{cfg['feature_input_hook']}", model_name, d_out,
+                               f"blocks.{layer}.{cfg['feature_output_hook']}", n_later=w_dec.shape[1] - 1)
+    sae.load_state_dict({"W_enc": w_enc.T, "W_dec": w_dec[:, 0], "W_dec_later": w_dec[:, 1:], "b_enc": state[f"b_enc_{i}"],
+                         "b_dec": state[f"b_dec_{i}"], "threshold": threshold})
     for p in sae.parameters():
         p.requires_grad_(False)
     return sae

@@ -22,6 +22,7 @@ from catalog.errors import UserError, first_line
 from compute.dictionaries.kinds import (
     ARCHITECTURES,
     SAE,
+    CrossLayerTranscoder,
     IdentityDictionary,
     JumpReLUSAE,
     TopKSAE,
@@ -84,8 +85,9 @@ def load_dictionary(path: Path) -> SAE:
         elif cls is TopKSAE:
             sae = TopKSAE(d_in, d_sae, *names, k=int(cfg.get("k", 100)))
         elif issubclass(cls, Transcoder):
+            later = {"n_later": int(cfg.get("n_later", 0))} if cls is CrossLayerTranscoder else {}
             sae = cls(d_in, d_sae, *names, d_out=int(cfg.get("d_out", d_in)),
-                             hook_name_out=meta.get("hook_name_out", cfg.get("hook_name_out", "")))
+                      hook_name_out=meta.get("hook_name_out", cfg.get("hook_name_out", "")), **later)
         else:
             sae = cls(d_in, d_sae, *names)
     except (ValueError, TypeError) as e:

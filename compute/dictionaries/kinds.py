@@ -171,6 +171,25 @@ class JumpReLUSkipTranscoder(_Skip, JumpReLUTranscoder):
     architecture = "jumprelu_skip_transcoder"
 
 
+class CrossLayerTranscoder(JumpReLUTranscoder):
+    """One layer of a cross-layer transcoder (CLT; Ameisen et al. 2025, circuit-tracer's CLTs): features
+    of this layer's MLP input that write into this layer's MLP output (W_dec; b_dec is the bias of this
+    layer's output) and into each of the `n_later` later layers' outputs (W_dec_later [d_sae, n_later,
+    d_out]). A ReLU CLT's threshold is 0. `decode(f)` is this layer's own part: the reconstruction of
+    a later layer's output also holds what the earlier layers' features write there."""
+
+    architecture = "clt"
+
+    def __init__(self, d_in: int, d_sae: int, hook_name: str = "", model_name: str = "",
+                 d_out: int | None = None, hook_name_out: str = "", n_later: int = 0):
+        super().__init__(d_in, d_sae, hook_name, model_name, d_out, hook_name_out)
+        self.n_later = n_later
+        self.W_dec_later = torch.nn.Parameter(torch.zeros(d_sae, n_later, self.d_out))
+
+    def settings(self) -> dict:
+        return {"d_out": self.d_out, "n_later": self.n_later}
+
+
 def has_skip(sae: SAE) -> bool:
     """Whether a dictionary's output has a linear skip of its input besides its features."""
     return isinstance(sae, _Skip)
@@ -203,7 +222,8 @@ class IdentityDictionary(SAE):
 
 ARCHITECTURES: dict[str, type[SAE]] = {c.architecture: c for c in (SAE, TopKSAE, JumpReLUSAE, Transcoder,
                                                                      JumpReLUTranscoder, SkipTranscoder,
-                                                                     JumpReLUSkipTranscoder, IdentityDictionary)}
+                                                                     JumpReLUSkipTranscoder, CrossLayerTranscoder,
+                                                                     IdentityDictionary)}
 
 
 def hook_width(model, hook_name: str) -> int:

@@ -60,7 +60,7 @@ def find(root: Path, model, spec: Path | None = None) -> list[Found]:
     found: dict[str, Found] = {}
     for config in sorted(root.rglob(circuit_tracer.CONFIG)):  # circuit-tracer transcoder sets
         cfg = circuit_tracer.read_config(config.parent)
-        for layer, file in (circuit_tracer.layer_files(config.parent).items() if cfg else ()):
+        for layer, file in (circuit_tracer.layer_files(config.parent, cfg).items() if cfg else ()):
             at = _transcoder_site(cfg, layer, model, config)
             if at.name in found:
                 raise UserError(f"two dictionaries for {at.name}: {found[at.name].folder} and {file}")
@@ -179,8 +179,9 @@ def _identity(measure: _Measurement, s: Site) -> TrainedDictionary:
 
 def _files(f: Found) -> list[Path]:
     """The files a found dictionary is read from (what its cached copy's key hashes)."""
-    if f.format == "circuit-tracer":
-        return [f.folder, _ct_config(f)]
+    if f.format == "circuit-tracer":  # a cross-layer transcoder's layer: its encoder and its decoder file
+        decoder = circuit_tracer.decoder_file(f.folder)
+        return [f.folder, *([decoder] if decoder != f.folder else []), _ct_config(f)]
     return [f.folder / n for n in (("cfg.json", "sae_weights.safetensors") if f.format == "saelens"
                                    else ("config.json", "ae.pt"))]
 

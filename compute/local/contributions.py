@@ -160,7 +160,7 @@ def _readable(rep: Replacement, targets: list[Target]) -> bool:
     attention outputs are all nodes (a frozen attention path carries a target's reading to every
     earlier position, and a skip connection to the stream its transcoder reads: the backward pass
     follows them)."""
-    if rep.frozen_attention or rep.skips:
+    if rep.frozen_attention or rep.skips or rep.cross:
         return False
     for tg in targets:
         component, layer = tg.component_layer
@@ -318,19 +318,21 @@ def _node_scores(rep: Replacement, grads: list, recorded: dict, direct: bool, n:
     trace's gradients are at the sites' outputs (a feature's contribution is its value x decoder
     row . gradient); a live trace's are at the error terms, its features' were recorded by the gate."""
     embed_grad, *site_grads = grads
+    grad_at = dict(zip(rep.order, site_grads, strict=True))
     parts = [_dot(rep.embed_value, embed_grad, n)]
-    for name, g in zip(rep.order, site_grads, strict=True):
+    for name, g in grad_at.items():
         act = rep.active[name]
+        features = rep.zeros(n, len(act))
         if not direct:
-            features = recorded.get(name, rep.zeros(n, len(act)))[:n]
-        elif g is None:
-            features = rep.zeros(n, len(act))
-        else:  # value x (gradient . decoder row), one product per position over the features active there
-            decoder, values = rep.dicts[name].sae.W_dec, rep.values[name]
+            features = recorded.get(name, features)[:n]
+        elif len(act):  # value x (gradient . decoder row) at every output it writes (a CLT's: several),
+            values = rep.values[name]  # one product per position over the features active there
             counts = torch.bincount(act[:, 0], minlength=rep.n_pos).tolist()
-            features = torch.cat([g[:, p] @ decoder[a[:, 1]].T * values[p, a[:, 1]]
-                                  for p, a in enumerate(act.split(counts)) if len(a)], dim=1) if len(act) \
-                else rep.zeros(n, 0)
+            for out, decoder in rep.writes.get(name, [(name, rep.dicts[name].sae.W_dec)]):
+                g_out = grad_at[out]
+                if g_out is not None:
+                    features = features + torch.cat([g_out[:, p] @ decoder[a[:, 1]].T * values[p, a[:, 1]]
+                                                     for p, a in enumerate(act.split(counts)) if len(a)], dim=1)
         parts += [features.detach(), _dot(rep.error_values[name], g, n)]
     return torch.cat(parts, dim=1)
 

@@ -14,7 +14,10 @@ layer is a frozen linear path between nodes instead of a site of nodes: its outp
 from the stream through the frozen patterns and scales, so an edge between two features also
 carries what attention moves between positions (circuit-tracer's graph). A skip transcoder's skip
 connection (x W_skip) is such a path too: computed from its input, never a node, so a
-transcoder's output is its features, its error term and the skip of its input.
+transcoder's output is its features, its error term and the skip of its input. A cross-layer
+transcoder's feature (read at one layer's MLP input) writes into that MLP's output and every later
+one's, so each of those outputs is the features written there, from this layer and earlier ones,
+plus its error term.
 
 `Replacement.trace(batch)` runs that model on `batch` copies of the prompt with the nodes as
 gradient endpoints: each copy can carry its own target, so one backward pass serves a batch
@@ -42,6 +45,21 @@ from schema.sites import (
 
 EMBED = "embed"  # the embedding node's site name: one node per position (token + positional embedding)
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
+
+
+def _writes(transcoders: dict[int, TrainedDictionary], n_layers: int) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Where each transcoder's features write: its own MLP output, and a cross-layer transcoder's every
+    later one (a CLT layer that writes to another number of layers than the model has is refused)."""
+    writes = {}
+    for i, d in transcoders.items():
+        later = getattr(d.sae, "W_dec_later", None)
+        n_later = 0 if later is None else later.shape[1]
+        if n_later and n_later != n_layers - 1 - i:
+            raise UserError(f"mlp_{i}: its cross-layer transcoder writes to {n_later} later layers; the model has "
+                            f"{n_layers - 1 - i} after it")
+        writes[site_name("mlp", i)] = [(site_name("mlp", i), d.sae.W_dec)] + \
+            [(site_name("mlp", i + k), later[:, k - 1]) for k in range(1, n_later + 1)]
+    return writes
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,11 @@ class Replacement:
         if self.skips and attention:
             raise UserError("skip transcoders (W_skip) go with attention as a frozen path, as in circuit-tracer "
                             "(--attention frozen): an attention feature's OV split would miss what the skips carry")
+        self.writes = _writes(transcoders, cfg.n_layers)  # site -> [(output site, decoder)], a CLT's to every later MLP
+        self.cross = any(len(w) > 1 for w in self.writes.values())
+        if self.cross and attention:
+            raise UserError("cross-layer transcoders go with attention as a frozen path, as in circuit-tracer "
+                            "(--attention frozen): an attention feature's OV split would miss what they write later")
         for i, d in attention.items():
             if d.site.component != "attn" or d.site.reads != d.site.hook_out:
                 raise UserError(f"attn_{i}: the dictionary at {d.site.name} does not read the attention output")
@@ -134,13 +157,14 @@ class Replacement:
         self.logits = logits
         self.embed_value = cache[block_input(0)][0]
         self.values, self.output_values, self.error_values, self.active = {}, {}, {}, {}
-        for name, d in self.dicts.items():
+        for name, d in self.dicts.items():  # in stream order: a CLT's earlier layers come first
             x = cache[d.hook_in]
             f = d.sae.encode(x)
             self.values[name] = f[0]
             skip = d.sae.skip(x)[0] if name in self.skips else 0.0
             self.output_values[name] = cache[d.site.hook_out][0] - skip  # what the nodes write (and b_dec)
-            self.error_values[name] = (cache[d.site.hook_out] - d.sae.reconstruct(x, f))[0]
+            earlier = sum((self.values[src] @ w for src, w in self.into(name)), 0.0)
+            self.error_values[name] = (cache[d.site.hook_out] - d.sae.reconstruct(x, f))[0] - earlier
             self.active[name] = (f[0] != 0).nonzero()  # [n, 2]: (position, feature), in position order
         self.nodes = [Node(EMBED, 0, p) for p in range(self.n_pos)]
         self.offsets = {EMBED: 0}  # where each site's nodes start in `nodes`
@@ -198,9 +222,10 @@ class Replacement:
         def write(name):
             def fn(x, hook):
                 d = self.dicts[name]
-                if mode == "live":
+                if mode == "live":  # a CLT's earlier layers' features are still pending: they write here too
                     t.errors[name] = leaf(self.error_values[name], x)
-                    t.outputs[name] = d.sae.decode(pending.pop(name)) + t.errors[name]
+                    t.outputs[name] = d.sae.decode(pending[name]) + t.errors[name] + \
+                        sum(pending[src] @ w for src, w in self.into(name))
                 else:
                     t.outputs[name] = leaf(self.output_values[name], x, when_zero=d.sae.b_dec.detach())
                 if name in self.skips:  # a path from the input, as attention is (the nodes stay the leaves)
@@ -223,6 +248,11 @@ class Replacement:
         with torch.enable_grad():
             t.logits = model.run_with_hooks(self.tokens.expand(batch, -1), fwd_hooks=hooks)
         return t
+
+    def into(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """What earlier sites' features write into a site's output besides its own (a CLT's earlier
+        layers): (source site, decoder [d_sae, d_model])."""
+        return [(src, w) for src, outs in self.writes.items() if src != name for out, w in outs if out == name]
 
     def pre_activation(self, name: str, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Some features' pre-activations, each from its own row of the dictionary's input x [n, d]:

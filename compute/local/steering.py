@@ -71,13 +71,14 @@ def root_value(root: Target, logits: torch.Tensor) -> float:
 
 
 def _hooks(rep: Replacement, interventions: list[Intervention]) -> list:
-    """Forward hooks adding (new - old) x decoder row at each intervention's site and position."""
+    """Forward hooks adding (new - old) x decoder row at each intervention's position, in the output of its
+    site (and, for a cross-layer transcoder's feature, of every later MLP it writes to)."""
     by_hook: dict[str, list] = {}
     for iv in interventions:
-        d = rep.dicts[iv.site]
         old = float(rep.values[iv.site][iv.position, iv.feature])
-        delta = (iv.new_value(old) - old) * d.sae.W_dec[iv.feature].detach()
-        by_hook.setdefault(d.site.hook_out, []).append((iv.position, delta))
+        for out, decoder in rep.writes.get(iv.site, [(iv.site, rep.dicts[iv.site].sae.W_dec)]):
+            delta = (iv.new_value(old) - old) * decoder[iv.feature].detach()
+            by_hook.setdefault(rep.dicts[out].site.hook_out, []).append((iv.position, delta))
 
     def adder(changes):
         def fn(x, hook):
