@@ -422,3 +422,27 @@ def test_keep_freed_memory_sets_glibc_malloc():
 
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_a_cross_layer_transcoder_learns_a_planted_one():
+    """Outputs made by a planted 2-layer CLT of sparse ReLU features (layer 0's also write into output 1):
+    the trained CLT's full reconstructions explain them, with raw inputs and outputs in different units
+    (the scales are folded back in), and its later decoders carry what layer 0 writes into output 1."""
+    from compute.dictionaries.clt_training import reconstructions, train_clt
+    from compute.dictionaries.training import SAEConfig
+
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 4096, 8, 16
+    xs = [torch.randn(n, d, generator=g) * s for s in (1.0, 5.0)]
+    enc = [torch.randn(d, k, generator=g) for _ in range(2)]
+    f = [torch.relu(x @ e - 2.0 * scale) for x, e, scale in zip(xs, enc, (1.0, 5.0), strict=True)]  # ~3.4 active
+    dec = {(0, 0): torch.randn(k, d, generator=g), (0, 1): torch.randn(k, d, generator=g),
+           (1, 1): torch.randn(k, d, generator=g)}
+    ys = [f[0] @ dec[0, 0] * 3.0, (f[0] @ dec[0, 1] + f[1] @ dec[1, 1]) * 0.2]
+    layers = train_clt(xs, ys, SAEConfig(architecture="clt", expansion=4, steps=600, lr=1e-2, l1_coefficient=1e-3,
+                                          batch_size=512), ["in0", "in1"], ["out0", "out1"], "planted", progress=False)
+    assert [t.n_later for t in layers] == [1, 0] and layers[0].hook_name_out == "out0"
+    for y, y_hat in zip(ys, reconstructions(layers, xs), strict=True):
+        assert 1 - (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum() > 0.99
+    without_later = layers[1].decode(layers[1].encode(xs[1]))  # output 1 from layer 1 alone misses layer 0's part
+    assert (ys[1] - without_later).pow(2).sum() > 2 * (ys[1] - reconstructions(layers, xs)[1]).pow(2).sum()

@@ -23,9 +23,11 @@ LOSS_SENTENCES = 500  # held-out sentences for the loss-recovered metric
 
 def dictionary_sites(model, architecture: str, only: tuple[str, ...] = ()) -> list[Site]:
     """The sites a dictionary of this architecture is trained for: every site for an SAE, every
-    MLP (reading its normalised input) for a transcoder."""
+    MLP (reading its normalised input) for a transcoder and for each layer of a cross-layer transcoder."""
     n = model.cfg.n_layers
-    found = [transcoder_site(layer) for layer in range(n)] if architecture == "transcoder" else sites(n)
+    found = [transcoder_site(layer) for layer in range(n)] if architecture in ("transcoder", "clt") else sites(n)
+    if architecture == "clt" and only:
+        raise UserError("a cross-layer transcoder spans every MLP: train it without --submodule")
     if only:
         unknown = set(only) - {s.name for s in found}
         if unknown:
@@ -102,6 +104,8 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
     held_sentences = grammar.corpus(LOSS_SENTENCES, seed=cfg.seed + 2)
     acts = collect_activations(model, sorted({s.reads for s in todo} | {s.hook_out for s in todo}), sentences)
     clean_loss = lm_loss(model, held_sentences)  # the same for every dictionary
+    if cfg.architecture == "clt":
+        return _train_clt(out, model, model_id, cfg, todo, acts, held_sentences, clean_loss, progress)
     for s in tqdm(todo, desc=f"training {cfg.architecture} dictionaries", disable=hidden(progress), unit="dict"):
         x = acts[s.reads]
         y = acts[s.hook_out] if s.reads != s.hook_out else None
@@ -112,6 +116,24 @@ def _train_all(out: Path, model_path: Path, model_id: str, cfg: SAEConfig, only:
                         hook_name_out="" if y is None else s.hook_out)
         _save_measured(model, out, s, sae, x[perm[:held]], None if y is None else y[perm[:held]],
                        held_sentences, clean_loss)
+
+
+def _train_clt(out: Path, model, model_id: str, cfg: SAEConfig, todo: list[Site], acts: dict, held_sentences: list[str],
+               clean_loss: float, progress: bool) -> None:
+    """One cross-layer transcoder over every MLP, trained jointly and measured as a whole (each layer
+    saved at its MLP's site, with its output's variance explained by the full reconstruction)."""
+    from compute.dictionaries.clt_training import clt_metrics, train_clt
+
+    n = len(acts[todo[0].reads])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    held, train = perm[:max(1, n // 10)], perm[max(1, n // 10):]
+    xs, ys = [acts[s.reads] for s in todo], [acts[s.hook_out] for s in todo]
+    layers = train_clt([x[train] for x in xs], [y[train] for y in ys], cfg, [s.reads for s in todo],
+                       [s.hook_out for s in todo], model_id, progress)
+    metrics = clt_metrics(model, layers, [x[held] for x in xs], [y[held] for y in ys], held_sentences, clean_loss)
+    for s, t, m in zip(todo, layers, metrics, strict=True):
+        save_dictionary(t, out / s.name, {"component": s.component, "layer": s.layer})
+        (out / s.name / "metrics.json").write_text(json.dumps(m))
 
 
 def identity_dictionaries(zoo, progress: bool = True, corpus: list[str] | None = None) -> dict[str, TrainedDictionary]:

@@ -19,14 +19,14 @@ from tqdm.auto import tqdm
 from catalog.progress import hidden
 from compute.dictionaries.kinds import SAE, JumpReLUSAE, TopKSAE, Transcoder
 
-TRAINABLE = ("standard", "topk", "jumprelu", "transcoder")
+TRAINABLE = ("standard", "topk", "jumprelu", "transcoder", "clt")  # clt: compute.dictionaries.clt_training
 
 
 @dataclass(frozen=True)
 class SAEConfig:
-    architecture: str = "standard"  # standard | topk | jumprelu | transcoder
+    architecture: str = "standard"  # standard | topk | jumprelu | transcoder | clt (all MLPs at once)
     expansion: int = 8
-    l1_coefficient: float = 1.0  # standard and transcoder
+    l1_coefficient: float = 1.0  # standard, transcoder and clt
     k: int = 8  # topk
     l0_coefficient: float = 0.3  # jumprelu: penalty per active feature (inputs scaled to E||x||^2 = d_in)
     bandwidth: float = 0.2  # jumprelu: width of the straight-through window
