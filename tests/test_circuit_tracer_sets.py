@@ -169,9 +169,13 @@ def write_clt(folder, transcoders, n_layers, seed=0, threshold=None):
 
 def test_a_cross_layer_transcoder_reads_and_gives_exact_local_circuits(neox, tmp_path):
     """circuit-tracer's CLT files read to per-layer CrossLayerTranscoders with the same numbers; its local
-    circuit (attention a frozen path) adds up for every active feature and the logit; `attribute` commits it."""
+    circuit (attention a frozen path) adds up for every active feature and the logit; `attribute` commits it;
+    beside attention SAEs, reading vectors agree with the backward pass, and OV and QK add up."""
+    from checkpoints import some_targets
+
     from compute.dictionaries.kinds import CrossLayerTranscoder, TrainedDictionary
     from compute.local.contributions import attribute, feature_target, logit_target
+    from compute.local.qk import qk
     from compute.local.replacement import Replacement
     from schema.sites import transcoder_site
 
@@ -194,3 +198,15 @@ def test_a_cross_layer_transcoder_reads_and_gives_exact_local_circuits(neox, tmp
     r = run_cli("attribute", "--model", str(checkpoint), "--dictionaries", str(tmp_path / "clt"), "--prompt", PROMPT,
                 catalog=tmp_path / "c")
     assert r.returncode == 0, r.stderr[-2000:]
+    # beside the attention SAEs: reading vectors see each CLT write that lands before the target, OV and QK add up
+    rep = Replacement(model, clt, neox[4], model.to_tokens(PROMPT))
+    targets = some_targets(rep, per_site=4) + [logit_target(rep, 3)]
+    readers, autograd = attribute(rep, targets, ov=True), attribute(rep, targets, ov=True, engine="autograd")
+    assert ((readers.scores - autograd.scores).abs().max() / autograd.scores.abs().max()).item() <= 1e-5
+    assert ((readers.scores.sum(1) + readers.bias - readers.values).abs() / readers.values.abs().clamp_min(1e-3)
+            ).max() <= 1e-4
+    attn = [i for i, t in enumerate(targets) if t.site.startswith("attn")]
+    assert ((readers.ov[attn].sum(-1) - readers.scores[attn]).abs().max() / readers.scores[attn].abs().max()) <= 1e-4
+    for head in range(model.cfg.n_heads):
+        q = qk(rep, 1, head, -1, 2)
+        assert abs(q.pairs.sum().item() - q.score) <= 1e-4 * max(1.0, abs(q.score))

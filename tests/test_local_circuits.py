@@ -277,7 +277,8 @@ def test_a_hand_set_two_layer_cross_layer_transcoder():
     mlp_1's, whose real output is 0: mlp_1's error term there is (0, -0.5). Into logit(e1) at position 1
     (1.5): embed@1 1 + 0.5 through the head, mlp_0/0@1 0.5 (its later write), mlp_1/err@1 -0.5. Into
     mlp_1/0@1 (4.6) the later write does not count (it lands after mlp_1 reads). Zeroing mlp_0/0@1 in
-    the real model moves the logit by -0.5, as the graph predicts."""
+    the real model moves the logit by -0.5, as the graph predicts. With attention SAEs, reading vectors
+    see the later write too."""
     from compute.local.steering import parse_intervention, steer
 
     hand = hand_model(attention_saes=False)
@@ -294,8 +295,14 @@ def test_a_hand_set_two_layer_cross_layer_transcoder():
     assert total.scores[0, rep.index[Node("mlp_0", 0, 1)]].item() == pytest.approx(0.5)
     result = steer(rep, logit, [parse_intervention(rep, "zero", "mlp_0/0@1")])
     assert result.rows[0]["measured"] == pytest.approx(-0.5) and result.rows[0]["predicted"] == pytest.approx(-0.5)
-    with pytest.raises(UserError, match="cross-layer transcoders go with attention as a frozen path"):
-        Replacement(hand.model, hand_clt(hand), {i: hand_model().dicts[f"attn_{i}"] for i in (0, 1)}, hand.tokens)
+    # with the attention SAEs, the head's move is two attention features instead (attn_0/1@1 writes (0, 0.5))
+    saes = hand_model().dicts
+    rep = Replacement(hand.model, hand_clt(hand), {i: saes[f"attn_{i}"] for i in (0, 1)}, hand.tokens)
+    wanted = [Node(EMBED, 0, 1), Node("attn_0", 1, 1), Node("mlp_0", 0, 1), Node("mlp_1", ERROR, 1)]
+    for engine in ("readers", "autograd"):
+        a = attribute(rep, [logit], engine=engine)
+        assert a.values.tolist() == pytest.approx([1.5])
+        assert [round(float(a.scores[0, rep.index[n]]), 5) for n in wanted] == [1.0, 0.5, 0.5, -0.5]
 
 
 @pytest.mark.parametrize("family", ["neox", "llama"])

@@ -160,7 +160,7 @@ def _readable(rep: Replacement, targets: list[Target]) -> bool:
     attention outputs are all nodes (a frozen attention path carries a target's reading to every
     earlier position, and a skip connection to the stream its transcoder reads: the backward pass
     follows them)."""
-    if rep.frozen_attention or rep.skips or rep.cross:
+    if rep.frozen_attention or rep.skips:
         return False
     for tg in targets:
         component, layer = tg.component_layer
@@ -177,30 +177,33 @@ def _attribute_by_readers(rep: Replacement, targets: list[Target], batch_size: i
     scores = rep.zeros(len(targets), len(rep.nodes))
     per_head = rep.zeros(len(targets), len(rep.nodes), n_heads) if ov else None
     sites = [EMBED, *rep.order]
-    groups = rep.writers_by_position()
     starts = range(0, len(targets), batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="attributing", unit="batch", disable=hidden(progress and len(starts) > 1)):
             chunk = targets[start:start + batch_size]
             r, r_heads = _readers(rep, chunk, ov)  # [B, pos, d], [B, pos, heads, d]
             reading = r.abs().sum(-1) > 0  # [B, pos]: where each target reads the stream
-            reads = [set(_upstream(rep, tg)) for tg in chunk]
-            for name in sites:
-                upstream = torch.tensor([name in reads[b] for b in range(len(chunk))], device=rep.device)
-                for p, cols, vectors in groups[name]:
-                    wanted = upstream & reading[:, p]
-                    if wanted.all():  # every target reads here: slices, no gathers
-                        scores[start:start + len(chunk), cols] = r[:, p] @ vectors.T
-                        if ov:
-                            per_head[start:start + len(chunk), cols] = torch.einsum("bhd,nd->bnh", r_heads[:, p],
-                                                                                     vectors)
-                        continue
-                    rows = wanted.nonzero()[:, 0]
-                    if len(rows):
-                        scores[start + rows[:, None], cols] = r[rows, p] @ vectors.T
-                        if ov:
-                            per_head[start + rows[:, None], cols] = torch.einsum("bhd,nd->bnh", r_heads[rows, p],
-                                                                                 vectors)
+            reads = [_upstream(rep, tg) for tg in chunk]
+            # a cross-layer transcoder's feature writes at several outputs: each reader sees those before it
+            for reader in dict.fromkeys(map(tuple, reads)) if rep.cross else [None]:
+                groups = rep.writers_by_position(None if reader is None else list(reader))
+                for name in sites:
+                    upstream = torch.tensor([name in reads[b] and reader in (None, tuple(reads[b]))
+                                             for b in range(len(chunk))], device=rep.device)
+                    for p, cols, vectors in groups[name]:
+                        wanted = upstream & reading[:, p]
+                        if wanted.all():  # every target reads here: slices, no gathers
+                            scores[start:start + len(chunk), cols] = r[:, p] @ vectors.T
+                            if ov:
+                                per_head[start:start + len(chunk), cols] = torch.einsum(
+                                    "bhd,nd->bnh", r_heads[:, p], vectors)
+                            continue
+                        rows = wanted.nonzero()[:, 0]
+                        if len(rows):
+                            scores[start + rows[:, None], cols] = r[rows, p] @ vectors.T
+                            if ov:
+                                per_head[start + rows[:, None], cols] = torch.einsum(
+                                    "bhd,nd->bnh", r_heads[rows, p], vectors)
     unknown = torch.full((len(targets),), torch.nan, device=rep.device, dtype=rep.dtype)
     return _on_cpu(Attribution(scores, *(_values_and_bias(rep, targets) if values else (unknown, unknown)), per_head))
 
@@ -233,7 +236,7 @@ def _readers(rep: Replacement, chunk: list[Target], per_head: bool = True
             for i, tg in enumerate(targets):
                 if tg.minus is not None:
                     e[i] -= model.W_U[:, tg.minus]
-            r[rows, pos] = rep.normalise_transpose(e, model.ln_final, rep.ln_scale(None, pos))
+            r[rows, pos] = rep.normalise_transpose(e, getattr(model, "ln_final", None), rep.ln_scale(None, pos))
             continue
         d = rep.dicts[targets[0].site]
         e = d.sae.W_enc[:, feature].T  # [targets, d]
@@ -356,8 +359,9 @@ def _ov(rep: Replacement, z_grads: dict[int, torch.Tensor], chunk: list[Target])
         pattern = rep.frozen[attention_hook(layer, "pattern")][0]  # [heads, dst, src]
         # what each head's values at source s send to the targets: sum_d pattern[h, d, s] g_z[d, h]
         sent = torch.einsum("hds,bdhk->bhsk", pattern, g_z[rows])
-        for name in [EMBED, *rep.upstream(layer, "attn")]:
-            vectors, positions, first = rep.write_vectors(name), rep.node_positions(name), rep.offsets[name]
+        reader = rep.upstream(layer, "attn")
+        for name in [EMBED, *reader]:
+            vectors, positions, first = rep.write_vectors(name, reader), rep.node_positions(name), rep.offsets[name]
             normalised = rep.normalise(vectors, block.ln1, rep.ln_scale(layer, positions))
             v = torch.einsum("nd,hdk->nhk", normalised, block.attn.W_V)
             contrib = torch.einsum("nhk,bhnk->bnh", v, sent[:, :, positions])

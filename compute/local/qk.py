@@ -83,7 +83,7 @@ def _side(rep: Replacement, layer: int, head: int, position: int, W: torch.Tenso
         at = rep.node_positions(name) == position
         first = rep.offsets[name]
         nodes += [rep.nodes[first + i] for i in at.nonzero()[:, 0].tolist()]
-        vectors.append(rep.write_vectors(name)[at])
+        vectors.append(rep.write_vectors(name, names)[at])
     vectors = torch.cat(vectors)
     parts = rep.normalise(vectors, block.ln1, scale) @ W[head]
     bias = (rep.normalise(rep.dictionary_bias(names)[None], block.ln1, scale) + rep.ln_bias(block.ln1)) @ W[head] \

@@ -123,9 +123,6 @@ class Replacement:
                             "(--attention frozen): an attention feature's OV split would miss what the skips carry")
         self.writes = _writes(transcoders, cfg.n_layers)  # site -> [(output site, decoder)], a CLT's to every later MLP
         self.cross = any(len(w) > 1 for w in self.writes.values())
-        if self.cross and attention:
-            raise UserError("cross-layer transcoders go with attention as a frozen path, as in circuit-tracer "
-                            "(--attention frozen): an attention feature's OV split would miss what they write later")
         for i, d in attention.items():
             if d.site.component != "attn" or d.site.reads != d.site.hook_out:
                 raise UserError(f"attn_{i}: the dictionary at {d.site.name} does not read the attention output")
@@ -138,7 +135,7 @@ class Replacement:
         self.order = [site_name(c, i) for i in range(cfg.n_layers) for c in ("attn", "mlp")
                       if site_name(c, i) in self.dicts]  # forward order
         self.n_pos = self.tokens.shape[1]
-        self._writers = None
+        self._writers: dict = {}  # reader -> writers_by_position
         self._freeze()
 
     @torch.no_grad()
@@ -262,27 +259,33 @@ class Replacement:
             x = x - sae.b_dec
         return (x * sae.W_enc[:, features].T).sum(-1) + sae.b_enc[features]
 
-    def write_vectors(self, name: str) -> torch.Tensor:
+    def write_vectors(self, name: str, reader: list[str] | None = None) -> torch.Tensor:
         """What each node of a site (or EMBED) writes into the residual stream on this prompt, in
-        `nodes` order: [n_active + n_pos, d_model] (feature value x decoder row, then each error term)."""
+        `nodes` order: [n_active + n_pos, d_model] (feature value x decoder row, then each error term).
+        A cross-layer transcoder's features write at several outputs: `reader` (the sites upstream of
+        where a target reads) keeps only the writes that land before it (None: every write)."""
         if name == EMBED:
             return self.embed_value
-        d, act = self.dicts[name], self.active[name]
+        act = self.active[name]
+        decoder = sum((w[act[:, 1]] for out, w in self.writes.get(name, [(name, self.dicts[name].sae.W_dec)])
+                       if reader is None or out in reader), self.zeros(len(act), self.model.cfg.d_model))
         f = self.values[name][act[:, 0], act[:, 1]]
-        return torch.cat([f[:, None] * d.sae.W_dec[act[:, 1]], self.error_values[name]])
+        return torch.cat([f[:, None] * decoder, self.error_values[name]])
 
-    def writers_by_position(self) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    def writers_by_position(self, reader: list[str] | None = None) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
         """Each site's (and EMBED's) write vectors grouped by position: (position, their indices in
-        `nodes`, the vectors [n, d]). Computed once per prompt."""
-        if self._writers is None:
-            self._writers = {}
+        `nodes`, the vectors [n, d]), as a target reading after the sites `reader` sees them (they
+        differ only with a cross-layer transcoder). Computed once per prompt (and reader)."""
+        key = tuple(reader) if self.cross and reader is not None else None
+        if key not in self._writers:
+            self._writers[key] = {}
             for name in [EMBED, *self.order]:
-                vectors, positions = self.write_vectors(name), self.node_positions(name)
+                vectors, positions = self.write_vectors(name, reader if key else None), self.node_positions(name)
                 order = torch.argsort(positions, stable=True)
                 counts = torch.bincount(positions, minlength=self.n_pos).tolist()
-                self._writers[name] = [(p, self.offsets[name] + cols, vectors[cols])
-                                       for p, cols in enumerate(order.split(counts)) if len(cols)]
-        return self._writers
+                self._writers[key][name] = [(p, self.offsets[name] + cols, vectors[cols])
+                                            for p, cols in enumerate(order.split(counts)) if len(cols)]
+        return self._writers[key]
 
     def node_positions(self, name: str) -> torch.Tensor:
         """The position of each node of a site (or EMBED), in `nodes` order."""
