@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.local_circuits import large_case
 from compute.local.contributions import attribute, feature_target, logit_target
 from compute.local.prompt_graph import GraphParams, prompt_graph
 from compute.local.replacement import Node, Replacement
@@ -113,31 +114,33 @@ def read_set(folder: Path, model) -> dict:
             for i, f in layer_files(folder, cfg).items()}
 
 
-def write_inputs(work: Path, model, transcoders: dict) -> list[dict]:
-    """The files both halves read: weights, config, tokenizer, the sets (`transcoders`, and the same with a
-    random skip connection, `skip_transcoders`), prompts."""
+def write_inputs(work: Path, model, tokenizer, transcoders: dict, prompts: list[list[int]], sets: tuple) -> list[dict]:
+    """The files both halves read: weights, config, tokenizer, the transcoder sets named in `sets` (of
+    SETS), and the prompts (token ids, each with the model's top next token as the logit to explain)."""
+    work.mkdir()
     save_file({k: v.detach().float().contiguous() for k, v in model.named_parameters()}, str(work / "model.safetensors"))
     cfg = model.cfg
     (work / "model.json").write_text(json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS}))
     (work / "tokenizer").mkdir()
-    model.tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
+    tokenizer.backend_tokenizer.save(str(work / "tokenizer" / "tokenizer.json"))
     (work / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "unk_token": "<unk>"}))
-    write_set(work / "transcoders", transcoders)
-    d = cfg.d_model
+    d, n = cfg.d_model, cfg.n_layers
     rng = torch.Generator().manual_seed(0)
-    write_set(work / "skip_transcoders", transcoders, {i: torch.randn(d, d, generator=rng) * 0.5 / d ** 0.5
-                                                       for i in transcoders})
-    n = cfg.n_layers
-    write_clt(work / "cross_layer_transcoder", transcoders,
-              {i: torch.randn(t.sae.d_sae, n - 1 - i, d, generator=rng) * 0.3 for i, t in transcoders.items()})
-    prompts = []
-    for text in PROMPTS:
-        tokens = model.to_tokens(text)[0]
-        top = int(model(tokens[None])[0, -1].argmax())
-        prompts.append({"text": text, "tokens": tokens.tolist(), "target": top, "target_str": model.to_string([top])})
-    (work / "prompts.json").write_text(json.dumps(prompts))
-    return prompts
+    write_set(work / "transcoders", transcoders)
+    if "skip_transcoders" in sets:
+        write_set(work / "skip_transcoders", transcoders, {i: torch.randn(d, d, generator=rng) * 0.5 / d ** 0.5
+                                                           for i in transcoders})
+    if "cross_layer_transcoder" in sets:
+        write_clt(work / "cross_layer_transcoder", transcoders,
+                  {i: torch.randn(t.sae.d_sae, n - 1 - i, d, generator=rng) * 0.3 for i, t in transcoders.items()})
+    written = []
+    with torch.no_grad():
+        for tokens in prompts:
+            top = int(model(torch.tensor([tokens]))[0, -1].argmax())
+            written.append({"tokens": tokens, "target": top, "target_str": str(top)})
+    (work / "prompts.json").write_text(json.dumps(written))
+    return written
 
 
 def ours_in_their_layout(model, transcoders: dict, tokens: torch.Tensor, target: int, ct: dict) -> torch.Tensor:
@@ -158,10 +161,11 @@ def ours_in_their_layout(model, transcoders: dict, tokens: torch.Tensor, target:
     return out
 
 
-def compare(work: Path, name: str, model, transcoders: dict, attention: dict, prompts: list[dict], runs: int) -> float:
+def compare(work: Path, case: str, name: str, model, transcoders: dict, attention: dict, prompts: list[dict],
+            runs: int) -> float:
     """Print one set's table (differences and times); return its largest relative difference."""
     ct_times = json.loads((work / f"{name}_times.json").read_text())
-    print(f"\ncircuit-tracer {ct_times['version']} vs ours, the zoo's {name.replace('_', ' ')} (attention a frozen "
+    print(f"\ncircuit-tracer {ct_times['version']} vs ours, {case}: {name.replace('_', ' ')} (attention a frozen "
           f"path), one thread, min of {runs} runs")
     skips = name != "transcoders"
     print(f"{'tokens':>6} {'features':>8} {'feature rows':>13} {'logit row':>10}   {'ct attribute':>12} "
@@ -222,22 +226,29 @@ def main() -> None:
     zoo = build_zoo(zoo_config("default"), progress=False)
     model = zoo.model
     transcoders, attention = zoo_local_set(zoo, progress=False)  # ours; the bench reads back what it writes
+    _, big, big_transcoders, big_attention, big_tokens = large_case()
+    big_tokens[0, 0] = 1  # a special token first (circuit-tracer would prepend one otherwise)
+    cases = [("zoo", model, transcoders, attention, [model.to_tokens(t)[0].tolist() for t in PROMPTS], SETS, args.runs),
+             ("random d_model 256, 4 layers, 4096-wide", big, big_transcoders, big_attention, [big_tokens[0].tolist()],
+              SETS[:1], min(args.runs, 3))]
+    worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        prompts = write_inputs(work, model, transcoders)
-        worst = 0.0
-        for name in SETS:
-            subprocess.run([str(python), str(ROOT / "bench" / "circuit_tracer_side.py"), str(work), name,
-                            str(args.runs)], check=True)
-            worst = max(worst, compare(work, name, model, read_set(work / name, model), attention, prompts, args.runs))
-        plain, *others = [load_file(str(work / f"{name}_1.safetensors"))["adjacency"] for name in SETS]
-        print("\nhow far each set moves circuit-tracer's adjacency from the plain transcoders' (15 tokens): " +
-              ", ".join(f"{name.replace('_', ' ')} {(a - plain).abs().max() / plain.abs().max():.2f} of its largest |value|"
-                        for name, a in zip(SETS[1:], others, strict=True)))
-        print(f"largest difference {worst:.1e} of the largest |value| (goal <= 1e-5): {'ok' if worst <= 1e-5 else 'FAIL'}")
-        import_and_diff(work)
-        print()
-        pruned_alike = pt_against_json(work)
+        for k, (case, m, tc, att, prompts, sets, runs) in enumerate(cases):
+            work = Path(tmp) / f"case{k}"
+            written = write_inputs(work, m, model.tokenizer, tc, prompts, sets)
+            for name in sets:
+                subprocess.run([str(python), str(ROOT / "bench" / "circuit_tracer_side.py"), str(work), name,
+                                str(runs)], check=True)
+                worst = max(worst, compare(work, case, name, m, read_set(work / name, m), att, written, runs))
+            if k == 0:
+                plain, *others = [load_file(str(work / f"{name}_1.safetensors"))["adjacency"] for name in SETS]
+                print("\nhow far each set moves circuit-tracer's adjacency from the plain transcoders' (15 tokens): " +
+                      ", ".join(f"{name.replace('_', ' ')} {(a - plain).abs().max() / plain.abs().max():.2f} of its "
+                                "largest |value|" for name, a in zip(SETS[1:], others, strict=True)))
+                import_and_diff(work)
+                print()
+                pruned_alike = pt_against_json(work)
+        print(f"\nlargest difference {worst:.1e} of the largest |value| (goal <= 1e-5): {'ok' if worst <= 1e-5 else 'FAIL'}")
     if worst > 1e-5 or not pruned_alike:
         raise SystemExit(1)
 

@@ -151,6 +151,20 @@ def test_what_cannot_be_used_is_one_line(neox, tmp_path, change, message):
     assert r.returncode == 1 and len(errors) == 1 and message in errors[0] and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_cross_layer_transcoder_with_nan_later_decoders_is_one_line(neox, tmp_path):
+    from safetensors.torch import load_file
+
+    _, checkpoint, model, transcoders, _ = neox
+    write_clt(tmp_path / "clt", transcoders, model.cfg.n_layers)
+    w = load_file(str(tmp_path / "clt" / "W_dec_0.safetensors"))["W_dec_0"]
+    w[5, 1, 2] = float("nan")
+    save_file({"W_dec_0": w.contiguous()}, str(tmp_path / "clt" / "W_dec_0.safetensors"))
+    r = run_cli("attribute", "--model", str(checkpoint), "--dictionaries", str(tmp_path / "clt"), "--prompt", PROMPT,
+                catalog=tmp_path / "c")
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "W_dec_0 hold NaN" in errors[0], r.stderr
+
+
 def write_clt(folder, transcoders, n_layers, seed=0, threshold=None):
     """The checkpoint's transcoders as a cross-layer transcoder in circuit-tracer's files, each layer's
     features also writing random vectors into every later MLP output."""
@@ -187,10 +201,20 @@ def test_a_cross_layer_transcoder_reads_and_gives_exact_local_circuits(neox, tmp
     assert all(type(t) is CrossLayerTranscoder and t.n_later == n - 1 - i for i, t in layers.items())
     x = torch.randn(5, model.cfg.d_model)
     assert torch.equal(layers[0].encode(x), transcoders[0].sae.encode(x))
-    save_dictionary(layers[0], tmp_path / "copy")  # its SAELens copy keeps the later decoders
-    assert torch.equal(load_dictionary(tmp_path / "copy").W_dec_later, layers[0].W_dec_later)
+    # the later decoders stay in their file (column 0 of W_dec_0 is layer 0's own decoder, read whole)
+    assert layers[0].later_file == (str(tmp_path / "clt" / "W_dec_0.safetensors"), "W_dec_0", 1)
+    assert layers[0].W_dec_later.numel() == 0 and torch.equal(layers[0].W_dec, transcoders[0].sae.W_dec)
+    save_dictionary(layers[0], tmp_path / "copy")  # its SAELens copy holds them, and is read lazily too
+    copy = load_dictionary(tmp_path / "copy")
+    assert copy.later_file[0].endswith("sae_weights.safetensors") and copy.W_dec_later.numel() == 0
+    some = torch.tensor([3, 0, 17])
+    assert torch.equal(copy.later_rows(some), layers[0].later_rows(some)) and copy.later_rows(some).shape == (3, n - 1, model.cfg.d_model)
     clt = {i: TrainedDictionary(transcoder_site(i), t, tmp_path, {}) for i, t in layers.items()}
+    asked, read = [], layers[0].later_rows
+    layers[0].later_rows = lambda idx: asked.append(len(idx)) or read(idx)
     rep = Replacement(model, clt, {}, model.to_tokens(PROMPT))
+    assert asked == [len(rep.active["mlp_0"][:, 1].unique())] and asked[0] < layers[0].d_sae  # active rows only
+    del layers[0].later_rows
     targets = [feature_target(rep, name, f, pos) for name in rep.order for pos, f in rep.active[name].tolist()]
     targets.append(logit_target(rep, 3))  # every active feature, and a logit
     a = attribute(rep, targets)

@@ -137,28 +137,44 @@ def read_transcoder(path: Path, layer: int, cfg: dict, model_name: str = "") -> 
 def _read_clt_layer(path: Path, layer: int, cfg: dict, model_name: str) -> CrossLayerTranscoder:
     """Layer i of circuit-tracer's cross-layer transcoder: W_enc_{i} [d_transcoder, d_model], b_enc_{i},
     b_dec_{i} (the bias of layer i's output), threshold_{i} for a JumpReLU one, and in W_dec_{i}.safetensors
-    W_dec_{i} [d_transcoder, n_layers - i, d_model] (what it writes into layer i's output and each later one's)."""
-    i = layer
-    state = _read_state(path) | _read_state(decoder_file(path))
-    keys = {f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}", f"threshold_{i}", f"W_dec_{i}"}
+    W_dec_{i} [d_transcoder, n_layers - i, d_model] (what it writes into layer i's output and each later
+    one's). Only the decoder into layer i is read; the later ones stay in the file, read by rows as
+    needed (checked finite a block at a time)."""
+    i, decoders = layer, decoder_file(path)
+    state = _read_state(path)
+    keys = {f"W_enc_{i}", f"b_enc_{i}", f"b_dec_{i}", f"threshold_{i}"}
     unknown, missing = sorted(set(state) - keys), sorted(keys - {f"threshold_{i}"} - set(state))
     if unknown or missing:
         raise UserError(f"{path}: {'unknown weights ' + ', '.join(unknown) if unknown else 'missing ' + ', '.join(missing)}"
                         f" (layer {i} of a cross-layer transcoder holds {', '.join(sorted(keys))})")
-    w_enc, w_dec = state[f"W_enc_{i}"], state[f"W_dec_{i}"]
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(decoders), framework="pt") as f:
+            if list(f.keys()) != [f"W_dec_{i}"]:
+                raise UserError(f"{decoders}: holds {', '.join(f.keys()) or 'nothing'}; W_dec_{i} alone expected")
+            shape = f.get_slice(f"W_dec_{i}").get_shape()
+            own = f.get_slice(f"W_dec_{i}")[:, 0].float() if len(shape) == 3 and shape[1] >= 1 else None
+    except UserError:
+        raise
+    except Exception as e:  # safetensors raises its own types for a missing or damaged file
+        raise UserError(f"{decoders}: not a readable transcoder file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ) from None
+    w_enc = state[f"W_enc_{i}"]
     d_sae, d_in = w_enc.shape if w_enc.dim() == 2 else (0, 0)
     d_out = state[f"b_dec_{i}"].shape[0] if state[f"b_dec_{i}"].dim() == 1 else 0
     threshold = state.get(f"threshold_{i}", torch.zeros(d_sae))
-    if w_dec.dim() != 3 or w_dec.shape[0] != d_sae or w_dec.shape[2] != d_out or w_dec.shape[1] < 1 \
-            or tuple(state[f"b_enc_{i}"].shape) != (d_sae,) or tuple(threshold.shape) != (d_sae,) or not d_sae * d_in * d_out:
+    if own is None or shape[0] != d_sae or shape[2] != d_out or tuple(state[f"b_enc_{i}"].shape) != (d_sae,) \
+            or tuple(threshold.shape) != (d_sae,) or not d_sae * d_in * d_out:
         raise UserError(f"{path}: weights of shapes that do not fit one layer of a cross-layer transcoder "
-                        f"(W_enc {tuple(w_enc.shape)}, W_dec {tuple(w_dec.shape)})")
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{path}: {', '.join(bad)} hold NaN or infinite values")
+                        f"(W_enc {tuple(w_enc.shape)}, W_dec {tuple(shape)})")
+    bad = [k for k, v in {**state, f"W_dec_{i}": own}.items() if not torch.isfinite(v).all()]
     sae = CrossLayerTranscoder(d_in, d_sae, f"blocks.{layer}.{cfg['feature_input_hook']}", model_name, d_out,
-                               f"blocks.{layer}.{cfg['feature_output_hook']}", n_later=w_dec.shape[1] - 1)
-    sae.load_state_dict({"W_enc": w_enc.T, "W_dec": w_dec[:, 0], "W_dec_later": w_dec[:, 1:], "b_enc": state[f"b_enc_{i}"],
+                               f"blocks.{layer}.{cfg['feature_output_hook']}", n_later=shape[1] - 1)
+    sae.lazily(str(decoders), f"W_dec_{i}", 1)
+    if bad or not sae.later_finite():
+        raise UserError(f"{path}: {', '.join(bad) or f'W_dec_{i}'} hold NaN or infinite values")
+    sae.load_state_dict({"W_enc": w_enc.T, "W_dec": own, "W_dec_later": sae.W_dec_later, "b_enc": state[f"b_enc_{i}"],
                          "b_dec": state[f"b_dec_{i}"], "threshold": threshold})
     for p in sae.parameters():
         p.requires_grad_(False)

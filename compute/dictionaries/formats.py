@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from catalog.errors import UserError, first_line
 from compute.dictionaries.kinds import (
@@ -46,8 +47,10 @@ def save_dictionary(sae: SAE, path: Path, extra: dict | None = None) -> None:
     if isinstance(sae, TopKSAE):
         cfg["rescale_acts_by_decoder_norm"] = False
     (path / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    save_file({k: v.detach().float().contiguous() for k, v in sae.state_dict().items()},
-              str(path / "sae_weights.safetensors"))
+    state = sae.state_dict()
+    if getattr(sae, "later_file", None):  # a CLT read lazily: its later decoders, read once to be copied
+        state["W_dec_later"] = sae.later_rows(torch.arange(sae.d_sae))
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(path / "sae_weights.safetensors"))
 
 
 def load_dictionary(path: Path) -> SAE:
@@ -69,8 +72,11 @@ def load_dictionary(path: Path) -> SAE:
                         f"(supported: {', '.join(ARCHITECTURES)})")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise UserError(f"{path}: normalize_activations={cfg['normalize_activations']!r} is not supported")
+    lazy = ARCHITECTURES.get(arch) is CrossLayerTranscoder  # its later decoders stay on disk
     try:
-        state = {k: v.float() for k, v in load_file(str(weights)).items()}
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k).float() for k in f.keys() if not (lazy and k == "W_dec_later")}
+            later_shape = f.get_slice("W_dec_later").get_shape() if lazy and "W_dec_later" in f.keys() else None
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise UserError(f"{weights}: not a readable safetensors file ({first_line(e)})") from None
     w_enc = state.get("W_enc")
@@ -97,6 +103,13 @@ def load_dictionary(path: Path) -> SAE:
     if cls is TopKSAE and cfg.get("rescale_acts_by_decoder_norm"):
         raise UserError(f"{path}: topk with rescale_acts_by_decoder_norm is not supported; fold the decoder "
                         "norms first")
+    if lazy:
+        if later_shape != [d_sae, sae.n_later, sae.d_out]:
+            raise UserError(f"{weights}: W_dec_later of shape {later_shape} does not fit cfg.json")
+        sae.lazily(str(weights), "W_dec_later", 0)
+        state["W_dec_later"] = sae.W_dec_later
+        if not sae.later_finite():
+            raise UserError(f"{weights}: W_dec_later holds NaN or infinite values")
     try:
         sae.load_state_dict(state)
     except RuntimeError as e:

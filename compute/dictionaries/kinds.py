@@ -176,7 +176,9 @@ class CrossLayerTranscoder(JumpReLUTranscoder):
     of this layer's MLP input that write into this layer's MLP output (W_dec; b_dec is the bias of this
     layer's output) and into each of the `n_later` later layers' outputs (W_dec_later [d_sae, n_later,
     d_out]). A ReLU CLT's threshold is 0. `decode(f)` is this layer's own part: the reconstruction of
-    a later layer's output also holds what the earlier layers' features write there."""
+    a later layer's output also holds what the earlier layers' features write there. Read from a file,
+    the later decoders stay there (`later_file`) and only the rows of active features are read.
+    """
 
     architecture = "clt"
 
@@ -186,8 +188,34 @@ class CrossLayerTranscoder(JumpReLUTranscoder):
         self.n_later = n_later
         self.W_dec_later = torch.nn.Parameter(torch.zeros(d_sae, n_later, self.d_out))
 
+    later_file: tuple[str, str, int] | None = None  # (file, key, first column): later decoders read lazily from it
+
     def settings(self) -> dict:
         return {"d_out": self.d_out, "n_later": self.n_later}
+
+    def later_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """The later decoders of some features, [n, n_later, d_out]; read from the file only at those rows when
+        the CLT is read lazily (circuit-tracer's W_dec_{i}: its column 0 is this layer's own decoder)."""
+        if self.later_file is None:
+            return self.W_dec_later[features]
+        from safetensors import safe_open
+
+        path, key, first = self.later_file
+        with safe_open(path, framework="pt") as f:
+            rows = f.get_slice(key)[features.cpu().tolist()] if len(features) else torch.zeros(0, 0, 0)
+        rows = rows[:, first:] if len(features) else torch.zeros(0, self.n_later, self.d_out)
+        return rows.to(device=self.W_dec.device, dtype=self.W_dec.dtype)
+
+    def later_finite(self, block: int = 1024) -> bool:
+        """Whether every later decoder is finite, read a block of rows at a time."""
+        return all(torch.isfinite(self.later_rows(torch.arange(i, min(i + block, self.d_sae)))).all()
+                   for i in range(0, self.d_sae, block))
+
+    def lazily(self, path: str, key: str, first: int) -> CrossLayerTranscoder:
+        """This CLT with its later decoders left on disk (only the rows asked for are read)."""
+        self.later_file = (path, key, first)
+        self.W_dec_later = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+        return self
 
 
 def has_skip(sae: SAE) -> bool:

@@ -331,10 +331,10 @@ def _node_scores(rep: Replacement, grads: list, recorded: dict, direct: bool, n:
         elif len(act):  # value x (gradient . decoder row) at every output it writes (a CLT's: several),
             values = rep.values[name]  # one product per position over the features active there
             counts = torch.bincount(act[:, 0], minlength=rep.n_pos).tolist()
-            for out, decoder in rep.writes.get(name, [(name, rep.dicts[name].sae.W_dec)]):
+            for out, decoder in rep.writes[name]:
                 g_out = grad_at[out]
                 if g_out is not None:
-                    features = features + torch.cat([g_out[:, p] @ decoder[a[:, 1]].T * values[p, a[:, 1]]
+                    features = features + torch.cat([g_out[:, p] @ decoder.rows(a[:, 1]).T * values[p, a[:, 1]]
                                                      for p, a in enumerate(act.split(counts)) if len(a)], dim=1)
         parts += [features.detach(), _dot(rep.error_values[name], g, n)]
     return torch.cat(parts, dim=1)

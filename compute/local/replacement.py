@@ -47,19 +47,46 @@ EMBED = "embed"  # the embedding node's site name: one node per position (token 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre", None)
 
 
-def _writes(transcoders: dict[int, TrainedDictionary], n_layers: int) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    """Where each transcoder's features write: its own MLP output, and a cross-layer transcoder's every
-    later one (a CLT layer that writes to another number of layers than the model has is refused)."""
-    writes = {}
+class Rows:
+    """A decoder as a replacement model reads it: its rows for some features. A dictionary's own decoder
+    is read whole; a cross-layer transcoder's decoder into a later layer only at the features active
+    on the prompt (read from its file when it is read lazily), others fetched when asked for."""
+
+    def __init__(self, weight: torch.Tensor, features: torch.Tensor | None = None, fetch=None):
+        self.weight, self.features, self.fetch = weight, features, fetch  # features None: every row, in order
+        if features is not None:
+            self.lookup = torch.full((int(features.max()) + 1 if len(features) else 0,), -1, dtype=torch.long,
+                                     device=weight.device)
+            self.lookup[features] = torch.arange(len(features), device=weight.device)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The decoder rows of features idx [n] -> [n, d]."""
+        if self.features is None:
+            return self.weight[idx]
+        at = self.lookup[idx.clamp(max=len(self.lookup) - 1)] if len(self.lookup) else torch.full_like(idx, -1)
+        held = (idx < len(self.lookup)) & (at >= 0)
+        if held.all():
+            return self.weight[at]
+        out = self.fetch(idx).to(self.weight)  # a feature not active on the prompt (an intervention's)
+        out[held] = self.weight[at[held]]
+        return out
+
+    def apply(self, f: torch.Tensor) -> torch.Tensor:
+        """f [..., d_sae] times the decoder (only its held rows: f is zero elsewhere)."""
+        return f @ self.weight if self.features is None else f[..., self.features] @ self.weight
+
+
+def _check_later(transcoders: dict[int, TrainedDictionary], n_layers: int) -> bool:
+    """Whether some transcoder is a cross-layer one; one that writes to another number of layers than
+    the model has after it is refused."""
+    cross = False
     for i, d in transcoders.items():
-        later = getattr(d.sae, "W_dec_later", None)
-        n_later = 0 if later is None else later.shape[1]
+        n_later = getattr(d.sae, "n_later", 0)
         if n_later and n_later != n_layers - 1 - i:
             raise UserError(f"mlp_{i}: its cross-layer transcoder writes to {n_later} later layers; the model has "
                             f"{n_layers - 1 - i} after it")
-        writes[site_name("mlp", i)] = [(site_name("mlp", i), d.sae.W_dec)] + \
-            [(site_name("mlp", i + k), later[:, k - 1]) for k in range(1, n_later + 1)]
-    return writes
+        cross |= bool(n_later)
+    return cross
 
 
 @dataclass(frozen=True)
@@ -121,8 +148,8 @@ class Replacement:
         if self.skips and attention:
             raise UserError("skip transcoders (W_skip) go with attention as a frozen path, as in circuit-tracer "
                             "(--attention frozen): an attention feature's OV split would miss what the skips carry")
-        self.writes = _writes(transcoders, cfg.n_layers)  # site -> [(output site, decoder)], a CLT's to every later MLP
-        self.cross = any(len(w) > 1 for w in self.writes.values())
+        self.cross = _check_later(transcoders, cfg.n_layers)
+        self.writes: dict[str, list[tuple[str, Rows]]] = {}  # site -> [(output site, decoder)]: see _freeze
         for i, d in attention.items():
             if d.site.component != "attn" or d.site.reads != d.site.hook_out:
                 raise UserError(f"attn_{i}: the dictionary at {d.site.name} does not read the attention output")
@@ -158,11 +185,12 @@ class Replacement:
             x = cache[d.hook_in]
             f = d.sae.encode(x)
             self.values[name] = f[0]
+            self.active[name] = (f[0] != 0).nonzero()  # [n, 2]: (position, feature), in position order
+            self.writes[name] = self._decoders(name)
             skip = d.sae.skip(x)[0] if name in self.skips else 0.0
             self.output_values[name] = cache[d.site.hook_out][0] - skip  # what the nodes write (and b_dec)
-            earlier = sum((self.values[src] @ w for src, w in self.into(name)), 0.0)
+            earlier = sum((w.apply(self.values[src]) for src, w in self.into(name)), 0.0)
             self.error_values[name] = (cache[d.site.hook_out] - d.sae.reconstruct(x, f))[0] - earlier
-            self.active[name] = (f[0] != 0).nonzero()  # [n, 2]: (position, feature), in position order
         self.nodes = [Node(EMBED, 0, p) for p in range(self.n_pos)]
         self.offsets = {EMBED: 0}  # where each site's nodes start in `nodes`
         for name in self.order:
@@ -222,7 +250,7 @@ class Replacement:
                 if mode == "live":  # a CLT's earlier layers' features are still pending: they write here too
                     t.errors[name] = leaf(self.error_values[name], x)
                     t.outputs[name] = d.sae.decode(pending[name]) + t.errors[name] + \
-                        sum(pending[src] @ w for src, w in self.into(name))
+                        sum(w.apply(pending[src]) for src, w in self.into(name))
                 else:
                     t.outputs[name] = leaf(self.output_values[name], x, when_zero=d.sae.b_dec.detach())
                 if name in self.skips:  # a path from the input, as attention is (the nodes stay the leaves)
@@ -246,7 +274,21 @@ class Replacement:
             t.logits = model.run_with_hooks(self.tokens.expand(batch, -1), fwd_hooks=hooks)
         return t
 
-    def into(self, name: str) -> list[tuple[str, torch.Tensor]]:
+    def _decoders(self, name: str) -> list[tuple[str, Rows]]:
+        """Where a site's features write: its own output (its decoder whole), and a cross-layer
+        transcoder's every later MLP output (the rows of the features active on the prompt)."""
+        sae = self.dicts[name].sae
+        own = [(name, Rows(sae.W_dec))]
+        if not getattr(sae, "n_later", 0):
+            return own
+        layer = parse_site_name(name)[1]
+        features = self.active[name][:, 1].unique()
+        later = sae.later_rows(features)  # [n, n_later, d]
+        return own + [(site_name("mlp", layer + k), Rows(later[:, k - 1].contiguous(), features,
+                                                         lambda idx, k=k: sae.later_rows(idx)[:, k - 1]))
+                      for k in range(1, sae.n_later + 1)]
+
+    def into(self, name: str) -> list[tuple[str, Rows]]:
         """What earlier sites' features write into a site's output besides its own (a CLT's earlier
         layers): (source site, decoder [d_sae, d_model])."""
         return [(src, w) for src, outs in self.writes.items() if src != name for out, w in outs if out == name]
@@ -267,8 +309,8 @@ class Replacement:
         if name == EMBED:
             return self.embed_value
         act = self.active[name]
-        decoder = sum((w[act[:, 1]] for out, w in self.writes.get(name, [(name, self.dicts[name].sae.W_dec)])
-                       if reader is None or out in reader), self.zeros(len(act), self.model.cfg.d_model))
+        decoder = sum((w.rows(act[:, 1]) for out, w in self.writes[name] if reader is None or out in reader),
+                      self.zeros(len(act), self.model.cfg.d_model))
         f = self.values[name][act[:, 0], act[:, 1]]
         return torch.cat([f[:, None] * decoder, self.error_values[name]])
 

@@ -76,8 +76,8 @@ def _hooks(rep: Replacement, interventions: list[Intervention]) -> list:
     by_hook: dict[str, list] = {}
     for iv in interventions:
         old = float(rep.values[iv.site][iv.position, iv.feature])
-        for out, decoder in rep.writes.get(iv.site, [(iv.site, rep.dicts[iv.site].sae.W_dec)]):
-            delta = (iv.new_value(old) - old) * decoder[iv.feature].detach()
+        for out, decoder in rep.writes[iv.site]:
+            delta = (iv.new_value(old) - old) * decoder.rows(torch.tensor([iv.feature], device=rep.device))[0].detach()
             by_hook.setdefault(rep.dicts[out].site.hook_out, []).append((iv.position, delta))
 
     def adder(changes):
