@@ -305,6 +305,17 @@ def test_a_hand_set_two_layer_cross_layer_transcoder():
         assert [round(float(a.scores[0, rep.index[n]]), 5) for n in wanted] == [1.0, 0.5, 0.5, -0.5]
 
 
+def test_a_decoder_held_at_some_rows_reads_the_others_when_asked():
+    from compute.local.replacement import Rows
+
+    full = torch.randn(10, 3)
+    held = Rows(full[[2, 7]], torch.tensor([2, 7]), fetch=lambda idx: full[idx], d_sae=10)
+    f = torch.zeros(4, 10)
+    f[:, 2], f[:, 7] = 1.0, -2.0
+    assert torch.allclose(held.apply(f), f @ full) and torch.equal(held.rows(torch.tensor([7, 2])), full[[7, 2]])
+    assert torch.equal(held.rows(torch.tensor([2, 5])), full[[2, 5]])  # 5 is not held: fetched
+
+
 @pytest.mark.parametrize("family", ["neox", "llama"])
 def test_exact_on_rotary_checkpoints(tmp_path, family):
     """Parallel attention with partial rotary (GPT-NeoX); RMSNorm, gated MLP and grouped-query

@@ -52,24 +52,20 @@ class Rows:
     is read whole; a cross-layer transcoder's decoder into a later layer only at the features active
     on the prompt (read from its file when it is read lazily), others fetched when asked for."""
 
-    def __init__(self, weight: torch.Tensor, features: torch.Tensor | None = None, fetch=None):
+    def __init__(self, weight: torch.Tensor, features: torch.Tensor | None = None, fetch=None, d_sae: int = 0):
         self.weight, self.features, self.fetch = weight, features, fetch  # features None: every row, in order
-        if features is not None:
-            self.lookup = torch.full((int(features.max()) + 1 if len(features) else 0,), -1, dtype=torch.long,
-                                     device=weight.device)
+        if features is not None:  # where each of the d_sae features' row is held (-1: not held)
+            self.lookup = torch.full((d_sae,), -1, dtype=torch.long, device=weight.device)
             self.lookup[features] = torch.arange(len(features), device=weight.device)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """The decoder rows of features idx [n] -> [n, d]."""
         if self.features is None:
             return self.weight[idx]
-        at = self.lookup[idx.clamp(max=len(self.lookup) - 1)] if len(self.lookup) else torch.full_like(idx, -1)
-        held = (idx < len(self.lookup)) & (at >= 0)
-        if held.all():
+        at = self.lookup[idx]
+        if (at >= 0).all():
             return self.weight[at]
-        out = self.fetch(idx).to(self.weight)  # a feature not active on the prompt (an intervention's)
-        out[held] = self.weight[at[held]]
-        return out
+        return self.fetch(idx).to(self.weight)  # a feature not active on the prompt (an intervention's)
 
     def apply(self, f: torch.Tensor) -> torch.Tensor:
         """f [..., d_sae] times the decoder (only its held rows: f is zero elsewhere)."""
@@ -285,7 +281,7 @@ class Replacement:
         features = self.active[name][:, 1].unique()
         later = sae.later_rows(features)  # [n, n_later, d]
         return own + [(site_name("mlp", layer + k), Rows(later[:, k - 1].contiguous(), features,
-                                                         lambda idx, k=k: sae.later_rows(idx)[:, k - 1]))
+                                                         lambda idx, k=k: sae.later_rows(idx)[:, k - 1], sae.d_sae))
                       for k in range(1, sae.n_later + 1)]
 
     def into(self, name: str) -> list[tuple[str, Rows]]:
