@@ -71,14 +71,19 @@ def ensure_venv(venv: Path) -> Path:
     return python
 
 
-def write_set(folder: Path, transcoders: dict, skips: dict | None = None) -> None:
-    """Transcoders in circuit-tracer's layout (config.yaml, layer_{i}.safetensors; W_skip [d_out, d_in])."""
+def _config(folder: Path, kind: str, transcoders: dict) -> None:
+    """A new folder with circuit-tracer's config.yaml naming the hooks (within a block) the transcoders read and write."""
     import yaml
 
     folder.mkdir()
     hook_in, hook_out = (transcoders[0].hook_in.split(".", 2)[2], transcoders[0].site.hook_out.split(".", 2)[2])
-    (folder / "config.yaml").write_text(yaml.safe_dump({"model_kind": "transcoder_set", "feature_input_hook": hook_in,
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model_kind": kind, "feature_input_hook": hook_in,
                                                         "feature_output_hook": hook_out}))
+
+
+def write_set(folder: Path, transcoders: dict, skips: dict | None = None) -> None:
+    """Transcoders in circuit-tracer's layout (config.yaml, layer_{i}.safetensors; W_skip [d_out, d_in])."""
+    _config(folder, "transcoder_set", transcoders)
     for i, d in transcoders.items():
         sae = d.sae
         state = {"W_enc": sae.W_enc.detach().T, "W_dec": sae.W_dec.detach(), "b_enc": sae.b_enc.detach(),
@@ -89,12 +94,7 @@ def write_set(folder: Path, transcoders: dict, skips: dict | None = None) -> Non
 def write_clt(folder: Path, transcoders: dict, later: dict) -> None:
     """The transcoders as a cross-layer transcoder in circuit-tracer's files (W_enc_{i}, W_dec_{i}), each
     layer's features also writing `later[i]` [d_sae, n_layers - 1 - i, d_model] into the later MLP outputs."""
-    import yaml
-
-    folder.mkdir()
-    hook_in, hook_out = (transcoders[0].hook_in.split(".", 2)[2], transcoders[0].site.hook_out.split(".", 2)[2])
-    (folder / "config.yaml").write_text(yaml.safe_dump({"model_kind": "cross_layer_transcoder",
-                                                        "feature_input_hook": hook_in, "feature_output_hook": hook_out}))
+    _config(folder, "cross_layer_transcoder", transcoders)
     for i, d in transcoders.items():
         sae = d.sae
         save_file({f"W_enc_{i}": sae.W_enc.detach().T.contiguous(), f"b_enc_{i}": sae.b_enc.detach().contiguous(),

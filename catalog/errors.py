@@ -16,6 +16,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def first_line(e: BaseException) -> str:
-    """An exception's message cut to its first line (a library's error can span many)."""
+    """An exception's message cut to its first line (a library's error can span many), without PyTorch's
+    request to report its message."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return text.splitlines()[0].split("  (Could this error message be improved?")[0] if text else type(e).__name__

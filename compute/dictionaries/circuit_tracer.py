@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catalog.errors import UserError
+from catalog.errors import UserError, first_line
 from compute.dictionaries.kinds import (
     CrossLayerTranscoder,
     JumpReLUSkipTranscoder,
@@ -129,9 +129,7 @@ def read_transcoder(path: Path, layer: int, cfg: dict, model_name: str = "") -> 
     sae = cls(d_in, d_sae, f"blocks.{layer}.{cfg['feature_input_hook']}", model_name, d_out,
               f"blocks.{layer}.{cfg['feature_output_hook']}")
     sae.load_state_dict(state)
-    for p in sae.parameters():
-        p.requires_grad_(False)
-    return sae
+    return sae.requires_grad_(False)
 
 
 def _read_clt_layer(path: Path, layer: int, cfg: dict, model_name: str) -> CrossLayerTranscoder:
@@ -158,8 +156,7 @@ def _read_clt_layer(path: Path, layer: int, cfg: dict, model_name: str) -> Cross
     except UserError:
         raise
     except Exception as e:  # safetensors raises its own types for a missing or damaged file
-        raise UserError(f"{decoders}: not a readable transcoder file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                        ) from None
+        raise UserError(f"{decoders}: not a readable transcoder file ({first_line(e)})") from None
     w_enc = state[f"W_enc_{i}"]
     d_sae, d_in = w_enc.shape if w_enc.dim() == 2 else (0, 0)
     d_out = state[f"b_dec_{i}"].shape[0] if state[f"b_dec_{i}"].dim() == 1 else 0
@@ -176,9 +173,7 @@ def _read_clt_layer(path: Path, layer: int, cfg: dict, model_name: str) -> Cross
         raise UserError(f"{path}: {', '.join(bad) or f'W_dec_{i}'} hold NaN or infinite values")
     sae.load_state_dict({"W_enc": w_enc.T, "W_dec": own, "W_dec_later": sae.W_dec_later, "b_enc": state[f"b_enc_{i}"],
                          "b_dec": state[f"b_dec_{i}"], "threshold": threshold})
-    for p in sae.parameters():
-        p.requires_grad_(False)
-    return sae
+    return sae.requires_grad_(False)
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -190,5 +185,4 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
         return {k: v.float() for k, v in load_file(str(path)).items()}
     except Exception as e:  # numpy and safetensors raise their own types for damaged files
-        raise UserError(f"{path}: not a readable transcoder file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                        ) from None
+        raise UserError(f"{path}: not a readable transcoder file ({first_line(e)})") from None

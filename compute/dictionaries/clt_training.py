@@ -67,9 +67,7 @@ def train_clt(inputs: list[torch.Tensor], outputs: list[torch.Tensor], cfg, hook
             for k in range(1, n_layers - i):
                 t.W_dec_later[:, k - 1].copy_(W_dec[i][k] / s_out[i + k])
             t.b_dec.copy_(b_dec[i] / s_out[i])
-            for p in t.parameters():
-                p.requires_grad_(False)
-            layers.append(t)
+            layers.append(t.requires_grad_(False))
     return layers
 
 

@@ -2,8 +2,9 @@
 
 A set holds dictionaries in the SAELens layout (`cfg.json` + `sae_weights.safetensors`,
 whose config names the hook; a transcoder's names the hook it writes too), the dictionary_learning one (`ae.pt` + `config.json`),
-or circuit-tracer's transcoder sets (`config.yaml` + `layer_{i}.safetensors` or Gemma Scope's
-`params.npz`, see compute.dictionaries.circuit_tracer), at any depth. Each is placed at a site by, in order: the set's spec file
+or circuit-tracer's transcoder sets (`config.yaml` + `layer_{i}.safetensors`, Gemma Scope's
+`params.npz`, or a cross-layer transcoder's `W_enc_{i}`/`W_dec_{i}.safetensors`; see
+compute.dictionaries.circuit_tracer), at any depth. Each is placed at a site by, in order: the set's spec file
 (`dictionaries.json`: {"relative/folder": "site name or hook name"}), the hook its own
 config names, or its folder's name — which is how the Sparse Feature Circuits Pythia
 layout (`embed`, `attn_out_layer{i}`, `mlp_out_layer{i}`, `resid_out_layer{i}`, each with

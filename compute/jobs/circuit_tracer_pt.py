@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from catalog.errors import UserError
+from catalog.errors import UserError, first_line
 
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98  # create_graph_files' defaults
 KEYS = {"input_string", "adjacency_matrix", "cfg", "active_features", "logit_targets", "logit_probabilities",
@@ -54,7 +54,7 @@ def load_graph(path: Path, data: bytes) -> dict:
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
     except Exception as e:  # a damaged zip or pickle raises whatever its reader raises
-        raise UserError(f"{where}: not a readable PyTorch file ({_first_line(e)})") from None
+        raise UserError(f"{where}: not a readable PyTorch file ({first_line(e)[:200]})") from None
     known = {name for _, name in STAND_INS}
     other = sorted(set(unsafe) - known)
     if other:
@@ -64,7 +64,7 @@ def load_graph(path: Path, data: bytes) -> dict:
         with torch.serialization.safe_globals(STAND_INS):
             d = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:
-        raise UserError(f"{where}: not a circuit-tracer graph ({_first_line(e)})") from None
+        raise UserError(f"{where}: not a circuit-tracer graph ({first_line(e)[:200]})") from None
     if not isinstance(d, dict) or not KEYS <= set(d):
         raise UserError(f"{where}: not a circuit-tracer graph (Graph.to_pt's fields: {', '.join(sorted(KEYS))})")
     return d
@@ -180,7 +180,3 @@ def _threshold(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     cumulative = torch.cumsum(ranked, 0) / ranked.sum()
     return ranked[min(int(torch.searchsorted(cumulative, fraction)), len(ranked) - 1)]
 
-
-def _first_line(e: Exception) -> str:
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return line.split("  (Could this error message be improved?")[0][:200]  # PyTorch's own request, not the reason

@@ -92,9 +92,10 @@ def local_model(zoo_name: str, model_name: str | None, dictionary_set: Path | No
     return handle, zoo, transcoders, {} if attention_mode == "frozen" else attention
 
 
-def attention_of(rep: Replacement) -> str:
-    """How a replacement model treats attention, as a run's params record it."""
-    return "frozen" if rep.frozen_attention else "saes"
+def attention_of(attention: dict) -> str:
+    """How a local circuit treats attention, as a run's params record it: as the nodes of its SAEs, or
+    (none given) as a frozen path."""
+    return "saes" if attention else "frozen"
 
 
 def parse_root(rep: Replacement, spec: str | None) -> tuple[Target, str]:
@@ -168,7 +169,7 @@ def prompt_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: 
     task = prompt_task(prompt, model.to_string(rep.logits[0, -1].argmax().reshape(1)))
     root, metric = parse_root(rep, target)
     cat.check_task(task.name, task.content_hash)
-    row = run_row("attribute", {**asdict(params), "prompt": prompt, "target": target, "attention": attention_of(rep)})
+    row = run_row("attribute", {**asdict(params), "prompt": prompt, "target": target, "attention": attention_of(attention)})
     with run(cat, row) as w:
         g = prompt_graph(rep, root, params, progress)
         circuit_id = new_id("circuit")
@@ -194,7 +195,7 @@ def steer_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: d
     result = steer(rep, root, interventions)
     tokens = [model.to_string([t]) for t in (root.feature, root.minus) if t is not None]
     row = run_row("steer", {"prompt": prompt, "model_id": handle.model_id, "target": target, "root": " - ".join(tokens),
-                            "attention": attention_of(rep),
+                            "attention": attention_of(attention),
                             "before": result.before, "after": result.after, "predicted": result.predicted_joint,
                             "interventions": result.rows,
                             "dictionaries": sorted({rep.dicts[iv.site].dictionary_id for iv in interventions})})
@@ -218,7 +219,7 @@ def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: di
     data = encode(model, task, "train", n_examples)
     require_usable_examples(task, data)
     row = run_row("attribute", {**asdict(params), "task": task.name, "n_examples": data.n_examples,
-                                "dropped": data.dropped, "attention": "saes" if attention else "frozen"})
+                                "dropped": data.dropped, "attention": attention_of(attention)})
     examples = [(int(b.example_idx[i]), b.clean[i], int(b.clean_answer[i]), int(b.patch_answer[i]))
                 for b in data.batches for i in range(len(b))]
     graphs = []
