@@ -382,6 +382,152 @@ WHERE f.dictionary_id = dict
 ORDER BY f.feature_idx, t.value DESC
 """
 
+# ---- the atlas: questions across the per-prompt graphs of a data set (`prompts` rows) ----
+# Group columns of `prompts` a question can split the graphs by ('fields.NAME': a field of the file).
+ATLAS_GROUPS = ("all", "label", "correct", "prediction", "answer", "root", "target", "n_tokens")
+
+# Each graph of an atlas with the value of its group; an unknown grouping is an error naming the choices.
+_ATLAS_GROUPS = """
+SELECT circuit_id, prompt_idx, n_tokens,
+  CASE WHEN grouping = 'all' THEN 'all' WHEN grouping = 'label' THEN label WHEN grouping = 'correct' THEN correct::VARCHAR
+       WHEN grouping = 'prediction' THEN prediction WHEN grouping = 'answer' THEN answer WHEN grouping = 'root' THEN root
+       WHEN grouping = 'target' THEN target WHEN grouping = 'n_tokens' THEN n_tokens::VARCHAR
+       WHEN starts_with(grouping, 'fields.') THEN fields->>(grouping[8:])
+       ELSE error('grouping ' || grouping || ': choose all, label, correct, prediction, answer, root, target, n_tokens or '
+                  || 'fields.NAME') END AS grp
+FROM prompts WHERE atlas_id = atlas
+"""
+
+# A node named across an atlas's graphs: its feature (or error term, embedding token, metric) and its
+# position counted from the end of the prompt (-1: the last token), so prompts of other lengths line up.
+_ATLAS_NODE = """CASE WHEN {n}.component = 'metric' THEN 'metric' ELSE
+  (CASE WHEN {n}.component = 'embed' THEN 'embed' ELSE {n}.component || '_' || {n}.layer END) ||
+  (CASE WHEN {n}.is_error THEN '/err' ELSE coalesce('/' || {n}.feature_idx, '') END) ||
+  coalesce('@' || ({n}.position - {g}.n_tokens), '')
+END"""
+
+_ATLAS_SUMMARY = """
+SELECT g.grp, count(*) AS n_graphs, avg(p.correct::INT) AS accuracy, avg(p.probability) AS mean_probability,
+       avg(c.n_nodes) AS mean_nodes, avg(c.n_edges) AS mean_edges, avg(p.n_tokens) AS mean_tokens
+FROM atlas_groups(atlas, grouping) g JOIN prompts p USING (circuit_id) JOIN circuits c USING (circuit_id)
+GROUP BY g.grp ORDER BY n_graphs DESC, g.grp
+"""
+
+_ATLAS_LIST = """
+SELECT atlas_id, count(*) AS n_graphs, count(DISTINCT label) AS n_labels, avg(correct::INT) AS accuracy,
+       count(DISTINCT run_id) AS n_runs, min(r.started_at) AS started_at, max(r.finished_at) AS finished_at
+FROM prompts JOIN runs r USING (run_id) GROUP BY atlas_id ORDER BY atlas_id
+"""
+
+# In what share of a group's graphs each feature is in the circuit (at any position), and its mean
+# influence where it is (summed over its positions in a graph).
+_FEATURE_RECURRENCE = """
+WITH g AS (SELECT circuit_id, grp FROM atlas_groups(atlas, grouping)),
+sizes AS (SELECT grp, count(*) AS n FROM g GROUP BY grp),
+f AS (SELECT g.grp, n.circuit_id, n.dictionary_id, n.feature_idx, any_value(n.component) AS component,
+             any_value(n.layer) AS layer, sum(n.effect) AS effect
+      FROM nodes n JOIN g USING (circuit_id)
+      WHERE n.in_circuit AND n.feature_idx IS NOT NULL AND n.dictionary_id IS NOT NULL
+      GROUP BY g.grp, n.circuit_id, n.dictionary_id, n.feature_idx)
+SELECT * FROM (
+    SELECT f.grp, f.dictionary_id, f.feature_idx, any_value(f.component) AS component, any_value(f.layer) AS layer,
+           count(*) AS n_graphs, count(*) / any_value(s.n) AS share, avg(f.effect) AS mean_effect
+    FROM f JOIN sizes s USING (grp)
+    GROUP BY f.grp, f.dictionary_id, f.feature_idx)
+WHERE share >= min_share
+ORDER BY grp, n_graphs DESC, abs(mean_effect) DESC, dictionary_id, feature_idx
+"""
+
+# Pairs of features in the circuits of the same graphs: how often together, Jaccard overlap, and lift
+# (together / expected if independent). Only features in at least min_graphs graphs are paired; a
+# feature is one BIGINT (its rank) so the pair self-join groups by integers.
+_FEATURE_COOCCURRENCE = """
+WITH f AS (SELECT DISTINCT n.circuit_id, n.dictionary_id, n.feature_idx
+           FROM nodes n JOIN prompts p USING (circuit_id)
+           WHERE p.atlas_id = atlas AND n.in_circuit AND n.feature_idx IS NOT NULL AND n.dictionary_id IS NOT NULL),
+total AS (SELECT count(*) AS n FROM prompts WHERE atlas_id = atlas),
+counts AS (SELECT dictionary_id, feature_idx, count(*) AS n FROM f GROUP BY dictionary_id, feature_idx),
+common AS (SELECT *, row_number() OVER (ORDER BY dictionary_id, feature_idx)::BIGINT AS fid
+           FROM counts WHERE n >= min_graphs),
+cf AS (SELECT f.circuit_id, c.fid FROM f JOIN common c USING (dictionary_id, feature_idx)),
+all_pairs AS (SELECT a.fid AS fa, b.fid AS fb, count(*) AS n_both
+              FROM cf a JOIN cf b ON a.circuit_id = b.circuit_id AND a.fid < b.fid GROUP BY a.fid, b.fid),
+pairs AS (SELECT * FROM all_pairs WHERE n_both >= min_graphs)
+SELECT ca.dictionary_id AS dictionary_a, ca.feature_idx AS feature_a, cb.dictionary_id AS dictionary_b,
+       cb.feature_idx AS feature_b, p.n_both, ca.n AS n_a, cb.n AS n_b,
+       p.n_both / (ca.n + cb.n - p.n_both) AS jaccard, p.n_both * t.n / (ca.n * cb.n) AS lift
+FROM pairs p JOIN common ca ON ca.fid = p.fa JOIN common cb ON cb.fid = p.fb, total t
+ORDER BY jaccard DESC, n_both DESC, dictionary_a, feature_a, dictionary_b, feature_b
+"""
+
+# The attention heads that carry the most of the root along the graphs' kept edges (ov edges hold
+# each head's part of an edge's flow), per position class: the move's source and destination
+# positions counted from the prompt's end, with the most common source token.
+_HEAD_FLOW = """
+WITH g AS (SELECT circuit_id, grp, n_tokens FROM atlas_groups(atlas, grouping)),
+sizes AS (SELECT grp, count(*) AS n FROM g GROUP BY grp),
+moves AS (
+    SELECT g.grp, e.circuit_id, e.head_layer, e.head, s.position - g.n_tokens AS src_from_end,
+           d.position - g.n_tokens AS dst_from_end, x.clean_tokens[s.position + 1] AS src_token,
+           abs(e.weight) AS flow
+    FROM edges e JOIN g USING (circuit_id)
+    JOIN nodes s ON s.circuit_id = e.circuit_id AND s.node_idx = e.src_idx
+    JOIN nodes d ON d.circuit_id = e.circuit_id AND d.node_idx = e.dst_idx
+    JOIN prompts p ON p.circuit_id = e.circuit_id
+    JOIN examples x ON x.task_id = atlas AND x.example_idx = p.prompt_idx
+    WHERE e.kind = 'ov')
+SELECT m.grp, m.head_layer || '.' || m.head AS head, m.src_from_end, m.dst_from_end,
+       count(DISTINCT m.circuit_id) AS n_graphs, count(DISTINCT m.circuit_id) / any_value(s.n) AS share,
+       sum(m.flow) / any_value(s.n) AS mean_flow, mode(m.src_token) AS src_token
+FROM moves m JOIN sizes s USING (grp)
+GROUP BY m.grp, m.head_layer, m.head, m.src_from_end, m.dst_from_end
+ORDER BY m.grp, mean_flow DESC
+"""
+
+# An atlas's attribution edges named across graphs (`_ATLAS_NODE` at both ends), one row per graph and
+# named edge (a graph holds a named edge once: positions are part of the name).
+_ATLAS_EDGES = f"""
+SELECT g.grp, e.circuit_id, {_ATLAS_NODE.format(n="s", g="g")} AS src, {_ATLAS_NODE.format(n="d", g="g")} AS dst,
+       e.weight
+FROM edges e JOIN atlas_groups(atlas, grouping) g USING (circuit_id)
+JOIN nodes s ON s.circuit_id = e.circuit_id AND s.node_idx = e.src_idx
+JOIN nodes d ON d.circuit_id = e.circuit_id AND d.node_idx = e.dst_idx
+WHERE e.kind = 'attribution'
+"""
+
+# The edges that separate two groups of graphs: each edge's mean flow over every graph of a group (0
+# where a graph lacks it), the share of graphs holding it, and Cohen's d (the difference of the means
+# over the pooled standard deviation); strongest separation first.
+_EDGE_CONTRAST = """
+WITH sizes AS (SELECT grp, count(*) AS n FROM atlas_groups(atlas, grouping) WHERE grp IN (a, b) GROUP BY grp),
+per AS (SELECT src, dst, grp, count(*) AS k, sum(weight) AS s1, sum(weight * weight) AS s2
+        FROM atlas_edges(atlas, grouping) WHERE grp IN (a, b) GROUP BY src, dst, grp),
+wide AS (SELECT src, dst,
+                coalesce(sum(k) FILTER (WHERE grp = a), 0) AS k_a, coalesce(sum(s1) FILTER (WHERE grp = a), 0) AS s1_a,
+                coalesce(sum(s2) FILTER (WHERE grp = a), 0) AS s2_a,
+                coalesce(sum(k) FILTER (WHERE grp = b), 0) AS k_b, coalesce(sum(s1) FILTER (WHERE grp = b), 0) AS s1_b,
+                coalesce(sum(s2) FILTER (WHERE grp = b), 0) AS s2_b
+         FROM per GROUP BY src, dst),
+stats AS (SELECT w.*, na.n AS n_a, nb.n AS n_b, s1_a / na.n AS mean_a, s1_b / nb.n AS mean_b,
+                 s2_a / na.n - (s1_a / na.n) ^ 2 AS var_a, s2_b / nb.n - (s1_b / nb.n) ^ 2 AS var_b
+          FROM wide w, (SELECT n FROM sizes WHERE grp = a) na, (SELECT n FROM sizes WHERE grp = b) nb)
+SELECT src, dst, mean_a, mean_b, mean_a - mean_b AS difference, k_a / n_a AS share_a, k_b / n_b AS share_b,
+       CASE WHEN n_a + n_b > 2 AND (n_a * var_a + n_b * var_b) > 0
+            THEN (mean_a - mean_b) / sqrt((n_a * var_a + n_b * var_b) / (n_a + n_b - 2)) END AS effect_size
+FROM stats
+ORDER BY abs(effect_size) DESC NULLS LAST, abs(difference) DESC, src, dst
+"""
+
+# A group's typical graph: the edges in at least min_share of its graphs, with their mean flow where present.
+_TYPICAL_GRAPH = """
+WITH n AS (SELECT count(*) AS n FROM atlas_groups(atlas, grouping) WHERE grp = value)
+SELECT * FROM (
+    SELECT src, dst, count(*) AS n_graphs, count(*) / any_value(n.n) AS share, avg(weight) AS mean_weight
+    FROM atlas_edges(atlas, grouping), n WHERE grp = value GROUP BY src, dst)
+WHERE share >= min_share
+ORDER BY share DESC, abs(mean_weight) DESC, src, dst
+"""
+
 NAMED_QUERIES = [
     NamedQuery("circuit_basis", "cid", "(scalar) 'features', 'neurons' (identity dictionaries) or 'parameters'",
                _CIRCUIT_BASIS, scalar=True),
@@ -453,6 +599,33 @@ NAMED_QUERIES = [
                _GROUND_TRUTH_SCORES),
     NamedQuery("edit_summary", "eid", "an edit's measures before and after, all examples and each case",
                _EDIT_SUMMARY),
+    NamedQuery("atlas_groups", "atlas, grouping := 'all'",
+               "each graph of an atlas with its group: grouping all, label, correct, prediction, answer, root, target, "
+               "n_tokens or fields.NAME", _ATLAS_GROUPS),
+    NamedQuery("atlas_list", "", "every atlas (data set of per-prompt graphs): graphs, labels, accuracy, runs",
+               _ATLAS_LIST),
+    NamedQuery("atlas_summary", "atlas, grouping := 'label'",
+               "an atlas's graphs per group: how many, the model's accuracy and mean probability, mean size",
+               _ATLAS_SUMMARY),
+    NamedQuery("feature_recurrence", "atlas, grouping := 'all', min_share := 0",
+               "per group and feature: in how many of the group's graphs it is in the circuit, that share, "
+               "its mean influence there", _FEATURE_RECURRENCE),
+    NamedQuery("feature_cooccurrence", "atlas, min_graphs := 10",
+               "pairs of features in the circuits of the same graphs: together, each alone, Jaccard, lift",
+               _FEATURE_COOCCURRENCE),
+    NamedQuery("head_flow", "atlas, grouping := 'all'",
+               "per group, attention head and position class (source and destination counted from the "
+               "prompt's end): the share of graphs it moves something in, its mean flow, the usual source "
+               "token", _HEAD_FLOW),
+    NamedQuery("atlas_edges", "atlas, grouping := 'all'",
+               "every attribution edge of an atlas's graphs, its ends named across graphs (positions counted "
+               "from the end: mlp_1/12@-1)", _ATLAS_EDGES),
+    NamedQuery("edge_contrast", "atlas, grouping, a, b",
+               "the edges that separate group a from group b: mean flow in each (0 where absent), share of "
+               "graphs holding it, Cohen's d", _EDGE_CONTRAST),
+    NamedQuery("typical_graph", "atlas, grouping, value, min_share := 0.5",
+               "a group's typical graph: the edges in at least min_share of its graphs, with their mean flow",
+               _TYPICAL_GRAPH),
 ]
 
 # Internal helpers: created in the catalogue but not listed (they back the public ones).

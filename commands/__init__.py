@@ -5,6 +5,7 @@
 """
 
 from commands import (  # noqa: F401 - each module adds its commands to main
+    atlas,
     benchmarks,
     catalogue,
     dictionaries,

@@ -19,23 +19,41 @@ from commands.options import FEATURE_OR_TOP, LOCAL_OPTIONS, POSITIVE, TEXT, grap
               help="with --task: train examples used")
 @click.option("--target", type=TEXT, help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION (FEATURE top: the strongest there); "
                                 "default the model's top next token")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="instead of --prompt: a data set, one graph per prompt (an atlas): JSONL with a prompt field "
+                   "and optional target, answer and label fields, or text with one prompt per line")
+@click.option("--per-prompt", is_flag=True, help="with --task: one graph per example (an atlas named after the "
+                                                 "task) instead of their mean")
+@click.option("--name", "atlas_name", type=TEXT, help="with --prompts: the atlas's name (default the file's stem)")
+@click.option("--chunk", default=500, show_default=True, type=POSITIVE,
+              help="atlas: prompts per committed run (a rerun after a kill computes only the chunks not committed)")
 @LOCAL_OPTIONS
 @click.pass_obj
 def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples: int, target: str | None,
+              prompts_file: Path | None, per_prompt: bool, atlas_name: str | None, chunk: int,
               zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
               device: str, dtype: str, attention_mode: str, fmt: str, **options):
-    """Attribution graph of a prompt (or a task) in the local replacement model, committed as a circuit."""
+    """Attribution graph of a prompt (or a task) in the local replacement model, committed as a circuit;
+    with --prompts (or --task --per-prompt), one graph per prompt of a data set: an atlas."""
     import catalog
     from compute.jobs.loading import zoo_tasks
     from compute.jobs.local import local_model, prompt_job, task_job
 
-    if (prompt is None) == (task_name is None):
-        raise UserError("give either --prompt or --task")
-    if task_name is not None and target is not None:
-        raise UserError("--target goes with --prompt (a task's root is each example's answer logit difference)")
+    if sum(x is not None for x in (prompt, task_name, prompts_file)) != 1:
+        raise UserError("give one of --prompt, --prompts or --task")
+    if target is not None and prompt is None:
+        raise UserError("--target goes with --prompt (a file gives each prompt's target; a task's root is each "
+                        "example's answer logit difference)")
     if task_name is not None and model_name is not None:
-        raise UserError("--task names a zoo task; with --model give --prompt")
+        raise UserError("--task names a zoo task; with --model give --prompt or --prompts")
+    if per_prompt and task_name is None:
+        raise UserError("--per-prompt goes with --task (--prompts is always per prompt)")
+    if atlas_name is not None and prompts_file is None:
+        raise UserError("--name goes with --prompts (a task's atlas is named after the task)")
     params = graph_params(**options)
+    if prompts_file is not None or per_prompt:
+        return _atlas(path, prompts_file, task_name, atlas_name, chunk, zoo_name, model_name, dictionary_set,
+                      dictionary_spec, device, dtype, attention_mode, fmt, params)
     cat = catalog.init(path)
     handle, zoo, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
                                                        dtype, [prompt] if prompt else [], attention_mode)
@@ -49,6 +67,41 @@ def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples:
     click.echo(f"circuit {circuit_id}: {len(graphs)} prompt(s), root {graphs[0].root.site} "
                f"{sum(g.root_value for g in graphs) / len(graphs):+.3f} (mean), {int(kept.n[0])} edges", err=True)
     output(cat.sql("SELECT * FROM circuit_nodes(?)", [circuit_id]), fmt)
+
+
+def _atlas(path: Path, prompts_file: Path | None, task_name: str | None, atlas_name: str | None, chunk: int,
+           zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
+           device: str, dtype: str, attention_mode: str, fmt: str, params) -> None:
+    """`attribute --prompts FILE` / `--task T --per-prompt`: the atlas job, then its summary."""
+    import catalog
+    from catalog.atlas import summary
+    from compute.jobs.atlas import Dropped, atlas_job, read_prompts, task_prompts
+    from compute.jobs.loading import zoo_tasks
+    from compute.jobs.local import local_model
+
+    task = None
+    if prompts_file is not None:
+        prompts, dropped = read_prompts(prompts_file)
+        name, source = atlas_name or prompts_file.stem, str(prompts_file)
+        if not name.strip():
+            raise UserError("the atlas needs a name (--name)")
+    else:
+        dropped, name = Dropped(), task_name
+    cat = catalog.init(path)
+    sample = [p.prompt for p in prompts[:64]] if prompts_file is not None else []  # what a checkpoint's set is measured on
+    handle, zoo, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
+                                                       dtype, sample, attention_mode)
+    if prompts_file is None:
+        task, = zoo_tasks(zoo.tasks, [task_name], zoo_name)
+        prompts, source = task_prompts(task), task.source
+    result = atlas_job(cat, handle, transcoders, attention, name, prompts, params, source, dropped, chunk, task=task)
+    unit = "line" if prompts_file is not None else "example"
+    lost = f"; dropped {result.dropped.total()}: {result.dropped.describe(unit)}" if result.dropped.total() else ""
+    before = f" ({result.n_done} committed before)" if result.n_done else ""
+    if result.n_graphs + result.n_done == 0:
+        raise UserError(f"atlas {name}: no prompt could be used{lost}")
+    click.echo(f"atlas {name}: {result.n_graphs} graphs committed{before}{lost}", err=True)
+    output(summary(cat, name), fmt)
 
 
 @main.command()

@@ -18,11 +18,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import ARRAY
 
-SCHEMA_VERSION = 9  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
+SCHEMA_VERSION = 10  # 2: edits and edit_features; 3: named-query macros (catalog.macros);
 # 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note;
 # 6: circuits.ig_rule, predictions; 7: parameter_benchmarks (and dictionaries of kind parameter);
 # 8: planted, planted_models (ground truth), evaluations of kind <level>_<precision|recall|auroc>;
-# 9: edges.head_layer, head, key_position (local circuits' OV and QK edges)
+# 9: edges.head_layer, head, key_position (local circuits' OV and QK edges); 10: prompts (the atlas)
 
 metadata = MetaData()
 
@@ -298,6 +298,28 @@ dictionary_sweeps = Table(
     Column("mmcs_truth", Double, comment="mean over true features of the best decoder cosine"),
     Column("mmcs_larger", Double, comment="mean max cosine against the next larger dictionary (same L1)"),
     Column("dead_features", Integer, comment="features that never fire on held-out data"),
+)
+
+prompts = Table(
+    "prompts", metadata,
+    Column("circuit_id", String, primary_key=True, comment="the prompt's graph (a local circuit of one example)"),
+    Column("atlas_id", String, comment="the data set of prompts: a task whose examples are the prompts "
+                                       "(examples.clean_prefix is the text, clean_tokens its tokens)"),
+    Column("prompt_idx", Integer, comment="the prompt's example index in that task: its line in the file "
+                                          "(from 0), or a task's example index"),
+    Column("run_id", String, comment="run (one chunk of the data set) that computed the graph"),
+    Column("n_tokens", Integer, comment="tokens of the prompt, BOS included"),
+    Column("target", String, comment="the root the file asked for (logit:TOKEN, diff:TOKEN:OTHER or "
+                                     "SITE/FEATURE@POSITION); NULL: the model's top next token"),
+    Column("root", String, comment="what the graph explains, as explain prints it: the token of a logit, "
+                                   "'A - B' of a logit difference, or SITE/FEATURE@POSITION"),
+    Column("root_value", Double, comment="the root's value on the prompt"),
+    Column("answer", String, comment="the expected next token the file gave (NULL if none)"),
+    Column("prediction", String, comment="the model's top next token"),
+    Column("probability", Double, comment="its probability"),
+    Column("correct", Boolean, comment="prediction = answer (NULL without an answer)"),
+    Column("label", String, comment="the prompt's label from the file (a task's example case)"),
+    Column("fields", JSON, comment="the file's other fields of the prompt (a task's: its split)"),
 )
 
 TABLES = {t.name: t for t in metadata.sorted_tables}

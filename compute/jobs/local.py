@@ -141,17 +141,25 @@ def _token(model, text: str) -> int:
 
 
 def check_prompt(model, prompt: str) -> None:
-    """Refuse a prompt the model cannot read as given: empty, longer than its context, or with words
-    its tokenizer does not know (they would become the unknown token)."""
+    """Refuse a prompt the model cannot read as given (`prompt_problem` says why)."""
+    problem = prompt_problem(model, prompt)
+    if problem is not None:
+        raise UserError(f"the prompt {problem}")
+
+
+def prompt_problem(model, prompt: str) -> str | None:
+    """Why the model cannot read a prompt as given: empty, longer than its context, or with words
+    its tokenizer does not know (they would become the unknown token); None when it can."""
     if not prompt.strip():
-        raise UserError("the prompt is empty")
+        return "is empty"
     ids = tokenize(model, prompt)
     if len(ids) > model.cfg.n_ctx:
-        raise UserError(f"the prompt is {len(ids)} tokens; the model reads at most {model.cfg.n_ctx}")
+        return f"is {len(ids)} tokens; the model reads at most {model.cfg.n_ctx}"
     unk = unknown_token(model)
     if unk is not None and unk in ids[1:]:
         words = [w for w in prompt.split() if tokenize(model, w, bos=False) == [unk]]
-        raise UserError(f"the prompt has words this model's tokenizer does not know: {', '.join(words)}")
+        return f"has words this model's tokenizer does not know: {', '.join(words)}"
+    return None
 
 
 def prompt_task(prompt: str, answer: str) -> Task:

@@ -86,11 +86,14 @@ def write_task(w: RunWriter, handle: ModelHandle | None, task: Task, tokens=None
     w.write("tasks", [{"task_id": task.name, "name": task.name, "source": task.source,
                        "description": task.description, "content_hash": task.content_hash,
                        "n_examples": len(task.examples)}])
-    w.write("examples", [{"task_id": task.name, "example_idx": i, "split": e.get("split", "train"),
-                          "case": e.get("case"), "clean_prefix": e["clean_prefix"],
-                          "patch_prefix": e.get("patch_prefix"), "clean_answer": e["clean_answer"],
-                          "patch_answer": e.get("patch_answer"), "clean_tokens": tokens(e["clean_prefix"])}
-                         for i, e in enumerate(task.examples)])
+    w.write("examples", [example_row(task.name, i, e, tokens(e["clean_prefix"])) for i, e in enumerate(task.examples)])
+
+
+def example_row(task_id: str, idx: int, e: dict, clean_tokens: list[str]) -> dict:
+    """An `examples` row: example idx of a task, with its clean prompt's tokens."""
+    return {"task_id": task_id, "example_idx": idx, "split": e.get("split", "train"), "case": e.get("case"),
+            "clean_prefix": e["clean_prefix"], "patch_prefix": e.get("patch_prefix"),
+            "clean_answer": e.get("clean_answer"), "patch_answer": e.get("patch_answer"), "clean_tokens": clean_tokens}
 
 
 def dictionaries_with_activations(cat: Catalog, task_id: str) -> set[str]:
