@@ -61,10 +61,11 @@ def signed(x) -> str:
     return "-" if x is None or pd.isna(x) else f"{x:+.3f}"
 
 
-def first_example(cat: Catalog, task_id: str) -> tuple[list[str], str]:
-    """(clean tokens, clean prompt) of a task's first example, train split first; empty if none."""
-    ex = cat.sql("SELECT clean_tokens, clean_prefix FROM examples WHERE task_id = ? "
-                 "ORDER BY split <> 'train', example_idx LIMIT 1", [task_id])
+def circuit_example(cat: Catalog, circuit_id: str) -> tuple[list[str], str]:
+    """(clean tokens, clean prompt) of the example a circuit's positions refer to (an atlas graph's own
+    prompt, else its task's first example, train split first); empty if none."""
+    ex = cat.sql("SELECT clean_tokens, clean_prefix FROM examples WHERE task_id = (SELECT task_id FROM circuits "
+                 "WHERE circuit_id = ?) AND example_idx = circuit_example(?)", [circuit_id, circuit_id])
     return (list(ex.clean_tokens.iloc[0]), ex.clean_prefix.iloc[0]) if len(ex) else ([], "")
 
 
@@ -157,7 +158,7 @@ def circuit_tracer_json(cat: Catalog, circuit_id: str) -> dict:
     nodes = circuit_nodes(cat, circuit_id, in_circuit_only=False)
     wanted = set(qk.src_idx) | set(qk.dst_idx)
     nodes = nodes[nodes.in_circuit | nodes.node_idx.isin(wanted)]
-    tokens, prompt = first_example(cat, row.task_id)
+    tokens, prompt = circuit_example(cat, circuit_id)
     last = max(len(tokens) - 1, 0)
     n_layers = int(nodes.layer.max()) if len(nodes) else 0
     ids, out_nodes = {}, []

@@ -247,6 +247,8 @@ WITH wanted AS (SELECT unnest(dicts) AS dictionary_id, unnest(features) AS featu
 best AS (
     SELECT a.dictionary_id, a.feature_idx, a.task_id, a.example_idx, a.position, a.value
     FROM activations a SEMI JOIN wanted USING (dictionary_id, feature_idx)
+    -- a looser filter the view's one-row-per-key step lets through to the scan (the join alone is not)
+    WHERE list_contains(dicts, a.dictionary_id) AND list_contains(features, a.feature_idx)
     QUALIFY row_number() OVER (PARTITION BY a.dictionary_id, a.feature_idx, a.task_id, a.example_idx
                                ORDER BY a.value DESC, a.position) = 1),
 top AS (
@@ -272,12 +274,14 @@ WHERE c.task_id = task AND circuit_basis(c.circuit_id) = basis
 ORDER BY c.created_at DESC LIMIT 1)
 """
 
-# What `cli.py circuits` lists: one row per circuit, newest last.
+# What `cli.py circuits` lists: one row per circuit, newest last; an atlas's per-prompt graphs are
+# listed by atlas (`atlas_list`, `cli.py atlas graphs`), not here.
 _CIRCUIT_LIST = """
 SELECT circuit_id, task_id, method, circuit_basis(circuit_id) AS basis, n_examples, n_nodes, n_edges,
        round(metric_patch - metric_clean, 3) AS total_effect, round(faithfulness, 3) AS faithfulness,
        round(completeness, 3) AS completeness, round(accuracy, 3) AS accuracy, created_at
-FROM circuits ORDER BY created_at, task_id
+FROM circuits ANTI JOIN prompts USING (circuit_id)
+ORDER BY created_at, task_id
 """
 
 # The Sparse Feature Circuits paper's headline comparison: per task, the fewest nodes whose circuit
@@ -347,27 +351,35 @@ _NODE_NAME = """CASE WHEN {n}.component = 'metric' THEN 'metric' ELSE
   coalesce('@' || {n}.position, '')
 END"""
 
-# Every edge of a circuit with its ends named and the (first) prompt's token at each position: a
-# local circuit's attribution, ov (per head) and qk (attention-score) edges read as they are.
+# The example whose tokens a circuit's positions refer to: an atlas graph's own prompt, else its
+# task's first example (train split first).
+_CIRCUIT_EXAMPLE = """coalesce(
+    (SELECT prompt_idx FROM prompts WHERE circuit_id = cid),
+    (SELECT example_idx FROM examples WHERE task_id = (SELECT task_id FROM circuits WHERE circuit_id = cid)
+     ORDER BY split <> 'train', example_idx LIMIT 1))
+"""
+
+# Every edge of a circuit with its ends named and its prompt's token at each position (circuit_example):
+# a local circuit's attribution, ov (per head) and qk (attention-score) edges read as they are.
 _CIRCUIT_EDGES = f"""
 SELECT e.kind, {_NODE_NAME.format(n="s")} AS src, x.clean_tokens[s.position + 1] AS src_token,
        {_NODE_NAME.format(n="d")} AS dst, x.clean_tokens[d.position + 1] AS dst_token,
        e.head_layer || '.' || e.head AS head, e.key_position, x.clean_tokens[e.key_position + 1] AS key_token,
        e.weight, e.src_idx, e.dst_idx
-FROM edges e JOIN circuits c USING (circuit_id)
-     JOIN nodes s ON s.circuit_id = e.circuit_id AND s.node_idx = e.src_idx
-     JOIN nodes d ON d.circuit_id = e.circuit_id AND d.node_idx = e.dst_idx
-     LEFT JOIN examples x ON x.task_id = c.task_id AND x.example_idx = 0
-WHERE e.circuit_id = cid
+FROM (SELECT * FROM edges WHERE circuit_id = cid) e
+     JOIN (SELECT * FROM nodes WHERE circuit_id = cid) s ON s.node_idx = e.src_idx
+     JOIN (SELECT * FROM nodes WHERE circuit_id = cid) d ON d.node_idx = e.dst_idx
+     LEFT JOIN (SELECT clean_tokens FROM examples
+                WHERE task_id = (SELECT task_id FROM circuits WHERE circuit_id = cid)
+                  AND example_idx = circuit_example(cid)) x ON true
 ORDER BY e.kind, abs(e.weight) DESC
 """
 
-# A circuit's in-circuit nodes named, strongest first, each with its first example's token there.
+# A circuit's in-circuit nodes named, strongest first, each with its example's token there.
 _CIRCUIT_NODES = f"""
 WITH tokens AS (
     SELECT clean_tokens FROM examples
-    WHERE task_id = (SELECT task_id FROM circuits WHERE circuit_id = cid)
-    ORDER BY split <> 'train', example_idx LIMIT 1)
+    WHERE task_id = (SELECT task_id FROM circuits WHERE circuit_id = cid) AND example_idx = circuit_example(cid))
 SELECT n.node_idx, {_NODE_NAME.format(n="n")} AS node, coalesce(t.clean_tokens[n.position + 1], '') AS token, n.effect
 FROM nodes n LEFT JOIN tokens t ON true
 WHERE n.circuit_id = cid AND n.in_circuit AND n.component <> 'metric'
@@ -399,12 +411,34 @@ FROM prompts WHERE atlas_id = atlas
 """
 
 # A node named across an atlas's graphs: its feature (or error term, embedding token, metric) and its
-# position counted from the end of the prompt (-1: the last token), so prompts of other lengths line up.
-_ATLAS_NODE = """CASE WHEN {n}.component = 'metric' THEN 'metric' ELSE
-  (CASE WHEN {n}.component = 'embed' THEN 'embed' ELSE {n}.component || '_' || {n}.layer END) ||
-  (CASE WHEN {n}.is_error THEN '/err' ELSE coalesce('/' || {n}.feature_idx, '') END) ||
-  coalesce('@' || ({n}.position - {g}.n_tokens), '')
-END"""
+# position counted from the end of the prompt (-1: the last token), so prompts of other lengths line
+# up. Questions group by its key (a hash of what names it) and name only the rows they return.
+_ATLAS_NODE_KEY = "hash({n}.component, {n}.layer, {n}.feature_idx, {n}.is_error, {n}.position - {g}.n_tokens)"
+_ATLAS_NODE_NAMES = """
+SELECT hash(component, layer, feature_idx, is_error, rel) AS key,
+       CASE WHEN component = 'metric' THEN 'metric' ELSE
+         (CASE WHEN component = 'embed' THEN 'embed' ELSE component || '_' || layer END) ||
+         (CASE WHEN is_error THEN '/err' ELSE coalesce('/' || feature_idx, '') END) || coalesce('@' || rel, '')
+       END AS name
+FROM (SELECT DISTINCT n.component, n.layer, n.feature_idx, n.is_error, n.position - p.n_tokens AS rel
+      FROM nodes n JOIN prompts p USING (circuit_id) WHERE p.atlas_id = atlas)
+"""
+
+# Per graph of an atlas: its group, and its nodes' keys and positions as lists (index node_idx + 1),
+# so that each edge finds its ends by one join on the graph instead of two on nodes.
+_ATLAS_GRAPH_NODES = f"""
+SELECT g.circuit_id, any_value(g.grp) AS grp, any_value(g.n_tokens) AS n_tokens, any_value(g.prompt_idx) AS prompt_idx,
+       list({_ATLAS_NODE_KEY.format(n="n", g="g")} ORDER BY n.node_idx) AS keys,
+       list(n.position ORDER BY n.node_idx) AS positions
+FROM nodes n JOIN atlas_groups(atlas, grouping) g USING (circuit_id)
+GROUP BY g.circuit_id
+"""
+
+_ATLAS_EDGE_KEYS = """
+SELECT l.grp, e.circuit_id, l.keys[e.src_idx + 1] AS src_key, l.keys[e.dst_idx + 1] AS dst_key, e.weight
+FROM edges e JOIN atlas_graph_nodes(atlas, grouping) l USING (circuit_id)
+WHERE e.kind = 'attribution'
+"""
 
 _ATLAS_SUMMARY = """
 SELECT g.grp, count(*) AS n_graphs, avg(p.correct::INT) AS accuracy, avg(p.probability) AS mean_probability,
@@ -462,37 +496,33 @@ ORDER BY jaccard DESC, n_both DESC, dictionary_a, feature_a, dictionary_b, featu
 
 # The attention heads that carry the most of the root along the graphs' kept edges (ov edges hold
 # each head's part of an edge's flow), per position class: the move's source and destination
-# positions counted from the prompt's end, with the most common source token.
+# positions counted from the prompt's end, with the source token of its strongest move.
 _HEAD_FLOW = """
-WITH g AS (SELECT circuit_id, grp, n_tokens FROM atlas_groups(atlas, grouping)),
-sizes AS (SELECT grp, count(*) AS n FROM g GROUP BY grp),
-moves AS (
-    SELECT g.grp, e.circuit_id, e.head_layer, e.head, s.position - g.n_tokens AS src_from_end,
-           d.position - g.n_tokens AS dst_from_end, x.clean_tokens[s.position + 1] AS src_token,
-           abs(e.weight) AS flow
-    FROM edges e JOIN g USING (circuit_id)
-    JOIN nodes s ON s.circuit_id = e.circuit_id AND s.node_idx = e.src_idx
-    JOIN nodes d ON d.circuit_id = e.circuit_id AND d.node_idx = e.dst_idx
-    JOIN prompts p ON p.circuit_id = e.circuit_id
-    JOIN examples x ON x.task_id = atlas AND x.example_idx = p.prompt_idx
-    WHERE e.kind = 'ov')
-SELECT m.grp, m.head_layer || '.' || m.head AS head, m.src_from_end, m.dst_from_end,
-       count(DISTINCT m.circuit_id) AS n_graphs, count(DISTINCT m.circuit_id) / any_value(s.n) AS share,
-       sum(m.flow) / any_value(s.n) AS mean_flow, mode(m.src_token) AS src_token
-FROM moves m JOIN sizes s USING (grp)
-GROUP BY m.grp, m.head_layer, m.head, m.src_from_end, m.dst_from_end
-ORDER BY m.grp, mean_flow DESC
+WITH l AS (SELECT * FROM atlas_graph_nodes(atlas, grouping)),
+sizes AS (SELECT grp, count(*) AS n FROM l GROUP BY grp),
+per_graph AS (  -- one row per graph, head and position class
+    SELECT l.grp, e.head_layer, e.head, l.positions[e.src_idx + 1] - l.n_tokens AS src_from_end,
+           l.positions[e.dst_idx + 1] - l.n_tokens AS dst_from_end, sum(abs(e.weight)) AS flow,
+           any_value(l.prompt_idx) AS prompt_idx, any_value(l.positions[e.src_idx + 1]) AS src_position
+    FROM edges e JOIN l USING (circuit_id)
+    WHERE e.kind = 'ov'
+    GROUP BY e.circuit_id, l.grp, e.head_layer, e.head, src_from_end, dst_from_end),
+agg AS (SELECT grp, head_layer, head, src_from_end, dst_from_end, count(*) AS n_graphs, sum(flow) AS flow,
+               arg_max(prompt_idx, flow) AS prompt_idx, arg_max(src_position, flow) AS src_position
+        FROM per_graph GROUP BY ALL)
+SELECT a.grp, a.head_layer || '.' || a.head AS head, a.src_from_end, a.dst_from_end, a.n_graphs,
+       a.n_graphs / s.n AS share, a.flow / s.n AS mean_flow, x.clean_tokens[a.src_position + 1] AS src_token
+FROM agg a JOIN sizes s USING (grp)
+LEFT JOIN examples x ON x.task_id = atlas AND x.example_idx = a.prompt_idx
+ORDER BY a.grp, mean_flow DESC, head, a.src_from_end, a.dst_from_end
 """
 
-# An atlas's attribution edges named across graphs (`_ATLAS_NODE` at both ends), one row per graph and
-# named edge (a graph holds a named edge once: positions are part of the name).
-_ATLAS_EDGES = f"""
-SELECT g.grp, e.circuit_id, {_ATLAS_NODE.format(n="s", g="g")} AS src, {_ATLAS_NODE.format(n="d", g="g")} AS dst,
-       e.weight
-FROM edges e JOIN atlas_groups(atlas, grouping) g USING (circuit_id)
-JOIN nodes s ON s.circuit_id = e.circuit_id AND s.node_idx = e.src_idx
-JOIN nodes d ON d.circuit_id = e.circuit_id AND d.node_idx = e.dst_idx
-WHERE e.kind = 'attribution'
+# An atlas's attribution edges named across graphs (`_ATLAS_NODE_NAMES` at both ends), one row per graph
+# and named edge (a graph holds a named edge once: positions are part of the name).
+_ATLAS_EDGES = """
+SELECT k.grp, k.circuit_id, s.name AS src, d.name AS dst, k.weight
+FROM atlas_edge_keys(atlas, grouping) k
+JOIN atlas_node_names(atlas) s ON s.key = k.src_key JOIN atlas_node_names(atlas) d ON d.key = k.dst_key
 """
 
 # The edges that separate two groups of graphs: each edge's mean flow over every graph of a group (0
@@ -500,30 +530,32 @@ WHERE e.kind = 'attribution'
 # over the pooled standard deviation); strongest separation first.
 _EDGE_CONTRAST = """
 WITH sizes AS (SELECT grp, count(*) AS n FROM atlas_groups(atlas, grouping) WHERE grp IN (a, b) GROUP BY grp),
-per AS (SELECT src, dst, grp, count(*) AS k, sum(weight) AS s1, sum(weight * weight) AS s2
-        FROM atlas_edges(atlas, grouping) WHERE grp IN (a, b) GROUP BY src, dst, grp),
-wide AS (SELECT src, dst,
+per AS (SELECT src_key, dst_key, grp, count(*) AS k, sum(weight) AS s1, sum(weight * weight) AS s2
+        FROM atlas_edge_keys(atlas, grouping) WHERE grp IN (a, b) GROUP BY src_key, dst_key, grp),
+wide AS (SELECT src_key, dst_key,
                 coalesce(sum(k) FILTER (WHERE grp = a), 0) AS k_a, coalesce(sum(s1) FILTER (WHERE grp = a), 0) AS s1_a,
                 coalesce(sum(s2) FILTER (WHERE grp = a), 0) AS s2_a,
                 coalesce(sum(k) FILTER (WHERE grp = b), 0) AS k_b, coalesce(sum(s1) FILTER (WHERE grp = b), 0) AS s1_b,
                 coalesce(sum(s2) FILTER (WHERE grp = b), 0) AS s2_b
-         FROM per GROUP BY src, dst),
+         FROM per GROUP BY src_key, dst_key),
 stats AS (SELECT w.*, na.n AS n_a, nb.n AS n_b, s1_a / na.n AS mean_a, s1_b / nb.n AS mean_b,
                  s2_a / na.n - (s1_a / na.n) ^ 2 AS var_a, s2_b / nb.n - (s1_b / nb.n) ^ 2 AS var_b
           FROM wide w, (SELECT n FROM sizes WHERE grp = a) na, (SELECT n FROM sizes WHERE grp = b) nb)
-SELECT src, dst, mean_a, mean_b, mean_a - mean_b AS difference, k_a / n_a AS share_a, k_b / n_b AS share_b,
+SELECT s.name AS src, d.name AS dst, mean_a, mean_b, mean_a - mean_b AS difference, k_a / n_a AS share_a,
+       k_b / n_b AS share_b,
        CASE WHEN n_a + n_b > 2 AND (n_a * var_a + n_b * var_b) > 0
             THEN (mean_a - mean_b) / sqrt((n_a * var_a + n_b * var_b) / (n_a + n_b - 2)) END AS effect_size
-FROM stats
+FROM stats JOIN atlas_node_names(atlas) s ON s.key = src_key JOIN atlas_node_names(atlas) d ON d.key = dst_key
 ORDER BY abs(effect_size) DESC NULLS LAST, abs(difference) DESC, src, dst
 """
 
 # A group's typical graph: the edges in at least min_share of its graphs, with their mean flow where present.
 _TYPICAL_GRAPH = """
 WITH n AS (SELECT count(*) AS n FROM atlas_groups(atlas, grouping) WHERE grp = value)
-SELECT * FROM (
-    SELECT src, dst, count(*) AS n_graphs, count(*) / any_value(n.n) AS share, avg(weight) AS mean_weight
-    FROM atlas_edges(atlas, grouping), n WHERE grp = value GROUP BY src, dst)
+SELECT s.name AS src, d.name AS dst, n_graphs, share, mean_weight FROM (
+    SELECT src_key, dst_key, count(*) AS n_graphs, count(*) / any_value(n.n) AS share, avg(weight) AS mean_weight
+    FROM atlas_edge_keys(atlas, grouping), n WHERE grp = value GROUP BY src_key, dst_key)
+JOIN atlas_node_names(atlas) s ON s.key = src_key JOIN atlas_node_names(atlas) d ON d.key = dst_key
 WHERE share >= min_share
 ORDER BY share DESC, abs(mean_weight) DESC, src, dst
 """
@@ -534,6 +566,8 @@ NAMED_QUERIES = [
     NamedQuery("circuit_of", "task, basis := 'features'",
                "(scalar) the newest circuit of a task over features or neurons, for the other queries' arguments",
                _CIRCUIT_OF, scalar=True),
+    NamedQuery("circuit_example", "cid", "(scalar) the example a circuit's positions refer to: an atlas graph's "
+               "prompt, else its task's first example", _CIRCUIT_EXAMPLE, scalar=True),
     NamedQuery("circuit_features", "ids, k := NULL",
                "features of the circuits in the list ids (in-circuit, or each circuit's k strongest), "
                "effects summed over positions, with their rank", _CIRCUIT_FEATURES),
@@ -582,7 +616,8 @@ NAMED_QUERIES = [
     NamedQuery("dictionary_examples", "dict, n := 10",
                "every feature of a dictionary with its density, largest value and top n examples",
                _DICTIONARY_EXAMPLES),
-    NamedQuery("circuit_list", "", "every circuit with its basis, size, total effect, faithfulness and accuracy",
+    NamedQuery("circuit_list", "", "every circuit with its basis, size, total effect, faithfulness and accuracy "
+               "(an atlas's per-prompt graphs are listed by atlas)",
                _CIRCUIT_LIST),
     NamedQuery("nodes_for_faithfulness", "level := 0.8, under := 'mean'",
                "per task, the fewest nodes reaching faithfulness >= level (under that ablation), over features "
@@ -602,6 +637,11 @@ NAMED_QUERIES = [
     NamedQuery("atlas_groups", "atlas, grouping := 'all'",
                "each graph of an atlas with its group: grouping all, label, correct, prediction, answer, root, target, "
                "n_tokens or fields.NAME", _ATLAS_GROUPS),
+    NamedQuery("atlas_node_names", "atlas", "each node key of an atlas with its name across graphs",
+               _ATLAS_NODE_NAMES),
+    NamedQuery("atlas_graph_nodes", "atlas, grouping", "per graph: group, node keys and positions as lists",
+               _ATLAS_GRAPH_NODES),
+    NamedQuery("atlas_edge_keys", "atlas, grouping", "attribution edges with their ends' keys", _ATLAS_EDGE_KEYS),
     NamedQuery("atlas_list", "", "every atlas (data set of per-prompt graphs): graphs, labels, accuracy, runs",
                _ATLAS_LIST),
     NamedQuery("atlas_summary", "atlas, grouping := 'label'",
@@ -615,8 +655,8 @@ NAMED_QUERIES = [
                _FEATURE_COOCCURRENCE),
     NamedQuery("head_flow", "atlas, grouping := 'all'",
                "per group, attention head and position class (source and destination counted from the "
-               "prompt's end): the share of graphs it moves something in, its mean flow, the usual source "
-               "token", _HEAD_FLOW),
+               "prompt's end): the share of graphs it moves something in, its mean flow, the source token of "
+               "its strongest move", _HEAD_FLOW),
     NamedQuery("atlas_edges", "atlas, grouping := 'all'",
                "every attribution edge of an atlas's graphs, its ends named across graphs (positions counted "
                "from the end: mlp_1/12@-1)", _ATLAS_EDGES),
@@ -629,7 +669,7 @@ NAMED_QUERIES = [
 ]
 
 # Internal helpers: created in the catalogue but not listed (they back the public ones).
-HIDDEN = {"circuit_basis", "node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
+HIDDEN = {"circuit_basis", "circuit_example", "atlas_node_names", "atlas_graph_nodes", "atlas_edge_keys", "node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
 
 
 def macros_hash() -> str:

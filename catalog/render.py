@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from catalog.diff import Diff, diff
-from catalog.graph import check_circuit, circuit_nodes, first_example, node_name, signed
+from catalog.graph import check_circuit, circuit_example, circuit_nodes, node_name, signed
 from catalog.store import Catalog
 from schema.sites import METRIC, row_names, site_name
 
@@ -146,8 +146,11 @@ def _keep_strongest(df: pd.DataFrame, strength: pd.Series, max_per_row: int) -> 
     return kept.drop(columns=["_s", "_row", "_pos"]), len(df) - len(kept)
 
 
-def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Picture:
-    c = check_circuit(cat, circuit_id)
+def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40, row: pd.Series | None = None,
+                    tokens: list[str] | None = None, edges: pd.DataFrame | None = None) -> Picture:
+    """A circuit's picture; `row` (its circuits row), `tokens` (its example's) and `edges` (its edges: kind,
+    src_idx, dst_idx, weight) when the caller has them."""
+    c = check_circuit(cat, circuit_id) if row is None else row
     nodes = circuit_nodes(cat, circuit_id)
     nodes, hidden = _keep_strongest(nodes, nodes.effect, max_per_row)
     lim = float(nodes[nodes.component != METRIC].effect.abs().max() or 1.0) if len(nodes) else 1.0
@@ -157,8 +160,11 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
                      _node_title(r, examples, f"  effect {r.effect:+.3f}"), label=_short_label(r, examples),
                      node_idx=int(r.node_idx)) for r in nodes.itertuples()]
     by_idx = {int(r.node_idx): _key(r) for r in nodes.itertuples()}
-    edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ? AND kind = 'attribution'",
-                    [circuit_id])
+    if edges is None:
+        edges = cat.sql("SELECT src_idx, dst_idx, weight FROM edges WHERE circuit_id = ? AND kind = 'attribution'",
+                        [circuit_id])
+    else:
+        edges = edges.loc[edges.kind == "attribution", ["src_idx", "dst_idx", "weight"]]
     edges = edges[edges.src_idx.isin(by_idx.keys()) & edges.dst_idx.isin(by_idx.keys())]
     wmax = float(edges.weight.abs().max()) if len(edges) else 1.0
     names = {int(r.node_idx): node_name(r) for r in nodes.itertuples()}
@@ -169,8 +175,8 @@ def circuit_picture(cat: Catalog, circuit_id: str, max_per_row: int = 40) -> Pic
         title=f"{c.task_id}: circuit {circuit_id}",
         subtitle=f"{c.method}, {c.aggregation} aggregation, model {c.model_id}; {len(draw)} nodes, "
                  f"{len(draw_edges)} edges; faithfulness {signed(c.faithfulness)}",
-        rows=row_names(_n_layers(nodes)), tokens=first_example(cat, c.task_id)[0] if per_position else [],
-        nodes=draw, edges=draw_edges, hidden=hidden,
+        rows=row_names(_n_layers(nodes)), nodes=draw, edges=draw_edges, hidden=hidden,
+        tokens=(circuit_example(cat, circuit_id)[0] if tokens is None else tokens) if per_position else [],
         legend=[(POSITIVE, "positive effect / weight"), (NEGATIVE, "negative effect / weight")])
 
 
@@ -205,7 +211,7 @@ def diff_picture(cat: Catalog, a: str, b: str, max_per_row: int = 40, computed: 
     return Picture(
         title=f"diff: {ca.task_id} ({ca.method}) -> {cb.task_id} ({cb.method})",
         subtitle=f"A = {a}, B = {b}; nodes matched by {d.match}; " + ", ".join(f"{v} {k}" for k, v in counts.items()),
-        rows=row_names(_n_layers(nodes)), tokens=first_example(cat, cb.task_id)[0] if per_position else [],
+        rows=row_names(_n_layers(nodes)), tokens=circuit_example(cat, b)[0] if per_position else [],
         nodes=draw, edges=draw_edges, hidden=hidden,
         legend=[(c, s) for s, c in STATUS_COLOURS.items()])
 

@@ -15,8 +15,9 @@ from commands.options import FEATURE_OR_TOP, LOCAL_OPTIONS, POSITIVE, TEXT, grap
 @main.command()
 @click.option("--prompt", type=TEXT, help="the prompt whose graph is computed")
 @click.option("--task", "task_name", help="instead of --prompt: a zoo task, the mean of its prompts' graphs")
-@click.option("--examples", "n_examples", default=8, show_default=True, type=POSITIVE,
-              help="with --task: train examples used")
+@click.option("--examples", "n_examples", type=POSITIVE,
+              help="with --task: train examples used (default 8); with --per-prompt, the first N examples "
+                   "(default all)")
 @click.option("--target", type=TEXT, help="the root: logit:TOKEN, diff:TOKEN:OTHER (a logit difference) or SITE/FEATURE@POSITION (FEATURE top: the strongest there); "
                                 "default the model's top next token")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
@@ -25,12 +26,14 @@ from commands.options import FEATURE_OR_TOP, LOCAL_OPTIONS, POSITIVE, TEXT, grap
 @click.option("--per-prompt", is_flag=True, help="with --task: one graph per example (an atlas named after the "
                                                  "task) instead of their mean")
 @click.option("--name", "atlas_name", type=TEXT, help="with --prompts: the atlas's name (default the file's stem)")
+@click.option("--shard", type=TEXT, metavar="I/N", help="atlas: only the prompts whose line (or example) number is I "
+                                                         "modulo N; a job file runs the shards on many workers")
 @click.option("--chunk", default=500, show_default=True, type=POSITIVE,
               help="atlas: prompts per committed run (a rerun after a kill computes only the chunks not committed)")
 @LOCAL_OPTIONS
 @click.pass_obj
 def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples: int, target: str | None,
-              prompts_file: Path | None, per_prompt: bool, atlas_name: str | None, chunk: int,
+              prompts_file: Path | None, per_prompt: bool, atlas_name: str | None, shard: str | None, chunk: int,
               zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
               device: str, dtype: str, attention_mode: str, fmt: str, **options):
     """Attribution graph of a prompt (or a task) in the local replacement model, committed as a circuit;
@@ -48,18 +51,22 @@ def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples:
         raise UserError("--task names a zoo task; with --model give --prompt or --prompts")
     if per_prompt and task_name is None:
         raise UserError("--per-prompt goes with --task (--prompts is always per prompt)")
+    if n_examples is not None and task_name is None:
+        raise UserError("--examples goes with --task")
+    if shard is not None and prompts_file is None and not per_prompt:
+        raise UserError("--shard goes with --prompts or --per-prompt")
     if atlas_name is not None and prompts_file is None:
         raise UserError("--name goes with --prompts (a task's atlas is named after the task)")
     params = graph_params(**options)
     if prompts_file is not None or per_prompt:
-        return _atlas(path, prompts_file, task_name, atlas_name, chunk, zoo_name, model_name, dictionary_set,
-                      dictionary_spec, device, dtype, attention_mode, fmt, params)
+        return _atlas(path, prompts_file, task_name, n_examples, atlas_name, _shard(shard), chunk, zoo_name,
+                      model_name, dictionary_set, dictionary_spec, device, dtype, attention_mode, fmt, params)
     cat = catalog.init(path)
     handle, zoo, transcoders, attention = local_model(zoo_name, model_name, dictionary_set, dictionary_spec, device,
                                                        dtype, [prompt] if prompt else [], attention_mode)
     if task_name is not None:
         task, = zoo_tasks(zoo.tasks, [task_name], zoo_name)
-        circuit_id, graphs = task_job(cat, handle, transcoders, attention, task, n_examples, params)
+        circuit_id, graphs = task_job(cat, handle, transcoders, attention, task, n_examples or 8, params)
     else:
         circuit_id, g = prompt_job(cat, handle, transcoders, attention, prompt, target, params)
         graphs = [g]
@@ -69,7 +76,18 @@ def attribute(path: Path, prompt: str | None, task_name: str | None, n_examples:
     output(cat.sql("SELECT * FROM circuit_nodes(?)", [circuit_id]), fmt)
 
 
-def _atlas(path: Path, prompts_file: Path | None, task_name: str | None, atlas_name: str | None, chunk: int,
+def _shard(text: str | None) -> tuple[int, int]:
+    """'I/N' -> (i, n), with 0 <= i < n; none: (0, 1), every prompt."""
+    if text is None:
+        return 0, 1
+    i, slash, n = text.partition("/")
+    if not (slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise UserError(f"--shard {text!r}: give I/N with 0 <= I < N, e.g. 0/4")
+    return int(i), int(n)
+
+
+def _atlas(path: Path, prompts_file: Path | None, task_name: str | None, n_examples: int | None,
+           atlas_name: str | None, shard: tuple[int, int], chunk: int,
            zoo_name: str, model_name: str | None, dictionary_set: Path | None, dictionary_spec: Path | None,
            device: str, dtype: str, attention_mode: str, fmt: str, params) -> None:
     """`attribute --prompts FILE` / `--task T --per-prompt`: the atlas job, then its summary."""
@@ -93,14 +111,16 @@ def _atlas(path: Path, prompts_file: Path | None, task_name: str | None, atlas_n
                                                        dtype, sample, attention_mode)
     if prompts_file is None:
         task, = zoo_tasks(zoo.tasks, [task_name], zoo_name)
-        prompts, source = task_prompts(task), task.source
-    result = atlas_job(cat, handle, transcoders, attention, name, prompts, params, source, dropped, chunk, task=task)
+        prompts, source = task_prompts(task)[:n_examples], task.source
+    result = atlas_job(cat, handle, transcoders, attention, name, prompts, params, source, dropped, chunk, task=task,
+                       shard=shard)
     unit = "line" if prompts_file is not None else "example"
     lost = f"; dropped {result.dropped.total()}: {result.dropped.describe(unit)}" if result.dropped.total() else ""
     before = f" ({result.n_done} committed before)" if result.n_done else ""
     if result.n_graphs + result.n_done == 0:
         raise UserError(f"atlas {name}: no prompt could be used{lost}")
-    click.echo(f"atlas {name}: {result.n_graphs} graphs committed{before}{lost}", err=True)
+    part = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
+    click.echo(f"atlas {name}{part}: {result.n_graphs} graphs committed{before}{lost}", err=True)
     output(summary(cat, name), fmt)
 
 

@@ -107,3 +107,28 @@ def local(tmp_path_factory, dicts):
 
     here = tmp_path_factory.mktemp("local")
     return here / "local", run_readme_commands("local", page("local-circuits.md"), here)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium, driven through Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import FLAGS, chromium
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium(), args=[f for f in FLAGS if f != "--headless"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page; a script error on it fails the test."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    pg = context.new_page()
+    errors = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"the page's script failed: {errors}"

@@ -16,8 +16,10 @@ from tests.docs import DOCS, ROOT, blocks, page, pages, section
 
 # Pages (or sections) whose SQL reads a catalogue their own commands fill, run by the tests of that
 # feature: editing (test_editing), ground truth (test_groundtruth), local circuits
-# (test_local_circuits), sweeps (test_jobs). Every other SQL block reads the demo catalogue.
-ELSEWHERE = {"editing.md": None, "ground-truth.md": None, "local-circuits.md": None, "sweeps.md": "Sweeps"}
+# (test_local_circuits), sweeps (test_jobs), the atlas (test_atlas: its Python too). Every other SQL block
+# reads the demo catalogue.
+ELSEWHERE = {"editing.md": None, "ground-truth.md": None, "local-circuits.md": None, "sweeps.md": "Sweeps",
+             "atlas.md": None}
 
 
 def _demo_sql() -> list[tuple[str, str]]:
@@ -33,7 +35,7 @@ def _demo_sql() -> list[tuple[str, str]]:
 
 
 DEMO_SQL = _demo_sql()
-PYTHON = [(name, code) for name in pages() for code in blocks("python", page(name))]
+PYTHON = [(name, code) for name in pages() if name != "atlas.md" for code in blocks("python", page(name))]
 
 
 def test_readme_opens_with_the_two_setup_commands():

@@ -22,7 +22,6 @@ import pytest
 import catalog
 from catalog.explorer import bind, create_app, url_of
 from catalog.explorer.app import DEFAULT_EDGES, LOCAL_ROWS, MAX_SQL_ROWS
-from tests.browser import FLAGS, chromium
 from tests.conftest import ROOT, run_cli
 from tests.synthetic import layered_circuit, write_circuit
 
@@ -46,27 +45,6 @@ def demo_site(demo_catalog):
     yield url.group(1)
     p.terminate()
     p.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium(), args=[f for f in FLAGS if f != "--headless"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    pg = context.new_page()
-    errors = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"the page's script failed: {errors}"
 
 
 def _open(page, url: str, shot: str | None = None):

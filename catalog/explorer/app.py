@@ -8,6 +8,9 @@
     /compare?ids=A&ids=B&basis=&k=      the heat map and Jaccard matrix of chosen circuits
     /faithfulness?ids=A&ids=B           faithfulness and completeness curves (PNG at /faithfulness.png)
     /sql?q=SQL                          a read-only SQL box (CSV at /sql.csv?q=SQL)
+    /atlas                              the atlases (data sets of per-prompt graphs)
+    /atlas/<name>?by=&a=&b=&group=      one atlas: groups, recurrent features, heads, a contrast, its graphs
+    POST /graph (prompt, target)        a new prompt's graph, computed by the running server, then its page
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from flask import Flask, Response, abort, jsonify, render_template, request, url_for
+from flask import Flask, Response, abort, jsonify, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
 import catalog
+from catalog import atlas
 from catalog.compare import BASES, compare, select_circuits, split_by_basis
 from catalog.diff import MATCHES, diff
 from catalog.errors import UserError, first_line
-from catalog.graph import QK_KINDS, check_circuit, first_example, node_name
+from catalog.graph import QK_KINDS, check_circuit, node_name
 from catalog.plots import faithfulness_plot
 from catalog.query import csv_chunks
 from catalog.render import circuit_picture, diff_picture, effect_colour, to_html, to_svg
@@ -46,17 +50,25 @@ QUERY_TIMEOUT = 10.0  # seconds a query may run (`cli.py serve --query-timeout`)
 # Promoted tokens need the model's and dictionary's files, which the catalogue layer does not
 # load; `cli.py serve` passes the function that does: (catalogue, dictionary_id, feature) -> [(token, logit)].
 Promoted = Callable[[catalog.Catalog, str, int], list[tuple[str, float]]]
+# Likewise a new prompt's graph needs the model: `cli.py serve` passes the function that computes and
+# commits it (`compute.jobs.local.PromptGrapher`): (catalogue, prompt, target or None) -> circuit id.
+Grapher = Callable[[catalog.Catalog, str, "str | None"], str]
+ATLAS_ROWS = 30  # rows of each table an atlas page shows
+ATLAS_GRAPHS = 200  # graphs an atlas page lists
+MAX_FORM_BYTES = 64 * 1024  # a posted prompt longer than this is refused before it is read
 
 
 def create_app(catalog_path: str | Path, promoted: Promoted | None = None,
-               query_timeout: float | None = QUERY_TIMEOUT) -> Flask:
+               query_timeout: float | None = QUERY_TIMEOUT, grapher: Grapher | None = None) -> Flask:
     """The explorer over the catalogue at catalog_path (which must exist: opening it checks it). Every
-    query stops after `query_timeout` seconds, or as soon as the client that asked has gone."""
+    query stops after `query_timeout` seconds, or as soon as the client that asked has gone. With a
+    grapher, the front page's prompt box computes new prompts' graphs."""
     cat = catalog.open(catalog_path)
     cat.info()  # refuses a folder that is not a catalogue, before any page is asked for
     cat.timeout = query_timeout
     app = Flask(__name__)
     app.config["ALLOWED_HOSTS"] = None  # serve() sets the loopback names when bound to loopback
+    app.config["MAX_CONTENT_LENGTH"] = MAX_FORM_BYTES
     plot_lock = threading.Lock()  # matplotlib's pyplot is not thread-safe
 
     @app.before_request
@@ -84,29 +96,69 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None,
             if value:
                 df = df[df[column] == value]
         return render_template("circuits.html", circuits=df.to_dict("records"), choices=choices, chosen=chosen,
-                               total=total)
+                               total=total, prompt_box=grapher is not None)
+
+    @app.route("/graph", methods=["POST"])
+    def graph():
+        if grapher is None:
+            abort(404, "this explorer computes no graphs (`cli.py serve --no-prompt-box` started it)")
+        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            abort(403, "a graph is computed only for this explorer's own pages")
+        target = request.form.get("target", "").strip() or None
+        circuit_id = grapher(cat, request.form.get("prompt", ""), target)
+        return redirect(url_for("circuit", circuit_id=circuit_id), 303)
+
+    @app.route("/atlas")
+    def atlases():
+        return render_template("atlases.html", atlases=_records(atlas.names(cat)))
+
+    @app.route("/atlas/<name>")
+    def atlas_page(name: str):
+        grouping = request.args.get("by", "label")
+        atlas.check(cat, name, grouping)
+        groups = atlas.summary(cat, name, grouping)
+        values = [v for v in groups.grp.tolist() if v is not None]
+        a, b = request.args.get("a") or None, request.args.get("b") or None
+        if a is None and b is None and len(values) >= 2:
+            a, b = values[:2]
+        contrast = atlas.contrast(cat, name, grouping, a, b).head(ATLAS_ROWS) if a and b else None
+        group = request.args.get("group") or None
+        graphs = atlas.graphs(cat, name)
+        if group is not None:
+            keep = cat.sql("SELECT circuit_id FROM atlas_groups(?, ?) WHERE grp = ?", [name, grouping, group])
+            graphs = graphs[graphs.circuit_id.isin(keep.circuit_id)]
+        recurrence = atlas.recurrence(cat, name, grouping)
+        return render_template(
+            "atlas.html", name=name, by=grouping, groupings=atlas.ATLAS_GROUPS, groups=_records(groups),
+            values=values, a=a, b=b, group=group,
+            recurrence=_records(recurrence.groupby("grp", dropna=False).head(10).head(4 * ATLAS_ROWS)),
+            heads=_records(atlas.head_flow(cat, name, grouping).head(ATLAS_ROWS)),
+            contrast=None if contrast is None else _records(contrast),
+            graphs=_records(graphs.head(ATLAS_GRAPHS)), n_graphs=len(graphs))
 
     @app.route("/circuits/<circuit_id>")
     def circuit(circuit_id: str):
         c = check_circuit(cat, circuit_id)
         asked = _number_arg("threshold", None)
-        picture = circuit_picture(cat, circuit_id)
-        strengths = sorted((e.strength for e in picture.edges), reverse=True)
-        default = strengths[min(len(strengths), DEFAULT_EDGES) - 1] if strengths else 0.0
-        threshold = default if asked is None else asked
-        local, prompt = {}, None
+        facts = cat.sql(CIRCUIT_PAGE_SQL, [circuit_id] * 4).iloc[0]
+        tokens = [] if facts.clean_tokens is None else list(facts.clean_tokens)
+        local, edges = {}, None
         if c.method == "local":
-            prompt = first_example(cat, c.task_id)[1]
             edges = cat.sql("SELECT * FROM circuit_edges(?)", [circuit_id])
             for kind in ("ov", *QK_KINDS):
                 part = edges[edges.kind == kind].head(LOCAL_ROWS)
                 if len(part):
                     local[kind] = _records(part.drop(columns=["src_idx", "dst_idx"]))
-        has_curves = bool(cat.sql("SELECT count(*) AS n FROM evaluations WHERE circuit_id = ?", [circuit_id]).n[0])
+        picture = circuit_picture(cat, circuit_id, row=c, tokens=tokens, edges=edges)
+        strengths = sorted((e.strength for e in picture.edges), reverse=True)
+        default = strengths[min(len(strengths), DEFAULT_EDGES) - 1] if strengths else 0.0
+        threshold = default if asked is None else asked
         return render_template("circuit.html", c=_record(c), svg=to_svg(picture), n_nodes=len(picture.nodes),
                                n_edges=len(picture.edges), hidden=picture.hidden, threshold=threshold,
-                               default_threshold=default, local=local, prompt=prompt,
-                               has_curves=has_curves)
+                               default_threshold=default, local=local,
+                               prompt=facts.clean_prefix if c.method == "local" else None,
+                               has_curves=bool(facts.has_curves),
+                               in_atlas=_record(facts) if facts.atlas_id is not None else None)
 
     @app.route("/circuits/<circuit_id>/render.html")
     def circuit_file(circuit_id: str):
@@ -257,6 +309,18 @@ def node_dashboard(cat: catalog.Catalog, circuit_id: str, node_idx: int, promote
             d["promoted_error"] = first_line(e)
     return d
 
+
+# What a circuit's page shows besides its graph, in one query: its example (the tokens its positions
+# refer to: `circuit_example`), whether it has faithfulness curves, and, for an atlas graph, its prompt's row.
+CIRCUIT_PAGE_SQL = """
+SELECT (SELECT count(*) > 0 FROM evaluations WHERE circuit_id = ?) AS has_curves, x.clean_tokens, x.clean_prefix,
+       p.atlas_id, p.prompt_idx, p.prediction, p.probability, p.correct, p.label
+FROM (SELECT 1) one
+LEFT JOIN (SELECT clean_tokens, clean_prefix FROM examples
+           WHERE task_id = (SELECT task_id FROM circuits WHERE circuit_id = ?)
+             AND example_idx = circuit_example(?)) x ON true
+LEFT JOIN (SELECT * FROM prompts WHERE circuit_id = ?) p ON true
+"""
 
 NODE_SQL = """
 SELECT n.*, f.label, f.density, f.max_activation, d.kind AS dictionary_kind

@@ -26,7 +26,8 @@ import numpy as np
 from catalog.errors import UserError
 from catalog.progress import hidden
 from catalog.store import Catalog
-from compute.jobs.lifecycle import run, run_row
+from compute.jobs import lifecycle
+from compute.jobs.lifecycle import job_runs, run, run_row
 from compute.jobs.local import _dicts, attention_of, parse_root, prompt_problem
 from compute.jobs.rows import circuit_row, example_row, write_model_and_dictionaries
 from compute.local.merge import MergedGraph, merge_graphs
@@ -171,8 +172,11 @@ def settings_key(name: str, handle: ModelHandle, dicts: dict, params: GraphParam
 
 def atlas_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: dict, name: str,
               prompts: list[AtlasPrompt], params: GraphParams, source: str, dropped: Dropped | None = None,
-              chunk: int = CHUNK, progress: bool = True, task: Task | None = None) -> AtlasResult:
-    """Every prompt's graph, committed chunk by chunk (chunks already committed are skipped)."""
+              chunk: int = CHUNK, progress: bool = True, task: Task | None = None,
+              shard: tuple[int, int] = (0, 1)) -> AtlasResult:
+    """Every prompt's graph, committed chunk by chunk; prompts whose graphs are committed already are
+    skipped (a rerun after a kill computes the rest). `shard` (i, n): only the prompts whose index is i
+    modulo n (the data set and its settings stay the whole file's: shards are one atlas)."""
     import time
 
     from tqdm.auto import tqdm
@@ -194,28 +198,28 @@ def atlas_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: d
     if len(held) and set(held.s) != {key}:
         raise UserError(f"atlas {name!r} already holds graphs of other prompts or settings (model, dictionaries, "
                         "budgets, attention); give this one another --name")
-    chunks: dict[int, list[AtlasPrompt]] = {}
-    for p in prompts:
-        chunks.setdefault(p.idx // chunk, []).append(p)
-    for i in {i // chunk for lists in dropped.where.values() for i in lists}:
-        chunks.setdefault(i, [])
-    run_ids = {c: f"run-atlas-{key}-{chunk}-{c}" for c in chunks}
-    done = set(cat.sql("SELECT run_id FROM runs WHERE list_contains(?, run_id) AND status = 'ok'",
-                       [list(run_ids.values())]).run_id)
-    todo = [c for c in sorted(chunks) if run_ids[c] not in done]
-    n_done = sum(len(chunks[c]) for c in chunks if run_ids[c] in done)
+    committed = set(cat.sql("SELECT prompt_idx FROM prompts WHERE atlas_id = ? AND starts_with(circuit_id, ?)",
+                            [name, circuit_id_of(key, "")]).prompt_idx)
+    chunks: dict[int, list[AtlasPrompt]] = {}  # the prompts not committed yet, by the chunk of lines they are in
+    mine = [p for p in prompts if p.idx % shard[1] == shard[0]]
+    for p in mine:
+        if p.idx not in committed:
+            chunks.setdefault(p.idx // chunk, []).append(p)
+    n_done = sum(p.idx in committed for p in mine)
+    todo = sorted(chunks)
     result = AtlasResult(name, 0, n_done, Dropped(), 0.0)
+    result.dropped.merge(dropped)
     bar = tqdm(total=sum(len(chunks[c]) for c in todo), desc=f"atlas {name}", unit="prompt", disable=hidden(progress))
     for c in todo:
-        lost = Dropped()  # this chunk's drops: those of the file's lines, then the model's
-        for reason, lines in dropped.where.items():
-            for i in lines:
-                if i // chunk == c:
-                    lost.add(reason, i)
+        lost = Dropped()  # the prompts of this chunk the model cannot read as given
         writer = _ChunkWriter(handle, dicts, task, examples, name, key)
         row = run_row(KIND, {**asdict(params), "atlas": name, "settings": key, "source": source, "chunk": c,
-                             "chunk_size": chunk, "attention": attention_of(attention)})
-        row["run_id"] = run_ids[c]
+                             "chunk_size": chunk, "attention": attention_of(attention),
+                             "file_dropped": dropped.as_params()})
+        # the same prompts to do give the same run id: a killed worker's staged copy is replaced, never added
+        # (inside a job-file job, under the job's prefix: how its runner finds and pushes them)
+        prefix = job_runs(lifecycle.JOB_KEY) if lifecycle.JOB_KEY else "run-"
+        row["run_id"] = f"{prefix}atlas-{key}-" + hashlib.sha256(str([p.idx for p in chunks[c]]).encode()).hexdigest()[:8]
         with run(cat, row) as w:
             for p in chunks[c]:
                 t0 = time.perf_counter()
@@ -252,7 +256,7 @@ def _reason(problem: str) -> str:
     return "words the tokenizer does not know"
 
 
-def circuit_id_of(key: str, idx: int) -> str:
+def circuit_id_of(key: str, idx: int | str) -> str:
     """An atlas graph's circuit id: its data set and settings, and the prompt's index."""
     return f"circuit-atlas-{key}-{idx}"
 

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
-from catalog.errors import UserError
+from catalog.errors import UserError, first_line
 from catalog.progress import hidden
 from catalog.shards import RunWriter
 from catalog.store import Catalog, new_id
@@ -324,3 +324,46 @@ def _write_nodes(w: RunWriter, circuit_id: str, graph: MergedGraph, dicts: dict,
                      "effect": graph.effect.get((name, feature, position), 0.0),
                      "in_circuit": (name, feature, position) in graph.in_circuit})
     w.write("nodes", rows)
+
+
+class PromptGrapher:
+    """New prompts' graphs for a running explorer: the model and its dictionaries loaded once (in the
+    background from `start`), one graph computed at a time, each committed as `attribute --prompt`
+    commits it. `load` returns what `local_model` does."""
+
+    def __init__(self, load, params: GraphParams | None = None):
+        import threading
+
+        self._load, self.params = load, params or GraphParams()
+        self._loaded: tuple | None = None
+        self._error: Exception | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        import threading
+
+        threading.Thread(target=self._loading, daemon=True, name="prompt-grapher").start()
+
+    def _loading(self) -> None:
+        try:
+            self._loaded = self._load()
+        except Exception as e:  # said when a graph is asked for
+            self._error = e
+        finally:
+            self._done.set()
+
+    def ready(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def __call__(self, cat: Catalog, prompt: str, target: str | None) -> str:
+        """Commit the prompt's graph (waiting for the model on the first call); its circuit id."""
+        if not self._done.is_set() and not self._loaded:
+            if not self._done.wait(timeout=600):
+                raise UserError("the model is still loading; try again in a moment")
+        if self._error is not None:
+            raise UserError(f"the model could not be loaded: {first_line(self._error)}")
+        handle, _, transcoders, attention = self._loaded
+        with self._lock:
+            circuit_id, _ = prompt_job(cat, handle, transcoders, attention, prompt, target, self.params, progress=False)
+        return circuit_id
