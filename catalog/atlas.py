@@ -90,3 +90,20 @@ def typical(cat: Catalog, atlas: str, grouping: str, value: str, min_share: floa
     check(cat, atlas, grouping)
     _groups(cat, atlas, grouping, value)
     return cat.sql("SELECT * FROM typical_graph(?, ?, ?, ?)", [atlas, grouping, value, min_share])
+
+
+def supernodes(cat: Catalog, atlas: str) -> pd.DataFrame:
+    """The members of the atlas's newest supernodes (none yet: an empty frame)."""
+    check(cat, atlas)
+    return cat.sql("SELECT * FROM atlas_supernodes(?)", [atlas])
+
+
+def graph(cat: Catalog, atlas: str, prompt_idx: int, by_supernode: bool = False) -> pd.DataFrame:
+    """One prompt's graph: its edges (`circuit_edges`), or read at the supernode level."""
+    check(cat, atlas)
+    cid = cat.sql("SELECT circuit_id FROM prompts WHERE atlas_id = ? AND prompt_idx = ?", [atlas, prompt_idx])
+    if cid.empty:
+        raise UserError(f"atlas {atlas!r} has no graph of prompt {prompt_idx}")
+    if by_supernode:
+        return cat.sql("SELECT * FROM supernode_graph(?, ?)", [atlas, cid.circuit_id[0]])
+    return cat.sql("SELECT * FROM circuit_edges(?) WHERE kind = 'attribution'", [cid.circuit_id[0]])

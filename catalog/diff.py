@@ -160,8 +160,8 @@ def decoder_match(cat: Catalog, a: str, b: str, min_similarity: float = 0.7) -> 
             raise UserError(f"{component}_{layer}: the dictionaries read activations of different widths "
                             f"({ga.d_in.iloc[0]} and {gb.d_in.iloc[0]}); their features cannot be matched")
         ia, ib = np.sort(ga.feature_idx.unique()), np.sort(gb.feature_idx.unique())
-        wa = _unit_rows(_decoder(weights, da, ga.path.iloc[0])[ia])
-        wb = _unit_rows(_decoder(weights, db, gb.path.iloc[0])[ib])
+        wa = unit_rows(decoder(weights, da, ga.path.iloc[0])[ia])
+        wb = unit_rows(decoder(weights, db, gb.path.iloc[0])[ib])
         sim = wa @ wb.T
         ra, rb = linear_sum_assignment(-sim)
         for i, j in zip(ra, rb, strict=True):
@@ -174,18 +174,18 @@ def decoder_match(cat: Catalog, a: str, b: str, min_similarity: float = 0.7) -> 
     return features, dicts, matches
 
 
-def _decoder(cache: dict, dictionary_id: str, path: str) -> np.ndarray:
+def decoder(cache: dict, dictionary_id: str, path: str) -> np.ndarray:
     """W_dec [d_sae, d_in] of a dictionary from its SAELens-format files."""
     if dictionary_id not in cache:
         from safetensors.numpy import load_file
 
         f = Path(path or "") / "sae_weights.safetensors"
         if not f.is_file():
-            raise UserError(f"dictionary {dictionary_id}: no weights at {f}; matching features by decoder "
-                            "direction needs them (or diff with --match key)")
+            raise UserError(f"dictionary {dictionary_id}: no weights at {f}; comparing features by decoder "
+                            "direction needs them (diff --match key does without)")
         cache[dictionary_id] = load_file(str(f))["W_dec"].astype(np.float64)
     return cache[dictionary_id]
 
 
-def _unit_rows(w: np.ndarray) -> np.ndarray:
+def unit_rows(w: np.ndarray) -> np.ndarray:
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)

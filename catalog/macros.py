@@ -560,6 +560,30 @@ WHERE share >= min_share
 ORDER BY share DESC, abs(mean_weight) DESC, src, dst
 """
 
+# An atlas's supernodes: the members of its newest grouping (`cli.py atlas supernodes`).
+_ATLAS_SUPERNODES = """
+SELECT s.supernode, s.dictionary_id, s.feature_idx, s.component, s.layer, s.n_graphs, s.run_id
+FROM supernodes s
+WHERE s.run_id = (SELECT run_id FROM runs WHERE kind = 'supernodes' AND params->>'atlas' = atlas AND status = 'ok'
+                  ORDER BY finished_at DESC, run_id DESC LIMIT 1)
+ORDER BY TRY_CAST(regexp_extract(s.supernode, '^S([0-9]+)', 1) AS INTEGER), s.n_graphs DESC, s.dictionary_id,
+         s.feature_idx
+"""
+
+# A graph read at the supernode level: each feature of a supernode is replaced by it (at its position),
+# and the attribution edges between the same two ends are summed.
+_SUPERNODE_GRAPH = f"""
+WITH sn AS (SELECT * FROM atlas_supernodes(atlas)),
+n AS (SELECT n.node_idx, coalesce(sn.supernode || coalesce('@' || n.position, ''), {_NODE_NAME.format(n="n")}) AS name,
+             sn.supernode IS NOT NULL AS grouped
+      FROM nodes n LEFT JOIN sn USING (dictionary_id, feature_idx) WHERE n.circuit_id = cid)
+SELECT s.name AS src, d.name AS dst, sum(e.weight) AS weight, count(*) AS n_edges, s.grouped OR d.grouped AS grouped
+FROM edges e JOIN n s ON s.node_idx = e.src_idx JOIN n d ON d.node_idx = e.dst_idx
+WHERE e.circuit_id = cid AND e.kind = 'attribution'
+GROUP BY s.name, d.name, s.grouped, d.grouped
+ORDER BY abs(sum(e.weight)) DESC, src, dst
+"""
+
 NAMED_QUERIES = [
     NamedQuery("circuit_basis", "cid", "(scalar) 'features', 'neurons' (identity dictionaries) or 'parameters'",
                _CIRCUIT_BASIS, scalar=True),
@@ -663,6 +687,12 @@ NAMED_QUERIES = [
     NamedQuery("edge_contrast", "atlas, grouping, a, b",
                "the edges that separate group a from group b: mean flow in each (0 where absent), share of "
                "graphs holding it, Cohen's d", _EDGE_CONTRAST),
+    NamedQuery("atlas_supernodes", "atlas",
+               "the members of an atlas's newest supernodes (`cli.py atlas supernodes`): features that play one role",
+               _ATLAS_SUPERNODES),
+    NamedQuery("supernode_graph", "atlas, cid",
+               "a graph of the atlas read at the supernode level: supernode members merged, edges between the "
+               "same two ends summed", _SUPERNODE_GRAPH),
     NamedQuery("typical_graph", "atlas, grouping, value, min_share := 0.5",
                "a group's typical graph: the edges in at least min_share of its graphs, with their mean flow",
                _TYPICAL_GRAPH),

@@ -135,3 +135,43 @@ def graphs(path: Path, name: str, fmt: str):
     from catalog.atlas import graphs as list_graphs
 
     output(list_graphs(catalog.open(path), name), fmt)
+
+
+@atlas.command()
+@click.argument("name")
+@click.option("--min-graphs", default=10, show_default=True, type=POSITIVE,
+              help="only features in the circuits of at least this many graphs")
+@click.option("--min-jaccard", default=0.5, show_default=True, type=SHARE,
+              help="link two features in at least this Jaccard overlap of their graphs")
+@click.option("--min-cosine", default=0.3, show_default=True, type=click.FloatRange(-1, 1),
+              help="... whose decoder directions have at least this cosine")
+@FORMAT
+@click.pass_obj
+def supernodes(path: Path, name: str, min_graphs: int, min_jaccard: float, min_cosine: float, fmt: str):
+    """Group the features that play one role (found in the same graphs, writing alike) into supernodes,
+    committed as a run; prints the groups."""
+    import catalog
+    from catalog.atlas import supernodes as members
+    from compute.jobs.atlas import supernodes_job
+
+    cat = catalog.open(path)
+    run_id = supernodes_job(cat, name, min_graphs, min_jaccard, min_cosine)
+    found = members(cat, name)
+    click.echo(f"run {run_id}: {found.supernode.nunique()} supernodes of {len(found)} features", err=True)
+    output(found, fmt)
+
+
+@atlas.command()
+@click.argument("name")
+@click.argument("prompt_idx", type=click.IntRange(min=0))
+@click.option("--supernodes", "by_supernode", is_flag=True, help="read it at the supernode level")
+@FORMAT
+@click.pass_obj
+@answers
+def graph(path: Path, name: str, prompt_idx: int, by_supernode: bool, fmt: str):
+    """One prompt's graph (PROMPT_IDX: its line in the file, from 0): its attribution edges, or, with
+    --supernodes, the same graph with each supernode's features merged."""
+    import catalog
+    from catalog.atlas import graph as prompt_graph
+
+    output(prompt_graph(catalog.open(path), name, prompt_idx, by_supernode), fmt)

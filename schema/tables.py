@@ -22,7 +22,7 @@ SCHEMA_VERSION = 10  # 2: edits and edit_features; 3: named-query macros (catalo
 # 4: dictionaries.hook_name_out, dictionary_sweeps; 5: circuits.evaluation_note;
 # 6: circuits.ig_rule, predictions; 7: parameter_benchmarks (and dictionaries of kind parameter);
 # 8: planted, planted_models (ground truth), evaluations of kind <level>_<precision|recall|auroc>;
-# 9: edges.head_layer, head, key_position (local circuits' OV and QK edges); 10: prompts (the atlas)
+# 9: edges.head_layer, head, key_position (local circuits' OV and QK edges); 10: prompts, supernodes (the atlas)
 
 metadata = MetaData()
 
@@ -320,6 +320,18 @@ prompts = Table(
     Column("correct", Boolean, comment="prediction = answer (NULL without an answer)"),
     Column("label", String, comment="the prompt's label from the file (a task's example case)"),
     Column("fields", JSON, comment="the file's other fields of the prompt (a task's: its split)"),
+)
+
+supernodes = Table(
+    "supernodes", metadata,
+    Column("run_id", String, primary_key=True, comment="run of `cli.py atlas supernodes` (its params: the thresholds)"),
+    Column("dictionary_id", String, primary_key=True, comment="a member feature's dictionary"),
+    Column("feature_idx", Integer, primary_key=True, comment="its index there"),
+    Column("atlas_id", String, comment="the atlas whose graphs the group was found in"),
+    Column("supernode", String, comment="the group's name: S<k> <its strongest members>"),
+    Column("component", String, comment="the feature's submodule: attn or mlp (or resid, embed)"),
+    Column("layer", Integer, comment="its layer"),
+    Column("n_graphs", Integer, comment="graphs of the atlas whose circuit holds the feature"),
 )
 
 TABLES = {t.name: t for t in metadata.sorted_tables}

@@ -296,7 +296,9 @@ def test_the_atlas_page_of_the_docs_runs_as_written(tmp_path, dicts):
     text = page("atlas.md")
     (tmp_path / "docs").mkdir()
     shutil.copy(ROOT / "docs" / "atlas-prompts.jsonl", tmp_path / "docs")
-    made, per_prompt, recurrence, contrast, heads, typical = run_readme_commands("atlas", text, tmp_path)
+    made, per_prompt, recurrence, contrast, heads, typical, groups, merged = run_readme_commands("atlas", text,
+                                                                                                 tmp_path)
+    assert groups.stdout.startswith("supernode,dictionary_id") and merged.stdout.startswith("src,dst,weight")
     assert "atlas atlas-prompts: 8 graphs committed" in made.stderr
     assert "atlas sva_across_pp: 40 graphs committed" in per_prompt.stderr
     for out, header in ((recurrence, "grp,dictionary_id,feature_idx"), (contrast, "src,dst,mean_a"),
@@ -340,3 +342,37 @@ def test_shards_make_one_atlas_and_a_job_file_runs_them(tmp_path, dicts):
     (tmp_path / "atlas.toml").write_text(toml)
     jobs = read_jobs(tmp_path / "atlas.toml", main)
     assert [j.argv[-2:] for j in jobs] == [("--shard", f"{i}/4") for i in range(4)]
+
+
+def test_supernodes_group_features_in_the_same_graphs_that_write_alike(made):
+    import shutil
+
+    from catalog.diff import decoder, unit_rows
+
+    root = made[0].parent / "supernodes"
+    shutil.copytree(made[0], root)
+    r = run_cli("atlas", "supernodes", "agreement", "--min-graphs", "2", "--min-jaccard", "0.6", "--min-cosine", "0.1",
+                "--format", "csv", catalog=root)
+    assert r.returncode == 0, r.stderr
+    cat = catalog.open(root)
+    groups = atlas.supernodes(cat, "agreement")
+    assert groups.supernode.nunique() >= 2 and (groups.groupby("supernode").size() >= 2).all()
+    nodes, _ = _rows(cat)
+    feats = nodes[nodes.in_circuit & nodes.feature_idx.notna() & nodes.dictionary_id.notna()]
+    sets = feats.groupby(["dictionary_id", "feature_idx"]).circuit_id.agg(set)
+    paths = dict(cat.sql("SELECT dictionary_id, path FROM dictionaries").itertuples(index=False))
+    cache: dict = {}
+    for _, members in groups.groupby("supernode"):
+        keys = list(zip(members.dictionary_id, members.feature_idx, strict=True))
+        for k in keys:  # each member is linked to another: in the same graphs, writing alike
+            assert len(sets[k]) >= 2
+            linked = [o for o in keys if o != k and len(sets[k] & sets[o]) / len(sets[k] | sets[o]) >= 0.6 and
+                      float(unit_rows(decoder(cache, k[0], paths[k[0]])[[k[1]]])[0] @
+                            unit_rows(decoder(cache, o[0], paths[o[0]])[[o[1]]])[0]) >= 0.1]
+            assert linked, k
+    # a graph read at the supernode level: fewer ends, the same total flow
+    plain = atlas.graph(cat, "agreement", 0)
+    merged = atlas.graph(cat, "agreement", 0, by_supernode=True)
+    assert merged.weight.sum() == pytest.approx(plain.weight.sum())
+    assert merged.n_edges.sum() == len(plain) and len(merged) < len(plain) and merged.grouped.any()
+    assert any(name.startswith("S") for name in merged.src)

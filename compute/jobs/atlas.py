@@ -366,3 +366,50 @@ def root_name(rep: Replacement, root) -> str:
         decode = rep.model.to_string
         return decode([root.feature]) + ("" if root.minus is None else " - " + decode([root.minus]))
     return f"{root.site}/{root.feature}@{root.position}"
+
+
+SUPERNODES = "supernodes"  # runs.kind of a supernode grouping
+
+
+def supernodes_job(cat: Catalog, atlas: str, min_graphs: int = 10, min_jaccard: float = 0.5,
+                   min_cosine: float = 0.3) -> str:
+    """Group an atlas's recurrent features that play one role into supernodes, committed as a run:
+    two features (each in the circuits of at least `min_graphs` graphs) are linked when they are in
+    the same graphs (Jaccard >= min_jaccard) and write alike (decoder cosine >= min_cosine; both
+    decoders write into the residual stream); a supernode is a connected group of two or more.
+    Returns the run id (`supernode_graph` reads the atlas's newest)."""
+    import networkx as nx
+
+    from catalog import atlas as questions
+    from catalog.diff import decoder, unit_rows
+
+    questions.check(cat, atlas)
+    pairs = questions.cooccurrence(cat, atlas, min_graphs)
+    pairs = pairs[pairs.jaccard >= min_jaccard]
+    feats = questions.recurrence(cat, atlas).query("n_graphs >= @min_graphs").set_index(["dictionary_id", "feature_idx"])
+    paths = dict(cat.sql("SELECT dictionary_id, path FROM dictionaries").itertuples(index=False))
+    cache: dict = {}
+
+    def direction(d: str, f: int) -> np.ndarray:
+        return unit_rows(decoder(cache, d, paths.get(d, ""))[[f]])[0]
+
+    graph = nx.Graph()
+    for p in pairs.itertuples():
+        a, b = direction(p.dictionary_a, p.feature_a), direction(p.dictionary_b, p.feature_b)
+        if a.shape == b.shape and float(a @ b) >= min_cosine:
+            graph.add_edge((p.dictionary_a, p.feature_a), (p.dictionary_b, p.feature_b))
+    groups = sorted((sorted(c, key=lambda k: -feats.loc[k].n_graphs) for c in nx.connected_components(graph)),
+                    key=lambda g: -sum(feats.loc[k].n_graphs for k in g))
+    row = run_row(SUPERNODES, {"atlas": atlas, "min_graphs": min_graphs, "min_jaccard": min_jaccard,
+                               "min_cosine": min_cosine, "n_supernodes": len(groups)})
+    rows = []
+    for k, members in enumerate(groups, start=1):
+        f = [feats.loc[m] for m in members]
+        name = f"S{k} " + "+".join(f"{x.component}_{x.layer}/{m[1]}" for x, m in zip(f[:3], members, strict=False)) + \
+            ("+..." if len(members) > 3 else "")
+        rows += [{"run_id": row["run_id"], "atlas_id": atlas, "supernode": name, "dictionary_id": m[0],
+                  "feature_idx": int(m[1]), "component": x.component, "layer": int(x.layer),
+                  "n_graphs": int(x.n_graphs)} for m, x in zip(members, f, strict=True)]
+    with run(cat, row) as w:
+        w.write(SUPERNODES, rows)
+    return row["run_id"]
