@@ -28,15 +28,21 @@ from catalog.progress import hidden
 from catalog.store import Catalog
 from compute.jobs import lifecycle
 from compute.jobs.lifecycle import job_runs, run, run_row
-from compute.jobs.local import _dicts, attention_of, parse_root, prompt_problem
-from compute.jobs.rows import circuit_row, example_row, write_model_and_dictionaries
+from compute.jobs.local import (
+    attention_of,
+    graph_circuit_row,
+    node_rows,
+    parse_root,
+    prompt_problem,
+    site_dictionaries,
+)
+from compute.jobs.rows import example_row, write_model_and_dictionaries
 from compute.local.merge import MergedGraph, merge_graphs
 from compute.local.prompt_graph import GraphParams, prompt_graph
-from compute.local.replacement import EMBED, Replacement
+from compute.local.replacement import Replacement
 from compute.models.handle import ModelHandle
 from compute.tasks import Task, str_tokens
 from schema.derive import columns_to_arrow
-from schema.sites import ERROR, METRIC, block_input
 
 KIND = "atlas"  # runs.kind of an atlas chunk
 CHUNK = 500  # prompts (lines of the file) per committed run
@@ -191,7 +197,7 @@ def atlas_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: d
     else:
         examples = dict(enumerate(task.examples))
     cat.check_task(task.name, task.content_hash)
-    dicts = _dicts(transcoders, attention)
+    dicts = site_dictionaries(transcoders, attention)
     key = settings_key(name, handle, dicts, params, attention, task.content_hash)
     held = cat.sql("SELECT DISTINCT params->>'settings' AS s FROM runs WHERE kind = ? AND params->>'atlas' = ? "
                    "AND status = 'ok'", [KIND, name])
@@ -270,8 +276,8 @@ class _ChunkWriter:
         self.task_examples = examples
         self.n_layers = handle.model.cfg.n_layers
         self.n = 0
-        self.cols: dict[str, dict[str, list]] = {t: {} for t in ("nodes", "edges", "activations")}
-        self.circuits, self.prompts, self.examples = [], [], []
+        self.cols: dict[str, dict[str, list]] = {t: {} for t in ("edges", "activations")}
+        self.nodes, self.circuits, self.prompts, self.examples = [], [], [], []
 
     def _extend(self, table: str, **columns) -> None:
         for k, v in columns.items():
@@ -281,7 +287,7 @@ class _ChunkWriter:
             run_id: str) -> None:
         model = self.handle.model
         cid = circuit_id_of(self.key, p.idx)
-        self._nodes(cid, merged)
+        self.nodes += node_rows(cid, merged, self.dicts, self.n_layers)
         e = merged.edges
         self._extend("edges", circuit_id=np.full(len(e), cid, dtype=object),
                      src_idx=np.array([r["src_idx"] for r in e], dtype=np.int64),
@@ -300,12 +306,8 @@ class _ChunkWriter:
         top = int(probs.argmax())
         prediction = model.to_string([top])
         tokens = str_tokens(model, p.prompt)
-        self.circuits.append(circuit_row(
-            cid, run_id, self.handle.model_id, self.task.name, "local", aggregation="none", metric=metric,
-            node_threshold=params.threshold, n_examples=1, n_dropped=0, metric_clean=merged.effect[merged.root_key],
-            n_nodes=len(merged.in_circuit), n_edges=merged.n_edges,
-            evaluation_note="a local circuit is not ablated: its edges are exact direct contributions in the "
-                            "replacement model"))
+        self.circuits.append(graph_circuit_row(cid, run_id, self.handle.model_id, self.task.name, merged, metric,
+                                               params))
         self.prompts.append({
             "circuit_id": cid, "atlas_id": self.atlas, "prompt_idx": p.idx, "run_id": run_id, "n_tokens": len(tokens),
             "target": p.target, "root": root_name(rep, g.root), "root_value": g.root_value, "answer": p.answer,
@@ -315,26 +317,6 @@ class _ChunkWriter:
         self.examples.append(example_row(self.task.name, p.idx, self.task_examples[p.idx], tokens))
         self.n += 1
 
-    def _nodes(self, cid: str, merged: MergedGraph) -> None:
-        """A graph's node rows, as `compute.jobs.local` writes a prompt's (the root first)."""
-        comp, layer, hook, dict_id, feat, err = [], [], [], [], [], []
-        for name, feature, _ in merged.keys:
-            if name == "root":
-                row = (METRIC, self.n_layers, None, None, None, False)
-            elif name == EMBED:
-                row = ("embed", -1, block_input(0), None, feature, False)
-            else:
-                d = self.dicts[name]
-                row = (d.site.component, d.site.layer, d.site.hook_out, d.dictionary_id,
-                       None if feature == ERROR else feature, feature == ERROR)
-            for col, v in zip((comp, layer, hook, dict_id, feat, err), row, strict=True):
-                col.append(v)
-        n = len(merged.keys)
-        self._extend("nodes", circuit_id=np.full(n, cid, dtype=object), node_idx=np.arange(n), component=comp,
-                     layer=layer, hook_name=hook, dictionary_id=dict_id, feature_idx=feat, is_error=err,
-                     position=[k[2] for k in merged.keys], effect=[merged.effect.get(k, 0.0) for k in merged.keys],
-                     in_circuit=[k in merged.in_circuit for k in merged.keys])
-
     def write(self, w) -> None:
         """Every table of the chunk: the model, dictionaries and the data set's task row, then the rows."""
         write_model_and_dictionaries(w, self.handle, self.dicts)
@@ -343,6 +325,7 @@ class _ChunkWriter:
                            "content_hash": t.content_hash, "n_examples": len(t.examples)}])
         w.write("examples", self.examples)
         w.write("circuits", self.circuits)
+        w.write("nodes", self.nodes)
         w.write("prompts", self.prompts)
         for table, cols in self.cols.items():
             if cols:
@@ -355,8 +338,7 @@ class _ChunkWriter:
 
 
 # Columns gathered as Python objects (strings, or numbers that may be NULL)
-_NULLABLE = {"nodes": {"circuit_id", "component", "hook_name", "dictionary_id", "feature_idx", "position"},
-             "edges": {"circuit_id", "kind", "head_layer", "head", "key_position"},
+_NULLABLE = {"edges": {"circuit_id", "kind", "head_layer", "head", "key_position"},
              "activations": {"dictionary_id"}}
 
 

@@ -181,7 +181,7 @@ def prompt_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: 
     with run(cat, row) as w:
         g = prompt_graph(rep, root, params, progress)
         circuit_id = new_id("circuit")
-        dicts = _dicts(transcoders, attention)
+        dicts = site_dictionaries(transcoders, attention)
         write_model_and_dictionaries(w, handle, dicts)
         write_task(w, handle, task)
         _write_activations(w, task.name, 0, rep, dicts)
@@ -232,7 +232,7 @@ def task_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: di
                 for b in data.batches for i in range(len(b))]
     graphs = []
     with run(cat, row) as w:
-        dicts = _dicts(transcoders, attention)
+        dicts = site_dictionaries(transcoders, attention)
         for idx, tokens, answer, other in tqdm(examples, desc=f"{task.name}: prompts", unit="prompt",
                                                disable=hidden(progress)):
             rep = Replacement(model, transcoders, attention, tokens)
@@ -280,7 +280,8 @@ def score_parts(g: PromptGraph, top: int = 3) -> list[tuple[str, str, str]]:
              strongest(q.query_nodes, q.query_marginals), strongest(q.key_nodes, q.key_marginals)) for _, q in g.qk]
 
 
-def _dicts(transcoders: dict, attention: dict) -> dict[str, TrainedDictionary]:
+def site_dictionaries(transcoders: dict, attention: dict) -> dict[str, TrainedDictionary]:
+    """A local model's dictionaries by site name (attn_0, mlp_0, ...)."""
     return {d.site.name: d for d in [*attention.values(), *transcoders.values()]}
 
 
@@ -299,15 +300,27 @@ def _write_graph(w: RunWriter, circuit_id: str, run_id: str, handle: ModelHandle
     table = w.table("edges")
     for i in range(0, len(graph.edges), EDGE_ROWS):
         table.write([{"circuit_id": circuit_id, **r} for r in graph.edges[i:i + EDGE_ROWS]])
-    w.write("circuits", [circuit_row(
-        circuit_id, run_id, handle.model_id, task.name, METHOD, aggregation="none" if graph.positions else "sum",
+    w.write("circuits", [graph_circuit_row(circuit_id, run_id, handle.model_id, task.name, graph, metric, params,
+                                           n_dropped)])
+
+
+def graph_circuit_row(circuit_id: str, run_id: str, model_id: str, task_id: str, graph: MergedGraph, metric: str,
+                      params: GraphParams, n_dropped: int = 0) -> dict:
+    """The `circuits` row of a local circuit."""
+    return circuit_row(
+        circuit_id, run_id, model_id, task_id, METHOD, aggregation="none" if graph.positions else "sum",
         metric=metric, node_threshold=params.threshold, n_examples=graph.n_prompts, n_dropped=n_dropped,
         metric_clean=graph.effect[graph.root_key], n_nodes=len(graph.in_circuit), n_edges=graph.n_edges,
         evaluation_note="a local circuit is not ablated: its edges are exact direct contributions in the "
-                        "replacement model")])
+                        "replacement model")
 
 
 def _write_nodes(w: RunWriter, circuit_id: str, graph: MergedGraph, dicts: dict, n_layers: int) -> None:
+    w.write("nodes", node_rows(circuit_id, graph, dicts, n_layers))
+
+
+def node_rows(circuit_id: str, graph: MergedGraph, dicts: dict, n_layers: int) -> list[dict]:
+    """A merged graph's `nodes` rows, the root first (a logit's root is the metric node)."""
     rows = []
     for i, (name, feature, position) in enumerate(graph.keys):
         if name == "root":
@@ -323,7 +336,7 @@ def _write_nodes(w: RunWriter, circuit_id: str, graph: MergedGraph, dicts: dict,
         rows.append({**row, "circuit_id": circuit_id, "node_idx": i, "position": position,
                      "effect": graph.effect.get((name, feature, position), 0.0),
                      "in_circuit": (name, feature, position) in graph.in_circuit})
-    w.write("nodes", rows)
+    return rows
 
 
 class PromptGrapher:
