@@ -141,7 +141,7 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None,
         c = check_circuit(cat, circuit_id)
         asked = _number_arg("threshold", None)
         facts = cat.sql(CIRCUIT_PAGE_SQL, [circuit_id] * 4).iloc[0]
-        tokens = [] if facts.clean_tokens is None else list(facts.clean_tokens)
+        tokens = list(_value(facts.clean_tokens) or [])  # none: a circuit whose task has no examples here
         local, edges = {}, None
         if c.method == "local":
             edges = cat.sql("SELECT * FROM circuit_edges(?)", [circuit_id])
@@ -156,9 +156,9 @@ def create_app(catalog_path: str | Path, promoted: Promoted | None = None,
         return render_template("circuit.html", c=_record(c), svg=to_svg(picture), n_nodes=len(picture.nodes),
                                n_edges=len(picture.edges), hidden=picture.hidden, threshold=threshold,
                                default_threshold=default, local=local,
-                               prompt=facts.clean_prefix if c.method == "local" else None,
+                               prompt=_value(facts.clean_prefix) if c.method == "local" else None,
                                has_curves=bool(facts.has_curves),
-                               in_atlas=_record(facts) if facts.atlas_id is not None else None)
+                               in_atlas=_record(facts) if _value(facts.atlas_id) is not None else None)
 
     @app.route("/circuits/<circuit_id>/render.html")
     def circuit_file(circuit_id: str):
