@@ -244,13 +244,13 @@ ORDER BY a.value DESC, a.task_id, a.example_idx LIMIT n
 # top_examples of many features in one pass over the activations (a picture's or a page's features).
 _FEATURES_EXAMPLES = f"""
 WITH wanted AS (SELECT unnest(dicts) AS dictionary_id, unnest(features) AS feature_idx),
-best AS (
-    SELECT a.dictionary_id, a.feature_idx, a.task_id, a.example_idx, a.position, a.value
+best AS (  -- each example's strongest position (the first of equals): an aggregate, cheaper than a window
+    SELECT a.dictionary_id, a.feature_idx, a.task_id, a.example_idx, max(a.value) AS value,
+           arg_max(a.position, struct_pack(v := a.value, p := -a.position)) AS position
     FROM activations a SEMI JOIN wanted USING (dictionary_id, feature_idx)
     -- a looser filter the view's one-row-per-key step lets through to the scan (the join alone is not)
     WHERE list_contains(dicts, a.dictionary_id) AND list_contains(features, a.feature_idx)
-    QUALIFY row_number() OVER (PARTITION BY a.dictionary_id, a.feature_idx, a.task_id, a.example_idx
-                               ORDER BY a.value DESC, a.position) = 1),
+    GROUP BY a.dictionary_id, a.feature_idx, a.task_id, a.example_idx),
 top AS (
     SELECT * FROM best
     QUALIFY row_number() OVER (PARTITION BY dictionary_id, feature_idx

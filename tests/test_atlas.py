@@ -23,7 +23,7 @@ from conftest import ROOT, run_cli
 
 import catalog
 from catalog import atlas
-from tests.test_explorer import SHOTS, _open
+from tests.browser import SHOTS, open_page
 
 # zoo grammar: two labels, answers the model gets right and wrong, one explicit target (the docs' file)
 PROMPTS = [json.loads(line) for line in (ROOT / "docs" / "atlas-prompts.jsonl").read_text().splitlines()]
@@ -234,7 +234,7 @@ def site(made, tmp_path_factory):
 
 def test_the_prompt_box_draws_a_new_prompts_graph(site, page):
     root, url, grapher = site
-    _open(page, url)
+    open_page(page, url)
     page.fill("#prompt-text", "the farmers near the doctor")
     started = time.perf_counter()
     with page.expect_navigation():
@@ -248,7 +248,7 @@ def test_the_prompt_box_draws_a_new_prompts_graph(site, page):
     assert page.locator("#graph g.node").count() == cat.sql("SELECT count(*) AS n FROM nodes WHERE circuit_id = ? "
                                                             "AND in_circuit", [cid]).n[0] > 10
     print(f"prompt box: submit to drawn {seconds:.2f} s")
-    _open(page, url)
+    open_page(page, url)
     page.fill("#prompt-text", "the zorblax near the doctor")
     with page.expect_navigation():
         page.click("#prompt-submit")
@@ -260,9 +260,9 @@ def test_the_prompt_box_draws_a_new_prompts_graph(site, page):
 def test_the_atlas_page_shows_its_groups_features_contrast_and_graphs(site, page):
     root, url, _ = site
     cat = catalog.open(root)
-    _open(page, f"{url}atlas", "atlases")
+    open_page(page, f"{url}atlas", "atlases")
     assert page.locator("tr.atlas-row").count() == len(atlas.names(cat))
-    _open(page, f"{url}atlas/agreement?by=label", "atlas")
+    open_page(page, f"{url}atlas/agreement?by=label", "atlas")
     groups = atlas.summary(cat, "agreement", "label")
     assert page.locator("#atlas-groups tbody tr").count() == len(groups) == 2
     contrast = atlas.contrast(cat, "agreement", "label", groups.grp[0], groups.grp[1])

@@ -22,10 +22,9 @@ import pytest
 import catalog
 from catalog.explorer import bind, create_app, url_of
 from catalog.explorer.app import DEFAULT_EDGES, LOCAL_ROWS, MAX_SQL_ROWS
+from tests.browser import SHOTS, open_page
 from tests.conftest import ROOT, run_cli
 from tests.synthetic import layered_circuit, write_circuit
-
-SHOTS = ROOT / "tests" / "screenshots"
 
 
 def _start(path: Path, promoted=None):
@@ -47,15 +46,6 @@ def demo_site(demo_catalog):
     p.wait(timeout=30)
 
 
-def _open(page, url: str, shot: str | None = None):
-    response = page.goto(url)
-    page.wait_for_selector("body[data-ready='1']")
-    if shot:
-        SHOTS.mkdir(exist_ok=True)
-        page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
-    return response
-
-
 def _sql(path, sql, *params):
     return catalog.open(path).sql(sql, list(params))
 
@@ -65,7 +55,7 @@ def _shown_edges(page) -> int:
 
 
 def test_the_circuit_list_shows_every_circuit_and_filters(demo_site, demo_catalog, page):
-    _open(page, demo_site, "circuits")
+    open_page(page, demo_site, "circuits")
     n = len(_sql(demo_catalog, "SELECT * FROM circuits"))
     assert page.locator("tr.circuit-row").count() == n
     with page.expect_navigation():
@@ -81,7 +71,7 @@ def test_a_circuit_page_draws_its_graph_thresholds_edges_and_opens_a_node(demo_s
     crowded = _sql(demo_catalog, "SELECT max(n) AS m FROM (SELECT count(*) AS n FROM nodes WHERE circuit_id = ? AND "
                                  "in_circuit GROUP BY component, layer, position)", cid).m[0]
     assert crowded <= 40  # so every in-circuit node is drawn (at most 40 per layer and position are)
-    _open(page, f"{demo_site}circuits/{cid}", "circuit")
+    open_page(page, f"{demo_site}circuits/{cid}", "circuit")
     n_nodes = len(_sql(demo_catalog, "SELECT * FROM nodes WHERE circuit_id = ? AND in_circuit", cid))
     assert page.locator("#graph g.node").count() == n_nodes
     weights = _sql(demo_catalog, """
@@ -118,13 +108,13 @@ def test_a_circuit_page_draws_its_graph_thresholds_edges_and_opens_a_node(demo_s
     SHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SHOTS / "circuit-node.png"), full_page=True)
     # the node's own page is a stable link
-    _open(page, f"{demo_site}circuits/{cid}/nodes/{top.node_idx}", "node")
+    open_page(page, f"{demo_site}circuits/{cid}/nodes/{top.node_idx}", "node")
     assert page.locator("#top-examples li").first.locator("mark").inner_text() == example.token
 
 
 def test_labels_are_the_features_top_tokens(demo_site, demo_catalog, page):
     cid = _sql(demo_catalog, "SELECT circuit_of('sva_simple') AS c").c[0]
-    _open(page, f"{demo_site}circuits/{cid}")
+    open_page(page, f"{demo_site}circuits/{cid}")
     labelled = page.locator("#graph g.node[data-idx]:has(text.node-label)")
     assert labelled.count() > 0
     for i in range(min(labelled.count(), 8)):
@@ -143,7 +133,7 @@ def test_labels_are_the_features_top_tokens(demo_site, demo_catalog, page):
 def test_the_diff_page_counts_equal_the_cli(demo_site, demo_catalog, page):
     a = _sql(demo_catalog, "SELECT circuit_of('sva_across_pp') AS c").c[0]
     b = _sql(demo_catalog, "SELECT circuit_of('sva_across_rc') AS c").c[0]
-    _open(page, f"{demo_site}diff/{a}/{b}", "diff")
+    open_page(page, f"{demo_site}diff/{a}/{b}", "diff")
     r = run_cli("diff", a, b, "--format", "json", catalog=demo_catalog)
     assert r.returncode == 0, r.stderr
     cli = {(x["element"], x["status"]): x["n"] for x in json.loads(r.stdout)}
@@ -158,13 +148,13 @@ def test_the_diff_page_counts_equal_the_cli(demo_site, demo_catalog, page):
 
 def test_compare_never_mixes_features_and_neurons_unless_asked(demo_site, demo_catalog, page):
     bases = _sql(demo_catalog, "SELECT basis, count(*) AS n FROM circuit_list() GROUP BY basis").set_index("basis").n
-    _open(page, f"{demo_site}compare", "compare")
+    open_page(page, f"{demo_site}compare", "compare")
     assert page.locator("#heatmap thead th").count() - 1 == bases["features"]  # one column per feature circuit
     assert f"{bases['neurons']} over neurons" in page.locator("#compare-note").inner_text()
     features = _sql(demo_catalog, "SELECT list(circuit_id) AS ids FROM circuit_list() WHERE basis = 'features'").ids[0]
     overlap = _sql(demo_catalog, "SELECT * FROM feature_overlap(?)", list(features))
     assert page.locator("#pairs tbody tr").count() == len(overlap)
-    _open(page, f"{demo_site}compare?basis=all")
+    open_page(page, f"{demo_site}compare?basis=all")
     assert page.locator("#heatmap thead th").count() - 1 == bases.sum()
     r = run_cli("compare", "--format", "csv", catalog=demo_catalog)  # the command line keeps the same rule
     assert r.returncode == 0 and len(pd.read_csv(io.StringIO(r.stdout))) == len(overlap)
@@ -173,7 +163,7 @@ def test_compare_never_mixes_features_and_neurons_unless_asked(demo_site, demo_c
 
 def test_the_sql_box_shows_results_downloads_csv_and_refuses_writes(demo_site, demo_catalog, page):
     q = "SELECT task_id, n_nodes FROM circuit_list() ORDER BY task_id, n_nodes"
-    _open(page, f"{demo_site}sql")
+    open_page(page, f"{demo_site}sql")
     page.fill("#q", q)
     with page.expect_navigation():
         page.click("#run")
@@ -185,7 +175,7 @@ def test_the_sql_box_shows_results_downloads_csv_and_refuses_writes(demo_site, d
     with urllib.request.urlopen(page.locator("#csv").evaluate("a => a.href")) as f:
         assert f.read().decode() == expected
     # a large result: the page shows the first rows, the CSV (streamed) has them all
-    _open(page, f"{demo_site}sql?q=" + urllib.parse.quote("SELECT range AS i FROM range(1234)"))
+    open_page(page, f"{demo_site}sql?q=" + urllib.parse.quote("SELECT range AS i FROM range(1234)"))
     assert page.locator("#result tbody tr").count() == MAX_SQL_ROWS
     assert page.locator("#row-count").inner_text().startswith(f"more than {MAX_SQL_ROWS} rows")
     with urllib.request.urlopen(page.locator("#csv").evaluate("a => a.href")) as f:
@@ -203,7 +193,7 @@ def test_the_sql_box_shows_results_downloads_csv_and_refuses_writes(demo_site, d
 
 def test_faithfulness_curves_load(demo_site, demo_catalog, page):
     ids = _sql(demo_catalog, "SELECT circuit_of('sva_simple') AS a, circuit_of('sva_simple', 'neurons') AS b").iloc[0]
-    _open(page, f"{demo_site}faithfulness?ids={ids.a}&ids={ids.b}")
+    open_page(page, f"{demo_site}faithfulness?ids={ids.a}&ids={ids.b}")
     page.wait_for_function("document.getElementById('curves').complete")
     assert page.locator("#curves").evaluate("img => img.naturalWidth") > 400
     SHOTS.mkdir(exist_ok=True)
@@ -255,7 +245,7 @@ def test_a_local_circuit_page_shows_its_ov_and_qk_edges(local, browser):
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         cid = _sql(path, "SELECT circuit_id FROM circuits WHERE method = 'local' ORDER BY created_at LIMIT 1").circuit_id[0]
-        _open(page, f"{url_of(server)}circuits/{cid}", "local-circuit")
+        open_page(page, f"{url_of(server)}circuits/{cid}", "local-circuit")
         prompt = _sql(path, "SELECT clean_prefix FROM examples JOIN circuits USING (task_id) WHERE circuit_id = ? "
                             "ORDER BY example_idx LIMIT 1", cid).clean_prefix[0]
         assert prompt in page.locator("#prompt").inner_text()
@@ -280,7 +270,7 @@ def test_a_5000_edge_circuit_opens_with_its_strongest_edges_first(tmp_path, brow
     server = _start(tmp_path / "c")
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        _open(page, f"{url_of(server)}circuits/{cid}", "circuit-5000-edges")
+        open_page(page, f"{url_of(server)}circuits/{cid}", "circuit-5000-edges")
         assert page.locator("#graph path.edge").count() == len(edges["src_idx"]) >= 5000
         assert _shown_edges(page) == DEFAULT_EDGES
         page.close()

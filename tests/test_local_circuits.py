@@ -499,8 +499,8 @@ def test_the_readme_queries_of_the_local_section_return_rows(local):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["attribute"], "either --prompt or --task"),
-    (["attribute", "--prompt", "the cat", "--task", "ioi"], "either --prompt or --task"),
+    (["attribute"], "give one of --prompt, --prompts or --task"),
+    (["attribute", "--prompt", "the cat", "--task", "ioi"], "give one of --prompt, --prompts or --task"),
     (["attribute", "--prompt", "the dogs near the cat", "--target", "logit:runs runs"], "2 tokens"),
     (["attribute", "--prompt", "the dogs near the cat", "--target", "mlp_1/x@3"], "give logit:TOKEN"),
     (["attribute", "--prompt", "the dogs near the cat", "--target", "logit:zebra"], "'zebra' is a word"),

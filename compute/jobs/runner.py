@@ -211,7 +211,10 @@ def _run_local(root: str, todo: list[Job], execute: Execute, workers: int, threa
             if p.is_alive():
                 p.terminate()  # SIGTERM: a job still running removes what it staged, commits nothing
         for p in procs.values():
-            p.join(timeout=60)
+            p.join(timeout=10)
+            if p.is_alive():  # stuck (a worker can hang in its interpreter's exit): what it staged, staging cleans
+                p.kill()
+                p.join()
 
 
 # ---- the Ray backend -----------------------------------------------------------------------------
