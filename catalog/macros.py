@@ -241,13 +241,14 @@ QUALIFY row_number() OVER (PARTITION BY a.task_id, a.example_idx ORDER BY a.valu
 ORDER BY a.value DESC, a.task_id, a.example_idx LIMIT n
 """
 
-# top_examples of many features in one pass over the activations (a picture's or a page's features).
-_FEATURES_EXAMPLES = f"""
+# top_examples of many features in one pass over the activations (a picture's or a page's features);
+# {source}: the activations read (the view, or given shards: `catalog.examples`).
+_FEATURES_EXAMPLES_OF = """
 WITH wanted AS (SELECT unnest(dicts) AS dictionary_id, unnest(features) AS feature_idx),
 best AS (  -- each example's strongest position (the first of equals): an aggregate, cheaper than a window
     SELECT a.dictionary_id, a.feature_idx, a.task_id, a.example_idx, max(a.value) AS value,
            arg_max(a.position, struct_pack(v := a.value, p := -a.position)) AS position
-    FROM activations a SEMI JOIN wanted USING (dictionary_id, feature_idx)
+    FROM {source} a SEMI JOIN wanted USING (dictionary_id, feature_idx)
     -- a looser filter the view's one-row-per-key step lets through to the scan (the join alone is not)
     WHERE list_contains(dicts, a.dictionary_id) AND list_contains(features, a.feature_idx)
     GROUP BY a.dictionary_id, a.feature_idx, a.task_id, a.example_idx),
@@ -256,10 +257,12 @@ top AS (
     QUALIFY row_number() OVER (PARTITION BY dictionary_id, feature_idx
                                ORDER BY value DESC, task_id, example_idx) <= n)
 SELECT b.dictionary_id, b.feature_idx, b.task_id, b.example_idx, b.position,
-       x.clean_tokens[b.position + 1] AS token, b.value, {_MARKED_TEXT.format(pos="b.position")} AS text
+       x.clean_tokens[b.position + 1] AS token, b.value, """ + _MARKED_TEXT.format(pos="b.position") + """ AS text
 FROM top b JOIN examples x USING (task_id, example_idx)
 ORDER BY b.dictionary_id, b.feature_idx, b.value DESC, b.task_id, b.example_idx
 """
+_FEATURES_EXAMPLES = _FEATURES_EXAMPLES_OF.replace("{source}", "activations")
+_FEATURES_EXAMPLES_IN = _FEATURES_EXAMPLES_OF.replace("{source}", "read_parquet(files, union_by_name = true)")
 
 # A circuit's basis: 'neurons' over identity dictionaries, 'parameters' over parameter-space
 # directions, else 'features'.
@@ -637,6 +640,9 @@ NAMED_QUERIES = [
     NamedQuery("features_examples", "dicts, features, n := 10",
                "top_examples of many features at once (a list of dictionary ids and one of feature indices), "
                "n per feature", _FEATURES_EXAMPLES),
+    NamedQuery("features_examples_in", "files, dicts, features, n := 10",
+               "features_examples over the given activation shards only (`catalog.examples` merges them in)",
+               _FEATURES_EXAMPLES_IN),
     NamedQuery("dictionary_examples", "dict, n := 10",
                "every feature of a dictionary with its density, largest value and top n examples",
                _DICTIONARY_EXAMPLES),
@@ -699,7 +705,7 @@ NAMED_QUERIES = [
 ]
 
 # Internal helpers: created in the catalogue but not listed (they back the public ones).
-HIDDEN = {"circuit_basis", "circuit_example", "atlas_node_names", "atlas_graph_nodes", "atlas_edge_keys", "node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
+HIDDEN = {"circuit_basis", "circuit_example", "features_examples_in", "atlas_node_names", "atlas_graph_nodes", "atlas_edge_keys", "node_diff_matched", "edge_diff_matched", "diff_summary_matched"}
 
 
 def macros_hash() -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from catalog.diff import Diff, diff
+from catalog.examples import top_examples
 from catalog.graph import check_circuit, circuit_example, circuit_nodes, node_name, signed
 from catalog.store import Catalog
 from schema.sites import METRIC, row_names, site_name
@@ -108,8 +109,7 @@ def _examples(cat: Catalog, nodes: pd.DataFrame, n: int = 3) -> Examples:
     out = Examples({}, {})
     if feats.empty:
         return out
-    df = cat.sql("SELECT * FROM features_examples(?::VARCHAR[], ?::BIGINT[], n := ?)",
-                 [feats.dictionary_id.tolist(), feats.feature_idx.astype(int).tolist(), n])
+    df = top_examples(cat, list(zip(feats.dictionary_id, feats.feature_idx.astype(int), strict=True)), n)
     for r in df.itertuples():
         key = (r.dictionary_id, int(r.feature_idx))
         out.lines.setdefault(key, []).append(f"{r.text} ({r.value:.2f})")

@@ -274,6 +274,10 @@ class Catalog:
         except duckdb.Error as e:
             raise UserError(sql_error(e)) from None  # never a damaged shard's: queries read verified ones
 
+    def shards(self, table: str) -> tuple[str, ...]:
+        """The verified shard files a query of this table reads now (`catalog.verified`)."""
+        return readable(generations.current(self.root)).files[table]
+
     def left_out(self) -> str:
         """One line naming the runs queries leave out now ('' when none is): `catalog.verified`."""
         return readable(generations.current(self.root)).note()

@@ -376,3 +376,35 @@ def test_supernodes_group_features_in_the_same_graphs_that_write_alike(made):
     assert merged.weight.sum() == pytest.approx(plain.weight.sum())
     assert merged.n_edges.sum() == len(plain) and len(merged) < len(plain) and merged.grouped.any()
     assert any(name.startswith("S") for name in merged.src)
+
+
+def test_top_examples_remembered_across_commits_equal_a_fresh_read(made, tmp_path):
+    """The explorer's labels: each feature's top examples, read once and then only from the shards
+    committed since (or again from all when a shard goes), equal what a fresh query gives."""
+    import shutil
+
+    from catalog.examples import top_examples
+
+    root = tmp_path / "c"
+    shutil.copytree(made[0], root)
+    cat = catalog.open(root)
+    keys = [tuple(k) for k in cat.sql("SELECT DISTINCT dictionary_id, feature_idx FROM nodes WHERE in_circuit AND "
+                                      "feature_idx IS NOT NULL AND dictionary_id IS NOT NULL ORDER BY ALL LIMIT 40")
+            .itertuples(index=False)]
+
+    def fresh() -> pd.DataFrame:
+        return cat.sql("SELECT * FROM features_examples(?::VARCHAR[], ?::BIGINT[], n := 3)",
+                       [[d for d, _ in keys], [int(f) for _, f in keys]])
+
+    def same(got: pd.DataFrame) -> None:
+        want = fresh()
+        key = ["dictionary_id", "feature_idx", "value", "task_id", "example_idx"]
+        got = got.sort_values(key, ascending=[True, True, False, True, True]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(got[want.columns], want.reset_index(drop=True), check_dtype=False)
+
+    same(top_examples(cat, keys))  # read from every shard
+    more = write_jsonl(tmp_path / "more.jsonl", [{"prompt": "the dogs near the cats"}, {"prompt": "the cat"}] * 4)
+    assert run_cli("attribute", "--prompts", str(more), "--format", "csv", catalog=root).returncode == 0
+    same(top_examples(cat, keys))  # merged with the new run's shard only
+    assert run_cli("compact", catalog=root).returncode == 0
+    same(top_examples(cat, keys))  # the shards were repacked: read again
