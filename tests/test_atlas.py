@@ -184,8 +184,10 @@ def test_a_hostile_file_drops_what_it_cannot_read_and_counts_it(tmp_path, dicts)
         r = run_cli("attribute", "--prompts", str(data), "--name", "other", catalog=tmp_path / "c")
         assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
         assert "Traceback" not in r.stderr
-    r = run_cli("attribute", "--prompts", str(tmp_path / "missing.jsonl"), catalog=tmp_path / "c")
-    assert r.returncode == 1 and "prompts file not found" in r.stderr
+    for where, says in ((tmp_path / "missing.jsonl", "No such file"), (tmp_path, "not a regular file"),
+                        (Path("/dev/zero"), "not a regular file")):
+        r = run_cli("attribute", "--prompts", str(where), catalog=tmp_path / "c")
+        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_a_run_killed_with_sigkill_resumes_and_commits_every_prompt_once(tmp_path, dicts):

@@ -26,6 +26,7 @@ import numpy as np
 from catalog.errors import UserError
 from catalog.progress import hidden
 from catalog.store import Catalog
+from compute.inputs import read_bounded
 from compute.jobs import lifecycle
 from compute.jobs.lifecycle import job_runs, run, run_row
 from compute.jobs.local import (
@@ -46,6 +47,7 @@ from schema.derive import columns_to_arrow
 
 KIND = "atlas"  # runs.kind of an atlas chunk
 CHUNK = 500  # prompts (lines of the file) per committed run
+MAX_FILE_BYTES = 1 << 30  # a prompts file is read whole: at most 1 GiB (millions of prompts)
 MAX_LINE_BYTES = 64 * 1024  # a longer line is dropped before it is parsed (no prompt of any model's context is that long)
 FIELDS = ("prompt", "target", "answer", "label")
 
@@ -93,13 +95,7 @@ def read_prompts(path: str | Path) -> tuple[list[AtlasPrompt], Dropped]:
     that cannot be read as one, counted by reason; a file that cannot be read at all, or holds no
     prompt, is refused in one line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file not found: {path}")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read prompts file {path}: {e.strerror}") from None
-    lines = data.splitlines()
+    lines = read_bounded(path, MAX_FILE_BYTES, "prompts file").splitlines()
     first = next((raw.strip() for raw in lines if raw.strip()), b"")
     jsonl = path.suffix in (".jsonl", ".json") or first.startswith(b"{")
     prompts, dropped = [], Dropped()
