@@ -199,6 +199,7 @@ def test_a_run_killed_with_sigkill_resumes_and_commits_every_prompt_once(tmp_pat
     deadline = time.time() + 120
     while not list((root / "runs").glob("run-atlas-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)  # mid-run: at least one chunk committed, the next being computed
     proc.wait()
     before = catalog.open(root).sql("SELECT count(*) AS n FROM prompts").n[0]

@@ -37,7 +37,7 @@ from compute.jobs.local import (
     prompt_problem,
     site_dictionaries,
 )
-from compute.jobs.rows import example_row, write_model_and_dictionaries
+from compute.jobs.rows import example_row, task_row, write_model_and_dictionaries
 from compute.local.merge import MergedGraph, merge_graphs
 from compute.local.prompt_graph import GraphParams, prompt_graph
 from compute.local.replacement import Replacement
@@ -158,7 +158,7 @@ def atlas_task(name: str, prompts: list[AtlasPrompt], source: str) -> Task:
 class AtlasResult:
     name: str
     n_graphs: int  # committed by this call
-    n_done: int  # committed before (chunks skipped)
+    n_done: int  # prompts whose graphs were committed before (skipped)
     dropped: Dropped
     seconds_graphs: float  # time spent computing the graphs themselves (forward, attribution, pruning)
 
@@ -227,7 +227,7 @@ def atlas_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: d
                 t0 = time.perf_counter()
                 problem = prompt_problem(model, p.prompt)
                 if problem is not None:
-                    lost.add(_reason(problem), p.idx)
+                    lost.add(problem[0], p.idx)
                     bar.update()
                     continue
                 rep = Replacement(model, transcoders, attention, model.to_tokens(p.prompt))
@@ -249,23 +249,14 @@ def atlas_job(cat: Catalog, handle: ModelHandle, transcoders: dict, attention: d
     return result
 
 
-def _reason(problem: str) -> str:
-    """A drop reason without the prompt's own details (so that drops count by kind)."""
-    if problem.startswith("is empty"):
-        return "empty"
-    if "tokens; the model reads at most" in problem:
-        return "longer than the model's context"
-    return "words the tokenizer does not know"
-
-
 def circuit_id_of(key: str, idx: int | str) -> str:
     """An atlas graph's circuit id: its data set and settings, and the prompt's index."""
     return f"circuit-atlas-{key}-{idx}"
 
 
 class _ChunkWriter:
-    """One chunk's rows, gathered as columns and written once per table (one row group each, not one
-    per prompt)."""
+    """One chunk's rows (its many edges and activations gathered as columns), written once per table:
+    one row group each, not one per prompt."""
 
     def __init__(self, handle: ModelHandle, dicts: dict, task: Task, examples: dict[int, dict], atlas: str, key: str):
         self.handle, self.dicts, self.task, self.atlas, self.key = handle, dicts, task, atlas, key
@@ -316,9 +307,7 @@ class _ChunkWriter:
     def write(self, w) -> None:
         """Every table of the chunk: the model, dictionaries and the data set's task row, then the rows."""
         write_model_and_dictionaries(w, self.handle, self.dicts)
-        t = self.task
-        w.write("tasks", [{"task_id": t.name, "name": t.name, "source": t.source, "description": t.description,
-                           "content_hash": t.content_hash, "n_examples": len(t.examples)}])
+        w.write("tasks", [task_row(self.task)])
         w.write("examples", self.examples)
         w.write("circuits", self.circuits)
         w.write("nodes", self.nodes)
@@ -328,7 +317,7 @@ class _ChunkWriter:
                 joined = {k: np.concatenate([np.asarray(v, dtype=object if k in _NULLABLE[table] else None)
                                              for v in parts]) for k, parts in cols.items()}
                 if table == "activations":
-                    joined["task_id"] = t.name
+                    joined["task_id"] = self.task.name
                 n = len(next(iter(joined.values())))
                 w.write(table, columns_to_arrow(table, joined, n))
 

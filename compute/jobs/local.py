@@ -144,21 +144,22 @@ def check_prompt(model, prompt: str) -> None:
     """Refuse a prompt the model cannot read as given (`prompt_problem` says why)."""
     problem = prompt_problem(model, prompt)
     if problem is not None:
-        raise UserError(f"the prompt {problem}")
+        raise UserError(f"the prompt {problem[1]}")
 
 
-def prompt_problem(model, prompt: str) -> str | None:
-    """Why the model cannot read a prompt as given: empty, longer than its context, or with words
-    its tokenizer does not know (they would become the unknown token); None when it can."""
+def prompt_problem(model, prompt: str) -> tuple[str, str] | None:
+    """Why the model cannot read a prompt as given, as (reason, what exactly): empty, longer than its
+    context, or with words its tokenizer does not know (they would become the unknown token); None
+    when it can."""
     if not prompt.strip():
-        return "is empty"
+        return "empty", "is empty"
     ids = tokenize(model, prompt)
     if len(ids) > model.cfg.n_ctx:
-        return f"is {len(ids)} tokens; the model reads at most {model.cfg.n_ctx}"
+        return "longer than the model's context", f"is {len(ids)} tokens; the model reads at most {model.cfg.n_ctx}"
     unk = unknown_token(model)
     if unk is not None and unk in ids[1:]:
         words = [w for w in prompt.split() if tokenize(model, w, bos=False) == [unk]]
-        return f"has words this model's tokenizer does not know: {', '.join(words)}"
+        return "words the tokenizer does not know", f"has words this model's tokenizer does not know: {', '.join(words)}"
     return None
 
 

@@ -83,10 +83,14 @@ def write_task(w: RunWriter, handle: ModelHandle | None, task: Task, tokens=None
     """A task's row and its examples, each with its clean prompt's tokens: the model's tokenizer's, or
     `tokens(prompt)` for a model without one (a toy's input is one token)."""
     tokens = tokens or (lambda text: str_tokens(handle.model, text))
-    w.write("tasks", [{"task_id": task.name, "name": task.name, "source": task.source,
-                       "description": task.description, "content_hash": task.content_hash,
-                       "n_examples": len(task.examples)}])
+    w.write("tasks", [task_row(task)])
     w.write("examples", [example_row(task.name, i, e, tokens(e["clean_prefix"])) for i, e in enumerate(task.examples)])
+
+
+def task_row(task: Task) -> dict:
+    """A task's `tasks` row."""
+    return {"task_id": task.name, "name": task.name, "source": task.source, "description": task.description,
+            "content_hash": task.content_hash, "n_examples": len(task.examples)}
 
 
 def example_row(task_id: str, idx: int, e: dict, clean_tokens: list[str]) -> dict:
