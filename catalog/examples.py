@@ -37,16 +37,16 @@ class TopExamples:
         fresh = [k for k, v in known.items() if v is None or not v[0] <= shards]  # new, or a shard went
         if fresh:
             self._store(shards, self._read(cat, "features_examples(?::VARCHAR[], ?::BIGINT[], n := ?)", fresh), fresh)
-        added: dict[frozenset, list] = {}  # the shards committed since a feature was read -> those features
-        for k, v in known.items():
-            if k not in fresh and shards - v[0]:
-                added.setdefault(shards - v[0], []).append(k)
-        for new, group in added.items():
-            rows = self._read(cat, "features_examples_in(?::VARCHAR[], ?::VARCHAR[], ?::BIGINT[], n := ?)", group,
+        # the rest, brought up to date in one read of every shard committed since the earliest of them was
+        # (merging in a shard a feature already reflects changes nothing: its rows are there or below its top n)
+        stale = [k for k, v in known.items() if k not in fresh and shards - v[0]]
+        if stale:
+            new = set().union(*(shards - known[k][0] for k in stale))
+            rows = self._read(cat, "features_examples_in(?::VARCHAR[], ?::VARCHAR[], ?::BIGINT[], n := ?)", stale,
                               sorted(new))
             with self._lock:
-                old = pd.concat([self._top[k][1] for k in group])
-            self._store(shards, self._merge(old, rows), group)
+                old = pd.concat([self._top[k][1] for k in stale])
+            self._store(shards, self._merge(old, rows), stale)
         with self._lock:
             parts = [self._top[k][1] for k in keys]
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)

@@ -482,8 +482,8 @@ def _sandbox(root: Path, generation: Path, strict: bool = False) -> duckdb.DuckD
             if held is not None:
                 _RETIRED.append(held[1])
             held = _HELD[key] = [generation, _new_sandbox(generation, found.files), found.files]
-        elif held[2] != found.files:
-            _verified_views(held[1], found.files)
+        elif held[2] != found.files:  # only the views whose shards changed (a commit touches some tables)
+            _verified_views(held[1], {t: f for t, f in found.files.items() if held[2].get(t) != f})
             held[2] = found.files
         con = held[1]
     if found.left_out:
