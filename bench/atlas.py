@@ -13,7 +13,8 @@ is asked (best of 3). Printed beside the issue's goals:
 - bytes per graph on disk (every shard of the atlas's runs: nodes, edges, activations, prompts,
   examples, circuits);
 - each cross-graph query's time;
-- the explorer's prompt box (headless Chromium): a new prompt's graph from the click to its page drawn;
+- the explorer's prompt box (headless Chromium): a new prompt's graph from the form's submission to its
+  page drawn, on the browser's clock (and, beside it, from Playwright's click, which adds its own steps);
 - with --kill-after S: `cli.py attribute --prompts` killed with SIGKILL after S seconds, then
   rerun; every usable prompt must be committed exactly once.
 
@@ -158,7 +159,7 @@ def prompt_box(root: Path, loaded: tuple) -> tuple[str, str, str, bool]:
     grapher.start()
     server = bind(create_app(root, grapher=grapher), "127.0.0.1", 0, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    times = []
+    times, browser_times = [], []
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium(), args=[f for f in FLAGS if f != "--headless"])
@@ -172,12 +173,16 @@ def prompt_box(root: Path, loaded: tuple) -> tuple[str, str, str, bool]:
                     page.click("#prompt-submit")
                 page.wait_for_selector("body[data-ready='1'] #graph svg")
                 times.append(time.perf_counter() - t)
+                # the browser's own clock: from the form's submission (the navigation's start; the post and
+                # its redirect are that navigation) to the page's script done
+                browser_times.append(page.evaluate("performance.getEntriesByName('explorer-ready')[0].startTime") / 1000)
             browser.close()
     finally:
         server.shutdown()
-    median = statistics.median(times)
-    return ("prompt box: submit to drawn", f"{median:.2f} s median ({min(times):.2f}-{max(times):.2f}, "
-            f"{len(times)} prompts)", f"<= {GOALS['prompt_box_s']} s", median <= GOALS["prompt_box_s"])
+    median, clicked = statistics.median(browser_times), statistics.median(times)
+    return ("prompt box: submit to drawn", f"{median:.2f} s median ({min(browser_times):.2f}-{max(browser_times):.2f}"
+            f", {len(times)} prompts; {clicked:.2f} s from Playwright's click)", f"<= {GOALS['prompt_box_s']} s",
+            median <= GOALS["prompt_box_s"])
 
 
 def kill_and_rerun(data: Path, root: Path, after: float) -> tuple[str, str, str, bool]:

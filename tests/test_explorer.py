@@ -36,7 +36,8 @@ def _start(path: Path, promoted=None):
 @pytest.fixture(scope="module")
 def demo_site(demo_catalog):
     """`cli.py serve` on the demo catalogue, as a user starts it (any free port)."""
-    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(demo_catalog), "serve", "--port", "0"],
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(demo_catalog), "serve", "--port", "0",
+                          "--no-prompt-box"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     url = re.search(r"at (http://\S+/)", line)
@@ -223,7 +224,8 @@ def test_requests_must_name_this_machine(demo_site):
 
 
 def test_serve_binds_to_loopback_by_default(demo_catalog):
-    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(demo_catalog), "serve", "--port", "0"],
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--catalog", str(demo_catalog), "serve", "--port", "0",
+                          "--no-prompt-box"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline()
