@@ -244,13 +244,14 @@ def test_the_prompt_box_draws_a_new_prompts_graph(site, page):
         page.click("#prompt-submit")
     page.wait_for_selector("body[data-ready='1']")
     seconds = time.perf_counter() - started  # the goal (<= 0.5 s, once the model is loaded) is bench.atlas's
+    drawn = page.evaluate("performance.getEntriesByName('explorer-ready')[0].startTime") / 1000  # from submission
     cid = page.url.rsplit("/", 1)[1]
     cat = catalog.open(root)
     c = cat.sql("SELECT * FROM circuits WHERE circuit_id = ?", [cid]).iloc[0]
     assert c.method == "local" and "the farmers near the doctor" in page.locator("#prompt").inner_text()
     assert page.locator("#graph g.node").count() == cat.sql("SELECT count(*) AS n FROM nodes WHERE circuit_id = ? "
                                                             "AND in_circuit", [cid]).n[0] > 10
-    print(f"prompt box: submit to drawn {seconds:.2f} s")
+    print(f"prompt box: submitted to drawn {drawn:.2f} s ({seconds:.2f} s from the click)")
     open_page(page, url)
     page.fill("#prompt-text", "the zorblax near the doctor")
     with page.expect_navigation():
