@@ -367,14 +367,10 @@ class PromptGrapher:
         finally:
             self._done.set()
 
-    def ready(self) -> bool:
-        return self._done.is_set() and self._error is None
-
     def __call__(self, cat: Catalog, prompt: str, target: str | None) -> str:
         """Commit the prompt's graph (waiting for the model on the first call); its circuit id."""
-        if not self._done.is_set() and not self._loaded:
-            if not self._done.wait(timeout=600):
-                raise UserError("the model is still loading; try again in a moment")
+        if not self._done.wait(timeout=600):
+            raise UserError("the model is still loading; try again in a moment")
         if self._error is not None:
             raise UserError(f"the model could not be loaded: {first_line(self._error)}")
         handle, _, transcoders, attention = self._loaded
